@@ -1,0 +1,63 @@
+# The course's commands. Every target depends on `setup`, so a fresh clone needs nothing else:
+#   make lesson LESSON=01      run a lesson script
+#   make check LESSON=01       grade your exercises (IMPL=solutions grades the reference answers)
+#   make progress              every lesson's exercises: passed / failed / TODO
+#   make test                  what CI runs: solutions, the grader's own tests, every lesson (quick)
+#   make bench                 every lesson's full benchmark on the GPU -> plots/bench/results.md
+
+PYTHON ?= python3
+VENV := .venv
+LESSON ?=
+IMPL ?= exercises
+
+# Use .venv once it exists; else the current Python if it already has the packages (a GPU box,
+# Colab); else build .venv from requirements.txt.
+ifneq ($(wildcard $(VENV)/.installed),)
+  PY := $(VENV)/bin/python
+  SETUP_STAMP := $(VENV)/.installed
+else ifeq ($(shell $(PYTHON) -c "import torch, triton, numpy, matplotlib, pytest" >/dev/null 2>&1 && echo ok),ok)
+  PY := $(PYTHON)
+  SETUP_STAMP :=
+else
+  PY := $(VENV)/bin/python
+  SETUP_STAMP := $(VENV)/.installed
+endif
+
+.PHONY: setup lesson check progress test bench help
+.DEFAULT_GOAL := help
+
+help:
+	@sed -n '1,7p' Makefile | sed 's/^# \{0,1\}//'
+
+setup: $(SETUP_STAMP)
+	@echo "using $(PY)"
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --upgrade pip
+	$(VENV)/bin/pip install -r requirements.txt
+	touch $@
+
+lesson: setup
+	@$(PY) common/lessons.py run "$(LESSON)"
+
+check: setup
+	@$(PY) -m common.grading check "$(LESSON)" --impl "$(IMPL)"
+
+progress: setup
+	@$(PY) -m common.grading progress --impl "$(IMPL)"
+
+# Solutions, the grader's own tests and every lesson script in quick mode. On a GPU the
+# GPU-only tests (bf16, fp8, wrong-device errors) run too; without one they skip with a reason.
+test: setup
+	IMPL=solutions $(PY) -m pytest
+
+bench: setup
+	@rm -rf plots/bench
+	@set -e; for n in 01 02 03 04 05 06 07 08 09 10 11 12; do \
+	  if $(PY) common/lessons.py written $$n; then \
+	    echo "=== lesson $$n ==="; \
+	    COURSE_RESULTS=plots/bench $(PY) common/lessons.py run $$n; \
+	  fi; \
+	done
+	@$(PY) -m common.report plots/bench

@@ -1,0 +1,22 @@
+"""The course's toolkit: device, timing, traffic, reports and checks, shared by every lesson.
+
+`import common` first: without a CUDA GPU it switches Triton to its CPU interpreter
+(TRITON_INTERPRET=1), which must happen before any kernel is defined.
+"""
+
+from .device import DEVICE, HAS_GPU, INTERPRETER, banner, is_hopper, require_gpu, supports_bf16, supports_fp8
+from .checks import CheckError, assert_close, awkward_sizes, poisoned_empty, poisoned_like, randn
+from .report import Table, new_figure, perf_bar, save_plot, section
+from .timing import Timing, bench, compiled, copy_bandwidth, matmul_rate, pct_of_copy
+from .traffic import count_torch_traffic, fmt_bytes, min_bytes, peak_extra_memory
+from .validate import check_tensors
+from .cli import lesson_args
+
+__all__ = [
+    "DEVICE", "HAS_GPU", "INTERPRETER", "banner", "is_hopper", "require_gpu", "supports_bf16", "supports_fp8",
+    "CheckError", "assert_close", "awkward_sizes", "poisoned_empty", "poisoned_like", "randn",
+    "Table", "new_figure", "perf_bar", "save_plot", "section",
+    "Timing", "bench", "compiled", "copy_bandwidth", "matmul_rate", "pct_of_copy",
+    "count_torch_traffic", "fmt_bytes", "min_bytes", "peak_extra_memory",
+    "check_tensors", "lesson_args",
+]

@@ -1,0 +1,277 @@
+"""Correctness checks that say what went wrong, not just that something did.
+
+- `assert_close`: compare with a reference (computed in higher precision) using the tolerance
+  of the output's dtype; on failure raise `CheckError` with a diagnosis: how many elements are
+  wrong, the first wrong index, the largest error, and a hint for the usual causes (tail not
+  masked, output never written, wrong offset or stride, low-precision accumulation).
+- `poisoned_empty`: an output pre-filled with NaN (so unwritten elements show), sitting between
+  two guard zones (so a store past either end shows).
+- `awkward_sizes` / `randn`: fresh random inputs of sizes that are not multiples of a block.
+"""
+
+import os
+import random
+
+import torch
+
+from .device import DEVICE, INTERPRETER
+
+# Tolerances by output dtype, against a reference computed in float64.
+# fp32: kernels sum in a different order than PyTorch; 1e-5 leaves room for that, not for bugs.
+# fp16 / bf16: one rounding step is 4.9e-4 / 3.9e-3 relative, and natural code rounds more than
+# once (a * x + y in fp16 rounds a * x, then the sum), so an output near zero carries the
+# rounding error of its operands: atol covers operands up to ~10 (0.5 ulp of 10 = 0.004 in fp16).
+# fp8: e4m3 has 3 mantissa bits (6.25% per rounding step), e5m2 has 2 (12.5%).
+TOLERANCES = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=1e-5, rtol=1e-5),
+    torch.float16: dict(atol=1e-2, rtol=2e-3),
+    torch.bfloat16: dict(atol=5e-2, rtol=1.6e-2),
+    torch.float8_e4m3fn: dict(atol=1e-2, rtol=0.0625),
+    torch.float8_e5m2: dict(atol=1e-2, rtol=0.125),
+}
+# Integer and boolean outputs must match exactly.
+
+GUARD_ELEMENTS = 1 << 16  # larger than any BLOCK_SIZE the course uses, so an unmasked block lands in it
+_GUARD_VALUE = 77  # representable exactly in every dtype from int8 to float64
+
+
+class CheckError(AssertionError):
+    """A wrong result, with a diagnosis a learner can act on."""
+
+
+# --------------------------------------------------------------------------- random inputs
+
+_SEED = None
+
+
+def fresh_seed() -> int:
+    """Seed torch for one check: COURSE_SEED if set (to reproduce a failure), else a new one."""
+    global _SEED
+    _SEED = int(os.environ.get("COURSE_SEED") or random.SystemRandom().randrange(2**31))
+    torch.manual_seed(_SEED)
+    return _SEED
+
+
+def current_seed() -> int | None:
+    return _SEED
+
+
+def randn(*shape, dtype=torch.float32, device=DEVICE, scale: float = 1.0) -> torch.Tensor:
+    """Normal random values (never zeros: zeros hide unwritten outputs and wrong indexing)."""
+    if _SEED is None:
+        fresh_seed()
+    return (torch.randn(*shape, dtype=torch.float32) * scale).to(dtype=dtype, device=device)
+
+
+def awkward_sizes(count: int = 3, lo: int = 1000, hi: int = 100_000, include=(1,)) -> list[int]:
+    """`count` random sizes in [lo, hi) that are not multiples of 16, then the sizes in `include`.
+
+    In the interpreter the range is cut to at most 5,000 so a check stays within seconds.
+    """
+    if _SEED is None:
+        fresh_seed()
+    if INTERPRETER:
+        hi = min(hi, 5_000)
+        lo = min(lo, hi // 2)
+    sizes = []
+    while len(sizes) < count:
+        n = int(torch.randint(lo, hi, ()).item())
+        if n % 16:
+            sizes.append(n)
+    return sizes + list(include)  # the random sizes first: their failures say the most
+
+
+# --------------------------------------------------------------------------- poisoned outputs
+
+def _poison_value(dtype: torch.dtype):
+    return float("nan") if dtype.is_floating_point else -_GUARD_VALUE
+
+
+def poisoned_empty(*shape, dtype=torch.float32, device=DEVICE) -> torch.Tensor:
+    """A contiguous output filled with NaN (ints: -77), with guard zones on both sides.
+
+    `assert_close` checks the guards of an output made here: a store past the end (a missing
+    mask) or before the start (a negative offset) is reported even when the output looks right.
+    """
+    numel = 1
+    for s in shape:
+        numel *= s
+    buf = torch.full((numel + 2 * GUARD_ELEMENTS,), _GUARD_VALUE, dtype=dtype, device=device)
+    out = buf[GUARD_ELEMENTS:GUARD_ELEMENTS + numel].view(shape)
+    out.fill_(_poison_value(dtype))
+    out._course_guard = buf  # noqa: SLF001 (kept on the tensor so assert_close can find it)
+    return out
+
+
+def poisoned_like(t: torch.Tensor) -> torch.Tensor:
+    return poisoned_empty(*t.shape, dtype=t.dtype, device=t.device)
+
+
+def check_guards(out: torch.Tensor, name: str = "output") -> None:
+    """Raise CheckError if a kernel wrote outside `out` (made by poisoned_empty)."""
+    buf = getattr(out, "_course_guard", None)
+    if buf is None:
+        return
+    numel = out.numel()
+    before = buf[:GUARD_ELEMENTS].float().cpu()
+    after = buf[GUARD_ELEMENTS + numel:].float().cpu()
+    hit_after = (after != _GUARD_VALUE).nonzero()
+    hit_before = (before != _GUARD_VALUE).nonzero()
+    if len(hit_after):
+        last = int(hit_after.max()) + 1
+        raise CheckError(
+            f"{name}: the kernel wrote {len(hit_after)} element(s) past the end of the output "
+            f"(up to {last} elements beyond it).\n"
+            f"  hint: the last block runs past n; store with a mask, e.g. "
+            f"tl.store(out_ptr + offsets, value, mask=offsets < n_elements)")
+    if len(hit_before):
+        raise CheckError(
+            f"{name}: the kernel wrote {len(hit_before)} element(s) before the start of the output.\n"
+            f"  hint: an offset went negative; check how the offsets are computed")
+
+
+# --------------------------------------------------------------------------- comparison
+
+def tolerance(dtype: torch.dtype) -> dict:
+    return TOLERANCES.get(dtype, dict(atol=0.0, rtol=0.0))
+
+
+def assert_close(actual, expected, *, name: str = "output", atol: float | None = None,
+                 rtol: float | None = None, mistakes: dict | None = None) -> None:
+    """Compare a kernel's output with a reference; raise CheckError with a diagnosis if wrong.
+
+    `expected` may be in higher precision (float64 is best); the tolerance is the one of
+    `actual`'s dtype unless atol / rtol are given. `mistakes` maps a hint to the output a
+    typical mistake would produce ({"the stride was ignored ...": x_flat + y_flat}); when the
+    output matches one of them, the diagnosis gives that hint.
+    """
+    if not isinstance(actual, torch.Tensor):
+        raise CheckError(f"{name}: expected a torch.Tensor, got {type(actual).__name__} "
+                         f"(did the wrapper forget to return its output?)")
+    if actual.shape != expected.shape:
+        raise CheckError(f"{name}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
+    if actual.dtype != expected.dtype and not expected.dtype == torch.float64:
+        if actual.dtype.is_floating_point != expected.dtype.is_floating_point:
+            raise CheckError(f"{name}: dtype {actual.dtype}, expected {expected.dtype}")
+    check_guards(actual, name)
+    tol = tolerance(actual.dtype)
+    atol = tol["atol"] if atol is None else atol
+    rtol = tol["rtol"] if rtol is None else rtol
+    message = diagnose(actual, expected, atol=atol, rtol=rtol, name=name, mistakes=mistakes)
+    if message:
+        seed = f"\n  reproduce with COURSE_SEED={_SEED}" if _SEED is not None else ""
+        raise CheckError(message + seed)
+
+
+def diagnose(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol: float,
+             name: str = "output", mistakes: dict | None = None) -> str | None:
+    """None if actual matches expected within atol + rtol * |expected|, else what is wrong."""
+    a = actual.detach().cpu().to(torch.float64)
+    e = expected.detach().cpu().to(torch.float64)
+    if not actual.dtype.is_floating_point:
+        unwritten = (a == -_GUARD_VALUE) & (e != -_GUARD_VALUE)
+    else:
+        unwritten = torch.isnan(a) & ~torch.isnan(e)
+    close = torch.isclose(a, e, rtol=rtol, atol=atol, equal_nan=True)
+    wrong = ~close
+    n_wrong = int(wrong.sum())
+    if n_wrong == 0:
+        return None
+    total = a.numel()
+    first = _unravel(int(wrong.flatten().nonzero()[0]), a.shape)
+    lines = [f"{name}: {n_wrong} of {total} elements wrong ({100 * n_wrong / total:.1f}%), "
+             f"shape {tuple(a.shape)}, tolerance atol={atol:g} rtol={rtol:g}",
+             f"  first wrong element at index {first}: got {a[first].item():.6g}, "
+             f"expected {e[first].item():.6g}"]
+    finite_wrong = wrong & torch.isfinite(a) & torch.isfinite(e)
+    if finite_wrong.any():
+        err = (a - e).abs().masked_fill(~finite_wrong, 0)
+        worst = _unravel(int(err.flatten().argmax()), a.shape)
+        lines.append(f"  largest error {err[worst].item():.3g} at index {worst} "
+                     f"(got {a[worst].item():.6g}, expected {e[worst].item():.6g})")
+    n_unwritten = int(unwritten.sum())
+    if n_unwritten:
+        lines.append(f"  {n_unwritten} element(s) still hold the poison the output was filled "
+                     f"with before the kernel ran: they were never written")
+    for hint, mistaken in (mistakes or {}).items():
+        m = mistaken.detach().cpu().to(torch.float64)
+        if m.shape == a.shape and torch.isclose(a, m, rtol=rtol, atol=atol, equal_nan=True).all():
+            return "\n".join(lines + [f"  hint: {hint}"])
+    lines += ["  hint: " + h for h in _hints(a, e, wrong, unwritten, rtol, atol, actual.dtype)]
+    return "\n".join(lines)
+
+
+def _unravel(flat: int, shape) -> tuple:
+    index = []
+    for size in reversed(shape):
+        index.append(flat % size)
+        flat //= size
+    return tuple(reversed(index))
+
+
+def _hints(a, e, wrong, unwritten, rtol, atol, dtype) -> list[str]:
+    flat_unwritten = unwritten.flatten()
+    n = a.numel()
+    if unwritten.all():
+        return ["the output was never written: does the kernel tl.store to the output pointer, "
+                "does the grid launch at least one program (triton.cdiv(n, BLOCK_SIZE), not "
+                "n // BLOCK_SIZE), and does the wrapper return that output?"]
+    if unwritten.any():
+        positions = flat_unwritten.nonzero().flatten()
+        first, count = int(positions[0]), len(positions)
+        if first + count == n:
+            if count > first and first & (first - 1) == 0:
+                return [f"only the first {first} elements (one block) were written: every program "
+                        f"wrote the same block; the offsets need pid * BLOCK_SIZE"]
+            if first % 16 == 0:
+                return [f"the first {first} elements were written and the last {count} were "
+                        f"not: the grid is too small for the tail; launch "
+                        f"triton.cdiv(n_elements, BLOCK_SIZE) programs, not n_elements // BLOCK_SIZE"]
+            return [f"the last {count} elements were never written: the grid or the mask stops "
+                    f"short of the end (mask=offsets < n_elements, grid=triton.cdiv(...))"]
+        if a.dim() == 2 and unwritten[:, -1].all() and not unwritten[:, 0].any():
+            cols = int(unwritten[0].sum())
+            return [f"the last {cols} column(s) were never written: the grid over columns "
+                    f"or the column mask stops short of the width"]
+        return [f"{count} elements were never written, the first at flat index {first}: some "
+                f"blocks were skipped or several programs wrote to the same place; check "
+                f"the offsets (pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)) and the grid"]
+    written_wrong = wrong & ~unwritten
+    if a.dim() == 2 and a.shape[0] == a.shape[1] and torch.allclose(a, e.T, rtol=rtol, atol=atol):
+        return ["the output is the transpose of the reference: rows and columns (or their "
+                "strides) are swapped"]
+    if _values_misplaced(a[written_wrong], e, dtype):
+        return ["the values are right but in the wrong places: check the offsets and the "
+                "strides (a non-contiguous input needs x.stride(0), not 1)"]
+    rel = ((a - e).abs() / e.abs().clamp_min(atol))[written_wrong & torch.isfinite(a)]
+    if len(rel) and float(rel.max()) < 50 * max(rtol, 1e-3):
+        low = "fp16 / bf16" if dtype in (torch.float16, torch.bfloat16) else "low precision"
+        return [f"small errors, just over tolerance: precision loss; is something accumulated "
+                f"in {low}? Accumulate in tl.float32 and cast once, at the store"]
+    ratio = (a / e)[written_wrong & (e.abs() > atol)]
+    if len(ratio) > 1 and torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-3):
+        return [f"every wrong value is {ratio[0].item():.4g} x the expected one: a scale factor "
+                f"or constant is wrong or missing"]
+    return ["the math itself differs from the reference: run the kernel under the interpreter "
+            "(TRITON_INTERPRET=1) on a tiny input and print() the intermediate values"]
+
+
+def _values_misplaced(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> bool:
+    """True if nearly every wrong value is (to a few rounding steps) a value of the reference.
+
+    A control set (the same values nudged by 0.1%) must not match as well, otherwise the
+    reference is so dense (large fp16 tensors) that any value would seem to appear in it.
+    """
+    got = got[torch.isfinite(got)]
+    if len(got) < 4:
+        return False
+    eps = 4 * torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    ref = expected.flatten().sort().values
+
+    def match_rate(values):
+        pos = torch.searchsorted(ref, values).clamp(max=len(ref) - 1)
+        near = torch.minimum((ref[pos] - values).abs(), (ref[(pos - 1).clamp(min=0)] - values).abs())
+        return float((near <= eps * values.abs() + 1e-30).float().mean())
+
+    return match_rate(got) > 0.9 and match_rate(got * 1.001 + 1e-3) < 0.3

@@ -1,0 +1,70 @@
+"""Where kernels run: a CUDA GPU, or Triton's CPU interpreter when there is none.
+
+Importing this module (it is imported by `common/__init__.py`) must happen before any
+`@triton.jit` function is defined: without a GPU it sets TRITON_INTERPRET=1, which Triton reads
+when a kernel is decorated. Every lesson, exercise, solution and test starts with
+`import common` for that reason.
+"""
+
+import os
+import platform
+
+import torch
+
+# A learner may force the interpreter on a GPU machine (TRITON_INTERPRET=1) to debug a kernel
+# with print() and pdb; respect that, and fall back to it automatically when there is no GPU.
+_FORCED_INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+HAS_GPU = torch.cuda.is_available() and not _FORCED_INTERPRETER
+INTERPRETER = not HAS_GPU
+if INTERPRETER:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import triton  # noqa: E402  (must come after TRITON_INTERPRET is set)
+
+DEVICE = torch.device("cuda") if HAS_GPU else torch.device("cpu")
+
+
+def gpu_name() -> str:
+    return torch.cuda.get_device_name() if HAS_GPU else "CPU (Triton interpreter)"
+
+
+def is_hopper() -> bool:
+    """sm_90 (H100, H200): wgmma, TMA and fp8 tensor cores."""
+    return HAS_GPU and torch.cuda.get_device_capability()[0] == 9
+
+
+def supports_bf16() -> bool:
+    # The interpreter runs on numpy, which has no bfloat16: loads and stores give wrong values.
+    return HAS_GPU and torch.cuda.is_bf16_supported()
+
+
+def supports_fp8() -> bool:
+    # fp8 tensor cores arrived with sm_89 (Ada) / sm_90 (Hopper); the interpreter's fp8 casts
+    # differ from the GPU's, so fp8 results are only meaningful on such a GPU.
+    return HAS_GPU and torch.cuda.get_device_capability() >= (8, 9)
+
+
+def versions() -> str:
+    return f"torch {torch.__version__} | triton {triton.__version__} | python {platform.python_version()}"
+
+
+def banner() -> str:
+    """One line that says where this run happens, printed at the top of every lesson."""
+    if HAS_GPU:
+        p = torch.cuda.get_device_properties(DEVICE)
+        major, minor = torch.cuda.get_device_capability()
+        where = (f"GPU: {p.name} (sm_{major}{minor}, {p.multi_processor_count} SMs, "
+                 f"{p.total_memory / 2**30:.0f} GiB)")
+    elif _FORCED_INTERPRETER:
+        where = "Triton interpreter (TRITON_INTERPRET=1 was set): kernels run on the CPU, timings are skipped"
+    else:
+        where = ("No CUDA GPU: kernels run in Triton's CPU interpreter on small sizes; "
+                 "correctness and traffic analysis only, timings need a GPU")
+    return f"{where} | {versions()}"
+
+
+def require_gpu(what: str) -> str | None:
+    """Return None when `what` can run here, else the reason it is skipped (to print)."""
+    if HAS_GPU:
+        return None
+    return f"{what}: skipped, needs a CUDA GPU (this run uses Triton's CPU interpreter)"

@@ -1,0 +1,146 @@
+"""One table format for every lesson, plots under plots/, and the perf-bar record `make bench` reads.
+
+A lesson prints its tables with `Table`, saves figures with `save_plot`, and states each perf
+bar with `perf_bar`. When COURSE_RESULTS is set (make bench sets it), every table and bar of
+the run is also written to $COURSE_RESULTS/<lesson>.json, and `python -m common.report DIR`
+gathers those files into DIR/results.md.
+"""
+
+import atexit
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+
+from .device import banner, gpu_name, versions
+
+REPO = Path(__file__).resolve().parents[1]
+PLOTS = REPO / "plots"
+
+_RUN = {"tables": [], "bars": [], "plots": []}
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        if value != value:  # NaN
+            return "-"
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        if abs(value) >= 1:
+            return f"{value:.2f}"
+        return f"{value:.3g}"
+    return str(value)
+
+
+class Table:
+    """Rows of values under named columns, printed aligned; numbers formatted the same everywhere."""
+
+    def __init__(self, title: str, columns: list[str]):
+        self.title = title
+        self.columns = columns
+        self.rows: list[list] = []
+
+    def add(self, *values) -> None:
+        if len(values) != len(self.columns):
+            raise ValueError(f"table '{self.title}' has {len(self.columns)} columns, got {len(values)} values")
+        self.rows.append(list(values))
+
+    def text(self) -> str:
+        cells = [self.columns] + [[_fmt(v) for v in row] for row in self.rows]
+        widths = [max(len(r[i]) for r in cells) for i in range(len(self.columns))]
+        line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
+        return "\n".join([self.title, rule, line(cells[0]), rule] + [line(r) for r in cells[1:]] + [rule])
+
+    def markdown(self) -> str:
+        head = "| " + " | ".join(self.columns) + " |\n|" + "---|" * len(self.columns) + "\n"
+        return f"**{self.title}**\n\n" + head + "\n".join(
+            "| " + " | ".join(_fmt(v) for v in row) + " |" for row in self.rows)
+
+    def print(self) -> None:
+        print("\n" + self.text())
+        _RUN["tables"].append({"title": self.title, "markdown": self.markdown()})
+
+
+def section(title: str) -> None:
+    print(f"\n=== {title} ===")
+
+
+def save_plot(fig, name: str) -> Path:
+    """Save a matplotlib figure as plots/<name>.png and print where it went."""
+    PLOTS.mkdir(exist_ok=True)
+    path = PLOTS / f"{name}.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    print(f"plot written: {path.relative_to(REPO)}")
+    _RUN["plots"].append(str(path.relative_to(REPO)))
+    return path
+
+
+def new_figure(title: str, xlabel: str, ylabel: str, logx: bool = False):
+    """A figure with the course's look; the Agg backend so it works with no display."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.set_title(f"{title}\n{gpu_name()}", fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def perf_bar(name: str, value: float, bar: float, unit: str, higher_is_better: bool = True) -> bool:
+    """Print one perf-bar line (PASS/MISS) and keep it for the bench results table."""
+    ok = value >= bar if higher_is_better else value <= bar
+    sign = ">=" if higher_is_better else "<="
+    print(f"perf bar: {name}: {value:.2f} {unit} (bar {sign} {bar:g} {unit}) -> {'PASS' if ok else 'MISS'}")
+    _RUN["bars"].append({"name": name, "value": round(value, 3), "bar": bar, "unit": unit,
+                         "higher_is_better": higher_is_better, "passed": ok})
+    return ok
+
+
+def _write_results() -> None:
+    out_dir = os.environ.get("COURSE_RESULTS")
+    if not out_dir or not (_RUN["tables"] or _RUN["bars"]):
+        return
+    script = Path(sys.argv[0]).stem
+    path = Path(out_dir) / f"{script}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"lesson": script, "gpu": gpu_name(), "banner": banner(),
+                                "versions": versions(), "date": datetime.date.today().isoformat(),
+                                **_RUN}, indent=2))
+
+
+atexit.register(_write_results)
+
+
+def gather(results_dir: Path) -> str:
+    """All lesson JSON files of one `make bench` run as one markdown page."""
+    parts = []
+    for path in sorted(results_dir.glob("[0-9][0-9]_*.json")):
+        run = json.loads(path.read_text())
+        parts.append(f"## {run['lesson']}\n\n{run['date']}, {run['banner']}\n")
+        if run["bars"]:
+            parts.append("| perf bar | measured | bar | result |\n|---|---|---|---|")
+            for b in run["bars"]:
+                sign = ">=" if b["higher_is_better"] else "<="
+                parts.append(f"| {b['name']} | {b['value']:.2f} {b['unit']} | {sign} {b['bar']:g} {b['unit']} | "
+                             f"{'PASS' if b['passed'] else 'MISS'} |")
+            parts.append("")
+        parts += [t["markdown"] + "\n" for t in run["tables"]]
+        parts += [f"![{Path(p).stem}]({os.path.relpath(REPO / p, results_dir)})\n" for p in run["plots"]]
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m common.report RESULTS_DIR")
+    results = Path(sys.argv[1])
+    page = "# Benchmark results (make bench)\n\n" + gather(results)
+    (results / "results.md").write_text(page)
+    print(f"results table written: {results / 'results.md'}")

@@ -1,0 +1,104 @@
+"""Timing on the GPU: medians with their spread, and the machine's ceilings measured in-run.
+
+Nothing here runs without a GPU: the interpreter's timings say nothing about a GPU kernel, so
+lessons print "needs a GPU" instead of a number (see `device.require_gpu`).
+"""
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import triton.testing
+
+from .device import DEVICE, HAS_GPU, gpu_name, versions
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Median time of many runs, with the 20th and 80th percentiles as its spread."""
+
+    ms: float
+    lo_ms: float
+    hi_ms: float
+
+    @property
+    def spread(self) -> float:
+        """Half the 20-80 percentile range, relative to the median."""
+        return (self.hi_ms - self.lo_ms) / (2 * self.ms)
+
+    def gbps(self, nbytes: float) -> float:
+        return nbytes / (self.ms * 1e-3) / 1e9
+
+    def tflops(self, flops: float) -> float:
+        return flops / (self.ms * 1e-3) / 1e12
+
+    def __str__(self) -> str:
+        return f"{self.ms:.4f} ms ±{100 * self.spread:.0f}%"
+
+
+def bench(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -> Timing:
+    """Median of `triton.testing.do_bench` (CUDA events, L2 flushed before each run)."""
+    if not HAS_GPU:
+        raise RuntimeError("bench() needs a CUDA GPU; check common.HAS_GPU before timing")
+    med, lo, hi = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+    return Timing(med, lo, hi)
+
+
+def compiled(fn: Callable) -> Callable | None:
+    """torch.compile(fn) as a peer provider, or None (printed why) where it cannot run."""
+    if not HAS_GPU:
+        return None
+    try:
+        return torch.compile(fn, dynamic=False)
+    except Exception as err:  # an install without a working compiler toolchain, say
+        print(f"torch.compile unavailable: {type(err).__name__}: {err}")
+        return None
+
+
+def _record_ceiling(key: str, value: float) -> None:
+    """Keep what was measured in plots/ceilings.json, keyed by GPU, for `make bench`'s table."""
+    path = REPO / "plots" / "ceilings.json"
+    path.parent.mkdir(exist_ok=True)
+    known = json.loads(path.read_text()) if path.exists() else {}
+    entry = known.setdefault(gpu_name(), {})
+    entry[key] = round(value, 1)
+    entry["versions"] = versions()
+    path.write_text(json.dumps(known, indent=2))
+
+
+@functools.cache
+def copy_bandwidth() -> float:
+    """Device-to-device copy in GB/s (bytes read + bytes written), measured once per process.
+
+    1 GiB buffers are far larger than L2 (50 MB on H100, 60 MB on H200), so this is HBM.
+    Every memory-bound kernel in the course is reported as a % of this number.
+    """
+    if not HAS_GPU:
+        raise RuntimeError("copy_bandwidth() needs a CUDA GPU")
+    src = torch.randn(2**28, device=DEVICE)
+    dst = torch.empty_like(src)
+    gbps = bench(lambda: dst.copy_(src)).gbps(2 * src.numel() * src.element_size())
+    _record_ceiling("copy_GBps", gbps)
+    return gbps
+
+
+@functools.cache
+def matmul_rate(dtype: torch.dtype = torch.float16, n: int = 8192) -> float:
+    """torch.matmul (cuBLAS) TFLOP/s on random n x n x n data, measured once per process."""
+    if not HAS_GPU:
+        raise RuntimeError("matmul_rate() needs a CUDA GPU")
+    # Random data, not zeros: zeros run measurably faster on the tensor cores (seen on H200).
+    a = torch.randn(n, n, device=DEVICE, dtype=dtype)
+    b = torch.randn(n, n, device=DEVICE, dtype=dtype)
+    tflops = bench(lambda: torch.matmul(a, b)).tflops(2 * n**3)
+    _record_ceiling(f"matmul_{str(dtype).removeprefix('torch.')}_{n}_TFLOPs", tflops)
+    return tflops
+
+
+def pct_of_copy(gbps: float) -> float:
+    return 100 * gbps / copy_bandwidth()

@@ -1,0 +1,115 @@
+"""
+Exercises for lesson 01: vector add
+===================================
+
+Fill in the TODOs, then grade your answers with:
+
+    make check LESSON=01
+
+Each exercise is a variant of `add_kernel` in lessons/beginner/01_vector_add.py. Hints, from
+gentle to explicit, are in lessons/beginner/01_vector_add.md under "Exercises".
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `common`
+import common  # noqa: E402  (first: picks the GPU, or Triton's CPU interpreter without one)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+BLOCK_SIZE = 1024
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise 1.1: axpy
+# out[i] = a * x[i] + y[i], for 1-D tensors x, y of the same length n and a Python float a.
+# The wrapper is written for you; write the kernel.
+
+
+@triton.jit
+def axpy_kernel(
+    x_ptr,  # pointer to x (n elements)
+    y_ptr,  # pointer to y (n elements)
+    out_ptr,  # pointer to the output (n elements)
+    a,  # the scalar a (a Python float becomes an fp32 kernel argument)
+    n_elements,  # n
+    BLOCK_SIZE: tl.constexpr,
+):
+    """out[i] = a * x[i] + y[i] for 0 <= i < n_elements. n need not be a multiple of BLOCK_SIZE."""
+    # TODO: compute this program's offsets (about 2 lines)
+    # TODO: load x and y with a mask, store a * x + y with the same mask (about 4 lines)
+    pass
+
+
+def axpy(a: float, x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    common.check_tensors(x=x, y=y)
+    out = torch.empty_like(x) if out is None else out
+    n = x.numel()
+    axpy_kernel[(triton.cdiv(n, BLOCK_SIZE),)](x, y, out, a, n, BLOCK_SIZE=BLOCK_SIZE)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise 1.2: clamp
+# out[i] = min(max(x[i], lo), hi), for a 1-D tensor x and Python floats lo <= hi.
+# Write the kernel AND the wrapper (validate, allocate, grid, launch, return).
+
+
+@triton.jit
+def clamp_kernel(
+    x_ptr,  # pointer to x (n elements)
+    out_ptr,  # pointer to the output (n elements)
+    lo,  # lower bound
+    hi,  # upper bound
+    n_elements,  # n
+    BLOCK_SIZE: tl.constexpr,
+):
+    """out[i] = min(max(x[i], lo), hi) for 0 <= i < n_elements."""
+    # TODO: offsets and mask, as in add_kernel (about 3 lines)
+    # TODO: load, clamp with tl.maximum and tl.minimum, store (about 3 lines)
+    pass
+
+
+def clamp(x: torch.Tensor, lo: float, hi: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Clamp x into [lo, hi]. Writes into `out` when it is given, and returns the output.
+
+    Raise ValueError if lo > hi (the message should name both values).
+    """
+    # TODO: validate x (common.check_tensors) and lo <= hi (about 3 lines)
+    # TODO: allocate out when it is None, launch triton.cdiv(n, BLOCK_SIZE) programs, return out (about 4 lines)
+    raise NotImplementedError("TODO: exercise 1.2")
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise 1.3: add two strided vectors
+# x and y are 1-D but need not be contiguous: x = base[::3] has stride 3, so its element i
+# lives at x_ptr + i * stride_x. out is contiguous: out[i] = x[i] + y[i].
+# The wrapper is written for you (see how it passes the strides); write the kernel.
+
+
+@triton.jit
+def add_strided_kernel(
+    x_ptr,  # pointer to x[0]
+    y_ptr,  # pointer to y[0]
+    out_ptr,  # pointer to the (contiguous) output
+    n_elements,  # n
+    stride_x,  # distance in elements between x[i] and x[i + 1]
+    stride_y,  # distance in elements between y[i] and y[i + 1]
+    BLOCK_SIZE: tl.constexpr,
+):
+    """out[i] = x[i * stride_x] + y[i * stride_y] (pointer arithmetic in elements)."""
+    # TODO: offsets and mask (about 3 lines)
+    # TODO: load x and y at their strided addresses, store the sum contiguously (about 3 lines)
+    pass
+
+
+def add_strided(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    common.check_tensors(x=x, y=y, contiguous=False, ndim=1)
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
+    n = x.numel()
+    add_strided_kernel[(triton.cdiv(n, BLOCK_SIZE),)](x, y, out, n, x.stride(0), y.stride(0),
+                                                      BLOCK_SIZE=BLOCK_SIZE)
+    return out

@@ -1,0 +1,263 @@
+"""
+Lesson 01: vector add
+=====================
+
+Build `add(x, y)`, a Triton kernel that adds two vectors, check it against PyTorch, and measure
+it against the memory bandwidth of the GPU it runs on.
+
+You will learn:
+- how a Triton *program* finds its slice of the data: `tl.program_id`, `tl.arange`, offsets
+- why the last block needs a *mask*, and how the *launch grid* is sized with `triton.cdiv`
+- why an elementwise op is limited by memory bandwidth, and how to report it as % of a copy
+- what BLOCK_SIZE changes, measured from 64 to 16384
+
+Run:  python lessons/beginner/01_vector_add.py [--quick]
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `common`
+import common  # noqa: E402  (first: picks the GPU, or Triton's CPU interpreter without one)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from common import Table, section  # noqa: E402
+
+# %% [markdown]
+# ## Motivation
+# Adding two vectors of n floats reads 2n * 4 bytes and writes n * 4 bytes, and does n additions.
+# An H100 does ~50 TFLOP/s of fp32 arithmetic but moves only ~3 TB/s: the additions take a few
+# microseconds of a ~1 ms run at n = 2^28. The kernel is *memory bound*: its speed is the
+# speed of moving bytes, so we measure it in GB/s against the fastest copy this GPU can do.
+
+# %% [markdown]
+# ## Reference (PyTorch)
+
+
+def add_reference(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return x + y  # reads 2n elements, writes n: one kernel launch
+
+
+def sub_reference(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return x - y  # same traffic as add
+
+
+# %% [markdown]
+# ## Kernel
+# One *program* (a block of threads on one SM) handles BLOCK_SIZE consecutive elements.
+# Program `pid` handles elements [pid * BLOCK_SIZE, (pid + 1) * BLOCK_SIZE). When n is not a
+# multiple of BLOCK_SIZE the last program's block runs past the end: the mask turns those
+# loads and stores off.
+
+
+@triton.jit
+def add_kernel(
+    x_ptr,  # pointer to the first element of x
+    y_ptr,  # pointer to the first element of y
+    out_ptr,  # pointer to the first element of the output
+    n_elements,  # how many elements there are
+    BLOCK_SIZE: tl.constexpr,  # elements per program; a compile-time constant (a power of 2)
+):
+    pid = tl.program_id(axis=0)  # which block this program handles
+    offsets = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)  # BLOCK_SIZE indices at once
+    mask = offsets < n_elements  # False for the part of the last block past the end
+    x = tl.load(x_ptr + offsets, mask=mask)
+    y = tl.load(y_ptr + offsets, mask=mask)
+    tl.store(out_ptr + offsets, x + y, mask=mask)
+
+
+@triton.jit
+def sub_kernel(x_ptr, y_ptr, out_ptr, n_elements, BLOCK_SIZE: tl.constexpr):
+    # The same kernel with one operator changed: a memory-bound op costs what its bytes cost.
+    offsets = tl.program_id(axis=0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offsets < n_elements
+    tl.store(out_ptr + offsets, tl.load(x_ptr + offsets, mask=mask) - tl.load(y_ptr + offsets, mask=mask),
+             mask=mask)
+
+
+# %% [markdown]
+# ## Wrapper
+# validate, allocate, grid, launch, return. The grid is how many programs to launch:
+# cdiv(n, BLOCK_SIZE) = ceil(n / BLOCK_SIZE), so the tail gets a program too.
+
+# 1024 elements per program (8 fp32 per thread with the default 4 warps): the best or within
+# 2% of the best block size from 1024 to 8192 in the sweep below on H100/H200.
+DEFAULT_BLOCK_SIZE = 1024
+
+
+def _launch(kernel, x: torch.Tensor, y: torch.Tensor, block_size: int, out: torch.Tensor | None):
+    common.check_tensors(x=x, y=y)
+    if block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of 2 (tl.arange needs one), got {block_size}")
+    if out is None:
+        out = torch.empty_like(x)
+    else:
+        common.check_tensors(x=x, out=out)
+    n = x.numel()
+    grid = (triton.cdiv(n, block_size),)
+    kernel[grid](x, y, out, n, BLOCK_SIZE=block_size)
+    return out
+
+
+def add(x: torch.Tensor, y: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE,
+        out: torch.Tensor | None = None) -> torch.Tensor:
+    """x + y for two contiguous tensors of one shape and dtype."""
+    return _launch(add_kernel, x, y, block_size, out)
+
+
+def sub(x: torch.Tensor, y: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE,
+        out: torch.Tensor | None = None) -> torch.Tensor:
+    """x - y for two contiguous tensors of one shape and dtype."""
+    return _launch(sub_kernel, x, y, block_size, out)
+
+
+# %% [markdown]
+# ## Check
+# Awkward sizes (1, and random sizes that are not a multiple of any block), fresh random
+# inputs, the output filled with NaN first so an element the kernel skips cannot pass, and a
+# reference in float64.
+
+
+def check(quick: bool) -> None:
+    section("Check: Triton against PyTorch (float64 reference)")
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if common.supports_bf16() else [])
+    sizes = common.awkward_sizes(count=3 if quick else 6, lo=1000, hi=10_000_000, include=(1, 17))
+    for dtype in dtypes:
+        for n in sizes:
+            x, y = common.randn(n, dtype=dtype), common.randn(n, dtype=dtype)
+            for op, ref in ((add, add_reference), (sub, sub_reference)):
+                out = common.poisoned_empty(n, dtype=dtype)
+                op(x, y, out=out)
+                common.assert_close(out, ref(x.double(), y.double()), name=f"{op.__name__} n={n}")
+    for block_size in (64, 1024, 16384):  # every block size of the sweep below is correct too
+        x, y = common.randn(sizes[0]), common.randn(sizes[0])
+        common.assert_close(add(x, y, block_size), add_reference(x.double(), y.double()),
+                            name=f"add BLOCK_SIZE={block_size}")
+    names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+    print(f"add and sub match PyTorch for n in {sizes}, dtypes {names}: OK")
+    if not common.supports_bf16():
+        print("bfloat16: skipped, the interpreter has no bfloat16 (numpy lacks it); runs on a GPU")
+
+
+# %% [markdown]
+# ## Memory traffic
+# The modelled minimum is each input read once and the output written once. PyTorch's
+# `x + y` is counted op by op with a TorchDispatchMode (this works on the CPU too).
+
+
+def traffic(n: int) -> None:
+    section(f"Memory traffic at n = {n:,} fp32")
+    x = torch.randn(n, device=common.DEVICE)
+    y = torch.randn(n, device=common.DEVICE)
+    out = add(x, y)
+    counted = common.count_torch_traffic(add_reference, x, y)
+    print(f"modelled minimum (read x, y; write out): {common.fmt_bytes(common.min_bytes(x, y, out))}")
+    print(f"PyTorch x + y, counted:                  {counted.summary()}")
+    print(f"Triton add: 1 kernel launch, {triton.cdiv(n, DEFAULT_BLOCK_SIZE):,} programs of "
+          f"{DEFAULT_BLOCK_SIZE} elements; reads and writes the minimum")
+    print("Both move the minimum: the only way to be faster is to move the bytes faster.")
+
+
+# %% [markdown]
+# ## Benchmark
+# Medians of many runs (CUDA events, L2 flushed between runs), in GB/s counting bytes read plus
+# bytes written, and as a % of a device-to-device copy measured in the same run.
+
+
+def benchmark_sizes(quick: bool) -> None:
+    section("Benchmark: Triton vs PyTorch over sizes (fp32)")
+    copy = common.copy_bandwidth()
+    print(f"copy bandwidth measured now: {copy:,.0f} GB/s (device-to-device, read + write)")
+    compiled_add = common.compiled(add_reference)
+    exponents = [12, 20, 24, 28] if quick else list(range(12, 29, 2))
+    table = Table("x + y, fp32: GB/s (read + write) and % of copy",
+                  ["n", "torch GB/s", "compile GB/s", "triton GB/s", "triton % copy", "triton vs torch"])
+    series = {"torch": [], "torch.compile": [], "triton": []}
+    for e in exponents:
+        n = 2**e
+        x, y = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
+        nbytes = 3 * n * 4  # read x and y, write out
+        t_torch = common.bench(lambda: add_reference(x, y))
+        t_compile = common.bench(lambda: compiled_add(x, y)) if compiled_add else None
+        t_triton = common.bench(lambda: add(x, y))
+        gbps = [t_torch.gbps(nbytes), t_compile.gbps(nbytes) if t_compile else float("nan"),
+                t_triton.gbps(nbytes)]
+        table.add(f"2^{e}", *gbps, common.pct_of_copy(gbps[2]), f"{t_torch.ms / t_triton.ms:.2f}x")
+        for key, value in zip(series, gbps):
+            series[key].append(value)
+        del x, y
+    table.print()
+    print("Small sizes are launch overhead (a few microseconds whatever n is); "
+          "large sizes show the bandwidth.")
+    fig, ax = common.new_figure("Vector add: achieved bandwidth vs size (fp32)", "elements", "GB/s", logx=True)
+    for key, values in series.items():
+        ax.plot([2**e for e in exponents], values, marker="o", label=key)
+    ax.axhline(copy, color="gray", linestyle="--", label="copy (measured)")
+    ax.legend()
+    common.save_plot(fig, "01_vector_add_sizes")
+
+
+def benchmark_block_sizes(quick: bool) -> None:
+    n = 2**24 if quick else 2**28
+    section(f"Benchmark: BLOCK_SIZE sweep at n = 2^{n.bit_length() - 1} (fp32)")
+    x, y = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
+    out = torch.empty_like(x)
+    table = Table("add: BLOCK_SIZE sweep (num_warps = 4)", ["BLOCK_SIZE", "programs", "time", "GB/s", "% copy"])
+    blocks, rates = [2**k for k in range(6, 15)], []
+    for block in blocks:
+        t = common.bench(lambda: add(x, y, block, out=out))
+        rates.append(t.gbps(3 * n * 4))
+        table.add(block, triton.cdiv(n, block), str(t), rates[-1], common.pct_of_copy(rates[-1]))
+    table.print()
+    best = blocks[rates.index(max(rates))]
+    print(f"Best BLOCK_SIZE here: {best}. Small blocks launch many tiny programs and leave each "
+          f"thread one element; very large ones give each thread many registers' worth of data.")
+    fig, ax = common.new_figure(f"Vector add: BLOCK_SIZE sweep, n = 2^{n.bit_length() - 1} fp32",
+                                "BLOCK_SIZE", "GB/s", logx=True)
+    ax.plot(blocks, rates, marker="o", label="triton add")
+    ax.axhline(common.copy_bandwidth(), color="gray", linestyle="--", label="copy (measured)")
+    ax.legend()
+    common.save_plot(fig, "01_vector_add_block_size")
+
+
+def benchmark_add_vs_sub() -> float:
+    n = 2**28
+    section("Benchmark: addition vs subtraction, and the perf bar (n = 2^28 fp32)")
+    x, y = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
+    nbytes = 3 * n * 4
+    table = Table("same bytes, same time", ["op", "torch GB/s", "triton GB/s", "triton % copy"])
+    results = {}
+    for name, op, ref in (("add", add, add_reference), ("sub", sub, sub_reference)):
+        t_torch, t_triton = common.bench(lambda: ref(x, y)), common.bench(lambda: op(x, y))
+        results[name] = (t_torch, t_triton)
+        table.add(name, t_torch.gbps(nbytes), t_triton.gbps(nbytes), common.pct_of_copy(t_triton.gbps(nbytes)))
+    table.print()
+    t_torch, t_triton = results["add"]
+    common.perf_bar("add at 2^28: % of copy bandwidth", common.pct_of_copy(t_triton.gbps(nbytes)), 90, "%")
+    # "On par": within the 2% that repeated timings of one kernel differ by.
+    common.perf_bar("add at 2^28: speed vs torch (torch time / triton time)", t_torch.ms / t_triton.ms, 0.98, "x")
+    return t_triton.gbps(nbytes)
+
+
+# %% [markdown]
+# ## Takeaways
+# - A program handles one block; `pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)` are its indices.
+# - `mask=offsets < n` on every load and store, and `triton.cdiv` for the grid, make any n work.
+# - Elementwise kernels are memory bound: report GB/s and % of the measured copy bandwidth.
+# - Add and subtract cost the same: the bytes set the time, not the arithmetic.
+
+
+if __name__ == "__main__":
+    args = common.lesson_args(__doc__.strip().splitlines()[0])
+    check(args.quick)
+    traffic(2**20 if common.INTERPRETER else 2**28)
+    if common.HAS_GPU:
+        benchmark_sizes(args.quick)
+        benchmark_block_sizes(args.quick)
+        if not args.quick:
+            benchmark_add_vs_sub()
+    else:
+        print("\n" + common.require_gpu("Benchmarks (GB/s, BLOCK_SIZE sweep, plots)"))
