@@ -1,0 +1,156 @@
+"""The toolkit itself: diagnoses name the right cause, traffic is counted right, inputs are validated."""
+
+import pytest
+import torch
+
+import common
+from common import CheckError, assert_close, poisoned_empty
+from common.checks import GUARD_ELEMENTS, awkward_sizes
+from common.grading import Exercise, grade_function, is_untouched_stub
+from common.report import Table
+from common.traffic import count_torch_traffic
+
+
+def _diagnosis(actual, expected, **kwargs) -> str:
+    with pytest.raises(CheckError) as info:
+        assert_close(actual, expected, **kwargs)
+    return str(info.value)
+
+
+def test_matching_output_passes():
+    x = torch.randn(1000, dtype=torch.float64)
+    assert_close(x.float(), x)
+    assert_close(x.half(), x)
+
+
+def test_diagnosis_unwritten_tail():
+    expected = torch.randn(1823, dtype=torch.float64)
+    out = poisoned_empty(1823)
+    out[:1024] = expected[:1024].float()
+    message = _diagnosis(out, expected)
+    assert "799 of 1823 elements wrong" in message and "never written" in message
+    assert "first wrong element at index (1024,)" in message and "grid is too small" in message
+
+
+def test_diagnosis_nothing_written():
+    assert "never written" in _diagnosis(poisoned_empty(100), torch.ones(100, dtype=torch.float64))
+
+
+def test_diagnosis_store_past_the_end():
+    out = poisoned_empty(100)
+    expected = torch.randn(100, dtype=torch.float64)
+    out.copy_(expected)
+    out._course_guard[GUARD_ELEMENTS + 100 + 3] = 0.0  # what an unmasked store does
+    assert "past the end" in _diagnosis(out, expected)
+
+
+def test_diagnosis_transposed_and_misplaced_and_scaled():
+    e = torch.randn(37, 37, dtype=torch.float64)
+    assert "transpose" in _diagnosis(e.T.contiguous().float(), e)
+    perm = torch.randperm(5000)
+    v = torch.randn(5000, dtype=torch.float64)
+    assert "wrong places" in _diagnosis(v[perm].float(), v)
+    assert "2 x the expected" in _diagnosis((2 * v).float(), v)
+
+
+def test_diagnosis_precision_loss():
+    v = torch.randn(5000, dtype=torch.float64) * 100
+    noisy = (v * (1 + 3e-4 * torch.randn_like(v))).float()  # like an fp16 accumulator would do
+    assert "precision" in _diagnosis(noisy, v)
+
+
+def test_diagnosis_named_mistake_and_seed():
+    v = torch.randn(300, dtype=torch.float64)
+    message = _diagnosis(v.float() + 1, v, mistakes={"you added one": v + 1})
+    assert "hint: you added one" in message
+
+
+def test_shape_and_type_errors():
+    with pytest.raises(CheckError, match="shape"):
+        assert_close(torch.zeros(3), torch.zeros(4, dtype=torch.float64))
+    with pytest.raises(CheckError, match="return its output"):
+        assert_close(None, torch.zeros(4, dtype=torch.float64))
+
+
+def test_awkward_sizes_are_awkward():
+    sizes = awkward_sizes(5, lo=1000, hi=4000, include=(1,))
+    assert sizes[-1] == 1 and len(sizes) == 6
+    assert all(n % 16 for n in sizes[:-1]) and all(1000 <= n < 4000 for n in sizes[:-1])
+
+
+def test_traffic_counter_counts_bytes_and_ops():
+    x = torch.randn(1000)
+    y = torch.randn(1000)
+
+    def unfused(x, y):
+        return torch.exp(x + y).sum()  # add: r 8000 w 4000; exp: r 4000 w 4000; sum: r 4000 w 4
+
+    record = count_torch_traffic(unfused, x, y)
+    assert [o.op for o in record.ops] == ["add", "exp", "sum"]
+    assert record.read == 16000 and record.written == 8004 and record.kernels == 3
+
+    def views_and_inplace(x):
+        x.view(10, 100).t().mul_(2)  # views move nothing; mul_ reads and writes x once
+        return x
+
+    record = count_torch_traffic(views_and_inplace, x.clone())
+    assert [(o.op, o.read, o.written) for o in record.ops] == [("mul_", 4000, 4000)]
+
+    out = torch.empty(1000)
+    record = count_torch_traffic(lambda: torch.add(x, y, out=out))
+    assert (record.read, record.written) == (8000, 4000)  # out= is written, not read
+
+
+def test_check_tensors_names_the_problem():
+    x = torch.randn(10, device=common.DEVICE)
+    common.check_tensors(x=x, y=torch.randn(10, device=common.DEVICE))
+    with pytest.raises(ValueError, match="y has shape"):
+        common.check_tensors(x=x, y=torch.randn(11, device=common.DEVICE))
+    with pytest.raises(TypeError, match="y has dtype float16 but x has float32"):
+        common.check_tensors(x=x, y=x.half())
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        common.check_tensors(x=torch.randn(20, device=common.DEVICE)[::2])
+    with pytest.raises(TypeError, match="supports float16"):
+        common.check_tensors(x=x, dtypes=(torch.float16,))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        common.check_tensors(x=[1, 2])
+
+
+def test_table_format():
+    table = Table("demo", ["name", "GB/s"])
+    table.add("triton", 3012.34)
+    table.add("torch", 0.5)
+    text = table.text()
+    assert "triton" in text and "3,012" in text and "0.5" in text
+    assert table.markdown().startswith("**demo**")
+    with pytest.raises(ValueError, match="2 columns"):
+        table.add("only one")
+
+
+def _stub():
+    """docstring"""
+    # TODO: comments do not count
+    pass
+
+
+def _started():
+    """docstring"""
+    return 1
+
+
+def _raises():
+    raise NotImplementedError("TODO")
+
+
+def test_stub_detection():
+    assert is_untouched_stub(_stub) and is_untouched_stub(_raises) and not is_untouched_stub(_started)
+
+
+def test_grader_reports_crashes_as_failures_not_crashes():
+    def check(fn):
+        fn()
+
+    result = grade_function(Exercise("0.1", "boom", check), lambda: 1 / 0)
+    assert result.status == "failed" and "ZeroDivisionError" in result.detail
+    result = grade_function(Exercise("0.2", "todo", check), _raises)
+    assert result.status == "todo"

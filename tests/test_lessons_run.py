@@ -1,0 +1,69 @@
+"""Every written lesson script runs end to end in quick mode, and the Makefile's lesson handling
+gives a clear answer for a bad or missing LESSON."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import common
+from common.lessons import LESSONS, REPO
+
+WRITTEN = [lesson for lesson in LESSONS if lesson.written]
+
+
+@pytest.mark.parametrize("lesson", WRITTEN, ids=lambda l: l.stem)
+def test_lesson_script_runs_quick(lesson, tmp_path):
+    env = dict(os.environ, MPLBACKEND="Agg", COURSE_RESULTS="")
+    proc = subprocess.run([sys.executable, str(lesson.script), "--quick"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{lesson.script.name} exited {proc.returncode}:\n{output[-4000:]}"
+    assert common.banner().split("|")[0].strip() in output, "the script must print the device banner first"
+    if common.INTERPRETER:
+        assert "needs a CUDA GPU" in output, "without a GPU the script must say that timings need one"
+    assert "Traceback" not in output, output[-4000:]
+
+
+def _lessons_cli(*args):
+    return subprocess.run([sys.executable, "common/lessons.py", *args], cwd=REPO, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("bad", ["99", "", "vector", "0"])
+def test_bad_lesson_lists_the_lessons(bad):
+    proc = _lessons_cli("run", bad)
+    assert proc.returncode == 2
+    assert "01  beginner" in proc.stderr and "12  expert" in proc.stderr, proc.stderr
+
+
+def test_unwritten_lesson_says_so():
+    unwritten = [lesson for lesson in LESSONS if not lesson.written]
+    if not unwritten:
+        pytest.skip("every lesson is written")
+    proc = _lessons_cli("run", unwritten[0].number)
+    assert proc.returncode == 2 and "not written yet" in proc.stderr
+
+
+def test_make_check_bad_lesson_fails_with_the_map():
+    proc = subprocess.run(["make", "--no-print-directory", "check", "LESSON=42", f"PYTHON={sys.executable}"],
+                          cwd=REPO, capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("MAKE")})
+    assert proc.returncode != 0
+    assert "'42' is not a lesson" in proc.stderr and "01  beginner" in proc.stderr
+
+
+def test_grader_report_for_stubs_and_solutions():
+    """`make check` for lesson 01: the shipped stubs read TODO, the solutions all pass."""
+    def check(impl):
+        return subprocess.run([sys.executable, "-m", "common.grading", "check", "01", "--impl", impl],
+                              cwd=REPO, capture_output=True, text=True, timeout=600)
+    solutions = check("solutions")
+    assert solutions.returncode == 0, solutions.stdout + solutions.stderr
+    assert "3 of 3 passed" in solutions.stdout
+    edited = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "exercises/01_vector_add.py"],
+                            cwd=REPO).returncode == 1
+    if edited:
+        pytest.skip("exercises/01_vector_add.py has your edits")
+    stubs = check("exercises")
+    assert stubs.returncode == 1 and "0 of 3 passed, 0 failed, 3 TODO" in stubs.stdout, stubs.stdout
