@@ -60,4 +60,4 @@ bench: setup
 	    COURSE_RESULTS=plots/bench $(PY) common/lessons.py run $$n; \
 	  fi; \
 	done
-	@$(PY) -m common.report plots/bench
+	@$(PY) -m common results plots/bench

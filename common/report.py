@@ -3,7 +3,7 @@
 A lesson prints its tables with `Table`, saves figures with `save_plot`, and states each perf
 bar with `perf_bar`. When COURSE_RESULTS is set (make bench sets it), every table and bar of
 the run is also written to $COURSE_RESULTS/<lesson>.json, and `python -m common.report DIR`
-gathers those files into DIR/results.md.
+gathers those files into DIR/results.md (`python -m common results DIR`).
 """
 
 import atexit
@@ -135,12 +135,3 @@ def gather(results_dir: Path) -> str:
         parts += [t["markdown"] + "\n" for t in run["tables"]]
         parts += [f"![{Path(p).stem}]({os.path.relpath(REPO / p, results_dir)})\n" for p in run["plots"]]
     return "\n".join(parts)
-
-
-if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m common.report RESULTS_DIR")
-    results = Path(sys.argv[1])
-    page = "# Benchmark results (make bench)\n\n" + gather(results)
-    (results / "results.md").write_text(page)
-    print(f"results table written: {results / 'results.md'}")
