@@ -53,6 +53,7 @@ test: setup
 	IMPL=solutions $(PY) -m pytest
 
 bench: setup
+	@$(PY) -c "import sys, common; sys.exit(0 if common.HAS_GPU else 'make bench times kernels and needs a CUDA GPU; without one, make lesson LESSON=NN runs the checks and the traffic analysis')"
 	@rm -rf plots/bench
 	@set -e; for n in 01 02 03 04 05 06 07 08 09 10 11 12; do \
 	  if $(PY) common/lessons.py written $$n; then \

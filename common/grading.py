@@ -249,7 +249,7 @@ def check(number: str, impl: str) -> int:
 
 def progress(impl: str) -> int:
     print(f"Progress: {impl}/  ({banner()})\n")
-    print(f"  {'lesson':<34} {'passed':>6} {'failed':>6} {'TODO':>6}")
+    print(f"  {'lesson':<34} {'passed':>6} {'failed':>6} {'TODO':>6}  exercises")
     for lesson in LESSONS:
         name = f"{lesson.number} {lesson.stem[3:]}"
         if not (lesson.written and lesson.test.exists()):
@@ -257,8 +257,8 @@ def progress(impl: str) -> int:
             continue
         results = _grade_lesson_in_child(lesson, impl)
         counts = [sum(r.status == s for r in results) for s in ("passed", "failed", "todo")]
-        done = "  all passed" if counts[0] == len(results) else ""
-        print(f"  {name:<34} {counts[0]:>6} {counts[1]:>6} {counts[2]:>6}{done}", flush=True)
+        each = "  ".join(f"{r.exercise.split()[0]} {_MARK[r.status]}" for r in results)
+        print(f"  {name:<34} {counts[0]:>6} {counts[1]:>6} {counts[2]:>6}  {each}", flush=True)
     print("\nDetails for one lesson: make check LESSON=NN")
     return 0
 
