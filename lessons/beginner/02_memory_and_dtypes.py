@@ -1,0 +1,792 @@
+"""
+Lesson 02: memory and data types
+================================
+
+Build copy kernels (contiguous, strided, misaligned, dtype-converting) and measure what the
+GPU's memory system does with each access pattern and each data type.
+
+You will learn:
+- how global memory is read (32-byte sectors) and why neighbouring threads should read
+  neighbouring addresses (coalescing)
+- what reading with a stride costs, from 1 to 32, measured and plotted against a sector model
+- what a misaligned start costs, and how Triton learns alignment from the arguments
+- fp32, fp16, bf16, int8 and fp8: bytes per element, GB/s and elements per second
+- what a cast does: round to nearest even, its error against float64, and overflow
+- what `tl.multiple_of` and `tl.max_contiguous` tell the compiler, and when that changes anything
+
+Run:  python lessons/beginner/02_memory_and_dtypes.py [--quick]
+"""
+
+import re
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `common`
+import common  # noqa: E402  (first: picks the GPU, or Triton's CPU interpreter without one)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from common import Table, fmt_bytes, section  # noqa: E402
+
+# %% [markdown]
+# ## Motivation
+# Lesson 01's kernels were memory bound: their time is the time it takes to move their bytes.
+# How the bytes are laid out decides how many bytes the memory system really moves. Global
+# memory is read in 32-byte *sectors*. A warp (32 threads) reading 32 neighbouring fp32 values
+# touches 4 sectors, and every byte fetched is used: the access is *coalesced*. The same warp
+# reading every 8th value touches 32 sectors and uses 4 bytes of each 32: an eighth of the
+# traffic is useful. Narrower types move fewer bytes per element, so the same GB/s is more
+# elements per second. And the instructions matter: a thread can move 16 bytes with one
+# (vectorized) load only when the compiler can prove the address is a multiple of 16.
+
+SECTOR_BYTES = 32  # the unit in which global memory is read and written
+
+
+def sector_efficiency(stride: int, element_size: int) -> float:
+    """Model: the useful fraction of the bytes a warp moves when it reads elements `stride` apart.
+
+    Stride 1: every byte of every sector is used. Stride s: 1 element in s is used, until the
+    elements are a sector or more apart; from there on each element costs a whole sector.
+    """
+    return max(1 / stride, element_size / SECTOR_BYTES)
+
+
+def strided_copy_model(stride: int, element_size: int) -> float:
+    """Model: speed of a strided-read, contiguous-write copy relative to stride 1.
+
+    n useful elements read at efficiency e and written at efficiency 1 move n*size*(1/e + 1)
+    bytes instead of 2*n*size.
+    """
+    return 2 / (1 / sector_efficiency(stride, element_size) + 1)
+
+
+def warp_sectors(offset_bytes: int, element_size: int = 4, threads: int = 32) -> int:
+    """Model: how many 32-byte sectors one warp touches reading `threads` neighbouring elements."""
+    first = offset_bytes // SECTOR_BYTES
+    last = (offset_bytes + threads * element_size - 1) // SECTOR_BYTES
+    return last - first + 1
+
+
+# %% [markdown]
+# ## Reference (PyTorch)
+# Each reference is one aten op; the comments give the traffic a kernel cannot avoid.
+
+
+def copy_reference(x: torch.Tensor) -> torch.Tensor:
+    return x.clone()  # reads n elements, writes n: 1 kernel
+
+
+def copy_strided_reference(x: torch.Tensor) -> torch.Tensor:
+    # x is a strided view: reads n useful elements (the hardware moves whole sectors), writes n
+    return x.contiguous()
+
+
+def cast_reference(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.to(dtype)  # reads n * x.element_size() bytes, writes n * (size of dtype)
+
+
+def copy_slice_reference(x: torch.Tensor, start: int, n: int) -> torch.Tensor:
+    return x[start:start + n].clone()  # reads n elements from offset start, writes n
+
+
+# %% [markdown]
+# ## Kernel
+# The copy kernel is lesson 01's add kernel with one input. Every other kernel here changes
+# one thing about *where* it reads or *what type* it writes.
+
+
+@triton.jit
+def copy_kernel(
+    x_ptr,  # pointer to the input (contiguous, any dtype)
+    out_ptr,  # pointer to the output (contiguous, same dtype)
+    n_elements,  # how many elements to copy
+    BLOCK_SIZE: tl.constexpr,  # elements per program
+):
+    offsets = tl.program_id(axis=0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offsets < n_elements
+    tl.store(out_ptr + offsets, tl.load(x_ptr + offsets, mask=mask), mask=mask)
+
+
+@triton.jit
+def copy_strided_kernel(
+    x_ptr,  # pointer to x[0] of a 1-D strided view
+    out_ptr,  # pointer to the contiguous output
+    n_elements,  # how many elements to copy
+    stride_x,  # distance in elements between x[i] and x[i + 1]
+    BLOCK_SIZE: tl.constexpr,
+):
+    # Neighbouring threads read addresses stride_x elements apart: the gather this lesson times.
+    offsets = tl.program_id(axis=0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offsets < n_elements
+    tl.store(out_ptr + offsets, tl.load(x_ptr + offsets * stride_x, mask=mask), mask=mask)
+
+
+@triton.jit
+def cast_kernel(
+    x_ptr,  # pointer to the input (fp32, fp16 or bf16)
+    out_ptr,  # pointer to the output, of the dtype to convert to
+    n_elements,  # how many elements to convert
+    BLOCK_SIZE: tl.constexpr,
+    ROUNDING: tl.constexpr,  # "rtne" (round to nearest even, the default) or "rtz" (toward zero)
+):
+    offsets = tl.program_id(axis=0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offsets < n_elements
+    x = tl.load(x_ptr + offsets, mask=mask)
+    # out_ptr.dtype.element_ty is the output's element type, known when the kernel compiles.
+    # tl.store would convert on its own; writing .to() says where the rounding happens.
+    if ROUNDING == "rtz":
+        y = x.to(out_ptr.dtype.element_ty, fp_downcast_rounding="rtz")
+    else:
+        y = x.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offsets, y, mask=mask)
+
+
+@triton.jit
+def copy_split_tail_kernel(x_ptr, out_ptr, n_elements, BLOCK_SIZE: tl.constexpr):
+    # copy_kernel, but only the last block uses a mask. A mask `offsets < n` can change value
+    # between any two neighbours unless n is known to be a multiple of 16, and then the compiler
+    # must load element by element; full blocks need no mask at all.
+    pid = tl.program_id(axis=0)
+    offsets = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    if (pid + 1) * BLOCK_SIZE <= n_elements:
+        tl.store(out_ptr + offsets, tl.load(x_ptr + offsets))
+    else:
+        mask = offsets < n_elements
+        tl.store(out_ptr + offsets, tl.load(x_ptr + offsets, mask=mask), mask=mask)
+
+
+@triton.jit
+def copy_slice_kernel(
+    x_ptr,  # pointer to x[0]
+    out_ptr,  # pointer to the output (n_elements)
+    start,  # first element of x to copy: an int argument, so Triton specializes on it
+    n_elements,  # how many elements to copy
+    BLOCK_SIZE: tl.constexpr,
+):
+    offsets = tl.program_id(axis=0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offsets < n_elements
+    tl.store(out_ptr + offsets, tl.load(x_ptr + start + offsets, mask=mask), mask=mask)
+
+
+@triton.jit
+def copy_slice_loaded_kernel(
+    x_ptr,  # pointer to x[0]
+    out_ptr,  # pointer to the output (n_elements)
+    start_ptr,  # pointer to one int32 on the device: the first element of x to copy
+    n_elements,  # how many elements to copy
+    BLOCK_SIZE: tl.constexpr,
+    HINT: tl.constexpr,  # "none", "max_contiguous" or "multiple_of"
+):
+    # The start comes from memory (as a write position in a cache does): the compiler knows
+    # nothing about it, so it cannot prove that x_ptr + start is 16-byte aligned.
+    offsets = tl.program_id(axis=0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offsets < n_elements
+    start = tl.load(start_ptr)
+    if HINT == "multiple_of":
+        start = tl.multiple_of(start, 16)  # a promise: start % 16 == 0 (the wrapper checks it)
+    src = start + offsets
+    if HINT == "max_contiguous":
+        src = tl.max_contiguous(src, BLOCK_SIZE)  # a promise the compiler had already proven
+    tl.store(out_ptr + offsets, tl.load(x_ptr + src, mask=mask), mask=mask)
+
+
+# %% [markdown]
+# ## Wrapper
+# validate, allocate, grid, launch, return.
+
+BLOCK_BYTES = 4096  # bytes per program: 1024 fp32, as in lesson 01, and the same bytes for every dtype
+BLOCK_SIZE = 1024  # elements per program for the strided, cast and slice kernels
+MAX_INDEX = 2**31  # the kernels compute offsets in int32
+GPU_ONLY_DTYPES = (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
+CAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2)
+SLICE_HOWS = {
+    "arg": "start as an int argument (Triton specializes start % 16 == 0)",
+    "loaded": "start loaded from memory: the compiler knows nothing about it",
+    "loaded+max_contiguous": "loaded, plus tl.max_contiguous(start + offsets, BLOCK_SIZE)",
+    "loaded+multiple_of": "loaded, plus tl.multiple_of(start, 16)",
+}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_out(out: torch.Tensor, shape, dtype: torch.dtype) -> None:
+    common.check_tensors(out=out)
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
+        raise ValueError(f"out must have shape {tuple(shape)} and dtype {_dtype_name(dtype)}, got "
+                         f"{tuple(out.shape)} and {_dtype_name(out.dtype)}")
+
+
+def _check_interpretable(dtype: torch.dtype) -> None:
+    if common.INTERPRETER and dtype in GPU_ONLY_DTYPES:
+        raise TypeError(f"{_dtype_name(dtype)} needs a GPU: the interpreter runs on numpy, which has no "
+                        f"bfloat16, and its fp8 conversions differ from the GPU's")
+
+
+def copy(x: torch.Tensor, out: torch.Tensor | None = None, block_size: int | None = None) -> torch.Tensor:
+    """A copy of a contiguous tensor of any dtype, BLOCK_BYTES per program unless block_size is given."""
+    common.check_tensors(x=x)
+    if x.numel() >= MAX_INDEX:
+        raise ValueError(f"x has {x.numel()} elements; these kernels index with int32 (< 2^31)")
+    block_size = block_size or BLOCK_BYTES // x.element_size()
+    if out is None:
+        out = torch.empty_like(x)
+    else:
+        _check_out(out, x.shape, x.dtype)
+    n = x.numel()
+    copy_kernel[(triton.cdiv(n, block_size),)](x, out, n, BLOCK_SIZE=block_size)
+    return out
+
+
+def copy_split_tail(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """copy(), with the mask only in the last program."""
+    common.check_tensors(x=x)
+    block_size = BLOCK_BYTES // x.element_size()
+    if out is None:
+        out = torch.empty_like(x)
+    else:
+        _check_out(out, x.shape, x.dtype)
+    n = x.numel()
+    copy_split_tail_kernel[(triton.cdiv(n, block_size),)](x, out, n, BLOCK_SIZE=block_size)
+    return out
+
+
+def copy_strided(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A contiguous copy of a 1-D view with any stride (x = base[::s])."""
+    common.check_tensors(x=x, contiguous=False, ndim=1)
+    n = x.numel()
+    if n * x.stride(0) >= MAX_INDEX:
+        raise ValueError(f"x spans {n * x.stride(0)} elements; these kernels index with int32 (< 2^31)")
+    if out is None:
+        out = torch.empty(n, dtype=x.dtype, device=x.device)
+    else:
+        _check_out(out, (n,), x.dtype)
+    copy_strided_kernel[(triton.cdiv(n, BLOCK_SIZE),)](x, out, n, x.stride(0), BLOCK_SIZE=BLOCK_SIZE)
+    return out
+
+
+def cast(x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None,
+         rounding: str = "rtne") -> torch.Tensor:
+    """x converted to `dtype`: rounding "rtne" (to nearest even, as torch does) or "rtz" (toward zero)."""
+    common.check_tensors(x=x, dtypes=(torch.float32, torch.float16, torch.bfloat16))
+    if dtype not in CAST_DTYPES:
+        names = ", ".join(map(_dtype_name, CAST_DTYPES))
+        raise TypeError(f"cast to {_dtype_name(dtype)} is not supported; pick one of {names}")
+    _check_interpretable(x.dtype)
+    _check_interpretable(dtype)
+    if rounding not in ("rtne", "rtz"):
+        raise ValueError(f"rounding must be 'rtne' or 'rtz', got {rounding!r}")
+    if rounding == "rtz" and dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"rounding='rtz' is available for float16 and bfloat16 outputs, not "
+                         f"{_dtype_name(dtype)} (Triton has no round-toward-zero fp8 conversion)")
+    if out is None:
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    else:
+        _check_out(out, x.shape, dtype)
+    n = x.numel()
+    cast_kernel[(triton.cdiv(n, BLOCK_SIZE),)](x, out, n, BLOCK_SIZE=BLOCK_SIZE, ROUNDING=rounding)
+    return out
+
+
+def copy_slice(x: torch.Tensor, start: int, n: int, how: str = "arg",
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """x[start : start + n], with `start` handed to the kernel as SLICE_HOWS[how] says."""
+    common.check_tensors(x=x, ndim=1)
+    if how not in SLICE_HOWS:
+        raise ValueError(f"how must be one of {', '.join(SLICE_HOWS)}, got {how!r}")
+    if start < 0 or n < 0 or start + n > x.numel():
+        raise ValueError(f"x[{start}:{start + n}] is outside x, which has {x.numel()} elements")
+    if how == "loaded+multiple_of" and start % 16:
+        raise ValueError(f"how='loaded+multiple_of' promises the compiler start % 16 == 0, but "
+                         f"start={start}: a false hint gives wrong values or a misaligned-address fault")
+    if out is None:
+        out = torch.empty(n, dtype=x.dtype, device=x.device)
+    else:
+        _check_out(out, (n,), x.dtype)
+    grid = (triton.cdiv(n, BLOCK_SIZE),)
+    if how == "arg":
+        copy_slice_kernel[grid](x, out, start, n, BLOCK_SIZE=BLOCK_SIZE)
+    else:
+        # torch.full fills the int32 on the device (no copy from the host, no sync); that tiny
+        # fill kernel is part of what the benchmark times for these three variants.
+        start_on_device = torch.full((1,), start, dtype=torch.int32, device=x.device)
+        hint = how.partition("+")[2] or "none"
+        copy_slice_loaded_kernel[grid](x, out, start_on_device, n, BLOCK_SIZE=BLOCK_SIZE, HINT=hint)
+    return out
+
+
+# %% [markdown]
+# ## Check
+# Awkward sizes, fresh random inputs, outputs poisoned with NaN (ints: -77) and guarded at both
+# ends, references in float64. A copy must reproduce its input exactly; a cast must give the
+# same bits as torch's cast.
+
+COPY_DTYPES = [torch.float32, torch.float16, torch.int8] + \
+    ([torch.bfloat16] if common.supports_bf16() else []) + \
+    ([torch.float8_e4m3fn] if common.supports_fp8() else [])
+
+
+def make_input(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """Random values of any dtype the lesson copies (ints: the whole int8 range)."""
+    if dtype.is_floating_point:
+        return common.randn(n, dtype=dtype)
+    return torch.randint(-128, 128, (n,), dtype=torch.int8).to(device=common.DEVICE, dtype=dtype)
+
+
+def check(quick: bool) -> None:
+    section("Check: every kernel against PyTorch (float64 reference)")
+    sizes = common.awkward_sizes(count=2 if quick else 4, lo=1000, hi=10_000_000, include=(1, 17))
+    for dtype in COPY_DTYPES:
+        for n in sizes:
+            x = make_input(n, dtype)
+            for op in (copy, copy_split_tail):
+                out = common.poisoned_empty(n, dtype=dtype)
+                op(x, out=out)
+                common.assert_close(out, x.cpu().double(), name=f"{op.__name__} n={n} {_dtype_name(dtype)}")
+    names = ", ".join(map(_dtype_name, COPY_DTYPES))
+    print(f"copy and copy_split_tail reproduce their input for n in {sizes}, dtypes {names}: OK")
+
+    n = sizes[0]
+    for stride in (1, 2, 3, 7, 32):
+        base = common.randn(n * stride + 5)
+        x = base[2::stride][:n]  # starts 2 elements in: a misaligned strided view
+        out = common.poisoned_empty(n)
+        copy_strided(x, out=out)
+        common.assert_close(out, x.double(), name=f"copy_strided stride={stride}")
+    for shift in (1, 2, 3):  # a contiguous input that starts 4, 8, 12 bytes past a 16-byte boundary
+        x = common.randn(n + shift)[shift:]
+        out = common.poisoned_empty(n)
+        copy(x, out=out)
+        common.assert_close(out, x.double(), name=f"copy, input shifted by {shift}")
+    print(f"copy_strided (strides 1, 2, 3, 7, 32) and copy of misaligned inputs, n={n}: OK")
+
+    x = common.randn(n, scale=10.0)
+    for dtype in [torch.float16] + ([torch.bfloat16] if common.supports_bf16() else []):
+        out = common.poisoned_empty(n, dtype=dtype)
+        cast(x, dtype, out=out)
+        # Bit for bit: a cast rounds one way only (to nearest even), so any difference is a bug.
+        common.assert_close(out, x.to(dtype), name=f"cast to {_dtype_name(dtype)}", atol=0, rtol=0)
+        rtz = cast(x, dtype, rounding="rtz")
+        common.assert_close(rtz, x.double(), name=f"cast to {_dtype_name(dtype)}, rounding toward zero")
+        if not (rtz.double().abs() <= x.double().abs()).all():
+            raise common.CheckError("rounding toward zero gave a value larger in magnitude than its input")
+    if common.supports_fp8():
+        for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            y = common.randn(n)
+            out = common.poisoned_empty(n, dtype=dtype)
+            cast(y, dtype, out=out)
+            # Within one fp8 rounding step of float64; whether the bits equal torch's is printed
+            # in the rounding table below, not asserted.
+            common.assert_close(out, y.double(), name=f"cast to {_dtype_name(dtype)}")
+    print("cast matches torch's x.to(dtype) bit for bit (fp16" + (", bf16" if common.supports_bf16() else "")
+          + "); rounding toward zero never rounds up" + ("; fp8 within one rounding step" if common.supports_fp8() else ""))
+
+    x = common.randn(n + 64)
+    for how in SLICE_HOWS:
+        for start in (32, 5) if how != "loaded+multiple_of" else (32, 48):
+            out = common.poisoned_empty(n)
+            copy_slice(x, start, n, how, out=out)
+            common.assert_close(out, copy_slice_reference(x, start, n).double(), name=f"copy_slice {how} start={start}")
+    print(f"copy_slice, all {len(SLICE_HOWS)} ways of passing start: OK")
+    if not common.supports_bf16():
+        print("bfloat16 and fp8: skipped, the interpreter has no bfloat16 (numpy lacks it) and its fp8 "
+              "conversions differ from the GPU's; they run on a GPU")
+
+
+# %% [markdown]
+# ## Memory traffic
+# What each access pattern must move, and what the hardware moves, by the 32-byte sector model.
+# PyTorch's op counter (common.count_torch_traffic) sees elements, not sectors: it reports the
+# useful bytes of a strided copy, the same whatever the stride.
+
+
+def traffic() -> None:
+    section("Memory traffic: useful bytes vs bytes moved (32-byte sector model)")
+    table = Table("strided read, contiguous write (fp32): model",
+                  ["stride", "bytes used per sector", "useful fraction of the read",
+                   "copy speed vs stride 1 (model)"])
+    for stride in (1, 2, 4, 8, 16, 32):
+        eff = sector_efficiency(stride, 4)
+        table.add(stride, f"{round(SECTOR_BYTES * eff)} of {SECTOR_BYTES}", f"{eff:.3f}",
+                  f"{100 * strided_copy_model(stride, 4):.0f}%")
+    table.print()
+    n = 4096
+    base = torch.randn(n * 8, device=common.DEVICE)
+    for stride in (2, 8):
+        counted = common.count_torch_traffic(copy_strided_reference, base[::stride][:n])
+        print(f"PyTorch x[::{stride}].contiguous(), n = {n}, counted: {counted.summary()}")
+    ratio = sector_efficiency(2, 4) / sector_efficiency(8, 4)
+    print(f"The counter reports the same bytes for both: it sees elements. The sector model says the "
+          f"stride-8 read moves {ratio:g}x the bytes of the stride-2 read.")
+
+    table = Table("one warp reads 32 neighbouring fp32 (128 bytes) starting at a byte offset: model",
+                  ["offset (bytes)", "16-byte aligned", "sectors touched", "bytes moved", "useful"])
+    for offset in (0, 4, 8, 16, 32, 128):
+        sectors = warp_sectors(offset)
+        table.add(offset, "yes" if offset % 16 == 0 else "no", sectors, sectors * SECTOR_BYTES,
+                  f"{100 * 128 / (sectors * SECTOR_BYTES):.0f}%")
+    table.print()
+
+    table = Table("data types: what one element costs", ["dtype", "bytes", "elements per sector",
+                                                           "elements per GiB", "cast from fp32 of 2^20 elements moves"])
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.float8_e4m3fn):
+        size = torch.empty((), dtype=dtype).element_size()
+        moved = 2**20 * (4 + size)  # read fp32, write the narrower type
+        table.add(_dtype_name(dtype), size, SECTOR_BYTES // size, f"{2**30 // size:,}", fmt_bytes(moved))
+    table.print()
+    x = torch.randn(2**20, device=common.DEVICE)
+    print(f"PyTorch x.to(float16), counted: {common.count_torch_traffic(cast_reference, x, torch.float16).summary()}")
+
+
+# %% [markdown]
+# ## Casting and rounding
+# A cast to a narrower float rounds to the nearest value it can hold (ties to the even one).
+# The worst relative error is the *unit roundoff*, 2^-(mantissa bits + 1); the mean signed
+# error (the bias) is about zero. Rounding toward zero is biased: every value shrinks.
+
+FLOAT_FORMATS = {  # dtype: (exponent bits, mantissa bits)
+    torch.float16: (5, 10),
+    torch.bfloat16: (8, 7),
+    torch.float8_e4m3fn: (4, 3),
+    torch.float8_e5m2: (5, 2),
+}
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> float:
+    as_int = torch.int16 if a.element_size() == 2 else torch.uint8
+    return float((a.cpu().view(as_int) == b.cpu().view(as_int)).float().mean())
+
+
+def _triton_cast_possible(dtype: torch.dtype) -> str | None:
+    """None if the Triton cast to dtype runs here, else why not."""
+    if dtype == torch.bfloat16 and not common.supports_bf16():
+        return "bfloat16: the interpreter has no bfloat16 (numpy lacks it); runs on a GPU"
+    if dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and not common.supports_fp8():
+        return (f"{_dtype_name(dtype)}: the interpreter's fp8 conversions differ from the GPU's; "
+                f"runs on a GPU with fp8 (sm_89+)")
+    return None
+
+
+def rounding(quick: bool) -> None:
+    section("Casting and rounding: fp32 -> narrower floats, error against float64")
+    n = 2**14 if common.INTERPRETER or quick else 2**20
+    # Magnitudes spread evenly over 2^-4 .. 2^6, both signs: inside the normal range of every
+    # type below, so the error is rounding alone (no underflow, no overflow).
+    magnitude = torch.exp2(torch.empty(n, dtype=torch.float64).uniform_(-4, 6))
+    sign = torch.where(torch.rand(n) < 0.5, -1.0, 1.0).double()
+    x = (magnitude * sign).float().to(common.DEVICE)  # the fp32 values every cast starts from
+    exact = x.double().cpu()
+    table = Table(f"fp32 -> dtype over {n:,} values in +-[2^-4, 2^6]",
+                  ["cast", "by", "exp/mantissa bits", "unit roundoff u", "max |rel err|", "max / u",
+                   "bias / u", "same bits as torch"])
+    skipped = []
+    for dtype, (e_bits, m_bits) in FLOAT_FORMATS.items():
+        u = 2.0 ** -(m_bits + 1)
+        torch_cast = x.cpu().to(dtype)  # torch on the CPU: the reference on any machine
+        runs = [("torch (CPU)", torch_cast)]
+        why_not = _triton_cast_possible(dtype)
+        if why_not:
+            skipped.append(why_not)
+        else:
+            runs.append(("triton", cast(x, dtype)))
+            if dtype in (torch.float16, torch.bfloat16):
+                runs.append(("triton, rtz", cast(x, dtype, rounding="rtz")))
+        for who, y in runs:
+            y64 = y.cpu().double()
+            rel = ((y64 - exact) / exact.abs()).abs()
+            bias = ((y64.abs() - exact.abs()) / exact.abs()).mean()  # < 0: magnitudes shrink on average
+            table.add(_dtype_name(dtype), who, f"{e_bits}/{m_bits}", f"{u:.3g}", f"{rel.max().item():.3g}",
+                      f"{rel.max().item() / u:.3f}", f"{bias.item() / u:+.3f}",
+                      f"{100 * _same_bits(y, torch_cast):.2f}%")
+    table.print()
+    print("max / u <= 1: every value went to a nearest neighbour. bias = mean of (|cast| - |x|) / |x|, "
+          "in units of u: near 0 when errors cancel, negative when magnitudes shrink (rtz).")
+
+    # Past the largest finite value: round to inf, or saturate at the largest finite value?
+    values = [240.0, 449.0, 500.0, 60000.0, 65519.0, 65520.0, 1e5, 1e6]
+    x_big = torch.tensor(values, device=common.DEVICE)
+    columns = {}  # all on the CPU in float64, ready to print
+    for dtype in FLOAT_FORMATS:
+        columns[f"{_dtype_name(dtype)} torch"] = x_big.cpu().to(dtype).double()
+        if _triton_cast_possible(dtype) is None:
+            with warnings.catch_warnings():  # the interpreter's numpy warns on overflow to inf
+                warnings.simplefilter("ignore", RuntimeWarning)
+                columns[f"{_dtype_name(dtype)} triton"] = cast(x_big, dtype).cpu().double()
+    table = Table("large values: what each cast returns (max finite: float16 65504, bfloat16 ~3.4e38, "
+                  "e4m3fn 448, e5m2 57344)", ["x"] + list(columns))
+    for i, v in enumerate(values):
+        table.add(f"{v:g}", *[f"{col[i].item():g}" for col in columns.values()])
+    table.print()
+    print("Compare the torch and triton columns of one type: where they differ, the two "
+          "conversions treat overflow differently (inf or nan vs saturating at the largest finite value).")
+    for reason in dict.fromkeys(skipped):
+        print(f"triton cast to {reason}")
+
+
+# %% [markdown]
+# ## Benchmark
+# Medians of many runs (CUDA events, L2 flushed between runs), GB/s counting bytes read plus
+# bytes written, as a % of a device-to-device copy measured in the same run. Sizes are far
+# larger than L2 (50 MB on H100, 60 MB on H200), so every number is HBM traffic.
+
+
+def _bench(fn, quick: bool) -> common.Timing:
+    return common.bench(fn, warmup_ms=10, rep_ms=30) if quick else common.bench(fn)
+
+
+def _compiled_provider(fn, *args):
+    """torch.compile(fn) as a provider, called once here so a failure prints a reason, not a crash."""
+    compiled = common.compiled(fn)
+    if compiled is None:
+        return None
+    try:
+        compiled(*args)
+    except Exception as err:  # a machine without a working inductor toolchain, say
+        print(f"torch.compile failed, its column is left empty: {type(err).__name__}: {err}")
+        return None
+    return compiled
+
+
+_PTX_ACCESS = re.compile(r"\b(ld|st)\.global[\w.:]*")
+
+
+def access_widths(compiled) -> str:
+    """'load/store' bits of the widest global load and store in a compiled kernel's PTX.
+
+    128 means 16-byte vector instructions (ld.global.v4.b32); 32 means one fp32 per instruction.
+    """
+    try:
+        ptx = compiled.asm["ptx"]
+    except Exception:  # an interpreter run returns no compiled kernel, or a Triton without .asm
+        return "?"
+    widest = {"ld": 0, "st": 0}
+    for match in _PTX_ACCESS.finditer(ptx):
+        token = match.group(0)
+        vector = re.search(r"\.v(\d)\b", token)
+        bits = re.search(r"\.[bfsu](\d+)$", token)
+        if bits:
+            width = (int(vector.group(1)) if vector else 1) * int(bits.group(1))
+            widest[match.group(1)] = max(widest[match.group(1)], width)
+    return f"{widest['ld']}/{widest['st']}"
+
+
+def benchmark_copy(quick: bool) -> None:
+    n = 2**24 if quick else 2**28
+    section(f"Benchmark: contiguous copy, n = 2^{n.bit_length() - 1} fp32 ({fmt_bytes(4 * n)} each way)")
+    copy_gbps = common.copy_bandwidth()
+    print(f"copy bandwidth measured now: {copy_gbps:,.0f} GB/s (torch device-to-device, read + write)")
+    x = torch.randn(n, device="cuda")
+    out = torch.empty_like(x)
+    nbytes = 2 * n * 4  # read x, write out
+    compiled_copy = None if quick else _compiled_provider(copy_reference, x)
+    if quick:
+        print("torch.compile: skipped in --quick (compiling costs seconds)")
+    table = Table("copy, fp32: GB/s (read + write)", ["provider", "time", "GB/s", "% copy"])
+    providers = [("torch out.copy_(x)", lambda: out.copy_(x)), ("torch x.clone()", lambda: copy_reference(x))]
+    if compiled_copy:
+        providers.append(("torch.compile x.clone()", lambda: compiled_copy(x)))
+    providers.append(("triton copy", lambda: copy(x, out=out)))
+    rates = {}
+    for name, fn in providers:
+        t = _bench(fn, quick)
+        rates[name] = t.gbps(nbytes)
+        table.add(name, str(t), rates[name], common.pct_of_copy(rates[name]))
+    table.print()
+    if not quick:
+        common.perf_bar("triton contiguous copy at 2^28 fp32: % of copy bandwidth",
+                        common.pct_of_copy(rates["triton copy"]), 90, "%")
+
+
+def benchmark_strides(quick: bool) -> None:
+    n = 2**22 if quick else 2**24
+    strides = [1, 2, 4, 8, 16, 32] if quick else [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]
+    section(f"Benchmark: reading with a stride, n = 2^{n.bit_length() - 1} fp32 gathered, written contiguously")
+    # One buffer large enough for the largest stride; each stride reads a view of it.
+    # torch.compile is left out: it would compile once per stride.
+    src = torch.randn(n * max(strides), device="cuda")
+    out = torch.empty(n, device="cuda")
+    nbytes = 2 * n * 4  # useful bytes: n read, n written
+    table = Table("x[::stride] -> contiguous: useful GB/s", ["stride", "torch GB/s", "triton GB/s",
+                  "triton widest load/store (bits)", "triton vs stride 1", "model vs stride 1"])
+    series = {"torch": [], "triton": []}
+    for stride in strides:
+        x = src[::stride][:n]
+        t_torch = _bench(lambda: out.copy_(x), quick)
+        t_triton = _bench(lambda: copy_strided(x, out=out), quick)
+        widths = access_widths(copy_strided_kernel[(1,)](x, out, n, stride, BLOCK_SIZE=BLOCK_SIZE))
+        series["torch"].append(t_torch.gbps(nbytes))
+        series["triton"].append(t_triton.gbps(nbytes))
+        table.add(stride, series["torch"][-1], series["triton"][-1], widths,
+                  f"{100 * series['triton'][-1] / series['triton'][0]:.0f}%",
+                  f"{100 * strided_copy_model(stride, 4):.0f}%")
+    table.print()
+    print("Stride 1 compiles to its own kernel: Triton specializes an int argument equal to 1, so the "
+          "compiler sees contiguous addresses and can use 16-byte loads.")
+    fig, ax = common.new_figure(f"Strided read, contiguous write: n = 2^{n.bit_length() - 1} fp32",
+                                "stride (elements)", "useful GB/s", logx=True)
+    for name, values in series.items():
+        ax.plot(strides, values, marker="o", label=name)
+    ax.plot(strides, [series["triton"][0] * strided_copy_model(s, 4) for s in strides], linestyle="--",
+            color="gray", label="32-byte sector model (from triton at stride 1)")
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    common.save_plot(fig, "02_memory_stride")
+
+
+def benchmark_alignment(quick: bool) -> None:
+    n = 2**24 if quick else 2**28
+    shifts = [0, 1, 4] if quick else [0, 1, 2, 4, 8, 32]
+    section(f"Benchmark: aligned vs misaligned start, n = 2^{n.bit_length() - 1} fp32")
+    src = torch.randn(n + 64, device="cuda")
+    dst = torch.empty(n + 64, device="cuda")
+    nbytes = 2 * n * 4
+    table = Table("copy of x = buf[shift : shift + n]: GB/s", ["shift (bytes)", "16-B aligned", "torch GB/s",
+                  "triton GB/s (input shifted)", "triton GB/s (both shifted)", "widest load/store (both)",
+                  "both shifted vs shift 0"])
+    base_rate = None
+    for shift in shifts:
+        x, out_shifted, out_aligned = src[shift:shift + n], dst[shift:shift + n], dst[:n]
+        t_torch = _bench(lambda: out_shifted.copy_(x), quick)
+        t_in = _bench(lambda: copy(x, out=out_aligned), quick)
+        t_both = _bench(lambda: copy(x, out=out_shifted), quick)
+        widths = access_widths(copy_kernel[(1,)](x, out_shifted, n, BLOCK_SIZE=BLOCK_BYTES // 4))
+        base_rate = base_rate or t_both.gbps(nbytes)
+        table.add(4 * shift, "yes" if (4 * shift) % 16 == 0 else "no", t_torch.gbps(nbytes), t_in.gbps(nbytes),
+                  t_both.gbps(nbytes), widths, f"{100 * t_both.gbps(nbytes) / base_rate:.1f}%")
+    table.print()
+    print("Triton specializes a pointer argument on 16-byte alignment when the kernel is launched: "
+          "read the widest-access column to see which shifts lost their 16-byte instructions.")
+
+
+def benchmark_dtypes(quick: bool) -> None:
+    nbytes_each = 2**26 if quick else 2**30
+    section(f"Benchmark: the same copy in each dtype, {fmt_bytes(nbytes_each)} in and out")
+    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.float8_e4m3fn]
+    table = Table("copy by dtype", ["dtype", "bytes/elem", "torch GB/s", "triton GB/s", "triton % copy",
+                                    "triton G elem/s", "widest load/store"])
+    names, elems, rates = [], [], []
+    for dtype in dtypes:
+        if dtype == torch.bfloat16 and not common.supports_bf16():
+            print("bfloat16: skipped, this GPU has no bfloat16")
+            continue
+        if dtype == torch.float8_e4m3fn and not common.supports_fp8():
+            print("float8_e4m3fn: skipped, needs an fp8-capable GPU (sm_89+)")
+            continue
+        size = torch.empty((), dtype=dtype).element_size()
+        n = nbytes_each // size
+        if dtype.is_floating_point and size >= 2:
+            x = torch.randn(n, device="cuda", dtype=dtype)
+        else:  # random bytes: int8 values, or fp8 bit patterns (a copy does not look at them)
+            x = torch.randint(-128, 128, (n,), dtype=torch.int8, device="cuda").view(dtype)
+        out = torch.empty_like(x)
+        t_torch = _bench(lambda: out.copy_(x), quick)
+        t_triton = _bench(lambda: copy(x, out=out), quick)
+        widths = access_widths(copy_kernel[(1,)](x, out, n, BLOCK_SIZE=BLOCK_BYTES // size))
+        gbps = t_triton.gbps(2 * n * size)
+        names.append(_dtype_name(dtype))
+        rates.append(gbps)
+        elems.append(n / (t_triton.ms * 1e-3) / 1e9)
+        table.add(names[-1], size, t_torch.gbps(2 * n * size), gbps, common.pct_of_copy(gbps), elems[-1], widths)
+        del x, out
+    table.print()
+    print("Same bytes, same time: a narrower type moves more elements per second at the same GB/s.")
+    fig, ax = common.new_figure(f"Copy of {fmt_bytes(nbytes_each)} by dtype (triton)", "dtype", "G elements/s")
+    ax.bar(names, elems)
+    for i, (e, g) in enumerate(zip(elems, rates)):
+        ax.text(i, e, f"{g:,.0f} GB/s", ha="center", va="bottom", fontsize=8)
+    common.save_plot(fig, "02_memory_dtypes")
+
+
+def benchmark_casts(quick: bool) -> None:
+    n = 2**24 if quick else 2**28
+    section(f"Benchmark: casting n = 2^{n.bit_length() - 1} fp32 to narrower types")
+    x = torch.randn(n, device="cuda")
+    table = Table("cast: GB/s (4 bytes read + the output's bytes written, per element)",
+                  ["to", "bytes moved", "torch GB/s", "compile GB/s", "triton GB/s", "triton % copy",
+                   "triton G elem/s", "triton vs torch"])
+    targets = [torch.float16] + ([torch.bfloat16] if common.supports_bf16() else []) + \
+        ([torch.float8_e4m3fn] if common.supports_fp8() else [])
+    if quick:
+        print("torch.compile: skipped in --quick (compiling costs seconds per dtype)")
+    for dtype in targets:
+        size = torch.empty((), dtype=dtype).element_size()
+        nbytes = n * (4 + size)
+        out = torch.empty(n, dtype=dtype, device="cuda")
+        compiled_cast = None if quick else _compiled_provider(cast_reference, x, dtype)
+        t_torch = _bench(lambda: cast_reference(x, dtype), quick)
+        t_compile = _bench(lambda: compiled_cast(x, dtype), quick) if compiled_cast else None
+        t_triton = _bench(lambda: cast(x, dtype, out=out), quick)
+        gbps = t_triton.gbps(nbytes)
+        table.add(_dtype_name(dtype), fmt_bytes(nbytes), t_torch.gbps(nbytes),
+                  t_compile.gbps(nbytes) if t_compile else float("nan"), gbps, common.pct_of_copy(gbps),
+                  n / (t_triton.ms * 1e-3) / 1e9, f"{t_torch.ms / t_triton.ms:.2f}x")
+        del out
+    table.print()
+
+
+def benchmark_hints(quick: bool) -> None:
+    n = 2**24 if quick else 2**28
+    section(f"Benchmark: what the compiler knows, and hints (copy of about 2^{n.bit_length() - 1} fp32)")
+    x = torch.randn(n + 64, device="cuda")
+    out = torch.empty(n, device="cuda")
+    odd = n - 3  # not a multiple of 16: Triton cannot specialize on it
+    start = 32  # a multiple of 16 elements (128 bytes): the hint below is true
+    start_t = torch.full((1,), start, dtype=torch.int32, device="cuda")
+    grid = (1,)  # for reading the PTX only: the same specialization as the timed launches
+    rows = [
+        ("copy, n % 16 == 0", "n is a multiple of 16: whole vectors are in or out",
+         n, lambda: copy(x[:n], out=out), lambda: copy_kernel[grid](x, out, n, BLOCK_SIZE=1024)),
+        ("copy, n % 16 != 0", "nothing about n: the mask may change at any element",
+         odd, lambda: copy(x[:odd], out=out[:odd]), lambda: copy_kernel[grid](x, out, odd, BLOCK_SIZE=1024)),
+        ("split-tail copy, n % 16 != 0", "full blocks need no mask",
+         odd, lambda: copy_split_tail(x[:odd], out=out[:odd]),
+         lambda: copy_split_tail_kernel[grid](x, out, odd, BLOCK_SIZE=1024)),
+    ]
+    for how, knows in SLICE_HOWS.items():
+        hint = how.partition("+")[2] or "none"
+        launch = (lambda: copy_slice_kernel[grid](x, out, start, n, BLOCK_SIZE=BLOCK_SIZE)) if how == "arg" else \
+            (lambda hint=hint: copy_slice_loaded_kernel[grid](x, out, start_t, n, BLOCK_SIZE=BLOCK_SIZE, HINT=hint))
+        rows.append((f"slice at {start}, {how}", knows, n, lambda how=how: copy_slice(x, start, n, how, out=out), launch))
+    table = Table("copy variants: widest global load/store in the PTX, and GB/s",
+                  ["variant", "what the compiler knows", "load/store bits", "time", "GB/s", "% copy"])
+    for name, knows, count, run, launch in rows:
+        t = _bench(run, quick)
+        gbps = t.gbps(2 * count * 4)
+        table.add(name, knows, access_widths(launch()), str(t), gbps, common.pct_of_copy(gbps))
+    table.print()
+    print("The bits column says what the compiler could prove; the GB/s column says whether it "
+          "mattered. A difference in time smaller than the spread (the +-% after each time) is no effect.")
+
+
+# %% [markdown]
+# ## Takeaways
+# - Global memory moves 32-byte sectors: neighbouring threads should read neighbouring addresses.
+# - A stride wastes the rest of each sector; past 32 bytes apart, every element costs a sector.
+# - Triton specializes pointers (16-byte aligned?) and ints (== 1? multiple of 16?) at launch;
+#   that knowledge decides whether it can use 16-byte loads and stores.
+# - Narrow types move the same GB/s and more elements per second.
+# - A cast rounds to nearest even: error at most 2^-(mantissa bits + 1), no bias; overflow
+#   handling differs between conversions, so check it when values may exceed the range.
+# - `tl.multiple_of` / `tl.max_contiguous` are promises: they help only where the compiler
+#   could not prove the same thing itself, and a false one gives wrong results.
+
+
+if __name__ == "__main__":
+    args = common.lesson_args(__doc__.strip().splitlines()[0])
+    check(args.quick)
+    traffic()
+    rounding(args.quick)
+    if common.HAS_GPU:
+        benchmark_copy(args.quick)
+        benchmark_strides(args.quick)
+        benchmark_alignment(args.quick)
+        benchmark_dtypes(args.quick)
+        benchmark_casts(args.quick)
+        benchmark_hints(args.quick)
+    else:
+        print("\n" + common.require_gpu("Benchmarks (GB/s by stride, alignment, dtype, cast and hint; "
+                                        "PTX access widths; plots; the perf bar)"))
