@@ -1,0 +1,656 @@
+"""
+Lesson 04: matrix multiplication
+================================
+
+Build `matmul(a, b)` four times, from a naive kernel to a tiled, grouped, autotuned `tl.dot`
+kernel, and measure every version against cuBLAS (torch.matmul) on the GPU it runs on.
+
+You will learn:
+- why a large matmul is compute bound and a GEMV memory bound: arithmetic intensity, the roofline
+- how one program computes one output tile with a K loop of `tl.dot` into an fp32 accumulator
+- why the order in which programs run matters: grouped ordering for L2 reuse
+- what BLOCK_M/N/K, num_warps and num_stages change, measured, and how `triton.autotune` picks them
+- what fp16, bf16 and tf32 inputs do to precision, measured against float64
+
+Run:  python lessons/intermediate/04_matmul.py [--quick]
+"""
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `common`
+import common  # noqa: E402  (first: picks the GPU, or Triton's CPU interpreter without one)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from common import Table, section  # noqa: E402
+
+# %% [markdown]
+# ## Motivation
+# C = A @ B with A of shape (M, K) and B of shape (K, N) does 2*M*N*K flops (a multiply and an
+# add per (m, n, k)) but must move only M*K + K*N + M*N elements. At 4096^3 in fp16 that is
+# 137 GFLOP against 96 MiB: about 1,365 flops per byte. A GPU's *balance* (its peak flop rate
+# divided by its memory bandwidth) is far lower than that, so a large matmul is *compute
+# bound*: the question is how close we get to the tensor cores' peak, which we measure as
+# cuBLAS's rate in the same run. Shrink one dimension to 1 (a GEMV) and the same formula gives
+# about 1 flop per byte: memory bound, judged in GB/s like lesson 01. The traffic section below
+# prints these numbers for several shapes; the roofline benchmark measures them.
+
+# %% [markdown]
+# ## Reference (PyTorch)
+
+
+def matmul_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a @ b  # reads M*K + K*N elements, writes M*N; 2*M*N*K flops; one aten.mm (cuBLAS)
+
+
+def matmul_flops(M: int, N: int, K: int) -> int:
+    return 2 * M * N * K
+
+
+def matmul_min_bytes(M: int, N: int, K: int, element_size: int) -> int:
+    return (M * K + K * N + M * N) * element_size  # each input read once, the output written once
+
+
+def tile_load_bytes(M: int, N: int, K: int, block_m: int, block_n: int, element_size: int) -> int:
+    """Bytes the programs of a tiled kernel load (from L2 or HBM) and store.
+
+    Each of the cdiv(M, BM) * cdiv(N, BN) programs reads a BM x K strip of A and a K x BN strip of
+    B: A is read cdiv(N, BN) times over, B cdiv(M, BM) times. Bigger tiles, fewer re-reads.
+    """
+    programs = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    return (programs * (block_m + block_n) * K + M * N) * element_size
+
+
+# %% [markdown]
+# ## Kernel
+# Four versions, each changing one thing (select them from VERSIONS below):
+#   v1  one program per BLOCK_M x BLOCK_N output tile; K loop of rank-1 updates on CUDA cores
+#   v2  the K loop takes BLOCK_K at a time with `tl.dot` (tensor cores), fp32 accumulator
+#   v3  v2 with a 1-D grid in *grouped* order, so programs running together share A and B tiles
+#   v4  v3 with its tiles, num_warps and num_stages picked by `triton.autotune` (pipelined loads)
+
+
+@triton.jit
+def matmul_v1_kernel(
+    a_ptr,  # pointer to A[0, 0]; A is M x K
+    b_ptr,  # pointer to B[0, 0]; B is K x N
+    c_ptr,  # pointer to C[0, 0]; C is M x N, same dtype as A and B
+    M, N, K,  # the matrix sizes
+    stride_am, stride_ak,  # A[m, k] is at a_ptr + m * stride_am + k * stride_ak (in elements)
+    stride_bk, stride_bn,  # B[k, n] is at b_ptr + k * stride_bk + n * stride_bn
+    stride_cm, stride_cn,  # C[m, n] is at c_ptr + m * stride_cm + n * stride_cn
+    BLOCK_M: tl.constexpr,  # rows of C per program
+    BLOCK_N: tl.constexpr,  # columns of C per program
+):
+    pid_m = tl.program_id(axis=0)  # which tile row of C
+    pid_n = tl.program_id(axis=1)  # which tile column of C
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_ptrs = a_ptr + offs_m * stride_am  # column k = 0 of this tile's rows of A
+    b_ptrs = b_ptr + offs_n * stride_bn  # row k = 0 of this tile's columns of B
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K):
+        # Column k of the A tile times row k of the B tile (an outer product) is this k's share
+        # of every C[m, n] in the tile. One k per step, on CUDA cores: no tensor cores.
+        a = tl.load(a_ptrs, mask=mask_m, other=0.0)
+        b = tl.load(b_ptrs, mask=mask_n, other=0.0)
+        acc += a[:, None].to(tl.float32) * b[None, :].to(tl.float32)
+        a_ptrs += stride_ak
+        b_ptrs += stride_bk
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def matmul_v2_kernel(
+    a_ptr, b_ptr, c_ptr, M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # how much of K one tl.dot consumes
+    INPUT_PRECISION: tl.constexpr,  # fp32 inputs only: "ieee" (exact fp32), "tf32", "tf32x3"
+):
+    pid_m = tl.program_id(axis=0)
+    pid_n = tl.program_id(axis=1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak  # a BLOCK_M x BLOCK_K tile
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn  # a BLOCK_K x BLOCK_N tile
+    # fp32 accumulator whatever the input dtype: K products summed in fp16 would lose ~3 digits.
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K  # the last step may hold fewer than BLOCK_K: mask, load zeros
+        a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)  # acc += a @ b on tensor cores
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def matmul_v3_kernel(
+    a_ptr, b_ptr, c_ptr, M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,  # tile rows per group: programs walk GROUP_M rows, column by column
+    INPUT_PRECISION: tl.constexpr,
+):
+    # A 1-D grid: program ids are handed out (roughly) in order, so the mapping from pid to
+    # tile decides which tiles run at the same time. Row by row, the programs running together
+    # need one strip of A but *every* strip of B. In groups of GROUP_M tile rows, walked column
+    # by column, they share GROUP_M strips of A and a few strips of B, which stay in L2.
+    pid = tl.program_id(axis=0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)  # the last group may be shorter
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    # From here on, the same as v2.
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & (offs_k[None, :] < k_left), other=0.0)
+        b = tl.load(b_ptrs, mask=(offs_k[:, None] < k_left) & (offs_n[None, :] < N), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def v4_configs() -> list:
+    """The configs v4's autotuner times on the first call for each (M, N, K) and dtype."""
+    if common.INTERPRETER:
+        # The interpreter runs programs one after another on numpy: timing configs there says
+        # nothing about a GPU, so give the autotuner one small config (it then times nothing).
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
+                              num_warps=4, num_stages=1)]
+    # Hand-picked for fp16/bf16 on H100/H200 (sm_90). num_stages = how many K steps of A and B
+    # tiles are in flight in shared memory at once: loads for step k+2 overlap the tl.dot of
+    # step k. Shared memory per stage is (BLOCK_M + BLOCK_N) * BLOCK_K * 2 bytes: 48 KiB for
+    # 128x256x64, so 3 stages use 144 KiB of the 227 KiB an H100 SM gives one program.
+    return [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    ]
+
+
+# v4 is v3's kernel with a config chosen by timing: the first call for each new (M, N, K) (and
+# dtypes, which the autotuner adds to the key) runs every config and keeps the fastest.
+matmul_v4_kernel = triton.autotune(configs=v4_configs(), key=["M", "N", "K"])(matmul_v3_kernel)
+
+
+# %% [markdown]
+# ## Wrapper
+# validate, allocate, grid, launch, return. The kernels take strides, so a transposed view
+# (b.t(), as nn.Linear stores its weight) works without a copy.
+
+DTYPES = (torch.float32, torch.float16) + ((torch.bfloat16,) if common.supports_bf16() else ())
+PRECISIONS = ("ieee", "tf32", "tf32x3")
+
+# In the interpreter every program runs one after another on numpy: small tiles, fast checks.
+V1_BLOCK = 32 if common.INTERPRETER else 64
+# v2 and v3: one middle-sized tile and no software pipelining (num_stages=1: each K step waits
+# for its own loads), so that what v3 and v4 add can be seen on its own.
+V23_CONFIG = (dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1) if common.INTERPRETER
+              else dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=1))
+V3_GROUP_M = 4 if common.INTERPRETER else 8
+
+
+def _prepare(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None, input_precision: str):
+    """Validate a (M, K) and b (K, N); return M, N, K and the output (allocated if None)."""
+    common.check_tensors(a=a, b=b, same_shape=False, contiguous=False, ndim=2, dtypes=DTYPES)
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"a has shape {tuple(a.shape)} and b has shape {tuple(b.shape)}: "
+                         f"a.shape[1] must equal b.shape[0] (the K both share)")
+    if input_precision not in PRECISIONS:
+        raise ValueError(f"input_precision must be one of {', '.join(PRECISIONS)}, got '{input_precision}'")
+    (M, K), N = a.shape, b.shape[1]
+    if out is None:
+        out = torch.empty((M, N), dtype=a.dtype, device=a.device)
+    else:
+        common.check_tensors(a=a, out=out, same_shape=False, contiguous=False, ndim=2)
+        if out.shape != (M, N):
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected ({M}, {N})")
+    return M, N, K, out
+
+
+def _strides(a, b, c):
+    return (a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1))
+
+
+def matmul_v1(a, b, out=None, input_precision="ieee", block=V1_BLOCK):
+    M, N, K, out = _prepare(a, b, out, input_precision)  # v1 never uses tensor cores: always exact fp32
+    if out.numel() == 0:
+        return out
+    grid = (triton.cdiv(M, block), triton.cdiv(N, block))
+    matmul_v1_kernel[grid](a, b, out, M, N, K, *_strides(a, b, out), BLOCK_M=block, BLOCK_N=block)
+    return out
+
+
+def matmul_v2(a, b, out=None, input_precision="ieee", config=None):
+    M, N, K, out = _prepare(a, b, out, input_precision)
+    if out.numel() == 0:
+        return out
+    cfg = config or V23_CONFIG
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+    matmul_v2_kernel[grid](a, b, out, M, N, K, *_strides(a, b, out), INPUT_PRECISION=input_precision, **cfg)
+    return out
+
+
+def matmul_v3(a, b, out=None, input_precision="ieee", config=None):
+    """v3 with V23_CONFIG and GROUP_M = V3_GROUP_M, or with `config` (the tile sweep's)."""
+    M, N, K, out = _prepare(a, b, out, input_precision)
+    if out.numel() == 0:
+        return out
+    cfg = config or dict(V23_CONFIG, GROUP_M=V3_GROUP_M)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"]),)
+    matmul_v3_kernel[grid](a, b, out, M, N, K, *_strides(a, b, out), INPUT_PRECISION=input_precision, **cfg)
+    return out
+
+
+def matmul_v4(a, b, out=None, input_precision="ieee"):
+    M, N, K, out = _prepare(a, b, out, input_precision)
+    if a.dtype == torch.float32:
+        raise TypeError("matmul_v4 is tuned for float16 / bfloat16 tensor cores (its configs do not "
+                        "all fit fp32 tiles in shared memory); use version=3 for float32")
+    if out.numel() == 0:
+        return out
+    # The grid depends on the config the autotuner picks, so it is a function of the meta-parameters.
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    matmul_v4_kernel[grid](a, b, out, M, N, K, *_strides(a, b, out), INPUT_PRECISION=input_precision)
+    return out
+
+
+VERSIONS = {
+    1: ("v1 naive: rank-1 updates, no tl.dot", matmul_v1),
+    2: ("v2 tiled tl.dot, fp32 accumulator", matmul_v2),
+    3: ("v3 + grouped program order", matmul_v3),
+    4: ("v4 + autotuned tiles/warps/stages", matmul_v4),
+}
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, version: int | None = None, out: torch.Tensor | None = None,
+           input_precision: str = "ieee") -> torch.Tensor:
+    """a @ b for 2-D a (M, K) and b (K, N) of one dtype (float32, float16, bfloat16 on a GPU).
+
+    version: 1 to 4 (see VERSIONS); None picks v4 for fp16/bf16 and v3 for fp32 (v4's configs
+    are chosen for 16-bit inputs). input_precision (fp32 only): "ieee" is exact fp32 like torch.matmul's default,
+    "tf32" rounds the inputs to 10 mantissa bits to use the tensor cores, "tf32x3" uses three
+    tf32 products to get close to fp32 again.
+    """
+    if version is None:
+        version = 3 if getattr(a, "dtype", None) == torch.float32 else 4
+    if version not in VERSIONS:
+        raise ValueError(f"version must be one of {sorted(VERSIONS)}, got {version!r}")
+    return VERSIONS[version][1](a, b, out=out, input_precision=input_precision)
+
+
+# %% [markdown]
+# ## Check
+# Awkward shapes (M, N, K not multiples of any tile; M = 1; K smaller than BLOCK_K), a
+# transposed (non-contiguous) B, outputs poisoned with NaN, a float64 reference. Inputs are
+# scaled by 1/sqrt(K) so every output is about N(0, 1) whatever K is: the dtype's tolerance
+# then means the same thing for every shape.
+
+
+def random_problem(M, N, K, dtype, transpose_b=False, device=common.DEVICE):
+    a = common.randn(M, K, dtype=dtype, device=device, scale=K ** -0.5)
+    b = (common.randn(N, K, dtype=dtype, device=device).t() if transpose_b
+         else common.randn(K, N, dtype=dtype, device=device))
+    return a, b
+
+
+def check(quick: bool) -> None:
+    section("Check: every version against PyTorch (float64 reference)")
+    if common.INTERPRETER:
+        shapes = [tuple(common.awkward_sizes(3, lo=17, hi=100, include=())), (1, 37, 5), (67, 45, 83)]
+        dtypes = DTYPES
+    else:
+        # On a GPU each new dtype or shape class is a compile (and, for v4, a round of tuning):
+        # here a few generic shapes; the tests add M = 1, K < BLOCK_K and transposed inputs.
+        shapes = [tuple(common.awkward_sizes(3, lo=17, hi=1000, include=())) for _ in range(1 if quick else 2)]
+        dtypes = (torch.float16,) if quick else DTYPES
+    for version, (label, fn) in VERSIONS.items():
+        for dtype in dtypes:
+            if version == 4 and dtype == torch.float32:
+                continue  # v4 is the fp16/bf16 kernel
+            for i, (M, N, K) in enumerate(shapes):
+                a, b = random_problem(M, N, K, dtype, transpose_b=common.INTERPRETER and i == 0)
+                out = common.poisoned_empty(M, N, dtype=dtype)
+                fn(a, b, out=out)
+                common.assert_close(out, a.double() @ b.double(),
+                                    name=f"{label.split()[0]} {M}x{N}x{K} {str(dtype)[6:]}")
+    names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+    transposed = " (the first with a transposed b)" if common.INTERPRETER else ""
+    print(f"v1..v4 match PyTorch for (M, N, K) in {shapes}{transposed}, dtypes {names} "
+          f"(v4: 16-bit only): OK")
+    if not common.supports_bf16():
+        print("bfloat16: skipped, the interpreter has no bfloat16 (numpy lacks it); runs on a GPU")
+
+
+# %% [markdown]
+# ## Memory traffic and arithmetic intensity
+# Arithmetic intensity = flops / bytes moved. Below the GPU's balance point (peak flop/s divided
+# by bandwidth, the *ridge* of the roofline) a kernel is memory bound, above it compute bound.
+# A tiled kernel moves more than the minimum: every program re-reads its strips of A and B.
+
+SHAPES = [  # (name, M, N, K) for the intensity table and the roofline benchmark
+    ("square 4096", 4096, 4096, 4096),
+    ("square 1024", 1024, 1024, 1024),
+    ("tall (M >> N)", 16384, 128, 4096),
+    ("wide (N >> M)", 128, 16384, 4096),
+    ("GEMV-like (M = 1)", 1, 8192, 8192),
+]
+
+
+def traffic() -> None:
+    section("Memory traffic and arithmetic intensity (fp16, modelled: no GPU needed)")
+    table = Table("flops, minimum bytes and intensity by shape (fp16)",
+                  ["shape", "M x N x K", "GFLOP", "min bytes", "flop / byte"])
+    for name, M, N, K in SHAPES:
+        flops, nbytes = matmul_flops(M, N, K), matmul_min_bytes(M, N, K, 2)
+        table.add(name, f"{M}x{N}x{K}", flops / 1e9, common.fmt_bytes(nbytes), flops / nbytes)
+    table.print()
+    print("Compare flop / byte with the ridge point the roofline benchmark measures on a GPU "
+          "(cuBLAS TFLOP/s / copy GB/s): below it a shape is memory bound.")
+
+    M = N = K = 4096
+    table = Table("what the tiles of one 4096^3 fp16 matmul load (from L2 or HBM), modelled",
+                  ["tile BM x BN", "programs", "bytes loaded", "x minimum", "flop / byte loaded"])
+    for bm, bn in ((32, 32), (64, 64), (128, 128), (128, 256)):
+        loaded = tile_load_bytes(M, N, K, bm, bn, 2)
+        table.add(f"{bm} x {bn}", triton.cdiv(M, bm) * triton.cdiv(N, bn), common.fmt_bytes(loaded),
+                  loaded / matmul_min_bytes(M, N, K, 2), matmul_flops(M, N, K) / loaded)
+    table.print()
+    print("A tile of BM x BN does 2*BM*BN flops per (BM + BN) elements it loads per k: bigger "
+          "tiles re-read less. What they re-read must come from L2, not HBM, which is what "
+          "grouped ordering (v3) is for.")
+
+    # Counted on meta tensors (shapes without data): no memory, no compute, the same aten ops.
+    a = torch.empty(M, K, dtype=torch.float16, device="meta")
+    b = torch.empty(K, N, dtype=torch.float16, device="meta")
+    bias = torch.empty(N, dtype=torch.float16, device="meta")
+    print(f"\nmodelled minimum for a @ b:           {common.fmt_bytes(matmul_min_bytes(M, N, K, 2))}")
+    print(f"PyTorch a @ b, counted:               {common.count_torch_traffic(matmul_reference, a, b).summary()}")
+    fused = common.count_torch_traffic(lambda x, y: torch.relu(x @ y + bias), a, b)
+    print(f"PyTorch relu(a @ b + bias), counted:  {fused.summary()}")
+    print("The bias and the relu each re-read and re-write the whole output: exercise 4.1 does "
+          "them in the matmul's epilogue, on the tile while it is still in registers.")
+
+
+# %% [markdown]
+# ## Precision: fp32, tf32, bf16, fp16
+# tf32 keeps fp32's 8 exponent bits but only 10 mantissa bits (fp16 has 10, bf16 7, fp32 23).
+# With input_precision="tf32", tl.dot feeds fp32 inputs to the tensor cores as tf32: products
+# lose precision, the sum stays fp32. "tf32x3" splits each input into a tf32 part and a tf32
+# remainder and sums three tensor-core products instead of one, to recover most of fp32's precision.
+
+
+def to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """Emulate tf32: keep the top 10 of fp32's 23 mantissa bits (truncation, as tl.dot may do)."""
+    return (x.float().view(torch.int32) & ~0x1FFF).view(torch.float32)
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| (Frobenius): one number for the error of a whole matrix."""
+    return float((out.double() - ref).norm() / ref.norm())
+
+
+# One config for the three fp32 modes, so that only input_precision differs between them. fp32
+# tiles take twice the bytes of fp16 ones: 32 KiB per stage here, 96 KiB for 3 stages.
+FP32_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def _timed(fn):
+    """(Timing, output) of fn on the GPU; (None, None) with the reason printed if it fails."""
+    try:
+        return common.bench(fn), fn()
+    except Exception as err:  # e.g. OutOfResources: a config that does not fit in shared memory
+        print(f"  failed: {type(err).__name__}: {str(err).strip().splitlines()[0][:160] if str(err).strip() else ''}")
+        return None, None
+
+
+def _tflops(t, flops):
+    return t.tflops(flops) if t else float("nan")
+
+
+def precision(M: int, N: int, K: int) -> None:
+    section(f"Precision: error against float64 of the same fp32 inputs ({M}x{N}x{K})")
+    a, b = random_problem(M, N, K, torch.float32)
+    ref = a.double() @ b.double()
+    flops = matmul_flops(M, N, K)
+    table = Table("relative error = ||C - C64|| / ||C64|| (Frobenius), and speed where measured",
+                  ["inputs", "mantissa bits", "how", "relative error", "TFLOP/s"])
+    for name, bits, how, x, y in (("tf32", 10, "truncated", to_tf32(a), to_tf32(b)),
+                                  ("fp16", 10, "rounded", a.half(), b.half()),
+                                  ("bf16", 7, "rounded", a.bfloat16(), b.bfloat16())):
+        # Inputs converted, products and sums in float64: the error the inputs alone bring.
+        table.add(name, bits, f"emulated: inputs {how}, float64 sums",
+                  relative_error(x.double() @ y.double(), ref), float("nan"))
+    if common.INTERPRETER:  # fp32 inputs are exact: what is left is the rounding of the fp32 sums
+        table.add("fp32", 23, "torch.matmul in fp32 on the CPU", relative_error(a @ b, ref), float("nan"))
+    if common.HAS_GPU:
+        out = torch.empty(M, N, device="cuda", dtype=torch.float32)
+        for prec in ("ieee", "tf32x3", "tf32"):
+            t, c = _timed(lambda: matmul_v3(a, b, out=out, input_precision=prec, config=FP32_CONFIG))
+            table.add("fp32", 23, f"Triton v3, input_precision='{prec}'",
+                      relative_error(c, ref) if t else float("nan"), _tflops(t, flops))
+        before = torch.backends.cuda.matmul.allow_tf32
+        for allow in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = allow
+            t, c = _timed(lambda: torch.matmul(a, b, out=out))
+            table.add("fp32", 23, f"torch.matmul, allow_tf32={allow}",
+                      relative_error(c, ref) if t else float("nan"), _tflops(t, flops))
+        torch.backends.cuda.matmul.allow_tf32 = before
+        for dtype in (torch.float16, torch.bfloat16):
+            x, y = a.to(dtype), b.to(dtype)
+            out16 = torch.empty(M, N, device="cuda", dtype=dtype)
+            matmul(x, y, version=4, out=out16)  # tune outside the timed runs
+            t, c = _timed(lambda: matmul(x, y, version=4, out=out16))
+            table.add(str(dtype)[6:], 10 if dtype == torch.float16 else 7, "Triton v4 (output rounded too)",
+                      relative_error(c, ref) if t else float("nan"), _tflops(t, flops))
+    table.print()
+    print("tf32 has fp16's 10 mantissa bits with fp32's range; truncating (not rounding) to them "
+          "adds to the error. Digits traded for tensor-core speed: that is why torch.matmul keeps "
+          "fp32 inputs in full precision by default (torch.backends.cuda.matmul.allow_tf32 = False).")
+    if not common.HAS_GPU:
+        print(common.require_gpu("Measured rows (Triton ieee / tf32x3 / tf32, torch, fp16 and bf16 on tensor cores)")
+              + "; the interpreter computes tl.dot in full fp32 whatever input_precision says")
+
+
+# %% [markdown]
+# ## Benchmark
+# Medians of many runs (CUDA events, L2 flushed between runs). TFLOP/s = 2*M*N*K / time,
+# compared with torch.matmul (cuBLAS) on the same inputs in the same run. torch.compile is not a
+# separate provider here: for a lone matmul it calls the same cuBLAS kernel (its own Triton
+# matmul templates run only under mode="max-autotune"). Each benchmark first checks its own
+# output at the benchmarked shape.
+
+
+def _check_output(out, ref, name):
+    """Check a benchmark's output at its own shape: on the GPU, with the diagnosis only if wrong
+    (assert_close copies both to the CPU, slow for 16M elements)."""
+    if not torch.isclose(out.double(), ref, **common.checks.tolerance(out.dtype)).all():
+        common.assert_close(out, ref, name=name)
+
+
+def benchmark_versions(quick: bool) -> None:
+    n = 2048 if quick else 4096
+    dtypes = [torch.float16] + ([torch.bfloat16] if not quick and common.supports_bf16() else [])
+    section(f"Benchmark: v1..v4 against torch.matmul (cuBLAS) at {n}^3")
+    flops = matmul_flops(n, n, n)
+    table = Table(f"matmul {n}^3: TFLOP/s and % of torch.matmul (cuBLAS) in this run",
+                  ["provider", "dtype", "time", "TFLOP/s", "% of torch"])
+    rates = {}
+    for dtype in dtypes:
+        name = str(dtype)[6:]
+        a, b = random_problem(n, n, n, dtype)
+        out = torch.empty(n, n, device="cuda", dtype=dtype)
+        start = time.perf_counter()
+        matmul(a, b, version=4, out=out)  # the first call for this (M, N, K, dtype) tunes
+        torch.cuda.synchronize()
+        tuning_s = time.perf_counter() - start
+        _check_output(out, a.double() @ b.double(), f"v4 {n}^3 {name}")
+        print(f"{name}: v4's first call compiled and timed {len(v4_configs())} configs in {tuning_s:.1f} s "
+              f"and picked {getattr(matmul_v4_kernel, 'best_config', '?')}")
+        t_torch = common.bench(lambda: torch.matmul(a, b, out=out))
+        rates[("torch", name)] = t_torch.tflops(flops)
+        table.add("torch.matmul (cuBLAS)", name, str(t_torch), t_torch.tflops(flops), 100.0)
+        for version, (label, fn) in VERSIONS.items():
+            t, _ = _timed(lambda: fn(a, b, out=out))
+            rates[(f"v{version}", name)] = _tflops(t, flops)
+            table.add(label, name, str(t) if t else "failed", rates[(f"v{version}", name)],
+                      100 * t_torch.ms / t.ms if t else float("nan"))
+        if not quick:
+            common.perf_bar(f"v4 {name} {n}^3: % of torch.matmul (cuBLAS) TFLOP/s",
+                            100 * rates[("v4", name)] / rates[("torch", name)], 90, "%")
+        del a, b, out
+    table.print()
+    fig, ax = common.new_figure(f"matmul {n}^3: versions vs cuBLAS", "provider", "TFLOP/s")
+    providers = ["v1", "v2", "v3", "v4", "torch"]
+    width = 0.8 / len(dtypes)
+    for i, dtype in enumerate(dtypes):
+        xs = [p + i * width for p in range(len(providers))]
+        ax.bar(xs, [rates[(p, str(dtype)[6:])] for p in providers], width=width, label=str(dtype)[6:])
+    ax.set_xticks([p + width * (len(dtypes) - 1) / 2 for p in range(len(providers))])
+    ax.set_xticklabels(providers)
+    ax.legend()
+    common.save_plot(fig, "04_matmul_versions")
+
+
+TILE_SWEEP = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps), all with num_stages=3 and GROUP_M=8
+    (32, 32, 64, 4), (64, 64, 64, 4), (64, 128, 64, 4), (128, 64, 64, 4),
+    (128, 128, 64, 4), (128, 128, 64, 8), (128, 256, 64, 8), (256, 128, 64, 8),
+]
+STAGE_SWEEP = (1, 2, 3, 4)  # at 128 x 256 x 64, 8 warps
+
+
+def benchmark_tiles() -> None:
+    n = 4096
+    section(f"Benchmark: tile sweep and num_stages sweep (v3, fp16, {n}^3)")
+    a, b = random_problem(n, n, n, torch.float16)
+    out = torch.empty(n, n, device="cuda", dtype=torch.float16)
+    flops = matmul_flops(n, n, n)
+    ref = a.double() @ b.double()
+    cublas = common.bench(lambda: torch.matmul(a, b, out=out)).tflops(flops)
+    table = Table(f"v3 tiles at {n}^3 fp16 (num_stages=3, GROUP_M=8)",
+                  ["BM x BN x BK", "warps", "flop / byte loaded", "time", "TFLOP/s", "% of torch"])
+    labels, rates = [], []
+    for bm, bn, bk, warps in TILE_SWEEP:
+        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=3)
+        t, c = _timed(lambda: matmul_v3(a, b, out=out, config=cfg))
+        if t:
+            _check_output(c, ref, f"v3 {bm}x{bn}x{bk}")
+        labels.append(f"{bm}x{bn}x{bk}\nw{warps}")
+        rates.append(_tflops(t, flops))
+        table.add(f"{bm} x {bn} x {bk}", warps, flops / tile_load_bytes(n, n, n, bm, bn, 2),
+                  str(t) if t else "failed", rates[-1], 100 * rates[-1] / cublas)
+    table.print()
+    fig, ax = common.new_figure(f"matmul {n}^3 fp16: tile sweep (v3, 3 stages)",
+                                "BLOCK_M x BLOCK_N x BLOCK_K, warps", "TFLOP/s")
+    ax.bar(range(len(rates)), rates, color="tab:blue", label="triton v3")
+    ax.axhline(cublas, color="gray", linestyle="--", label="torch.matmul (cuBLAS)")
+    ax.set_xticks(range(len(rates)))
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.legend()
+    common.save_plot(fig, "04_matmul_tiles")
+
+    table = Table(f"num_stages at 128 x 256 x 64, 8 warps, {n}^3 fp16",
+                  ["num_stages", "shared memory for A, B tiles", "time", "TFLOP/s", "% of torch"])
+    for stages in STAGE_SWEEP:
+        cfg = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=stages)
+        t, _ = _timed(lambda: matmul_v3(a, b, out=out, config=cfg))
+        rate = _tflops(t, flops)
+        table.add(stages, common.fmt_bytes(stages * (128 + 256) * 64 * 2), str(t) if t else "failed",
+                  rate, 100 * rate / cublas)
+    table.print()
+    print("One stage: every K step waits for its own loads. More stages keep more loads in flight "
+          "(in more shared memory); once the loads are hidden, more stages add nothing.")
+
+
+def benchmark_roofline() -> None:
+    section("Benchmark: roofline over shapes (fp16; v4 and torch.matmul)")
+    peak = common.matmul_rate(torch.float16)  # TFLOP/s: cuBLAS at 8192^3, measured now
+    bandwidth = common.copy_bandwidth()  # GB/s, measured now
+    ridge = peak * 1e12 / (bandwidth * 1e9)
+    print(f"ceilings measured now: cuBLAS fp16 {peak:,.0f} TFLOP/s, copy {bandwidth:,.0f} GB/s: "
+          f"ridge at {ridge:,.0f} flop / byte")
+    table = Table("roofline: attainable TFLOP/s = min(peak, flop/byte x bandwidth)",
+                  ["shape", "flop / byte", "bound", "roofline", "torch TFLOP/s", "v4 TFLOP/s",
+                   "v4 % of roofline", "v4 % of torch"])
+    points = []
+    for name, M, N, K in SHAPES:
+        a, b = random_problem(M, N, K, torch.float16)
+        out = torch.empty(M, N, device="cuda", dtype=torch.float16)
+        flops = matmul_flops(M, N, K)
+        intensity = flops / matmul_min_bytes(M, N, K, 2)
+        roof = min(peak, intensity * bandwidth / 1e3)  # flop/byte x GB/s = GFLOP/s; / 1e3 = TFLOP/s
+        matmul(a, b, version=4, out=out)  # tune outside the timed runs
+        _check_output(out, a.double() @ b.double(), f"v4 {name}")
+        t_torch = common.bench(lambda: torch.matmul(a, b, out=out))
+        t_v4, _ = _timed(lambda: matmul(a, b, version=4, out=out))
+        v4 = _tflops(t_v4, flops)
+        table.add(name, intensity, "compute" if intensity > ridge else "memory", roof, t_torch.tflops(flops),
+                  v4, 100 * v4 / roof, 100 * v4 / t_torch.tflops(flops))
+        points.append((name, intensity, t_torch.tflops(flops), v4))
+        del a, b, out
+    table.print()
+    print("Memory-bound shapes are judged by bandwidth: their roofline is flop/byte x copy GB/s, "
+          "far below the peak. A tile of 128 rows for M = 1 wastes 127 of them: exercise 4.3 "
+          "writes a GEMV instead.")
+    fig, ax = common.new_figure("Roofline (fp16), ceilings measured in this run",
+                                "flop / byte (minimum traffic)", "TFLOP/s", logx=True)
+    ax.set_yscale("log", base=2)
+    xs = [2.0**e for e in range(-1, 13)]
+    ax.plot(xs, [min(peak, x * bandwidth / 1e3) for x in xs], color="gray", label="roofline: cuBLAS peak, copy GB/s")
+    ax.scatter([p[1] for p in points], [p[2] for p in points], marker="o", label="torch.matmul")
+    ax.scatter([p[1] for p in points], [p[3] for p in points], marker="x", label="triton v4")
+    for name, x, y, _ in points:
+        ax.annotate(name, (x, y), fontsize=7, xytext=(4, -10), textcoords="offset points")
+    ax.legend(fontsize=8)
+    common.save_plot(fig, "04_matmul_roofline")
+
+
+# %% [markdown]
+# ## Takeaways
+# - A program computes one BLOCK_M x BLOCK_N tile of C: a K loop of `tl.dot` on BLOCK_K slices,
+#   summed in an fp32 accumulator and cast once, at the store; masks handle every edge.
+# - Arithmetic intensity decides the bound: a large matmul is compute bound, a GEMV memory bound.
+# - Bigger tiles re-read A and B less; grouped program order keeps the re-reads in L2;
+#   num_stages overlaps loads with math; autotuning picks tiles, warps and stages per shape.
+# - tf32 trades fp32's mantissa for tensor-core speed, fp16 and bf16 inputs trade more: measure
+#   the error against float64, not only the speed.
+
+
+if __name__ == "__main__":
+    args = common.lesson_args(__doc__.strip().splitlines()[0])
+    check(args.quick)
+    traffic()
+    if common.HAS_GPU:
+        benchmark_versions(args.quick)
+        if not args.quick:
+            benchmark_tiles()
+            benchmark_roofline()
+            precision(4096, 4096, 4096)
+    else:
+        precision(256, 256, 4096)  # the emulated rows: rounding the inputs, on the CPU
+        print("\n" + common.require_gpu("Benchmarks (versions vs cuBLAS and the perf bars, tile and "
+                                        "stage sweeps, roofline, fp32 vs tf32 speed, plots)"))
