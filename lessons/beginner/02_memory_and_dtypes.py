@@ -146,9 +146,9 @@ def cast_kernel(
 
 @triton.jit
 def copy_split_tail_kernel(x_ptr, out_ptr, n_elements, BLOCK_SIZE: tl.constexpr):
-    # copy_kernel, but only the last block uses a mask. A mask `offsets < n` can change value
-    # between any two neighbours unless n is known to be a multiple of 16, and then the compiler
-    # must load element by element; full blocks need no mask at all.
+    # copy_kernel, with a mask in the last block only. Unless n is known to be a multiple of
+    # 16, the mask `offsets < n` may change between any two neighbours, so the compiler loads
+    # and stores one element per instruction. Full blocks need no mask at all.
     pid = tl.program_id(axis=0)
     offsets = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     if (pid + 1) * BLOCK_SIZE <= n_elements:
@@ -330,6 +330,18 @@ COPY_DTYPES = [torch.float32, torch.float16, torch.int8] + \
     ([torch.float8_e4m3fn] if common.supports_fp8() else [])
 
 
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def poisoned_output(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """common.poisoned_empty, except for fp8: its guard value (77) rounds to 80 in fp8, so the
+    guard check would report a store past the end that never happened. fp8 outputs are
+    filled with NaN, without guard zones."""
+    if dtype in FP8_DTYPES:
+        return torch.full((n,), float("nan"), dtype=dtype, device=common.DEVICE)
+    return common.poisoned_empty(n, dtype=dtype)
+
+
 def make_input(n: int, dtype: torch.dtype) -> torch.Tensor:
     """Random values of any dtype the lesson copies (ints: the whole int8 range)."""
     if dtype.is_floating_point:
@@ -344,13 +356,13 @@ def check(quick: bool) -> None:
         for n in sizes:
             x = make_input(n, dtype)
             for op in (copy, copy_split_tail):
-                out = common.poisoned_empty(n, dtype=dtype)
+                out = poisoned_output(n, dtype)
                 op(x, out=out)
                 common.assert_close(out, x.cpu().double(), name=f"{op.__name__} n={n} {_dtype_name(dtype)}")
     names = ", ".join(map(_dtype_name, COPY_DTYPES))
     print(f"copy and copy_split_tail reproduce their input for n in {sizes}, dtypes {names}: OK")
 
-    n = sizes[0]
+    n = min(sizes[0], 100_000)  # the strided input below is 32 times larger
     for stride in (1, 2, 3, 7, 32):
         base = common.randn(n * stride + 5)
         x = base[2::stride][:n]  # starts 2 elements in: a misaligned strided view
@@ -375,9 +387,9 @@ def check(quick: bool) -> None:
         if not (rtz.double().abs() <= x.double().abs()).all():
             raise common.CheckError("rounding toward zero gave a value larger in magnitude than its input")
     if common.supports_fp8():
-        for dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        for dtype in FP8_DTYPES:
             y = common.randn(n)
-            out = common.poisoned_empty(n, dtype=dtype)
+            out = poisoned_output(n, dtype)
             cast(y, dtype, out=out)
             # Within one fp8 rounding step of float64; whether the bits equal torch's is printed
             # in the rounding table below, not asserted.
@@ -465,7 +477,7 @@ def _triton_cast_possible(dtype: torch.dtype) -> str | None:
     """None if the Triton cast to dtype runs here, else why not."""
     if dtype == torch.bfloat16 and not common.supports_bf16():
         return "bfloat16: the interpreter has no bfloat16 (numpy lacks it); runs on a GPU"
-    if dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and not common.supports_fp8():
+    if dtype in FP8_DTYPES and not common.supports_fp8():
         return (f"{_dtype_name(dtype)}: the interpreter's fp8 conversions differ from the GPU's; "
                 f"runs on a GPU with fp8 (sm_89+)")
     return None
