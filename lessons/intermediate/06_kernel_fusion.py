@@ -1,0 +1,719 @@
+"""
+Lesson 06: kernel fusion
+========================
+
+Fuse `(x + y) * s` and a whole row softmax into single Triton kernels, count the bytes and the
+launches that fusion saves, and handle rows longer than one block with online softmax.
+
+You will learn:
+- why fusion wins for memory-bound ops: count the bytes every kernel reads and writes
+- fused add-multiply vs two kernels, in PyTorch and in Triton, over sizes, scalar values and
+  block sizes
+- fused softmax vs softmax written out op by op: time, bytes, kernel launches, peak memory
+- online softmax: a running max and a running sum, so a row longer than one block is read
+  twice instead of three times
+- what a launch costs on tiny tensors, and how torch.compile compares in every case
+
+Run:  python lessons/intermediate/06_kernel_fusion.py [--quick]
+"""
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `common`
+import common  # noqa: E402  (first: picks the GPU, or Triton's CPU interpreter without one)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from common import Table, fmt_bytes, section  # noqa: E402
+
+# %% [markdown]
+# ## Motivation
+# A memory-bound op costs what its bytes cost. We fuse `(x + y) * s` (add, then scale; the
+# other order, `x * s + y`, moves the same bytes). Eager PyTorch runs it as two kernels:
+# `t = x + y` reads 2n elements and writes n, then `t * s` reads n and writes n: 5n elements
+# moved, and a temporary of n elements allocated. One fused kernel reads x and y and writes the
+# result: 3n. When the bytes set the time, fusion can be up to 5/3 = 1.67x faster.
+#
+# Softmax written out op by op is five kernels that read 5 and write 3 row-sized arrays; fused,
+# it reads each row once and writes it once: 4x fewer bytes. Rows longer than one block need a
+# loop over chunks: online softmax keeps a running max and sum so the row is read only twice.
+# And on tiny tensors the bytes do not matter at all: every launch costs microseconds, so
+# fusion wins there by launching fewer kernels.
+
+# %% [markdown]
+# ## Reference (PyTorch)
+
+
+def add_mul_reference(x: torch.Tensor, y: torch.Tensor, s: float) -> torch.Tensor:
+    t = x + y  # kernel 1: reads x and y (2n), writes t (n)
+    return t * s  # kernel 2: reads t (n), writes the output (n). 5n moved, 3n is the minimum
+
+
+def softmax_naive(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the rows of an M x N tensor, op by op, as eager PyTorch runs it."""
+    x_max = x.max(dim=1)[0]  # reads MN, writes M (and M int64 indices)
+    z = x - x_max[:, None]  # reads MN + M, writes MN
+    numerator = torch.exp(z)  # reads MN, writes MN
+    denominator = numerator.sum(dim=1)  # reads MN, writes M
+    return numerator / denominator[:, None]  # reads MN + M, writes MN
+    # in all: 5 kernels, reads 5MN + 2M, writes 3MN + 3M; the minimum is read MN, write MN
+
+
+def softmax_reference(x: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(x, dim=1)  # PyTorch's own fused kernel: reads MN, writes MN
+
+
+# %% [markdown]
+# ## Kernel
+# Add-multiply: v1 is two kernels, as eager PyTorch runs it; v2 is one fused kernel.
+
+
+@triton.jit
+def add_kernel(
+    x_ptr,  # pointer to x (n elements)
+    y_ptr,  # pointer to y (n elements)
+    out_ptr,  # pointer to the output (n elements)
+    n_elements,  # n
+    BLOCK_SIZE: tl.constexpr,  # elements per program (a power of 2)
+):
+    offsets = tl.program_id(axis=0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offsets < n_elements
+    x = tl.load(x_ptr + offsets, mask=mask)
+    y = tl.load(y_ptr + offsets, mask=mask)
+    tl.store(out_ptr + offsets, x + y, mask=mask)
+
+
+@triton.jit
+def scale_kernel(
+    x_ptr,  # pointer to the input (n elements)
+    out_ptr,  # pointer to the output (n elements)
+    s,  # the scalar (a Python float arrives as fp32)
+    n_elements,  # n
+    BLOCK_SIZE: tl.constexpr,
+):
+    offsets = tl.program_id(axis=0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offsets < n_elements
+    x = tl.load(x_ptr + offsets, mask=mask).to(tl.float32)
+    tl.store(out_ptr + offsets, (x * s).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def add_mul_kernel(
+    x_ptr,  # pointer to x (n elements)
+    y_ptr,  # pointer to y (n elements)
+    out_ptr,  # pointer to the output (n elements)
+    s,  # the scalar
+    n_elements,  # n
+    BLOCK_SIZE: tl.constexpr,
+):
+    offsets = tl.program_id(axis=0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offsets < n_elements
+    x = tl.load(x_ptr + offsets, mask=mask).to(tl.float32)
+    y = tl.load(y_ptr + offsets, mask=mask).to(tl.float32)
+    # x + y stays in registers: it is never written to memory and read back. In fp32 it is also
+    # rounded once, at the store, where two kernels round the fp16/bf16 temporary in between.
+    tl.store(out_ptr + offsets, ((x + y) * s).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# %% [markdown]
+# Softmax: one program per row. v1 holds the whole row in one block: one read, one write.
+# v2 and v3 loop over the row in chunks of BLOCK_SIZE, for rows of any length: v2 reads the
+# row three times (max, sum, write), v3 (online softmax) keeps a running max and a running sum
+# in one pass and reads the row twice.
+
+
+@triton.jit
+def softmax_kernel(
+    x_ptr,  # input, M x N: row i starts at x_ptr + i * stride_xm, columns are contiguous
+    out_ptr,  # output, M x N: row i starts at out_ptr + i * stride_om
+    stride_xm,  # elements between x[i, 0] and x[i + 1, 0]
+    stride_om,  # elements between out[i, 0] and out[i + 1, 0]
+    n_cols,  # N
+    BLOCK_SIZE: tl.constexpr,  # a power of 2 >= N: the whole row is one block
+):
+    row = tl.program_id(axis=0).to(tl.int64)  # int64: row * stride passes 2^31 on large tensors
+    cols = tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    # -inf in the lanes past the row end: they never win the max, and exp(-inf) = 0 adds nothing
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=-float("inf")).to(tl.float32)
+    x_max = tl.max(x, axis=0)
+    numerator = tl.exp(x - x_max)  # x - max <= 0, so exp cannot overflow
+    denominator = tl.sum(numerator, axis=0)
+    y = numerator / denominator
+    tl.store(out_ptr + row * stride_om + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def softmax_three_pass_kernel(
+    x_ptr, out_ptr, stride_xm, stride_om, n_cols,
+    BLOCK_SIZE: tl.constexpr,  # columns per loop step (a chunk), not the whole row
+):
+    row = tl.program_id(axis=0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    out_row = out_ptr + row * stride_om
+    cols = tl.arange(0, BLOCK_SIZE)
+    # Pass 1 reads the row for its max. Each lane keeps the max of the columns it saw, so the
+    # loop has no cross-thread reduction; one tl.max at the end combines the lanes.
+    m_lanes = tl.full([BLOCK_SIZE], -float("inf"), tl.float32)
+    for start in range(0, n_cols, BLOCK_SIZE):
+        x = tl.load(x_row + start + cols, mask=start + cols < n_cols, other=-float("inf"))
+        m_lanes = tl.maximum(m_lanes, x.to(tl.float32))
+    m = tl.max(m_lanes, axis=0)
+    # Pass 2 reads the row again for the sum of exp(x - m).
+    d_lanes = tl.zeros([BLOCK_SIZE], tl.float32)
+    for start in range(0, n_cols, BLOCK_SIZE):
+        x = tl.load(x_row + start + cols, mask=start + cols < n_cols, other=-float("inf"))
+        d_lanes += tl.exp(x.to(tl.float32) - m)
+    inv_d = 1.0 / tl.sum(d_lanes, axis=0)
+    # Pass 3 reads it a third time and writes exp(x - m) / d.
+    for start in range(0, n_cols, BLOCK_SIZE):
+        mask = start + cols < n_cols
+        x = tl.load(x_row + start + cols, mask=mask, other=-float("inf")).to(tl.float32)
+        tl.store(out_row + start + cols, (tl.exp(x - m) * inv_d).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def softmax_online_kernel(
+    x_ptr, out_ptr, stride_xm, stride_om, n_cols,
+    BLOCK_SIZE: tl.constexpr,  # columns per loop step
+):
+    row = tl.program_id(axis=0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    out_row = out_ptr + row * stride_om
+    cols = tl.arange(0, BLOCK_SIZE)
+    # One pass for the max AND the sum. Each lane keeps a running max m and a running sum
+    # d = sum of exp(x - m) over the values it has seen. When a new value raises the max, the sum
+    # so far was taken against the old max: multiply it by exp(m_old - m_new) before adding.
+    m_lanes = tl.full([BLOCK_SIZE], -float("inf"), tl.float32)
+    d_lanes = tl.zeros([BLOCK_SIZE], tl.float32)
+    for start in range(0, n_cols, BLOCK_SIZE):
+        x = tl.load(x_row + start + cols, mask=start + cols < n_cols, other=-float("inf")).to(tl.float32)
+        m_new = tl.maximum(m_lanes, x)
+        # A lane that has seen only -inf (past the row end) would compute exp(-inf - -inf) = NaN;
+        # measuring from 0 instead gives exp(-inf) = 0, and its sum stays 0.
+        m_ref = tl.where(m_new == -float("inf"), 0.0, m_new)
+        d_lanes = d_lanes * tl.exp(m_lanes - m_ref) + tl.exp(x - m_ref)
+        m_lanes = m_new
+    # Merge the lanes' (max, sum) pairs with the same rescaling: d = sum_l d_l * exp(m_l - m).
+    m = tl.max(m_lanes, axis=0)
+    inv_d = 1.0 / tl.sum(d_lanes * tl.exp(m_lanes - m), axis=0)
+    # Pass 2 (the only other read) writes exp(x - m) / d.
+    for start in range(0, n_cols, BLOCK_SIZE):
+        mask = start + cols < n_cols
+        x = tl.load(x_row + start + cols, mask=mask, other=-float("inf")).to(tl.float32)
+        tl.store(out_row + start + cols, (tl.exp(x - m) * inv_d).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# %% [markdown]
+# ## Wrapper
+# validate, allocate, grid, launch, return. Elementwise kernels launch cdiv(n, BLOCK_SIZE)
+# programs; the softmax kernels launch one program per row.
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# 1024 elements per program: lesson 01's choice for add; the BLOCK_SIZE sweep below measures it
+# again for the fused and the two-kernel versions.
+DEFAULT_BLOCK_SIZE = 1024
+# v1 keeps a whole row in registers: up to 16384 fp32 values (32 per thread at 16 warps).
+MAX_FUSED_COLS = 16384
+# v2 and v3 loop over chunks of this many columns (fewer when the row is shorter).
+CHUNK_SIZE = 4096
+
+
+def _check_block_size(block_size: int) -> None:
+    if not isinstance(block_size, int) or block_size < 1 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of 2 (tl.arange needs one), got {block_size}")
+
+
+def _elementwise_args(x, y, s, block_size, out):
+    common.check_tensors(x=x, y=y, dtypes=FLOAT_DTYPES)
+    if isinstance(s, bool) or not isinstance(s, (int, float)):
+        raise TypeError(f"s must be a Python number, got {type(s).__name__}")
+    _check_block_size(block_size)
+    if out is None:
+        return torch.empty_like(x)
+    common.check_tensors(x=x, out=out)
+    return out
+
+
+def add_mul_two_step(x: torch.Tensor, y: torch.Tensor, s: float, block_size: int = DEFAULT_BLOCK_SIZE,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """v1, two kernels as eager PyTorch runs it: t = x + y, then out = t * s."""
+    out = _elementwise_args(x, y, s, block_size, out)
+    n = x.numel()
+    t = torch.empty_like(x)  # the temporary that fusion removes: n elements written, then read
+    grid = (triton.cdiv(n, block_size),)
+    add_kernel[grid](x, y, t, n, BLOCK_SIZE=block_size)
+    # float(s): Triton compiles one kernel for every float value; an int 1 would be specialised
+    scale_kernel[grid](t, out, float(s), n, BLOCK_SIZE=block_size)
+    return out
+
+
+def add_mul(x: torch.Tensor, y: torch.Tensor, s: float, block_size: int = DEFAULT_BLOCK_SIZE,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """v2, fused: (x + y) * s in one kernel for contiguous x, y of one shape and float dtype."""
+    out = _elementwise_args(x, y, s, block_size, out)
+    n = x.numel()
+    add_mul_kernel[(triton.cdiv(n, block_size),)](x, y, out, float(s), n, BLOCK_SIZE=block_size)
+    return out
+
+
+ADD_MUL_VERSIONS = {"v1 two kernels": add_mul_two_step, "v2 fused": add_mul}
+
+
+def _softmax_args(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    common.check_tensors(x=x, contiguous=False, ndim=2, dtypes=FLOAT_DTYPES)
+    if x.stride(1) != 1:
+        raise ValueError(f"x must have contiguous rows (x.stride(1) == 1), got strides {x.stride()}; "
+                         f"pass x.contiguous()")
+    if out is None:
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    common.check_tensors(x=x, out=out, contiguous=False)
+    if out.stride(1) != 1:
+        raise ValueError(f"out must have contiguous rows (out.stride(1) == 1), got strides {out.stride()}")
+    return out
+
+
+def _row_block(n_cols: int) -> int:
+    # a power of 2 >= N; at least 16, so even a 1-column row gets an ordinary block shape
+    return max(16, triton.next_power_of_2(n_cols))
+
+
+def _softmax_num_warps(block_size: int) -> int:
+    # More threads for longer blocks, so each thread holds at most 16 to 32 values in registers.
+    return 16 if block_size >= 8192 else 8 if block_size >= 2048 else 4
+
+
+def softmax(x: torch.Tensor, out: torch.Tensor | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """v1: softmax over the rows of a 2-D tensor; one program per row, the row in one block."""
+    out = _softmax_args(x, out)
+    n_rows, n_cols = x.shape
+    if n_cols > MAX_FUSED_COLS:
+        raise ValueError(f"softmax (v1) holds a whole row in one block, at most {MAX_FUSED_COLS} "
+                         f"columns; got {n_cols}: use softmax_online for longer rows")
+    block_size = _row_block(n_cols)
+    softmax_kernel[(n_rows,)](x, out, x.stride(0), out.stride(0), n_cols, BLOCK_SIZE=block_size,
+                              num_warps=num_warps or _softmax_num_warps(block_size))
+    return out
+
+
+def _softmax_chunked(kernel, x, out, block_size):
+    out = _softmax_args(x, out)
+    _check_block_size(block_size)
+    n_rows, n_cols = x.shape
+    block_size = min(block_size, _row_block(n_cols))  # no wasted lanes on short rows
+    kernel[(n_rows,)](x, out, x.stride(0), out.stride(0), n_cols, BLOCK_SIZE=block_size,
+                      num_warps=_softmax_num_warps(block_size))
+    return out
+
+
+def softmax_three_pass(x: torch.Tensor, out: torch.Tensor | None = None,
+                       block_size: int = CHUNK_SIZE) -> torch.Tensor:
+    """v2: softmax over rows of any length, in chunks: max, then sum, then write (3 reads)."""
+    return _softmax_chunked(softmax_three_pass_kernel, x, out, block_size)
+
+
+def softmax_online(x: torch.Tensor, out: torch.Tensor | None = None,
+                   block_size: int = CHUNK_SIZE) -> torch.Tensor:
+    """v3: online softmax over rows of any length: running max and sum, then write (2 reads)."""
+    return _softmax_chunked(softmax_online_kernel, x, out, block_size)
+
+
+SOFTMAX_VERSIONS = {"v1 one block": softmax, "v2 three passes": softmax_three_pass,
+                    "v3 online": softmax_online}
+# Bytes each version moves, in units of the M x N tensor: (reads, writes).
+SOFTMAX_PASSES = {"v1 one block": (1, 1), "v2 three passes": (3, 1), "v3 online": (2, 1)}
+
+
+# %% [markdown]
+# ## Check
+# Awkward sizes, fresh random inputs, outputs filled with NaN first, references in float64;
+# softmax rows must also sum to 1. The chunked versions run with small chunks here, so that
+# every row takes several loop steps.
+
+SCALARS = (1.0, 2.0, 10.0)
+
+
+def _softmax_shapes(quick: bool) -> list[tuple[int, int]]:
+    # Few distinct row lengths: on a GPU each one compiles its own kernels (BLOCK_SIZE differs).
+    if common.INTERPRETER:
+        cols = common.awkward_sizes(count=2, lo=300, hi=5000, include=(17,))
+        return [(int(torch.randint(2, 6, ()).item()), n) for n in cols]
+    cols = common.awkward_sizes(count=1 if quick else 2, lo=300, hi=MAX_FUSED_COLS, include=(17,))
+    return [(1823, n) for n in cols] + ([] if quick else [(3, MAX_FUSED_COLS)])
+
+
+def check(quick: bool) -> None:
+    section("Check: every version against a float64 reference")
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if common.supports_bf16() else [])
+    sizes = common.awkward_sizes(count=3 if quick else 6, lo=1000, hi=10_000_000, include=(1, 17))
+    for dtype in dtypes:
+        for n in sizes:
+            x, y = common.randn(n, dtype=dtype), common.randn(n, dtype=dtype)
+            for s in SCALARS:
+                for name, op in ADD_MUL_VERSIONS.items():
+                    out = common.poisoned_empty(n, dtype=dtype)
+                    op(x, y, s, out=out)
+                    common.assert_close(out, (x.double() + y.double()) * s, name=f"add_mul {name} n={n} s={s}")
+    for block_size in (256, 16384):  # the ends of the BLOCK_SIZE sweep below
+        x, y = common.randn(sizes[0]), common.randn(sizes[0])
+        for name, op in ADD_MUL_VERSIONS.items():
+            common.assert_close(op(x, y, 2.0, block_size), (x.double() + y.double()) * 2.0,
+                                name=f"add_mul {name} BLOCK_SIZE={block_size}")
+    print(f"add_mul (v1 two kernels, v2 fused) match for n in {sizes}, s in {SCALARS}: OK")
+
+    shapes = _softmax_shapes(quick)
+    chunk = 256  # several chunks per row even on the interpreter's small rows
+    for dtype in dtypes:
+        for m, n in shapes:
+            base = common.randn(m, n + 7, dtype=dtype, scale=3.0)
+            for x in (base[:, :n], base[:, :n].contiguous()):  # rows 7 elements apart, then packed
+                expected = torch.softmax(x.double(), dim=1)
+                for name, op in SOFTMAX_VERSIONS.items():
+                    out = common.poisoned_empty(m, n, dtype=dtype)
+                    if name.startswith("v1"):
+                        op(x, out=out)
+                    else:
+                        op(x, out=out, block_size=chunk)
+                    common.assert_close(out, expected, name=f"softmax {name} {m}x{n} {dtype}")
+                    sums = out.double().sum(dim=1)
+                    common.assert_close(sums, torch.ones_like(sums), atol=1e-3 if dtype == torch.float32 else 2e-2,
+                                        rtol=0, name=f"softmax {name} {m}x{n}: row sums")
+    x = common.randn(5, 1001) + 100.0  # exp(100) overflows fp32: only a max-subtracting softmax survives
+    for name, op in SOFTMAX_VERSIONS.items():
+        common.assert_close(op(x), torch.softmax(x.double(), dim=1), name=f"softmax {name}, rows shifted by +100")
+    names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+    print(f"softmax v1, v2, v3 match for shapes {shapes} (strided and contiguous rows), dtypes {names}: OK")
+    if not common.supports_bf16():
+        print("bfloat16: skipped, the interpreter has no bfloat16 (numpy lacks it); runs on a GPU")
+
+
+# %% [markdown]
+# ## Memory traffic
+# What each version must move. PyTorch's ops are counted with a TorchDispatchMode (works on the
+# CPU too); the Triton kernels' bytes are modelled from their loads and stores.
+
+
+def traffic(n: int, m_rows: int, n_cols: int) -> None:
+    section("Memory traffic: count the bytes")
+    x, y = torch.randn(n, device=common.DEVICE), torch.randn(n, device=common.DEVICE)
+    e = x.element_size()
+    table = Table(f"(x + y) * s at n = {n:,} fp32", ["provider", "kernels", "read", "written", "total", "x minimum"])
+    minimum = 3 * n * e  # read x and y, write the output
+    counted = common.count_torch_traffic(add_mul_reference, x, y, 2.0)
+    table.add("PyTorch (x + y) * s, counted", counted.kernels, fmt_bytes(counted.read), fmt_bytes(counted.written),
+              fmt_bytes(counted.total), counted.total / minimum)
+    for name, kernels, read, written in (("Triton v1 two kernels, modelled", 2, 3 * n * e, 2 * n * e),
+                                         ("Triton v2 fused, modelled", 1, 2 * n * e, n * e)):
+        table.add(name, kernels, fmt_bytes(read), fmt_bytes(written), fmt_bytes(read + written),
+                  (read + written) / minimum)
+    table.print()
+    print("Fusing removes the temporary t: 5n elements moved become 3n, so a fused kernel can be "
+          "up to 5/3 = 1.67x faster where the bytes set the time.")
+
+    x2 = torch.randn(m_rows, n_cols, device=common.DEVICE)
+    mn = x2.numel() * x2.element_size()
+    table = Table(f"softmax of {m_rows:,} x {n_cols:,} fp32", ["provider", "kernels", "read", "written", "total",
+                                                                "x minimum"])
+    for name, fn in (("PyTorch naive (op by op), counted", softmax_naive),
+                     ("torch.softmax, counted", softmax_reference)):
+        counted = common.count_torch_traffic(fn, x2)
+        table.add(name, counted.kernels, fmt_bytes(counted.read), fmt_bytes(counted.written),
+                  fmt_bytes(counted.total), counted.total / (2 * mn))
+    for name, (reads, writes) in SOFTMAX_PASSES.items():
+        table.add(f"Triton {name}, modelled", 1, fmt_bytes(reads * mn), fmt_bytes(writes * mn),
+                  fmt_bytes((reads + writes) * mn), (reads + writes) / 2)
+    table.print()
+    print("The naive softmax writes z and exp(z) to memory and reads them back; the fused kernels "
+          "keep them in registers.")
+
+
+# %% [markdown]
+# ## Benchmark
+# Medians of many runs (CUDA events, L2 flushed between runs). GB/s counts the *minimum* bytes
+# (inputs read once, output written once) for every provider, so a provider that moves more
+# bytes than the minimum shows up as a lower rate. torch.compile is built once per shape.
+
+
+def _gpu_kernels(fn) -> float:
+    """GPU kernels that one call of fn launches, counted with torch.profiler (NaN if unavailable)."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        count = sum(1 for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA
+                    and not ev.name.startswith(("Memcpy", "Memset")))
+    except Exception as err:  # no CUPTI in this install, say: the table shows "-"
+        print(f"kernel count skipped: torch.profiler failed ({type(err).__name__}: {err})")
+        return float("nan")
+    return float(count) if count else float("nan")  # 0 means the profiler saw no GPU activity
+
+
+def _host_us_per_call(fn, iters: int = 500) -> float:
+    """Wall-clock microseconds per call, many calls in a row: what a tiny op really costs the host
+    (Python, argument checks, the launch). do_bench's CUDA events time the GPU side only."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / iters * 1e6
+
+
+ADD_MUL_PROVIDERS = ["torch two-step", "torch.compile", "triton v1 two kernels", "triton v2 fused"]
+
+
+def _providers_add_mul() -> dict:
+    """The providers, side by side; call once per shape: common.compiled builds a fresh
+    torch.compile (None where it cannot run) from a clean dynamo cache."""
+    return dict(zip(ADD_MUL_PROVIDERS, (add_mul_reference, common.compiled(add_mul_reference),
+                                        add_mul_two_step, add_mul)))
+
+
+def benchmark_add_mul_sizes(quick: bool) -> None:
+    section("Benchmark: fused vs two-step (x + y) * s over sizes (fp32, s = 2.0)")
+    copy = common.copy_bandwidth()
+    print(f"copy bandwidth measured now: {copy:,.0f} GB/s (device-to-device, read + write)")
+    exponents = [16, 24] if quick else [12, 16, 20, 24, 26, 28]
+    names = ADD_MUL_PROVIDERS
+    table = Table("(x + y) * s, fp32: GB/s counting the minimum bytes (3n x 4)",
+                  ["n", *names, "fused % copy", "fused vs torch"])
+    series = {name: [] for name in names}
+    last = {}
+    for e in exponents:
+        n = 2**e
+        x, y = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
+        nbytes = 3 * n * 4  # read x and y, write the output
+        times = {}
+        providers = _providers_add_mul()
+        for name, fn in providers.items():
+            times[name] = common.bench(lambda: fn(x, y, 2.0)) if fn is not None else None
+        rates = [times[k].gbps(nbytes) if times[k] else float("nan") for k in names]
+        for k, r in zip(names, rates):
+            series[k].append(r)
+        fused, torch2 = times["triton v2 fused"], times["torch two-step"]
+        table.add(f"2^{e}", *rates, common.pct_of_copy(fused.gbps(nbytes)), f"{torch2.ms / fused.ms:.2f}x")
+        last = {"n": n, "x": x, "y": y, "times": times, "providers": providers}
+    table.print()
+    fig, ax = common.new_figure("(x + y) * s: fused vs two steps (fp32)", "elements", "GB/s (minimum bytes)", logx=True)
+    for name, values in series.items():
+        ax.plot([2**e for e in exponents], values, marker="o", label=name)
+    ax.axhline(copy, color="gray", linestyle="--", label="copy (measured)")
+    ax.legend()
+    common.save_plot(fig, "06_kernel_fusion_add_mul_sizes")
+
+    # Launches and memory at the largest size, with the providers (and compiled function) just timed.
+    n, x, y, times = last["n"], last["x"], last["y"], last["times"]
+    table = Table(f"(x + y) * s at n = 2^{n.bit_length() - 1}: launches and memory",
+                  ["provider", "GPU kernels (profiler)", "peak extra memory", "time"])
+    for name, fn in last["providers"].items():
+        if fn is None:
+            continue
+        table.add(name, _gpu_kernels(lambda: fn(x, y, 2.0)), fmt_bytes(common.peak_extra_memory(fn, x, y, 2.0)),
+                  str(times[name]))
+    table.print()
+    print("Peak extra memory is the output plus, for two steps, the temporary x + y.")
+    if not quick and n == 2**28:
+        ratio = times["torch two-step"].ms / times["triton v2 fused"].ms
+        common.perf_bar("fused add-multiply at 2^28 fp32: speed vs two-step PyTorch (torch time / fused time)",
+                        ratio, 1.4, "x")
+
+
+def benchmark_add_mul_scalars() -> None:
+    n = 2**28
+    section(f"Benchmark: does the value of s matter? (n = 2^28 fp32, s in {SCALARS})")
+    x, y = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
+    nbytes = 3 * n * 4
+    names = ADD_MUL_PROVIDERS
+    table = Table("(x + y) * s at 2^28: time per s value", ["s", *names])
+    ms = {name: [] for name in names}
+    for s in SCALARS:
+        row = []
+        for name, fn in _providers_add_mul().items():
+            t = common.bench(lambda: fn(x, y, s)) if fn is not None else None
+            ms[name].append(t.ms if t else float("nan"))
+            row.append(str(t) if t else "-")
+        table.add(s, *row)
+    table.print()
+    for name in names:
+        values = [v for v in ms[name] if v == v]
+        if values:
+            print(f"{name}: slowest / fastest over s = {max(values) / min(values):.3f} "
+                  f"(at {nbytes / min(values) / 1e6:,.0f} GB/s best)")
+    print("Compare the ratios with the ± spread of one timing: a memory-bound kernel does the "
+          "same loads and stores whatever s is. Triton compiles one kernel for every float s.")
+    fig, ax = common.new_figure("(x + y) * s at 2^28 fp32: time for each s", "s", "ms")
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        ax.bar([j + i * width for j in range(len(SCALARS))], ms[name], width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(SCALARS))], [str(s) for s in SCALARS])
+    ax.legend(fontsize=8)
+    common.save_plot(fig, "06_kernel_fusion_add_mul_scalars")
+
+
+def benchmark_add_mul_block_sizes() -> None:
+    n = 2**28
+    section("Benchmark: BLOCK_SIZE sweep at n = 2^28 (fp32)")
+    x, y = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
+    out = torch.empty_like(x)
+    nbytes = 3 * n * 4
+    blocks = [2**k for k in range(8, 15)]  # 256 .. 16384
+    table = Table("add_mul: BLOCK_SIZE sweep (num_warps = 4), GB/s of the minimum bytes",
+                  ["BLOCK_SIZE", "v1 two kernels GB/s", "v2 fused GB/s", "fused % copy"])
+    rates = {name: [] for name in ADD_MUL_VERSIONS}
+    for block in blocks:
+        for name, op in ADD_MUL_VERSIONS.items():
+            rates[name].append(common.bench(lambda: op(x, y, 2.0, block, out=out)).gbps(nbytes))
+        table.add(block, rates["v1 two kernels"][-1], rates["v2 fused"][-1], common.pct_of_copy(rates["v2 fused"][-1]))
+    table.print()
+    best = blocks[rates["v2 fused"].index(max(rates["v2 fused"]))]
+    print(f"Best BLOCK_SIZE for the fused kernel here: {best}.")
+    compiled = common.compiled(add_mul_reference)
+    peers = {"torch two-step": common.bench(lambda: add_mul_reference(x, y, 2.0)).gbps(nbytes)}
+    if compiled is not None:
+        peers["torch.compile"] = common.bench(lambda: compiled(x, y, 2.0)).gbps(nbytes)
+    fig, ax = common.new_figure("(x + y) * s: BLOCK_SIZE sweep, n = 2^28 fp32", "BLOCK_SIZE", "GB/s (minimum bytes)",
+                                logx=True)
+    for name, values in rates.items():
+        ax.plot(blocks, values, marker="o", label=f"triton {name}")
+    for (name, value), style in zip(peers.items(), (":", "-.")):
+        ax.axhline(value, linestyle=style, color="black", label=f"{name} (measured)")
+    ax.axhline(common.copy_bandwidth(), color="gray", linestyle="--", label="copy (measured)")
+    ax.legend(fontsize=8)
+    common.save_plot(fig, "06_kernel_fusion_add_mul_block_size")
+
+
+def benchmark_softmax(quick: bool) -> None:
+    m_rows = n_cols = 4096
+    section(f"Benchmark: fused vs unfused softmax, {m_rows} x {n_cols} fp32")
+    x = torch.randn(m_rows, n_cols, device="cuda")
+    mn = x.numel() * 4
+    nbytes = 2 * mn  # read x once, write the output once
+    providers = {"torch naive (op by op)": softmax_naive, "torch.compile(naive)": common.compiled(softmax_naive),
+                 "torch.softmax": softmax_reference, **{f"triton {k}": v for k, v in SOFTMAX_VERSIONS.items()}}
+    table = Table(f"softmax {m_rows} x {n_cols} fp32: GB/s counting the minimum bytes (2 x M x N x 4)",
+                  ["provider", "GPU kernels (profiler)", "bytes moved", "peak extra memory", "time", "GB/s",
+                   "% copy", "vs torch.softmax"])
+    times = {}
+    for name, fn in providers.items():
+        if fn is None:
+            continue
+        times[name] = common.bench(lambda: fn(x))
+    for name, fn in providers.items():
+        if fn is None:
+            continue
+        if name.startswith("triton"):
+            reads, writes = SOFTMAX_PASSES[name.removeprefix("triton ")]
+            moved = f"{fmt_bytes((reads + writes) * mn)} (modelled)"
+        elif name.startswith("torch.compile"):
+            moved = "- (not aten ops)"  # Inductor's kernels bypass the dispatcher that counts bytes
+        else:
+            moved = f"{fmt_bytes(common.count_torch_traffic(fn, x).total)} (counted)"
+        t = times[name]
+        table.add(name, _gpu_kernels(lambda: fn(x)), moved, fmt_bytes(common.peak_extra_memory(fn, x)), str(t),
+                  t.gbps(nbytes), common.pct_of_copy(t.gbps(nbytes)),
+                  f"{times['torch.softmax'].ms / t.ms:.2f}x")
+    table.print()
+    print("Peak extra memory: the output, plus every intermediate the unfused version keeps alive.")
+    if not quick:
+        v1 = times["triton v1 one block"]
+        warps = Table("softmax v1 at 4096 x 4096: num_warps", ["num_warps", "time", "GB/s", "% copy"])
+        for num_warps in (4, 8, 16):
+            t = common.bench(lambda: softmax(x, num_warps=num_warps))
+            warps.add(num_warps, str(t), t.gbps(nbytes), common.pct_of_copy(t.gbps(nbytes)))
+        warps.print()
+        print(f"The wrapper picks num_warps = {_softmax_num_warps(n_cols)} for rows of {n_cols}.")
+        common.perf_bar("softmax v1 4096 x 4096 fp32: % of copy bandwidth", common.pct_of_copy(v1.gbps(nbytes)), 85, "%")
+        common.perf_bar("softmax v1 4096 x 4096 fp32: speed vs torch.softmax (torch time / triton time)",
+                        times["torch.softmax"].ms / v1.ms, 1.0, "x")
+
+
+def benchmark_softmax_long_rows() -> None:
+    total = 2**24  # elements per tensor: 64 MiB of fp32, larger than L2
+    section("Benchmark: softmax over row lengths, M x N = 2^24 fp32 (rows longer than one block)")
+    exponents = [10, 12, 14, 16, 18]
+    names = ["torch.softmax", "torch.compile(naive)", *[f"triton {k}" for k in SOFTMAX_VERSIONS]]
+    table = Table("softmax, fp32: GB/s counting the minimum bytes", ["M x N", *names, "v3 % copy"])
+    series = {name: [] for name in names}
+    for e in exponents:
+        n_cols = 2**e
+        m_rows = total // n_cols
+        x = torch.randn(m_rows, n_cols, device="cuda")
+        nbytes = 2 * x.numel() * 4
+        providers = {"torch.softmax": softmax_reference, "torch.compile(naive)": common.compiled(softmax_naive),
+                     **{f"triton {k}": v for k, v in SOFTMAX_VERSIONS.items()}}
+        if n_cols > MAX_FUSED_COLS:
+            providers["triton v1 one block"] = None  # the row does not fit one block
+        rates = []
+        for name in names:
+            fn = providers[name]
+            rates.append(common.bench(lambda: fn(x)).gbps(nbytes) if fn is not None else float("nan"))
+            series[name].append(rates[-1])
+        table.add(f"{m_rows} x {n_cols}", *rates, common.pct_of_copy(rates[-1]))
+        del x
+    table.print()
+    print("v2 and v3 differ by one read of the row (4 vs 3 tensor-sized transfers). With few, long "
+          "rows there are fewer programs than SMs: exercise 6.3 splits each row over several programs.")
+    fig, ax = common.new_figure("Softmax over row lengths, M x N = 2^24 fp32", "N (columns)", "GB/s (minimum bytes)",
+                                logx=True)
+    for name, values in series.items():
+        ax.plot([2**e for e in exponents], values, marker="o", label=name)
+    ax.axhline(common.copy_bandwidth(), color="gray", linestyle="--", label="copy (measured)")
+    ax.legend(fontsize=8)
+    common.save_plot(fig, "06_kernel_fusion_softmax_rows")
+
+
+def benchmark_launch_overhead() -> None:
+    section("Benchmark: launch overhead on tiny tensors, (x + y) * s fp32")
+    table = Table("tiny tensors: GPU time (CUDA events) vs host time per call (wall clock, back to back)",
+                  ["n", "provider", "GPU kernels (profiler)", "GPU time us", "host us per call"])
+    for n in (1, 2**10, 2**14):
+        x, y = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
+        for name, fn in _providers_add_mul().items():
+            if fn is None:
+                continue
+            call = lambda: fn(x, y, 2.0)  # noqa: E731
+            gpu_us = common.bench(call).ms * 1e3
+            table.add(n, name, _gpu_kernels(call), gpu_us, _host_us_per_call(call))
+    table.print()
+    print("On tiny tensors the bytes are nothing: the host time per call is the launch cost "
+          "(Python, argument checks, the driver), paid once per kernel. Fusing two kernels into "
+          "one pays it once.")
+
+
+# %% [markdown]
+# ## Takeaways
+# - Count the bytes: every intermediate an unfused op writes and reads back costs bandwidth;
+#   fused, it stays in registers. (x + y) * s moves 5n elements unfused, 3n fused.
+# - Fused softmax reads each row once and writes it once; op by op it moves about 4x more and
+#   keeps row-sized intermediates alive (peak memory).
+# - Rows longer than one block: loop over chunks. Online softmax keeps a running max and sum,
+#   rescaling the sum by exp(m_old - m_new) when the max grows, and reads the row twice, not 3x.
+# - On tiny tensors launches, not bytes, set the time: fewer kernels is faster.
+# - torch.compile fuses both examples too; measure it as a peer, every time.
+
+
+if __name__ == "__main__":
+    args = common.lesson_args(__doc__.strip().splitlines()[0])
+    check(args.quick)
+    if common.HAS_GPU:
+        traffic(2**28, 4096, 4096)
+    else:
+        traffic(2**20, 256, 1000)
+    if common.HAS_GPU:
+        benchmark_add_mul_sizes(args.quick)
+        benchmark_softmax(args.quick)
+        if not args.quick:
+            benchmark_add_mul_scalars()
+            benchmark_add_mul_block_sizes()
+            benchmark_softmax_long_rows()
+            benchmark_launch_overhead()
+    else:
+        print("\n" + common.require_gpu("Benchmarks (fused vs unfused timings, sweeps, launch overhead, plots)"))
