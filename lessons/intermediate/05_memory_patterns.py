@@ -1,0 +1,754 @@
+"""
+Lesson 05: memory patterns
+==========================
+
+Build a matrix transpose that runs near copy speed, and a 2-D stencil with halos, and measure
+how the order of programs, cache hints and TMA tensor descriptors change their speed.
+
+You will learn:
+- why a naive transpose is slow (one side of it is strided) and how a tiled one fixes it
+- what Triton puts in shared memory for you: `tl.trans` on a loaded tile, and the layout
+  conversion the compiler inserts so that both the load and the store are coalesced
+- block pointers (`tl.make_block_ptr`) and tensor descriptors (`tl.make_tensor_descriptor`,
+  TMA on Hopper) as other ways to say "this tile of that matrix", with a fallback
+- grouped (swizzled) program order and cache-friendly traversal, measured
+- cache hints (`eviction_policy`, `cache_modifier`): what they ask for, and whether they help
+- a stencil: neighbours outside the tile (the halo) read with shifted, masked loads
+
+Run:  python lessons/intermediate/05_memory_patterns.py [--quick]
+"""
+
+import functools
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `common`
+import common  # noqa: E402  (first: picks the GPU, or Triton's CPU interpreter without one)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from common import Table, section  # noqa: E402
+
+# Triton 3.8 warns that block pointers are deprecated in favour of tensor descriptors (v4
+# below); v3 keeps them because they still work, run everywhere, and read the same way.
+warnings.filterwarnings("ignore", message="tl.make_block_ptr is deprecated")
+
+# %% [markdown]
+# ## Motivation
+# out = x.T moves each element once: it reads M*N elements and writes M*N, like a copy, and
+# does no arithmetic. So its speed limit is the copy bandwidth. The catch is the *order*:
+# reading x row by row makes neighbouring threads read neighbouring addresses (coalesced), but
+# then they write to out column by column, M elements apart. A warp's 32 stores land in 32
+# different rows, 32 memory sectors for 32 elements. Reading column by column just moves the
+# problem to the loads. The fix is a tile: read a square tile of x with coalesced loads, turn
+# it around on chip, write it with coalesced stores. In CUDA you turn it in shared memory by
+# hand; in Triton you write `tl.trans(tile)` and the compiler does the shared-memory part.
+#
+# The same lesson holds for any kernel whose programs touch overlapping or scattered data: a
+# stencil reads each input element 5 times (itself and as a neighbour of 4 others), and the
+# caches, not the kernel, decide how many of those reads reach memory.
+
+# %% [markdown]
+# ## Reference (PyTorch)
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def transpose_reference(x: torch.Tensor) -> torch.Tensor:
+    return x.t().contiguous()  # reads M*N, writes M*N: one copy kernel with strided reads
+
+
+def laplacian_reference(x: torch.Tensor) -> torch.Tensor:
+    """5-point Laplacian with zero boundary: out = up + down + left + right - 4 * centre."""
+    p = F.pad(x, (1, 1, 1, 1))  # reads H*W, writes (H+2)*(W+2)
+    return (p[:-2, 1:-1] + p[2:, 1:-1]  # each +: reads 2 H*W, writes H*W
+            + p[1:-1, :-2] + p[1:-1, 2:]
+            - 4 * x)  # the * and the -: 2 more kernels, 4 H*W more traffic
+
+
+# %% [markdown]
+# ## Kernel
+# Four transposes, one idea each:
+#   v1 naive:  one program per row slice; loads coalesced, stores M elements apart
+#   v2 tiled:  a BLOCK_M x BLOCK_N tile, stored as tl.trans(tile); the compiler moves it
+#              through shared memory so that the stores are coalesced too
+#   v3 block pointers: v2 written with tl.make_block_ptr (bounds handled by boundary_check)
+#   v4 tensor descriptors: v2 written with tl.make_tensor_descriptor; on Hopper the loads and
+#              stores become TMA copies (the copy engine moves whole tiles, no per-thread
+#              addresses). Falls back to v3 where descriptors are missing or the tensor is not
+#              16-byte aligned.
+# The tiled versions share `tile_coords`, which decides which tile a program handles.
+
+
+@triton.jit
+def tile_coords(pid, n_tiles_m, n_tiles_n, GROUP_M: tl.constexpr):
+    """The (tile row, tile column) of program `pid`, in grouped order.
+
+    GROUP_M = 1 is row-major order (the column index moves fastest). A larger GROUP_M walks
+    down GROUP_M tile rows before moving one tile right (what tl.swizzle2d does too), so the
+    programs running at the same time touch a squarer patch of memory. GROUP_M >= n_tiles_m is
+    column-major order.
+    """
+    tiles_per_group = GROUP_M * n_tiles_n
+    first_m = (pid // tiles_per_group) * GROUP_M
+    group_rows = tl.minimum(n_tiles_m - first_m, GROUP_M)  # the last group may be shorter
+    pid_m = first_m + (pid % tiles_per_group) % group_rows
+    pid_n = (pid % tiles_per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def transpose_v1_kernel(
+    x_ptr,  # pointer to x[0, 0]; x has shape (M, N)
+    out_ptr,  # pointer to out[0, 0]; out has shape (N, M)
+    M, N,  # the shape of x
+    stride_xm, stride_xn,  # element distance between x[i, j] and x[i + 1, j], x[i, j + 1]
+    stride_on, stride_om,  # the same for out (shape (N, M))
+    BLOCK_SIZE: tl.constexpr,  # elements of one row of x per program
+):
+    m = tl.program_id(0)  # one row of x ...
+    offs_n = tl.program_id(1) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)  # ... a block of it
+    mask = offs_n < N
+    row = tl.load(x_ptr + m * stride_xm + offs_n * stride_xn, mask=mask)  # coalesced
+    # Element n of the row goes to out[n, m]: neighbouring lanes write stride_on (= M)
+    # elements apart, one memory sector per element.
+    tl.store(out_ptr + offs_n * stride_on + m * stride_om, row, mask=mask)
+
+
+@triton.jit
+def transpose_v2_kernel(
+    x_ptr, out_ptr, M, N, stride_xm, stride_xn, stride_on, stride_om,
+    BLOCK_M: tl.constexpr,  # tile rows (of x)
+    BLOCK_N: tl.constexpr,  # tile columns (of x)
+    GROUP_M: tl.constexpr,  # program order, see tile_coords
+    EVICT: tl.constexpr,  # eviction_policy of the load: "", "evict_first" or "evict_last"
+):
+    pid_m, pid_n = tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # The tile, read row by row: lanes next to each other read x[m, n], x[m, n + 1], ...
+    tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn,
+                   mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), eviction_policy=EVICT)
+    # out[n, m] = x[m, n]: a BLOCK_N x BLOCK_M tile whose rows are contiguous in out. tl.trans
+    # swaps the axes; the store wants lanes along m, the loaded tile has them along n, so the
+    # compiler converts the layout through shared memory here (see inspect_compiled below).
+    tl.store(out_ptr + offs_n[:, None] * stride_on + offs_m[None, :] * stride_om, tl.trans(tile),
+             mask=(offs_n[:, None] < N) & (offs_m[None, :] < M))
+
+
+@triton.jit
+def transpose_v3_kernel(x_ptr, out_ptr, M, N, stride_xm, stride_xn, stride_on, stride_om,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    # A block pointer carries the parent's shape and strides, so bounds are checked per axis
+    # (boundary_check) instead of with a hand-built mask.
+    x_block = tl.make_block_ptr(x_ptr, shape=(M, N), strides=(stride_xm, stride_xn),
+                                offsets=(pid_m * BLOCK_M, pid_n * BLOCK_N),
+                                block_shape=(BLOCK_M, BLOCK_N), order=(1, 0))
+    out_block = tl.make_block_ptr(out_ptr, shape=(N, M), strides=(stride_on, stride_om),
+                                  offsets=(pid_n * BLOCK_N, pid_m * BLOCK_M),
+                                  block_shape=(BLOCK_N, BLOCK_M), order=(1, 0))
+    tile = tl.load(x_block, boundary_check=(0, 1))
+    tl.store(out_block, tl.trans(tile), boundary_check=(0, 1))
+
+
+@triton.jit
+def transpose_v4_kernel(x_ptr, out_ptr, M, N, stride_xm, stride_on,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    # A descriptor needs a contiguous last dimension and 16-byte aligned rows (TMA's rules);
+    # the wrapper checks both. Out-of-bounds parts of a tile read as zero and are not written.
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, N], strides=[stride_xm, 1],
+                                       block_shape=[BLOCK_M, BLOCK_N])
+    out_desc = tl.make_tensor_descriptor(out_ptr, shape=[N, M], strides=[stride_on, 1],
+                                         block_shape=[BLOCK_N, BLOCK_M])
+    tile = x_desc.load([pid_m * BLOCK_M, pid_n * BLOCK_N])
+    out_desc.store([pid_n * BLOCK_N, pid_m * BLOCK_M], tl.trans(tile))
+
+
+@triton.jit
+def laplacian_kernel(
+    x_ptr,  # pointer to x[0, 0]; x has shape (H, W), rows contiguous
+    out_ptr,  # pointer to out[0, 0]; same shape, contiguous
+    H, W,  # image height and width
+    stride_xh,  # elements between x[i, j] and x[i + 1, j]
+    stride_oh,  # elements between out[i, j] and out[i + 1, j]
+    BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,  # output tile
+    GROUP_M: tl.constexpr,  # program order over tiles, see tile_coords
+    EVICT: tl.constexpr,  # eviction_policy of the loads
+    CACHE: tl.constexpr,  # cache_modifier of the loads: "" or ".ca" (cache in L1), ".cg" (L2 only)
+):
+    pid_h, pid_w = tile_coords(tl.program_id(0), tl.cdiv(H, BLOCK_H), tl.cdiv(W, BLOCK_W), GROUP_M)
+    offs_h = (pid_h * BLOCK_H + tl.arange(0, BLOCK_H))[:, None]
+    offs_w = (pid_w * BLOCK_W + tl.arange(0, BLOCK_W))[None, :]
+    inside = (offs_h < H) & (offs_w < W)
+    centre = x_ptr + offs_h * stride_xh + offs_w
+    # Triton cannot index a register tile at "one row up", so each neighbour is a second load
+    # of the tile shifted by one: 5 loads per output tile. The halo (the row above, the row
+    # below, the columns left and right of the tile) comes with the shifted loads; the zero
+    # boundary comes from the masks (other=0.0). Four of the five loads hit data another load
+    # just brought into L1/L2, which is why the benchmark sees about one read per element.
+    acc = -4.0 * tl.load(centre, mask=inside, other=0.0, eviction_policy=EVICT,
+                         cache_modifier=CACHE).to(tl.float32)
+    acc += tl.load(centre - stride_xh, mask=inside & (offs_h >= 1), other=0.0,
+                   eviction_policy=EVICT, cache_modifier=CACHE).to(tl.float32)
+    acc += tl.load(centre + stride_xh, mask=inside & (offs_h + 1 < H), other=0.0,
+                   eviction_policy=EVICT, cache_modifier=CACHE).to(tl.float32)
+    acc += tl.load(centre - 1, mask=inside & (offs_w >= 1), other=0.0,
+                   eviction_policy=EVICT, cache_modifier=CACHE).to(tl.float32)
+    acc += tl.load(centre + 1, mask=inside & (offs_w + 1 < W), other=0.0,
+                   eviction_policy=EVICT, cache_modifier=CACHE).to(tl.float32)
+    tl.store(out_ptr + offs_h * stride_oh + offs_w, acc.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+# %% [markdown]
+# ## Wrapper
+# validate, allocate, grid, launch, return. The tiled versions launch one program per tile on
+# a 1-D grid, so that tile_coords (not the hardware's grid order) decides the program order.
+# The launchers (_launch_*) return what the launch returns: on a GPU, the compiled kernel,
+# which inspect_compiled reads its shared memory and assembly from.
+
+# Tile and warps of the tiled versions: re-tune with the tile sweep in the benchmark.
+BLOCK_M, BLOCK_N, NUM_WARPS = 64, 64, 4
+GROUP_M = 1  # row-major program order; the order benchmark measures the others
+V1_BLOCK_SIZE = 1024
+EVICTION_POLICIES = ("", "evict_first", "evict_last")
+LOAD_CACHE_MODIFIERS = ("", ".ca", ".cg", ".cv")
+
+
+def _check_pow2(**sizes: int) -> None:
+    for name, value in sizes.items():
+        if not isinstance(value, int) or value < 1 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of 2 (tl.arange needs one), got {value!r}")
+
+
+def _prepare_transpose(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """Validate x (2-D, any strides) and out (N x M, contiguous); return out."""
+    common.check_tensors(x=x, contiguous=False, ndim=2, dtypes=DTYPES)
+    if x.numel() >= 2**31:
+        raise ValueError(f"x has {x.numel():,} elements; these kernels use 32-bit offsets "
+                         f"(fewer than 2**31 elements)")
+    M, N = x.shape
+    if out is None:
+        return torch.empty((N, M), dtype=x.dtype, device=x.device)
+    common.check_tensors(x=x, out=out, same_shape=False, contiguous=False)
+    if tuple(out.shape) != (N, M) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous ({N}, {M}) tensor for x of shape {tuple(x.shape)}, "
+                         f"got shape {tuple(out.shape)} with strides {out.stride()}")
+    return out
+
+
+def _tiled_grid(M: int, N: int, block_m: int, block_n: int) -> tuple[int]:
+    return (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+
+
+def _launch_v1(x, out, block_size):
+    M, N = x.shape
+    return transpose_v1_kernel[(M, triton.cdiv(N, block_size))](
+        x, out, M, N, x.stride(0), x.stride(1), out.stride(0), out.stride(1), BLOCK_SIZE=block_size)
+
+
+def _launch_v2(x, out, block_m, block_n, group_m, evict, num_warps):
+    M, N = x.shape
+    return transpose_v2_kernel[_tiled_grid(M, N, block_m, block_n)](
+        x, out, M, N, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=group_m, EVICT=evict, num_warps=num_warps)
+
+
+def _launch_v3(x, out, block_m, block_n, group_m, num_warps):
+    M, N = x.shape
+    return transpose_v3_kernel[_tiled_grid(M, N, block_m, block_n)](
+        x, out, M, N, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=group_m, num_warps=num_warps)
+
+
+def _launch_v4(x, out, block_m, block_n, group_m, num_warps):
+    M, N = x.shape
+    return transpose_v4_kernel[_tiled_grid(M, N, block_m, block_n)](
+        x, out, M, N, x.stride(0), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=group_m, num_warps=num_warps)
+
+
+def transpose_v1(x: torch.Tensor, block_size: int = V1_BLOCK_SIZE, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x.T (contiguous) with one program per row slice: the naive version."""
+    out = _prepare_transpose(x, out)
+    _check_pow2(block_size=block_size)
+    _launch_v1(x, out, block_size)
+    return out
+
+
+def transpose_v2(x: torch.Tensor, block_m: int = BLOCK_M, block_n: int = BLOCK_N, group_m: int = GROUP_M,
+                 evict: str = "", num_warps: int = NUM_WARPS, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x.T (contiguous), tiled: each program transposes one block_m x block_n tile."""
+    out = _prepare_transpose(x, out)
+    _check_pow2(block_m=block_m, block_n=block_n)
+    if group_m < 1:
+        raise ValueError(f"group_m must be >= 1, got {group_m}")
+    if evict not in EVICTION_POLICIES:
+        raise ValueError(f"evict must be one of {EVICTION_POLICIES}, got {evict!r}")
+    _launch_v2(x, out, block_m, block_n, group_m, evict, num_warps)
+    return out
+
+
+def transpose_v3(x: torch.Tensor, block_m: int = BLOCK_M, block_n: int = BLOCK_N, group_m: int = GROUP_M,
+                 num_warps: int = NUM_WARPS, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x.T (contiguous), tiled, with block pointers."""
+    out = _prepare_transpose(x, out)
+    _check_pow2(block_m=block_m, block_n=block_n)
+    _launch_v3(x, out, block_m, block_n, group_m, num_warps)
+    return out
+
+
+def _descriptor_scratch(size: int, alignment: int, stream):
+    # Descriptors made inside a kernel are written to global scratch memory first; Triton asks
+    # for it through the allocator set with triton.set_allocator.
+    return torch.empty(size, dtype=torch.int8, device=common.DEVICE)
+
+
+@functools.cache
+def tma_status() -> str | None:
+    """None if v4 (tensor descriptors) runs here, else the reason it falls back to v3."""
+    if not hasattr(tl, "make_tensor_descriptor"):
+        return f"triton {triton.__version__} has no tl.make_tensor_descriptor"
+    if common.HAS_GPU:
+        if torch.cuda.get_device_capability() < (9, 0):
+            return "TMA needs sm_90 or newer (Hopper); this GPU uses block pointers instead"
+        if not hasattr(triton, "set_allocator"):
+            return f"triton {triton.__version__} has no triton.set_allocator for descriptor scratch memory"
+        triton.set_allocator(_descriptor_scratch)
+    # A tiny trial run: a Triton that has the API but cannot compile (or interpret) it here
+    # gives a reason to print instead of a crash in the middle of a benchmark.
+    try:
+        x = torch.arange(48 * 80, dtype=torch.float32, device=common.DEVICE).view(48, 80)
+        out = torch.full((80, 48), float("nan"), device=common.DEVICE)
+        _launch_v4(x, out, 32, 32, 1, 4)
+        if not torch.equal(out, x.t()):
+            return "a trial transpose with tensor descriptors gave wrong values"
+    except Exception as err:  # a compiler or interpreter without descriptor support
+        first_line = (str(err).strip().splitlines() or [""])[0][:160]
+        return f"tensor descriptors failed here ({type(err).__name__}: {first_line})"
+    return None
+
+
+def tma_problem(x: torch.Tensor, out: torch.Tensor) -> str | None:
+    """None if v4 can transpose x into out, else why it falls back to v3."""
+    status = tma_status()
+    if status:
+        return status
+    es = x.element_size()
+    if x.stride(1) != 1:
+        return "x's last dimension is not contiguous"
+    if (x.stride(0) * es) % 16 or (out.stride(0) * es) % 16:
+        return "rows are not a multiple of 16 bytes apart (TMA needs 16-byte aligned rows)"
+    if x.data_ptr() % 16 or out.data_ptr() % 16:
+        return "the data does not start on a 16-byte boundary"
+    return None
+
+
+def transpose_v4(x: torch.Tensor, block_m: int = BLOCK_M, block_n: int = BLOCK_N, group_m: int = GROUP_M,
+                 num_warps: int = NUM_WARPS, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x.T (contiguous), tiled, with tensor descriptors (TMA on Hopper); v3 where they cannot run."""
+    out = _prepare_transpose(x, out)
+    _check_pow2(block_m=block_m, block_n=block_n)
+    if max(block_m, block_n) > 256:
+        raise ValueError(f"a TMA box is at most 256 elements per side, got {block_m} x {block_n}")
+    if tma_problem(x, out):
+        _launch_v3(x, out, block_m, block_n, group_m, num_warps)
+    else:
+        _launch_v4(x, out, block_m, block_n, group_m, num_warps)
+    return out
+
+
+VERSIONS = {
+    "v1 naive (row -> column)": transpose_v1,
+    "v2 tiled (tl.trans)": transpose_v2,
+    "v3 block pointers": transpose_v3,
+    "v4 tensor descriptors (TMA)": transpose_v4,
+}
+
+
+def transpose(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x.T as a new contiguous tensor: the lesson's default version (v2 with the tuned tile)."""
+    return transpose_v2(x, out=out)
+
+
+def laplacian(x: torch.Tensor, block_h: int = 32, block_w: int = 64, group_m: int = GROUP_M,
+              evict: str = "", cache: str = "", num_warps: int = NUM_WARPS,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """5-point Laplacian of a 2-D tensor (zero outside), accumulated in fp32."""
+    common.check_tensors(x=x, ndim=2, dtypes=DTYPES)
+    _check_pow2(block_h=block_h, block_w=block_w)
+    if evict not in EVICTION_POLICIES:
+        raise ValueError(f"evict must be one of {EVICTION_POLICIES}, got {evict!r}")
+    if cache not in LOAD_CACHE_MODIFIERS:
+        raise ValueError(f"cache must be one of {LOAD_CACHE_MODIFIERS}, got {cache!r}")
+    if out is None:
+        out = torch.empty_like(x)
+    else:
+        common.check_tensors(x=x, out=out)
+    H, W = x.shape
+    grid = _tiled_grid(H, W, block_h, block_w)
+    laplacian_kernel[grid](x, out, H, W, x.stride(0), out.stride(0), BLOCK_H=block_h, BLOCK_W=block_w,
+                           GROUP_M=group_m, EVICT=evict, CACHE=cache, num_warps=num_warps)
+    return out
+
+
+# %% [markdown]
+# ## Check
+# Awkward shapes (not multiples of any tile), inputs that are contiguous, column slices and
+# transposed views (every version takes strides), outputs poisoned with NaN and guarded
+# against stores past the end, references in float64.
+
+
+def awkward_shapes(count: int) -> list[tuple[int, int]]:
+    """(M, N) pairs, neither a multiple of 16; small in the interpreter."""
+    hi = 200 if common.INTERPRETER else 3000  # the interpreter takes milliseconds per program
+    sizes = common.awkward_sizes(count=2 * count, lo=65, hi=hi, include=())
+    return [(sizes[2 * i], sizes[2 * i + 1]) for i in range(count)] + [(1, 37), (53, 1)]
+
+
+def input_views(M: int, N: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """x of shape (M, N) three ways: contiguous, a column slice, a transposed view."""
+    return {
+        "contiguous": common.randn(M, N, dtype=dtype),
+        "column slice": common.randn(M, N + 3, dtype=dtype)[:, 1:N + 1],
+        "transposed view": common.randn(N, M, dtype=dtype).t(),
+    }
+
+
+def check(quick: bool) -> None:
+    section("Check: every transpose version and the stencil against PyTorch (float64 reference)")
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if common.supports_bf16() else [])
+    shapes = awkward_shapes(2 if quick else 3)
+    # On a GPU each new combination of dtype, stride pattern and constexprs is a new compile,
+    # so the views and the one-row / one-column shapes are checked in fp32 only: strides and
+    # edges do not depend on the dtype. tests/test_05_memory_patterns.py checks more.
+    for dtype in dtypes:
+        for M, N in shapes:
+            edge = min(M, N) == 1
+            if dtype != torch.float32 and edge:
+                continue
+            keep = (("contiguous",) if dtype != torch.float32 or edge else
+                    ("contiguous", "transposed view") if quick else
+                    ("contiguous", "column slice", "transposed view"))
+            views = {k: v for k, v in input_views(M, N, dtype).items() if k in keep}
+            for view, x in views.items():
+                for name, fn in VERSIONS.items():
+                    out = common.poisoned_empty(N, M, dtype=dtype)
+                    fn(x, out=out)
+                    common.assert_close(out, x.double().t(), name=f"{name} {M}x{N} {view} {dtype}")
+            x = common.randn(M, N, dtype=dtype, scale=3.0)
+            out = common.poisoned_empty(M, N, dtype=dtype)
+            laplacian(x, out=out)
+            common.assert_close(out, laplacian_reference(x.double()), name=f"laplacian {M}x{N} {dtype}")
+    # Program orders and cache hints change the speed, never the result: check the ones the
+    # benchmark times.
+    M, N = shapes[0]
+    x = common.randn(M, N)
+    expected_t, expected_l = x.double().t(), laplacian_reference(x.double())
+    for group_m in bench_groups(quick) + (triton.cdiv(M, BLOCK_M),):
+        common.assert_close(transpose_v2(x, group_m=group_m), expected_t, name=f"v2 group_m={group_m}")
+        common.assert_close(laplacian(x, group_m=group_m), expected_l, name=f"laplacian group_m={group_m}")
+    for evict in bench_evicts(quick):
+        common.assert_close(transpose_v2(x, evict=evict), expected_t, name=f"v2 evict={evict!r}")
+        if not quick:
+            common.assert_close(laplacian(x, evict=evict), expected_l, name=f"laplacian evict={evict!r}")
+    common.assert_close(laplacian(x, cache=".cg"), expected_l, name="laplacian cache='.cg'")
+    names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+    print(f"transpose v1..v4 and laplacian match PyTorch for shapes {shapes}, dtypes {names}, "
+          f"{'contiguous and transposed' if quick else 'contiguous, column-sliced and transposed'} "
+          f"fp32 inputs, every program order and cache hint benchmarked below: OK")
+    check_tma(dtypes, quick)
+    if not common.supports_bf16():
+        print("bfloat16: skipped, the interpreter has no bfloat16 (numpy lacks it); runs on a GPU")
+
+
+def check_tma(dtypes, quick: bool) -> None:
+    """v4 on shapes TMA accepts (rows 16-byte aligned) but no tile divides."""
+    status = tma_status()
+    if status:
+        print(f"v4 tensor descriptors: skipped, falls back to block pointers: {status}")
+        return
+    for dtype in dtypes:
+        align = 16 // torch.tensor([], dtype=dtype).element_size()
+        for M, N in awkward_shapes(1 if quick else 2)[:-2]:  # no one-row shapes: rows must be aligned
+            M, N = M - M % align + align, N - N % align + align  # multiples of 16 bytes, not of 64
+            x = common.randn(M, N, dtype=dtype)
+            out = common.poisoned_empty(N, M, dtype=dtype)
+            assert tma_problem(x, out) is None, tma_problem(x, out)
+            transpose_v4(x, out=out)
+            common.assert_close(out, x.double().t(), name=f"v4 (TMA) {M}x{N} {dtype}")
+    where = "TMA copies" if common.HAS_GPU else "the interpreter"
+    print(f"v4 tensor descriptors ({where}) match PyTorch on 16-byte aligned shapes: OK")
+
+
+# %% [markdown]
+# ## Memory traffic
+# A transpose must read M*N elements and write M*N: a copy's traffic. PyTorch's
+# x.t().contiguous() is one copy kernel with that traffic. The stencil must read H*W and write
+# H*W too, but eager PyTorch builds it from 6 kernels and their temporaries.
+
+
+def traffic(n: int) -> None:
+    section(f"Memory traffic: transpose and stencil of a {n} x {n} fp32 matrix")
+    x = torch.randn(n, n, device=common.DEVICE)
+    counted = common.count_torch_traffic(transpose_reference, x)
+    print(f"transpose, modelled minimum (read x, write x.T): {common.fmt_bytes(2 * common.min_bytes(x))}")
+    print(f"PyTorch x.t().contiguous(), counted:             {counted.summary()}")
+    # The model behind v1's slowness: a warp stores 32 elements to 32 different rows of out.
+    # Memory is written in 32-byte sectors, so each 4-byte element costs a sector unless L2
+    # merges neighbouring columns (written by other programs) before it writes the line back.
+    for dtype in (torch.float32, torch.float16):
+        es = torch.tensor([], dtype=dtype).element_size()
+        print(f"v1 naive, {str(dtype).removeprefix('torch.')}: each stored element is alone in its 32-byte "
+              f"sector: up to {32 // es}x the written bytes, unless L2 merges them")
+    counted = common.count_torch_traffic(laplacian_reference, x)
+    print(f"stencil, modelled minimum (read x, write out):   {common.fmt_bytes(2 * common.min_bytes(x))}")
+    print(f"PyTorch eager stencil, counted:                  {counted.summary()}")
+    print(f"Triton laplacian: 1 kernel; it issues 5 tile loads and 1 store per output tile "
+          f"({common.fmt_bytes(6 * common.min_bytes(x))} requested), and the benchmark shows how "
+          f"much of that reaches memory")
+
+
+# %% [markdown]
+# ## Benchmark
+# Medians (CUDA events, L2 flushed between runs) in GB/s of the modelled minimum bytes (read
+# once + written once), and as a % of a device-to-device copy measured in the same run.
+# "Different?" compares two timings against their own spread (20th-80th percentile): a
+# difference smaller than the noise is reported as none.
+
+
+def bench_groups(quick: bool) -> tuple[int, ...]:
+    """GROUP_M values the order benchmark times (besides row-major and column-major)."""
+    return (8,) if quick else (4, 8, 16)
+
+
+def bench_evicts(quick: bool) -> tuple[str, ...]:
+    """eviction_policy values the cache-hint benchmark times (besides none)."""
+    return ("evict_first",) if quick else ("evict_first", "evict_last")
+
+
+def _verdict(base: common.Timing, other: common.Timing) -> str:
+    noise = 2 * max(base.spread, other.spread, 0.01)
+    change = base.ms / other.ms - 1
+    if abs(change) <= noise:
+        return "same (within noise)"
+    return f"{'faster' if change > 0 else 'slower'} by {100 * abs(change):.0f}%"
+
+
+def benchmark_versions(quick: bool) -> None:
+    n = 4096 if quick else 16384
+    section(f"Benchmark: transpose v1..v4 vs PyTorch, {n} x {n} fp32")
+    copy = common.copy_bandwidth()
+    print(f"copy bandwidth measured now: {copy:,.0f} GB/s (device-to-device, read + write)")
+    x = torch.randn(n, n, device="cuda")
+    out = torch.empty(n, n, device="cuda")
+    nbytes = 2 * n * n * 4  # read x once, write x.T once
+    providers = {"copy (ceiling, same bytes)": lambda: out.copy_(x),
+                 "torch x.t().contiguous()": lambda: transpose_reference(x)}
+    compiled = None if quick else common.compiled(transpose_reference)
+    if compiled:
+        providers["torch.compile"] = lambda: compiled(x)
+    elif quick:
+        print("torch.compile: skipped in --quick (its compile time would dominate the run)")
+    for name, fn in VERSIONS.items():
+        if fn is transpose_v4 and tma_problem(x, out):
+            print(f"{name}: skipped, {tma_problem(x, out)}")
+            continue
+        providers[name] = functools.partial(fn, x, out=out)
+    timings = {name: common.bench(fn) for name, fn in providers.items()}
+    t_torch = timings["torch x.t().contiguous()"]
+    table = Table(f"transpose {n} x {n} fp32: GB/s (read + write) and % of copy",
+                  ["provider", "time", "GB/s", "% copy", "vs torch"])
+    for name, t in timings.items():
+        table.add(name, str(t), t.gbps(nbytes), common.pct_of_copy(t.gbps(nbytes)), f"{t_torch.ms / t.ms:.2f}x")
+    table.print()
+    fig, ax = common.new_figure(f"Transpose {n} x {n} fp32: achieved bandwidth", "", "GB/s")
+    names = list(timings)
+    ax.bar(range(len(names)), [timings[k].gbps(nbytes) for k in names], color="tab:blue")
+    ax.set_xticks(range(len(names)), [k.split(" (")[0] for k in names], rotation=30, ha="right")
+    ax.axhline(copy, color="gray", linestyle="--", label="copy (measured)")
+    ax.legend()
+    common.save_plot(fig, "05_memory_patterns_transpose_versions")
+    if not quick:
+        t = common.bench(lambda: transpose(x, out=out))
+        common.perf_bar(f"transpose {n} x {n} fp32: % of copy bandwidth", common.pct_of_copy(t.gbps(nbytes)),
+                        80, "%")
+
+
+def benchmark_tiles(quick: bool) -> None:
+    n = 4096 if quick else 8192
+    section(f"Benchmark: tile shape and warps of v2, {n} x {n} fp32")
+    x = torch.randn(n, n, device="cuda")
+    out = torch.empty(n, n, device="cuda")
+    nbytes = 2 * n * n * 4
+    configs = ([(32, 32, 4), (64, 64, 4), (128, 128, 8)] if quick else
+               [(32, 32, 4), (32, 128, 4), (128, 32, 4), (64, 64, 4), (64, 64, 8), (128, 64, 8), (128, 128, 8)])
+    table = Table("v2 tiled transpose: tile sweep", ["BLOCK_M x BLOCK_N", "warps", "time", "GB/s", "% copy"])
+    labels, rates = [], []
+    for bm, bn, warps in configs:
+        t = common.bench(lambda: transpose_v2(x, block_m=bm, block_n=bn, num_warps=warps, out=out))
+        labels.append(f"{bm}x{bn} w{warps}")
+        rates.append(t.gbps(nbytes))
+        table.add(f"{bm} x {bn}", warps, str(t), rates[-1], common.pct_of_copy(rates[-1]))
+    table.print()
+    best = labels[rates.index(max(rates))]
+    print(f"Best tile here: {best} (the default is {BLOCK_M}x{BLOCK_N} w{NUM_WARPS}). Small tiles give "
+          f"short coalesced runs per row; large ones need more shared memory for the conversion.")
+    fig, ax = common.new_figure(f"Transpose {n} x {n} fp32: tile sweep (v2)", "", "GB/s")
+    ax.bar(range(len(labels)), rates, color="tab:green")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.axhline(common.copy_bandwidth(), color="gray", linestyle="--", label="copy (measured)")
+    ax.legend()
+    common.save_plot(fig, "05_memory_patterns_transpose_tiles")
+
+
+def benchmark_order(quick: bool) -> None:
+    n = 4096 if quick else 8192
+    section(f"Benchmark: program order (cache-friendly traversal), {n} x {n} fp32")
+    x = torch.randn(n, n, device="cuda")
+    out = torch.empty(n, n, device="cuda")
+    nbytes = 2 * n * n * 4
+    stencil_block_h = 32
+    orders = [("row-major (GROUP_M=1)", 1, 1)]
+    orders += [(f"grouped, GROUP_M={g}", g, g) for g in bench_groups(quick)]
+    orders.append(("column-major", triton.cdiv(n, BLOCK_M), triton.cdiv(n, stencil_block_h)))
+    table = Table("same kernels, different program order",
+                  ["order", "transpose GB/s", "vs row-major", "stencil GB/s", "vs row-major"])
+    base = None
+    for name, group_t, group_s in orders:
+        t_t = common.bench(lambda: transpose_v2(x, group_m=group_t, out=out))
+        t_s = common.bench(lambda: laplacian(x, block_h=stencil_block_h, group_m=group_s, out=out))
+        base = base or (t_t, t_s)
+        table.add(name, t_t.gbps(nbytes), _verdict(base[0], t_t), t_s.gbps(nbytes), _verdict(base[1], t_s))
+    table.print()
+    print("Row-major order reads whole rows of x at once. Grouped order keeps the programs in "
+          "flight on a squarer patch (each input row band and output row band is finished "
+          "sooner). Where both columns say 'same', neither kernel reuses data across tiles "
+          "enough for the order to matter at this size: the transpose reads every element once, "
+          "and the stencil's halo is 2 rows per tile of 32.")
+
+
+def benchmark_eviction(quick: bool) -> None:
+    n = 4096 if quick else 8192
+    section(f"Benchmark: cache hints, {n} x {n} fp32")
+    x = torch.randn(n, n, device="cuda")
+    out = torch.empty(n, n, device="cuda")
+    nbytes = 2 * n * n * 4
+    table = Table("eviction_policy / cache_modifier on the loads", ["kernel", "hint", "GB/s", "% copy", "vs no hint"])
+    cases = [("transpose v2", "none", lambda: transpose_v2(x, out=out))]
+    cases += [("transpose v2", f'eviction_policy="{e}"', functools.partial(transpose_v2, x, evict=e, out=out))
+              for e in bench_evicts(quick)]
+    cases += [("laplacian", "none", lambda: laplacian(x, out=out)),
+              ("laplacian", 'cache_modifier=".cg" (skip L1)', lambda: laplacian(x, cache=".cg", out=out))]
+    if not quick:
+        cases += [("laplacian", f'eviction_policy="{e}"', functools.partial(laplacian, x, evict=e, out=out))
+                  for e in bench_evicts(quick)]
+    base, verdicts = {}, []
+    for kernel, hint, fn in cases:
+        t = common.bench(fn)
+        base.setdefault(kernel, t)
+        verdict = _verdict(base[kernel], t) if hint != "none" else "-"
+        verdicts.append(verdict)
+        table.add(kernel, hint, t.gbps(nbytes), common.pct_of_copy(t.gbps(nbytes)), verdict)
+    table.print()
+    if all(v.startswith("same") or v == "-" for v in verdicts):
+        print("No hint changed either kernel beyond the noise of its timings on this GPU: both "
+              "read each byte from memory once, so there is nothing in L2 worth protecting. "
+              "Hints pay off when one tensor is reused while another streams past it.")
+    else:
+        print("Some hints changed the speed (see 'vs no hint'). evict_first marks lines to go "
+              "first, evict_last to stay; .cg skips L1, so the stencil's 5 overlapping loads "
+              "must be served by L2 instead.")
+
+
+def benchmark_stencil(quick: bool) -> None:
+    n = 4096 if quick else 8192
+    section(f"Benchmark: 5-point stencil, {n} x {n} fp32")
+    x = torch.randn(n, n, device="cuda")
+    out = torch.empty(n, n, device="cuda")
+    nbytes = 2 * n * n * 4  # modelled minimum: read x once, write out once
+    weight = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]], device="cuda")[None, None]
+    providers = {"torch eager (pad + slices)": lambda: laplacian_reference(x),
+                 "torch conv2d (cuDNN)": lambda: F.conv2d(x[None, None], weight, padding=1)}
+    compiled = None if quick else common.compiled(laplacian_reference)
+    if compiled:
+        providers["torch.compile"] = lambda: compiled(x)
+    providers["triton laplacian"] = lambda: laplacian(x, out=out)
+    table = Table(f"stencil {n} x {n} fp32: GB/s of the minimum bytes (1 read + 1 write)",
+                  ["provider", "time", "GB/s", "% copy", "vs eager"])
+    timings = {name: common.bench(fn) for name, fn in providers.items()}
+    t_eager = timings["torch eager (pad + slices)"]
+    for name, t in timings.items():
+        table.add(name, str(t), t.gbps(nbytes), common.pct_of_copy(t.gbps(nbytes)), f"{t_eager.ms / t.ms:.2f}x")
+    table.print()
+    t = timings["triton laplacian"]
+    print(f"The Triton kernel issues 5 reads + 1 write per element; counted that way it would move "
+          f"{t.gbps(3 * nbytes):,.0f} GB/s, {t.gbps(3 * nbytes) / common.copy_bandwidth():.1f}x the copy "
+          f"bandwidth: above 1x, the caches served the overlapping reads.")
+
+
+def inspect_compiled() -> None:
+    section("What Triton put in shared memory (compiled kernels, small launch)")
+    x = torch.randn(256, 256, device="cuda")
+    out = torch.empty(256, 256, device="cuda")
+    launches = {"v1 naive": lambda: _launch_v1(x, out, V1_BLOCK_SIZE),
+                "v2 tiled": lambda: _launch_v2(x, out, BLOCK_M, BLOCK_N, GROUP_M, "", NUM_WARPS),
+                "v3 block pointers": lambda: _launch_v3(x, out, BLOCK_M, BLOCK_N, GROUP_M, NUM_WARPS)}
+    if tma_problem(x, out) is None:
+        launches["v4 tensor descriptors"] = lambda: _launch_v4(x, out, BLOCK_M, BLOCK_N, GROUP_M, NUM_WARPS)
+    else:
+        print(f"v4 tensor descriptors: skipped, {tma_problem(x, out)}")
+    launches["laplacian"] = lambda: laplacian_kernel[_tiled_grid(256, 256, 32, 64)](
+        x, out, 256, 256, x.stride(0), out.stride(0), BLOCK_H=32, BLOCK_W=64, GROUP_M=1, EVICT="", CACHE="")
+    table = Table("compiled kernels: shared memory and memory instructions",
+                  ["kernel", "shared bytes", "convert_layout", "local_alloc", "TMA ops", "widest global store"])
+    for name, launch in launches.items():
+        try:
+            compiled = launch()
+            ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
+            widest = ("TMA (cp.async.bulk)" if "cp.async.bulk.tensor" in ptx else
+                      "128-bit (st.global.v4)" if "st.global.v4" in ptx else
+                      "64-bit (st.global.v2)" if "st.global.v2" in ptx else "32-bit or narrower")
+            table.add(name, int(compiled.metadata.shared), ttgir.count("convert_layout"),
+                      ttgir.count("local_alloc"), ttgir.count("tma"), widest)
+        except Exception as err:  # the compiled-kernel object differs between Triton versions
+            print(f"{name}: skipped, could not read the compiled kernel ({type(err).__name__}: {err})")
+    if table.rows:
+        table.print()
+        print("'shared bytes' > 0 with a convert_layout: the compiler staged a tile through shared "
+              "memory to change which thread holds which element; nobody wrote that in the kernel. "
+              "'widest global store' shows whether the stores were vectorized (coalesced).")
+
+
+# %% [markdown]
+# ## Takeaways
+# - A transpose is a copy with one strided side; tiles make both sides coalesced. In Triton,
+#   `tl.trans(tile)` plus a store along the other axis is all it takes: the compiler stages the
+#   tile through shared memory (check `metadata.shared` and `convert_layout` in the TTGIR).
+# - Block pointers and tensor descriptors describe the same tile with its parent's shape and
+#   strides; on Hopper descriptors become TMA copies. Guard them and keep a fallback.
+# - Program order and cache hints are knobs to measure, not to assume: print the verdict
+#   against the timing noise and keep only what moves the number.
+# - Stencils read each element several times; shifted masked loads plus the caches turn that
+#   into about one read from memory, and the masks give the zero boundary for free.
+
+
+if __name__ == "__main__":
+    args = common.lesson_args(__doc__.strip().splitlines()[0])
+    check(args.quick)
+    traffic(512 if common.INTERPRETER else 8192)
+    if common.HAS_GPU:
+        inspect_compiled()
+        benchmark_versions(args.quick)
+        benchmark_tiles(args.quick)
+        benchmark_order(args.quick)
+        benchmark_eviction(args.quick)
+        benchmark_stencil(args.quick)
+    else:
+        print("\n" + common.require_gpu("Benchmarks (GB/s of v1..v4, tile sweep, program order, "
+                                        "cache hints, stencil) and the compiled-kernel inspection"))

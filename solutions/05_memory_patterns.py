@@ -1,0 +1,178 @@
+"""
+Solutions for lesson 05: memory patterns
+========================================
+
+The reference answers to exercises/05_memory_patterns.py. Check them with:
+
+    make check LESSON=05 IMPL=solutions
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `common`
+import common  # noqa: E402  (first: picks the GPU, or Triton's CPU interpreter without one)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+BLOCK_M, BLOCK_N = 32, 32  # transpose tile
+BLOCK_H, BLOCK_W = 32, 64  # convolution output tile
+BLOCK_D = 64  # embedding columns per program
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise 5.1: batched tiled transpose
+# x has shape (B, M, N) and any strides (it may be a slice or a permuted view); out has shape
+# (B, N, M) and is contiguous: out[b, n, m] = x[b, m, n]. One program per (tile, batch).
+# The wrapper is written for you; write the kernel.
+
+
+@triton.jit
+def batched_transpose_kernel(
+    x_ptr,  # pointer to x[0, 0, 0]; x has shape (B, M, N)
+    out_ptr,  # pointer to out[0, 0, 0]; out has shape (B, N, M)
+    M, N,  # the shape of one matrix of x
+    stride_xb, stride_xm, stride_xn,  # strides of x, in elements
+    stride_ob, stride_on, stride_om,  # strides of out, in elements
+    BLOCK_M: tl.constexpr,  # tile rows (of x)
+    BLOCK_N: tl.constexpr,  # tile columns (of x)
+):
+    """out[b, n, m] = x[b, m, n] for one BLOCK_M x BLOCK_N tile of x[b].
+
+    Grid: (cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N), B). Program (pid, b), with pid = tl.program_id(0)
+    and b = tl.program_id(1), handles tile row pid_m = pid // cdiv(N, BLOCK_N) and tile column
+    pid_n = pid % cdiv(N, BLOCK_N) of batch b. M and N need not be multiples of the tile.
+    """
+    b = tl.program_id(1)
+    n_tiles_n = tl.cdiv(N, BLOCK_N)
+    pid_m = tl.program_id(0) // n_tiles_n
+    pid_n = tl.program_id(0) % n_tiles_n
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tile = tl.load(x_ptr + b * stride_xb + offs_m[:, None] * stride_xm + offs_n[None, :] * stride_xn,
+                   mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    tl.store(out_ptr + b * stride_ob + offs_n[:, None] * stride_on + offs_m[None, :] * stride_om,
+             tl.trans(tile), mask=(offs_n[:, None] < N) & (offs_m[None, :] < M))
+
+
+def batched_transpose(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x.transpose(1, 2) as a new contiguous (B, N, M) tensor."""
+    common.check_tensors(x=x, contiguous=False, ndim=3)
+    B, M, N = x.shape
+    if out is None:
+        out = torch.empty((B, N, M), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(M, BLOCK_M) * triton.cdiv(N, BLOCK_N), B)
+    batched_transpose_kernel[grid](x, out, M, N, *x.stride(), *out.stride(), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise 5.2: depthwise 3x3 convolution
+# Each of the C channels of x (C, H, W) is convolved with its own 3x3 filter weight[c], zero
+# padding, same output size: what F.conv2d(x[None], weight[:, None], padding=1, groups=C)[0]
+# computes. The wrapper is written for you; write the kernel.
+
+
+@triton.jit
+def conv3x3_kernel(
+    x_ptr,  # pointer to x[0, 0, 0]; x has shape (C, H, W), contiguous
+    w_ptr,  # pointer to weight[0, 0, 0]; weight has shape (C, 3, 3), contiguous
+    out_ptr,  # pointer to out[0, 0, 0]; out has shape (C, H, W), contiguous
+    H, W,  # image height and width
+    BLOCK_H: tl.constexpr,  # output tile rows
+    BLOCK_W: tl.constexpr,  # output tile columns
+):
+    """out[c, i, j] = sum over di, dj in {0, 1, 2} of weight[c, di, dj] * x[c, i + di - 1, j + dj - 1],
+
+    where x is 0 outside the image (rows 0..H-1, columns 0..W-1). Accumulate in fp32, store in
+    out's dtype. Grid: (cdiv(H, BLOCK_H) * cdiv(W, BLOCK_W), C). Program (pid, c) computes one
+    tile of channel c: tile row pid // cdiv(W, BLOCK_W), tile column pid % cdiv(W, BLOCK_W).
+    """
+    c = tl.program_id(1)
+    n_tiles_w = tl.cdiv(W, BLOCK_W)
+    offs_h = ((tl.program_id(0) // n_tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H))[:, None]
+    offs_w = ((tl.program_id(0) % n_tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W))[None, :]
+    x_c = x_ptr + c * H * W
+    acc = tl.zeros((BLOCK_H, BLOCK_W), dtype=tl.float32)
+    for di in tl.static_range(3):
+        for dj in tl.static_range(3):
+            h = offs_h + (di - 1)
+            w = offs_w + (dj - 1)
+            tap = tl.load(w_ptr + c * 9 + di * 3 + dj).to(tl.float32)
+            acc += tap * tl.load(x_c + h * W + w, mask=(h >= 0) & (h < H) & (w >= 0) & (w < W),
+                                 other=0.0).to(tl.float32)
+    tl.store(out_ptr + c * H * W + offs_h * W + offs_w, acc.to(out_ptr.dtype.element_ty),
+             mask=(offs_h < H) & (offs_w < W))
+
+
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Depthwise 3x3 convolution of x (C, H, W) with weight (C, 3, 3), zero padding."""
+    common.check_tensors(x=x, weight=weight, same_shape=False, ndim=3)
+    C, H, W = x.shape
+    if tuple(weight.shape) != (C, 3, 3):
+        raise ValueError(f"weight must have shape ({C}, 3, 3) for x of shape {tuple(x.shape)}, "
+                         f"got {tuple(weight.shape)}")
+    out = torch.empty_like(x) if out is None else out
+    grid = (triton.cdiv(H, BLOCK_H) * triton.cdiv(W, BLOCK_W), C)
+    conv3x3_kernel[grid](x, weight, out, H, W, BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise 5.3: embedding gather
+# out[..., :] = table[ids[...], :]: each token id picks a row of the table. The addresses
+# depend on the data, so this is a gather: every program reads one row it cannot predict.
+# Write the kernel AND the wrapper (validate, allocate, grid, launch, return).
+
+
+@triton.jit
+def embedding_kernel(
+    ids_ptr,  # pointer to the token ids (n_tokens of them, int32 or int64), contiguous
+    table_ptr,  # pointer to table[0, 0]; table has shape (V, D), columns contiguous
+    out_ptr,  # pointer to out[0, 0]; out has shape (n_tokens, D), contiguous
+    D,  # embedding width
+    stride_table,  # elements between table[r, 0] and table[r + 1, 0] (D, or more for a slice)
+    BLOCK_D: tl.constexpr,  # columns per program
+):
+    """out[t, d] = table[ids[t], d] for the BLOCK_D columns of program (t, j) = (program_id 0, 1).
+
+    Grid: (n_tokens, cdiv(D, BLOCK_D)). D need not be a multiple of BLOCK_D.
+    """
+    t = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask = offs_d < D
+    # 64-bit row offset: ids * stride_table passes 2**31 in a large table (e.g. 128k x 16k).
+    row = tl.load(ids_ptr + t).to(tl.int64)
+    values = tl.load(table_ptr + row * stride_table + offs_d, mask=mask)
+    tl.store(out_ptr + t.to(tl.int64) * D + offs_d, values, mask=mask)
+
+
+def embedding(ids: torch.Tensor, table: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """table[ids]: ids of any shape (int32 or int64), table (V, D); returns ids.shape + (D,).
+
+    Raise TypeError if ids are not int32 / int64, ValueError if an id is outside [0, V) (name
+    the bad values) or if table's columns are not contiguous. Writes into `out` when given.
+    """
+    if not isinstance(ids, torch.Tensor) or ids.dtype not in (torch.int32, torch.int64):
+        what = ids.dtype if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise TypeError(f"ids must be an int32 or int64 tensor, got {what}")
+    common.check_tensors(ids=ids, table=table, same_shape=False, same_dtype=False, contiguous=False)
+    if table.dim() != 2 or table.stride(1) != 1:
+        raise ValueError(f"table must be 2-D with contiguous columns, got shape {tuple(table.shape)} "
+                         f"and strides {table.stride()}")
+    V, D = table.shape
+    flat_ids = ids.reshape(-1).contiguous()
+    if flat_ids.numel() and (int(flat_ids.min()) < 0 or int(flat_ids.max()) >= V):
+        raise ValueError(f"ids must be in [0, {V}) for a table of {V} rows, got values from "
+                         f"{int(flat_ids.min())} to {int(flat_ids.max())}")
+    if out is None:
+        out = torch.empty((*ids.shape, D), dtype=table.dtype, device=table.device)
+    elif tuple(out.shape) != (*ids.shape, D) or out.dtype != table.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {table.dtype} tensor of shape {(*ids.shape, D)}")
+    n_tokens = flat_ids.numel()
+    if n_tokens:
+        embedding_kernel[(n_tokens, triton.cdiv(D, BLOCK_D))](flat_ids, table, out, D, table.stride(0),
+                                                              BLOCK_D=BLOCK_D)
+    return out
