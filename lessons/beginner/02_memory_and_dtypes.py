@@ -705,7 +705,7 @@ def benchmark_dtypes(quick: bool) -> None:
         table.add(names[-1], size, t_torch.gbps(2 * n * size), gbps, common.pct_of_copy(gbps), elems[-1], widths)
         del x, out
     table.print()
-    print("Same bytes, same time: a narrower type moves more elements per second at the same GB/s.")
+    print("Every dtype moves the same bytes here: at equal GB/s, a narrower type moves more elements per second.")
     fig, ax = common.new_figure(f"Copy of {fmt_bytes(nbytes_each)} by dtype (triton)", "dtype", "G elements/s")
     ax.bar(names, elems)
     for i, (e, g) in enumerate(zip(elems, rates)):
@@ -777,7 +777,8 @@ def benchmark_hints(quick: bool) -> None:
 # %% [markdown]
 # ## Takeaways
 # - Global memory moves 32-byte sectors: neighbouring threads should read neighbouring addresses.
-# - A stride wastes the rest of each sector; past 32 bytes apart, every element costs a sector.
+# - A stride wastes the rest of each sector; by the sector model, once elements are 32 bytes
+#   apart each costs a whole sector (compare the measured stride curve with it).
 # - Triton specializes pointers (16-byte aligned?) and ints (== 1? multiple of 16?) at launch;
 #   that knowledge decides whether it can use 16-byte loads and stores.
 # - Narrow types move the same GB/s and more elements per second.
