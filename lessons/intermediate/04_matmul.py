@@ -122,7 +122,7 @@ def matmul_v2_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak  # a BLOCK_M x BLOCK_K tile
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_n[None, :] * stride_bn  # a BLOCK_K x BLOCK_N tile
-    # fp32 accumulator whatever the input dtype: K products summed in fp16 would lose ~3 digits.
+    # fp32 accumulator whatever the input dtype: a sum kept in fp16 would round at every step.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K  # the last step may hold fewer than BLOCK_K: mask, load zeros
