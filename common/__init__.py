@@ -8,7 +8,7 @@ from .device import DEVICE, HAS_GPU, INTERPRETER, banner, is_hopper, require_gpu
 from .checks import CheckError, assert_close, awkward_sizes, poisoned_empty, poisoned_like, randn
 from .report import Table, new_figure, perf_bar, save_plot, section
 from .timing import Timing, bench, compiled, copy_bandwidth, matmul_rate, pct_of_copy
-from .traffic import count_torch_traffic, fmt_bytes, min_bytes, peak_extra_memory
+from .traffic import access_widths, count_torch_traffic, fmt_bytes, min_bytes, peak_extra_memory
 from .validate import check_tensors
 from .cli import lesson_args
 
@@ -17,6 +17,6 @@ __all__ = [
     "CheckError", "assert_close", "awkward_sizes", "poisoned_empty", "poisoned_like", "randn",
     "Table", "new_figure", "perf_bar", "save_plot", "section",
     "Timing", "bench", "compiled", "copy_bandwidth", "matmul_rate", "pct_of_copy",
-    "count_torch_traffic", "fmt_bytes", "min_bytes", "peak_extra_memory",
+    "access_widths", "count_torch_traffic", "fmt_bytes", "min_bytes", "peak_extra_memory",
     "check_tensors", "lesson_args",
 ]

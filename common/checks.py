@@ -33,7 +33,7 @@ TOLERANCES = {
 # Integer and boolean outputs must match exactly.
 
 GUARD_ELEMENTS = 1 << 16  # larger than any BLOCK_SIZE the course uses, so an unmasked block lands in it
-_GUARD_VALUE = 77  # representable exactly in every dtype from int8 to float64
+_GUARD_VALUE = 96  # exact in every dtype from fp8 (e4m3: 1.5 * 2^6, e5m2 too) and int8 to float64
 
 
 class CheckError(AssertionError):
@@ -89,7 +89,7 @@ def _poison_value(dtype: torch.dtype):
 
 
 def poisoned_empty(*shape, dtype=torch.float32, device=DEVICE) -> torch.Tensor:
-    """A contiguous output filled with NaN (ints: -77), with guard zones on both sides.
+    """A contiguous output filled with NaN (ints: -96), with guard zones on both sides.
 
     `assert_close` checks the guards of an output made here: a store past the end (a missing
     mask) or before the start (a negative offset) is reported even when the output looks right.
@@ -114,10 +114,11 @@ def check_guards(out: torch.Tensor, name: str = "output") -> None:
     if buf is None:
         return
     numel = out.numel()
+    guard = torch.tensor(_GUARD_VALUE, dtype=buf.dtype).float().item()  # as the dtype stores it
     before = buf[:GUARD_ELEMENTS].float().cpu()
     after = buf[GUARD_ELEMENTS + numel:].float().cpu()
-    hit_after = (after != _GUARD_VALUE).nonzero()
-    hit_before = (before != _GUARD_VALUE).nonzero()
+    hit_after = (after != guard).nonzero()
+    hit_before = (before != guard).nonzero()
     if len(hit_after):
         last = int(hit_after.max()) + 1
         raise CheckError(

@@ -154,3 +154,10 @@ def test_grader_reports_crashes_as_failures_not_crashes():
     assert result.status == "failed" and "ZeroDivisionError" in result.detail
     result = grade_function(Exercise("0.2", "todo", check), _raises)
     assert result.status == "todo"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int8, torch.float8_e4m3fn, torch.float8_e5m2],
+                         ids=str)
+def test_untouched_guards_pass_in_every_dtype(dtype):
+    from common.checks import check_guards
+    check_guards(poisoned_empty(100, dtype=dtype))  # the guard value must be exact in the dtype

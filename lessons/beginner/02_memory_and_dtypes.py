@@ -17,7 +17,6 @@ You will learn:
 Run:  python lessons/beginner/02_memory_and_dtypes.py [--quick]
 """
 
-import re
 import sys
 import warnings
 from pathlib import Path
@@ -333,15 +332,6 @@ COPY_DTYPES = [torch.float32, torch.float16, torch.int8] + \
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
-def poisoned_output(n: int, dtype: torch.dtype) -> torch.Tensor:
-    """common.poisoned_empty, except for fp8: its guard value (77) rounds to 80 in fp8, so the
-    guard check would report a store past the end that never happened. fp8 outputs are
-    filled with NaN, without guard zones."""
-    if dtype in FP8_DTYPES:
-        return torch.full((n,), float("nan"), dtype=dtype, device=common.DEVICE)
-    return common.poisoned_empty(n, dtype=dtype)
-
-
 def make_input(n: int, dtype: torch.dtype) -> torch.Tensor:
     """Random values of any dtype the lesson copies (ints: the whole int8 range)."""
     if dtype.is_floating_point:
@@ -356,7 +346,7 @@ def check(quick: bool) -> None:
         for n in sizes:
             x = make_input(n, dtype)
             for op in (copy, copy_split_tail):
-                out = poisoned_output(n, dtype)
+                out = common.poisoned_empty(n, dtype=dtype)
                 op(x, out=out)
                 common.assert_close(out, x.cpu().double(), name=f"{op.__name__} n={n} {_dtype_name(dtype)}")
     names = ", ".join(map(_dtype_name, COPY_DTYPES))
@@ -389,7 +379,7 @@ def check(quick: bool) -> None:
     if common.supports_fp8():
         for dtype in FP8_DTYPES:
             y = common.randn(n)
-            out = poisoned_output(n, dtype)
+            out = common.poisoned_empty(n, dtype=dtype)
             cast(y, dtype, out=out)
             # Within one fp8 rounding step of float64; whether the bits equal torch's is printed
             # in the rounding table below, not asserted.
@@ -550,42 +540,6 @@ def _bench(fn, quick: bool) -> common.Timing:
     return common.bench(fn, warmup_ms=10, rep_ms=30) if quick else common.bench(fn)
 
 
-def _compiled_provider(fn, *args):
-    """torch.compile(fn) as a provider, called once here so a failure prints a reason, not a crash."""
-    compiled = common.compiled(fn)
-    if compiled is None:
-        return None
-    try:
-        compiled(*args)
-    except Exception as err:  # a machine without a working inductor toolchain, say
-        print(f"torch.compile failed, its column is left empty: {type(err).__name__}: {err}")
-        return None
-    return compiled
-
-
-_PTX_ACCESS = re.compile(r"\b(ld|st)\.global[\w.:]*")
-
-
-def access_widths(compiled) -> str:
-    """'load/store' bits of the widest global load and store in a compiled kernel's PTX.
-
-    128 means 16-byte vector instructions (ld.global.v4.b32); 32 means one fp32 per instruction.
-    """
-    try:
-        ptx = compiled.asm["ptx"]
-    except Exception:  # an interpreter run returns no compiled kernel, or a Triton without .asm
-        return "?"
-    widest = {"ld": 0, "st": 0}
-    for match in _PTX_ACCESS.finditer(ptx):
-        token = match.group(0)
-        vector = re.search(r"\.v(\d)\b", token)
-        bits = re.search(r"\.[bfsu](\d+)$", token)
-        if bits:
-            width = (int(vector.group(1)) if vector else 1) * int(bits.group(1))
-            widest[match.group(1)] = max(widest[match.group(1)], width)
-    return f"{widest['ld']}/{widest['st']}"
-
-
 def benchmark_copy(quick: bool) -> None:
     n = 2**24 if quick else 2**28
     section(f"Benchmark: contiguous copy, n = 2^{n.bit_length() - 1} fp32 ({fmt_bytes(4 * n)} each way)")
@@ -594,7 +548,7 @@ def benchmark_copy(quick: bool) -> None:
     x = torch.randn(n, device="cuda")
     out = torch.empty_like(x)
     nbytes = 2 * n * 4  # read x, write out
-    compiled_copy = None if quick else _compiled_provider(copy_reference, x)
+    compiled_copy = None if quick else common.compiled(copy_reference, x)
     if quick:
         print("torch.compile: skipped in --quick (compiling costs seconds)")
     table = Table("copy, fp32: GB/s (read + write)", ["provider", "time", "GB/s", "% copy"])
@@ -629,7 +583,7 @@ def benchmark_strides(quick: bool) -> None:
         x = src[::stride][:n]
         t_torch = _bench(lambda: out.copy_(x), quick)
         t_triton = _bench(lambda: copy_strided(x, out=out), quick)
-        widths = access_widths(copy_strided_kernel[(1,)](x, out, n, stride, BLOCK_SIZE=BLOCK_SIZE))
+        widths = common.access_widths(copy_strided_kernel[(1,)](x, out, n, stride, BLOCK_SIZE=BLOCK_SIZE))
         series["torch"].append(t_torch.gbps(nbytes))
         series["triton"].append(t_triton.gbps(nbytes))
         table.add(stride, series["torch"][-1], series["triton"][-1], widths,
@@ -665,7 +619,7 @@ def benchmark_alignment(quick: bool) -> None:
         t_torch = _bench(lambda: out_shifted.copy_(x), quick)
         t_in = _bench(lambda: copy(x, out=out_aligned), quick)
         t_both = _bench(lambda: copy(x, out=out_shifted), quick)
-        widths = access_widths(copy_kernel[(1,)](x, out_shifted, n, BLOCK_SIZE=BLOCK_BYTES // 4))
+        widths = common.access_widths(copy_kernel[(1,)](x, out_shifted, n, BLOCK_SIZE=BLOCK_BYTES // 4))
         base_rate = base_rate or t_both.gbps(nbytes)
         table.add(4 * shift, "yes" if (4 * shift) % 16 == 0 else "no", t_torch.gbps(nbytes), t_in.gbps(nbytes),
                   t_both.gbps(nbytes), widths, f"{100 * t_both.gbps(nbytes) / base_rate:.1f}%")
@@ -697,7 +651,7 @@ def benchmark_dtypes(quick: bool) -> None:
         out = torch.empty_like(x)
         t_torch = _bench(lambda: out.copy_(x), quick)
         t_triton = _bench(lambda: copy(x, out=out), quick)
-        widths = access_widths(copy_kernel[(1,)](x, out, n, BLOCK_SIZE=BLOCK_BYTES // size))
+        widths = common.access_widths(copy_kernel[(1,)](x, out, n, BLOCK_SIZE=BLOCK_BYTES // size))
         gbps = t_triton.gbps(2 * n * size)
         names.append(_dtype_name(dtype))
         rates.append(gbps)
@@ -728,7 +682,7 @@ def benchmark_casts(quick: bool) -> None:
         size = torch.empty((), dtype=dtype).element_size()
         nbytes = n * (4 + size)
         out = torch.empty(n, dtype=dtype, device="cuda")
-        compiled_cast = None if quick else _compiled_provider(cast_reference, x, dtype)
+        compiled_cast = None if quick else common.compiled(cast_reference, x, dtype)
         t_torch = _bench(lambda: cast_reference(x, dtype), quick)
         t_compile = _bench(lambda: compiled_cast(x, dtype), quick) if compiled_cast else None
         t_triton = _bench(lambda: cast(x, dtype, out=out), quick)
@@ -768,7 +722,7 @@ def benchmark_hints(quick: bool) -> None:
     for name, knows, count, run, launch in rows:
         t = _bench(run, quick)
         gbps = t.gbps(2 * count * 4)
-        table.add(name, knows, access_widths(launch()), str(t), gbps, common.pct_of_copy(gbps))
+        table.add(name, knows, common.access_widths(launch()), str(t), gbps, common.pct_of_copy(gbps))
     table.print()
     print("The bits column says what the compiler could prove; the GB/s column says whether it "
           "mattered. A difference in time smaller than the spread (the +-% after each time) is no effect.")
