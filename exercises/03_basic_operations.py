@@ -117,7 +117,7 @@ def row_argmax(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor
 # with contiguous rows (row stride x.stride(0) >= N), bias (N,) contiguous, same dtype as x.
 # One pass over x: x + bias is never written to memory. Write the kernel AND the wrapper.
 
-SQRT_HALF = 0.7071067811865476
+SQRT_HALF = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2); a global read in a kernel must be a tl.constexpr
 
 
 @triton.jit

@@ -52,6 +52,9 @@ from common import Table, section  # noqa: E402
 # Each line is one eager kernel; the comments give what it moves (n = x.numel(), x is M x N).
 
 SQRT_HALF = 0.7071067811865476  # 1 / sqrt(2)
+# A kernel may read a global only if it is a tl.constexpr: a plain Python float works in the
+# interpreter but does not compile for a GPU (the debugging section shows the error).
+KERNEL_SQRT_HALF = tl.constexpr(SQRT_HALF)
 
 
 def sigmoid_reference(x: torch.Tensor) -> torch.Tensor:
@@ -118,7 +121,7 @@ def gelu_kernel(x_ptr, out_ptr, n_elements, BLOCK_SIZE: tl.constexpr):
     offsets = tl.program_id(axis=0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     mask = offsets < n_elements
     x = tl.load(x_ptr + offsets, mask=mask).to(tl.float32)
-    y = 0.5 * x * (1.0 + tl.erf(x * SQRT_HALF))  # the 5 eager kernels of gelu_by_hand, fused into 1
+    y = 0.5 * x * (1.0 + tl.erf(x * KERNEL_SQRT_HALF))  # gelu_by_hand's 5 eager kernels, fused into 1
     tl.store(out_ptr + offsets, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -530,7 +533,8 @@ def padding_demo() -> None:
 
 
 # %% [markdown]
-# ## Atomics vs two passes: does the same input give the same bits?
+# ## Atomics vs two passes
+# Does the same input give the same bits? Sum one tensor many times with each method.
 
 
 def _bits(t: torch.Tensor) -> int:
@@ -660,6 +664,14 @@ def broken_pointer_kernel(x_ptr, out_ptr, n_elements, BLOCK_SIZE: tl.constexpr):
 
 
 @triton.jit
+def global_constant_kernel(x_ptr, out_ptr, n_elements, BLOCK_SIZE: tl.constexpr):
+    offsets = tl.program_id(axis=0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offsets < n_elements
+    x = tl.load(x_ptr + offsets, mask=mask)
+    tl.store(out_ptr + offsets, x * SQRT_HALF, mask=mask)  # wrong on a GPU: SQRT_HALF is a plain float
+
+
+@triton.jit
 def unmasked_double_kernel(x_ptr, out_ptr, n_elements, BLOCK_SIZE: tl.constexpr):
     offsets = tl.program_id(axis=0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
     tl.store(out_ptr + offsets, 2.0 * tl.load(x_ptr + offsets))  # wrong: no mask; compiles and runs
@@ -684,11 +696,11 @@ def show_error(err: BaseException) -> None:
 
 def _try(what: str, launch) -> bool:
     """Run `launch`; print the error it raises. True if it ran without an error."""
-    print(f"\n{what}")
+    print(f"\n{what}", flush=True)  # flushed: a GPU's device_print output comes from C, not Python
     try:
         launch()
         if common.HAS_GPU:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize()  # device_print output and device errors arrive here
     except Exception as err:  # noqa: BLE001 (the point is to show any error)
         show_error(err)
         return False
@@ -756,8 +768,9 @@ def debugging(quick: bool) -> None:
         ok = _try("device_assert_demo_kernel on x with a negative value",
                   lambda: device_assert_demo_kernel[(1,)](-x - 1, 32, BLOCK_SIZE=32))
         if ok:
-            print("  This Triton's interpreter skips tl.device_assert (its debug option is off); on a GPU\n"
-                  "  with debug=True the failing assert stops the kernel. Check values on the host instead.")
+            print("  This Triton's interpreter skips tl.device_assert (its debug option is off): there, print()\n"
+                  "  the values inside the kernel. On a GPU, with debug=True (or TRITON_DEBUG=1), the failing\n"
+                  "  assert stops the kernel and prints its message.")
     elif quick:
         print("\ndevice_assert_demo_kernel on x with a negative value: skipped in --quick (it runs in a\n"
               "  child process, because a failing device assert leaves the CUDA context unusable)")
@@ -765,7 +778,7 @@ def debugging(quick: bool) -> None:
         print("\ndevice_assert_demo_kernel on x with a negative value, in a child process (a failing\n"
               "device assert leaves the CUDA context unusable, so it must not run in this one):")
         try:
-            child = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=180,
+            child = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=60,
                                    env={**os.environ, "COURSE_03_DEVICE_ASSERT_CHILD": "1"})
             lines = (child.stdout + child.stderr).strip().splitlines()
             shown = [line for line in lines if "ssert" in line or "Error" in line][:4] or lines[-4:]
@@ -781,7 +794,13 @@ def debugging(quick: bool) -> None:
         _try(title, lambda: launch(a, b))
         print(f"  meaning: {meaning}")
 
-    print("\n5. A missing mask: no error at all, just memory written past the end of the output")
+    _try("5. a plain Python global (SQRT_HALF = 0.707...) read inside a kernel",
+         lambda: global_constant_kernel[(1,)](a, b, 1000, BLOCK_SIZE=1024))
+    print("  meaning: a kernel may read a global only if it is a tl.constexpr\n"
+          "     (KERNEL_SQRT_HALF = tl.constexpr(0.707...)); otherwise pass the value as an argument.\n"
+          "     The interpreter runs kernels as Python and lets it through: only the GPU compiler says no.")
+
+    print("\n6. A missing mask: no error at all, just memory written past the end of the output")
     n = 1000
     src = common.poisoned_empty(n)  # inputs and outputs with 64 Ki-element guard zones around them,
     src.copy_(torch.randn(n, device=common.DEVICE))  # so the stray loads and stores stay inside memory we own
@@ -797,11 +816,11 @@ def debugging(quick: bool) -> None:
           "     CUDA context. Mask every load and store of a block that can run past the end.")
 
     if common.HAS_GPU:
-        _try("6. a CPU tensor passed to a GPU kernel", lambda: gelu_kernel[(1,)](torch.randn(8), b, 8, BLOCK_SIZE=8))
+        _try("7. a CPU tensor passed to a GPU kernel", lambda: gelu_kernel[(1,)](torch.randn(8), b, 8, BLOCK_SIZE=8))
         print("  meaning: kernels read GPU memory; move the tensor with .cuda() (the course's wrappers\n"
               "     check this first and say which argument is wrong).")
     else:
-        print("\n6. a CPU tensor passed to a GPU kernel: GPU only (the interpreter takes CPU tensors)")
+        print("\n7. a CPU tensor passed to a GPU kernel: GPU only (the interpreter takes CPU tensors)")
 
 
 # %% [markdown]
