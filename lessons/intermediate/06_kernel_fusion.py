@@ -470,10 +470,10 @@ def _host_us_per_call(fn, iters: int = 500) -> float:
 ADD_MUL_PROVIDERS = ["torch two-step", "torch.compile", "triton v1 two kernels", "triton v2 fused"]
 
 
-def _providers_add_mul() -> dict:
+def _providers_add_mul(x: torch.Tensor, y: torch.Tensor) -> dict:
     """The providers, side by side; call once per shape: common.compiled builds a fresh
-    torch.compile (None where it cannot run) from a clean dynamo cache."""
-    return dict(zip(ADD_MUL_PROVIDERS, (add_mul_reference, common.compiled(add_mul_reference),
+    torch.compile from a clean dynamo cache and runs it once on x, y (None if that fails)."""
+    return dict(zip(ADD_MUL_PROVIDERS, (add_mul_reference, common.compiled(add_mul_reference, x, y, 2.0),
                                         add_mul_two_step, add_mul)))
 
 
@@ -492,7 +492,7 @@ def benchmark_add_mul_sizes(quick: bool) -> None:
         x, y = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
         nbytes = 3 * n * 4  # read x and y, write the output
         times = {}
-        providers = _providers_add_mul()
+        providers = _providers_add_mul(x, y)
         for name, fn in providers.items():
             times[name] = common.bench(lambda: fn(x, y, 2.0)) if fn is not None else None
         rates = [times[k].gbps(nbytes) if times[k] else float("nan") for k in names]
@@ -534,7 +534,7 @@ def benchmark_add_mul_scalars() -> None:
     names = ADD_MUL_PROVIDERS
     table = Table("(x + y) * s at 2^28: time per s value", ["s", *names])
     ms = {name: [] for name in names}
-    providers = _providers_add_mul()  # one shape: one torch.compile for the three values
+    providers = _providers_add_mul(x, y)  # one shape: one torch.compile for the three values
     for s in SCALARS:
         row = []
         for name, fn in providers.items():
@@ -576,7 +576,7 @@ def benchmark_add_mul_block_sizes() -> None:
     table.print()
     best = blocks[rates["v2 fused"].index(max(rates["v2 fused"]))]
     print(f"Best BLOCK_SIZE for the fused kernel here: {best}.")
-    compiled = common.compiled(add_mul_reference)
+    compiled = common.compiled(add_mul_reference, x, y, 2.0)
     peers = {"torch two-step": common.bench(lambda: add_mul_reference(x, y, 2.0)).gbps(nbytes)}
     if compiled is not None:
         peers["torch.compile"] = common.bench(lambda: compiled(x, y, 2.0)).gbps(nbytes)
@@ -597,7 +597,7 @@ def benchmark_softmax(quick: bool) -> None:
     x = torch.randn(m_rows, n_cols, device="cuda")
     mn = x.numel() * 4
     nbytes = 2 * mn  # read x once, write the output once
-    providers = {"torch naive (op by op)": softmax_naive, "torch.compile(naive)": common.compiled(softmax_naive),
+    providers = {"torch naive (op by op)": softmax_naive, "torch.compile(naive)": common.compiled(softmax_naive, x),
                  "torch.softmax": softmax_reference, **{f"triton {k}": v for k, v in SOFTMAX_VERSIONS.items()}}
     table = Table(f"softmax {m_rows} x {n_cols} fp32: GB/s counting the minimum bytes (2 x M x N x 4)",
                   ["provider", "GPU kernels (profiler)", "bytes moved", "peak extra memory", "time", "GB/s",
@@ -631,7 +631,8 @@ def benchmark_softmax(quick: bool) -> None:
             warps.add(num_warps, str(t), t.gbps(nbytes), common.pct_of_copy(t.gbps(nbytes)))
         warps.print()
         print(f"The wrapper picks num_warps = {_softmax_num_warps(n_cols)} for rows of {n_cols}.")
-        common.perf_bar("softmax v1 4096 x 4096 fp32: % of copy bandwidth", common.pct_of_copy(v1.gbps(nbytes)), 85, "%")
+        common.perf_bar("softmax v1 4096 x 4096 fp32: % of copy bandwidth", common.pct_of_copy(v1.gbps(nbytes)),
+                        85, "%")
         common.perf_bar("softmax v1 4096 x 4096 fp32: speed vs torch.softmax (torch time / triton time)",
                         times["torch.softmax"].ms / v1.ms, 1.0, "x")
 
@@ -648,7 +649,7 @@ def benchmark_softmax_long_rows() -> None:
         m_rows = total // n_cols
         x = torch.randn(m_rows, n_cols, device="cuda")
         nbytes = 2 * x.numel() * 4
-        providers = {"torch.softmax": softmax_reference, "torch.compile(naive)": common.compiled(softmax_naive),
+        providers = {"torch.softmax": softmax_reference, "torch.compile(naive)": common.compiled(softmax_naive, x),
                      **{f"triton {k}": v for k, v in SOFTMAX_VERSIONS.items()}}
         if n_cols > MAX_FUSED_COLS:
             providers["triton v1 one block"] = None  # the row does not fit one block
@@ -677,7 +678,7 @@ def benchmark_launch_overhead() -> None:
                   ["n", "provider", "GPU kernels (profiler)", "GPU time us", "host us per call"])
     for n in (1, 2**10, 2**14):
         x, y = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
-        for name, fn in _providers_add_mul().items():
+        for name, fn in _providers_add_mul(x, y).items():
             if fn is None:
                 continue
             call = lambda: fn(x, y, 2.0)  # noqa: E731
