@@ -332,6 +332,8 @@ def check(quick: bool) -> None:
         for dtype in dtypes:
             if version == 4 and dtype == torch.float32:
                 continue  # v4 is the fp16/bf16 kernel
+            if common.HAS_GPU and dtype == torch.float32 and version != 3:
+                continue  # fp32 on a GPU: v3 is the one benchmarked; the tests check v1 and v2 too
             for i, (M, N, K) in enumerate(shapes):
                 a, b = random_problem(M, N, K, dtype, transpose_b=common.INTERPRETER and i == 0)
                 out = common.poisoned_empty(M, N, dtype=dtype)
@@ -340,8 +342,8 @@ def check(quick: bool) -> None:
                                     name=f"{label.split()[0]} {M}x{N}x{K} {str(dtype)[6:]}")
     names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
     transposed = " (the first with a transposed b)" if common.INTERPRETER else ""
-    print(f"v1..v4 match PyTorch for (M, N, K) in {shapes}{transposed}, dtypes {names} "
-          f"(v4: 16-bit only): OK")
+    fp32 = ("; fp32: v3 only" if common.HAS_GPU else "; fp32: v1 to v3") if torch.float32 in dtypes else ""
+    print(f"v1..v4 match PyTorch for (M, N, K) in {shapes}{transposed}, dtypes {names}{fp32}: OK")
     if not common.supports_bf16():
         print("bfloat16: skipped, the interpreter has no bfloat16 (numpy lacks it); runs on a GPU")
 
@@ -438,7 +440,7 @@ def precision(M: int, N: int, K: int) -> None:
     ref = a.double() @ b.double()
     flops = matmul_flops(M, N, K)
     table = Table("relative error = ||C - C64|| / ||C64|| (Frobenius), and speed where measured",
-                  ["inputs", "mantissa bits", "how", "relative error", "TFLOP/s"])
+                  ["inputs", "mantissa bits multiplied", "how", "relative error", "TFLOP/s"])
     for name, bits, how, x, y in (("tf32", 10, "truncated", to_tf32(a), to_tf32(b)),
                                   ("fp16", 10, "rounded", a.half(), b.half()),
                                   ("bf16", 7, "rounded", a.bfloat16(), b.bfloat16())):
@@ -448,24 +450,25 @@ def precision(M: int, N: int, K: int) -> None:
     if common.INTERPRETER:  # fp32 inputs are exact: what is left is the rounding of the fp32 sums
         table.add("fp32", 23, "torch.matmul in fp32 on the CPU", relative_error(a @ b, ref), float("nan"))
     if common.HAS_GPU:
-        out = torch.empty(M, N, device="cuda", dtype=torch.float32)
-        for prec in ("ieee", "tf32x3", "tf32"):
+        out = torch.empty(M, N, device=common.DEVICE, dtype=torch.float32)
+        for prec, bits in (("ieee", "23"), ("tf32x3", "10 (x3)"), ("tf32", "10")):
             t, c = _timed(lambda: matmul_v3(a, b, out=out, input_precision=prec, config=FP32_CONFIG))
-            table.add("fp32", 23, f"Triton v3, input_precision='{prec}'",
+            table.add("fp32", bits, f"Triton v3, input_precision='{prec}'",
                       relative_error(c, ref) if t else float("nan"), _tflops(t, flops))
         before = torch.backends.cuda.matmul.allow_tf32
         for allow in (False, True):
             torch.backends.cuda.matmul.allow_tf32 = allow
             t, c = _timed(lambda: torch.matmul(a, b, out=out))
-            table.add("fp32", 23, f"torch.matmul, allow_tf32={allow}",
+            table.add("fp32", 10 if allow else 23, f"torch.matmul, allow_tf32={allow}",
                       relative_error(c, ref) if t else float("nan"), _tflops(t, flops))
         torch.backends.cuda.matmul.allow_tf32 = before
-        for dtype in (torch.float16, torch.bfloat16):
+        for dtype in (torch.float16,) + ((torch.bfloat16,) if common.supports_bf16() else ()):
             x, y = a.to(dtype), b.to(dtype)
-            out16 = torch.empty(M, N, device="cuda", dtype=dtype)
+            out16 = torch.empty(M, N, device=common.DEVICE, dtype=dtype)
             matmul(x, y, version=4, out=out16)  # tune outside the timed runs
             t, c = _timed(lambda: matmul(x, y, version=4, out=out16))
-            table.add(str(dtype)[6:], 10 if dtype == torch.float16 else 7, "Triton v4 (output rounded too)",
+            table.add("fp16" if dtype == torch.float16 else "bf16", 10 if dtype == torch.float16 else 7,
+                      "Triton v4 (output rounded too)",
                       relative_error(c, ref) if t else float("nan"), _tflops(t, flops))
     table.print()
     print("tf32 has fp16's 10 mantissa bits with fp32's range; truncating (not rounding) to them "
@@ -492,8 +495,8 @@ def _check_output(out, ref, name):
         common.assert_close(out, ref, name=name)
 
 
-def benchmark_versions(quick: bool) -> None:
-    n = 2048 if quick else 4096
+def benchmark_versions(quick: bool, n: int | None = None) -> None:
+    n = n or (2048 if quick else 4096)  # 4096^3: the size of the perf bars
     dtypes = [torch.float16] + ([torch.bfloat16] if not quick and common.supports_bf16() else [])
     section(f"Benchmark: v1..v4 against torch.matmul (cuBLAS) at {n}^3")
     flops = matmul_flops(n, n, n)
@@ -503,14 +506,14 @@ def benchmark_versions(quick: bool) -> None:
     for dtype in dtypes:
         name = str(dtype)[6:]
         a, b = random_problem(n, n, n, dtype)
-        out = torch.empty(n, n, device="cuda", dtype=dtype)
+        out = torch.empty(n, n, device=common.DEVICE, dtype=dtype)
         start = time.perf_counter()
         matmul(a, b, version=4, out=out)  # the first call for this (M, N, K, dtype) tunes
         torch.cuda.synchronize()
         tuning_s = time.perf_counter() - start
         _check_output(out, a.double() @ b.double(), f"v4 {n}^3 {name}")
-        print(f"{name}: v4's first call compiled and timed {len(v4_configs())} configs in {tuning_s:.1f} s "
-              f"and picked {getattr(matmul_v4_kernel, 'best_config', '?')}")
+        print(f"{name}: v4's first call at {n}^3 timed {len(v4_configs())} configs (compiling those not in "
+              f"Triton's cache) in {tuning_s:.1f} s and picked {getattr(matmul_v4_kernel, 'best_config', '?')}")
         t_torch = common.bench(lambda: torch.matmul(a, b, out=out))
         rates[("torch", name)] = t_torch.tflops(flops)
         table.add("torch.matmul (cuBLAS)", name, str(t_torch), t_torch.tflops(flops), 100.0)
@@ -537,17 +540,16 @@ def benchmark_versions(quick: bool) -> None:
 
 
 TILE_SWEEP = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps), all with num_stages=3 and GROUP_M=8
-    (32, 32, 64, 4), (64, 64, 64, 4), (64, 128, 64, 4), (128, 64, 64, 4),
-    (128, 128, 64, 4), (128, 128, 64, 8), (128, 256, 64, 8), (256, 128, 64, 8),
+    (32, 32, 64, 4), (64, 64, 64, 4), (64, 128, 64, 4), (128, 128, 64, 4),
+    (128, 128, 64, 8), (128, 256, 64, 8), (256, 128, 64, 8),
 ]
 STAGE_SWEEP = (1, 2, 3, 4)  # at 128 x 256 x 64, 8 warps
 
 
-def benchmark_tiles() -> None:
-    n = 4096
+def benchmark_tiles(n: int = 4096) -> None:
     section(f"Benchmark: tile sweep and num_stages sweep (v3, fp16, {n}^3)")
     a, b = random_problem(n, n, n, torch.float16)
-    out = torch.empty(n, n, device="cuda", dtype=torch.float16)
+    out = torch.empty(n, n, device=common.DEVICE, dtype=torch.float16)
     flops = matmul_flops(n, n, n)
     ref = a.double() @ b.double()
     cublas = common.bench(lambda: torch.matmul(a, b, out=out)).tflops(flops)
@@ -586,7 +588,7 @@ def benchmark_tiles() -> None:
           "(in more shared memory); once the loads are hidden, more stages add nothing.")
 
 
-def benchmark_roofline() -> None:
+def benchmark_roofline(shapes=SHAPES) -> None:
     section("Benchmark: roofline over shapes (fp16; v4 and torch.matmul)")
     peak = common.matmul_rate(torch.float16)  # TFLOP/s: cuBLAS at 8192^3, measured now
     bandwidth = common.copy_bandwidth()  # GB/s, measured now
@@ -597,9 +599,9 @@ def benchmark_roofline() -> None:
                   ["shape", "flop / byte", "bound", "roofline", "torch TFLOP/s", "v4 TFLOP/s",
                    "v4 % of roofline", "v4 % of torch"])
     points = []
-    for name, M, N, K in SHAPES:
+    for name, M, N, K in shapes:
         a, b = random_problem(M, N, K, torch.float16)
-        out = torch.empty(M, N, device="cuda", dtype=torch.float16)
+        out = torch.empty(M, N, device=common.DEVICE, dtype=torch.float16)
         flops = matmul_flops(M, N, K)
         intensity = flops / matmul_min_bytes(M, N, K, 2)
         roof = min(peak, intensity * bandwidth / 1e3)  # flop/byte x GB/s = GFLOP/s; / 1e3 = TFLOP/s
