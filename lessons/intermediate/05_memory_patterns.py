@@ -311,8 +311,8 @@ def _descriptor_scratch(size: int, alignment: int, stream):
 
 
 @functools.cache
-def tma_status() -> str | None:
-    """None if v4 (tensor descriptors) runs here, else the reason it falls back to v3."""
+def tma_status(dtype: torch.dtype = torch.float32) -> str | None:
+    """None if v4 (tensor descriptors) runs here for `dtype`, else the reason it falls back to v3."""
     if not hasattr(tl, "make_tensor_descriptor"):
         return f"triton {triton.__version__} has no tl.make_tensor_descriptor"
     if common.HAS_GPU:
@@ -321,12 +321,12 @@ def tma_status() -> str | None:
         if not hasattr(triton, "set_allocator"):
             return f"triton {triton.__version__} has no triton.set_allocator for descriptor scratch memory"
         triton.set_allocator(_descriptor_scratch)
-    # A tiny trial run: a Triton that has the API but cannot compile (or interpret) it here
-    # gives a reason to print instead of a crash in the middle of a benchmark.
+    # A tiny trial run with the default tile: a Triton that has the API but cannot compile (or
+    # interpret) it here gives a reason to print instead of a crash in the middle of a benchmark.
     try:
-        x = torch.arange(48 * 80, dtype=torch.float32, device=common.DEVICE).view(48, 80)
-        out = torch.full((80, 48), float("nan"), device=common.DEVICE)
-        _launch_v4(x, out, 32, 32, 1, 4)
+        x = torch.arange(48 * 80, device=common.DEVICE).view(48, 80).to(dtype)
+        out = torch.full((80, 48), float("nan"), dtype=dtype, device=common.DEVICE)
+        _launch_v4(x, out, BLOCK_M, BLOCK_N, GROUP_M, NUM_WARPS)
         if not torch.equal(out, x.t()):
             return "a trial transpose with tensor descriptors gave wrong values"
     except Exception as err:  # a compiler or interpreter without descriptor support
@@ -337,7 +337,7 @@ def tma_status() -> str | None:
 
 def tma_problem(x: torch.Tensor, out: torch.Tensor) -> str | None:
     """None if v4 can transpose x into out, else why it falls back to v3."""
-    status = tma_status()
+    status = tma_status(x.dtype)
     if status:
         return status
     es = x.element_size()
@@ -462,29 +462,34 @@ def check(quick: bool) -> None:
     names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
     print(f"transpose v1..v4 and laplacian match PyTorch for shapes {shapes}, dtypes {names}, "
           f"{'contiguous and transposed' if quick else 'contiguous, column-sliced and transposed'} "
-          f"fp32 inputs, every program order and cache hint benchmarked below: OK")
+          f"fp32 inputs, every program order and cache hint the benchmark times: OK")
     check_tma(dtypes, quick)
     if not common.supports_bf16():
         print("bfloat16: skipped, the interpreter has no bfloat16 (numpy lacks it); runs on a GPU")
 
 
 def check_tma(dtypes, quick: bool) -> None:
-    """v4 on shapes TMA accepts (rows 16-byte aligned) but no tile divides."""
-    status = tma_status()
-    if status:
-        print(f"v4 tensor descriptors: skipped, falls back to block pointers: {status}")
-        return
+    """v4 on shapes TMA accepts (rows 16-byte aligned) that the tile does not divide."""
+    checked = []
     for dtype in dtypes:
+        status = tma_status(dtype)
+        if status:
+            print(f"v4 tensor descriptors, {str(dtype).removeprefix('torch.')}: skipped, falls back to "
+                  f"block pointers: {status}")
+            continue
         align = 16 // torch.tensor([], dtype=dtype).element_size()
         for M, N in awkward_shapes(1 if quick else 2)[:-2]:  # no one-row shapes: rows must be aligned
-            M, N = M - M % align + align, N - N % align + align  # multiples of 16 bytes, not of 64
+            M, N = M - M % align + align, N - N % align + align  # rows a multiple of 16 bytes apart
             x = common.randn(M, N, dtype=dtype)
             out = common.poisoned_empty(N, M, dtype=dtype)
             assert tma_problem(x, out) is None, tma_problem(x, out)
             transpose_v4(x, out=out)
             common.assert_close(out, x.double().t(), name=f"v4 (TMA) {M}x{N} {dtype}")
-    where = "TMA copies" if common.HAS_GPU else "the interpreter"
-    print(f"v4 tensor descriptors ({where}) match PyTorch on 16-byte aligned shapes: OK")
+        checked.append(str(dtype).removeprefix("torch."))
+    if checked:
+        where = "TMA copies" if common.HAS_GPU else "the interpreter"
+        print(f"v4 tensor descriptors ({where}) match PyTorch on 16-byte aligned shapes, "
+              f"{', '.join(checked)}: OK")
 
 
 # %% [markdown]
