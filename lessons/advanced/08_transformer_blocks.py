@@ -1,0 +1,1045 @@
+"""
+Lesson 08: transformer blocks
+=============================
+
+Build the memory-bound kernels of a transformer layer and its loss, forward and backward:
+LayerNorm, RMSNorm, a fused gated GELU, and a cross-entropy that computes its loss and its
+gradient in one kernel without ever writing the softmax to memory.
+
+You will learn:
+- one program per row: how LayerNorm and RMSNorm normalise a row held in registers, and why
+  the forward pass keeps each row's mean and 1/std for the backward pass
+- a backward pass as a `torch.autograd.Function`, checked against autograd in float64
+- how to reduce dW and dB over all rows: partial sums per group of rows, then a second small
+  reduction (and why not atomics with a lock)
+- fused activations: GeGLU forward and backward, recomputing GELU instead of storing it
+- RoPE as a rotation of pairs, whose backward is the inverse rotation
+- fused cross-entropy: online logsumexp over the vocabulary in chunks, and the gradient
+  softmax - onehot written in place into the logits buffer (Liger-kernel style): time and peak
+  memory against PyTorch
+
+Run:  python lessons/advanced/08_transformer_blocks.py [--quick]
+"""
+
+import functools
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `common`
+import common  # noqa: E402  (first: picks the GPU, or Triton's CPU interpreter without one)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from common import Table, fmt_bytes, section  # noqa: E402
+
+# %% [markdown]
+# ## Motivation
+# A transformer layer is two matmul-heavy parts (attention, the MLP) glued together by cheap
+# per-element and per-row operations: two norms, an activation, residual adds, and at the top
+# of the model a loss over a vocabulary of 30,000 to 260,000 classes. The glue does almost no
+# arithmetic, so its cost is its bytes; written op by op in PyTorch, each step writes a
+# temporary the next step reads back. In a training step the backward pass reads them again.
+#
+# The loss is the extreme case: 8192 tokens x 128,256 classes (Llama 3's vocabulary) is one
+# billion logits, 2 GiB in bf16. F.cross_entropy on float-upcast logits writes an fp32 copy,
+# fp32 log-probabilities, an fp32 gradient and a bf16 gradient: several times the logits
+# themselves in extra memory. One kernel can read the logits, compute the loss, and overwrite
+# them with the gradient.
+
+# %% [markdown]
+# ## Reference (PyTorch)
+# Each reference computes in at least fp32 (`_upcast`: bf16 and fp16 go to fp32, fp64 stays
+# fp64, so the same function is the float64 reference in the checks). Traffic per line for an
+# M x N input of b bytes per element; "MN" means M x N elements.
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def layernorm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5):
+    """LayerNorm over the last dimension, op by op."""
+    xf = _upcast(x)  # bf16/fp16: reads MN b, writes MN x 4 (nothing for fp32)
+    mean = xf.mean(-1, keepdim=True)  # reads MN, writes M
+    xc = xf - mean  # reads MN + M, writes MN
+    var = (xc * xc).mean(-1, keepdim=True)  # mul: reads 2MN, writes MN; mean: reads MN, writes M
+    y = xc * torch.rsqrt(var + eps)  # add, rsqrt: M each; mul: reads MN + M, writes MN
+    return (y * weight + bias).to(x.dtype)  # mul, add: read MN, write MN each; the cast: reads, writes MN
+    # about 10 kernels, ~9 reads and ~7 writes of M x N; the minimum is one read and one write
+
+
+def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
+    """RMSNorm as Llama's reference code writes it: x * rsqrt(mean(x^2) + eps) * w."""
+    xf = _upcast(x)  # bf16/fp16: reads MN b, writes MN x 4
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # pow: reads MN, writes MN; mean: reads MN
+    return weight * (xf * rstd).to(x.dtype)  # mul: reads MN, writes MN; cast: reads, writes; mul: reads, writes
+    # 7 kernels, ~5 reads and ~4 writes of M x N; the minimum is one read and one write
+
+
+def geglu_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """GeGLU (Gemma's MLP): gelu(a) * b, GELU in its tanh approximation."""
+    return F.gelu(a, approximate="tanh") * b  # gelu: reads n, writes n; mul: reads 2n, writes n
+    # backward: gelu'(a) needs a again, so autograd saves a, b and gelu(a): 5n read + 2n written
+
+
+def swiglu_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """SwiGLU (Llama's MLP), exercise 8.2: silu(a) * b."""
+    return F.silu(a) * b  # silu: reads n, writes n; mul: reads 2n, writes n
+
+
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding, exercise 8.3. x: (B, S, H, D); cos, sin: (S, D/2).
+
+    Pairs (x[j], x[j + D/2]) are rotated by the angle theta[s, j] of their position s.
+    """
+    x1, x2 = x.chunk(2, dim=-1)  # views: nothing moved
+    c, s = cos[None, :, None, :], sin[None, :, None, :]  # broadcast over batch and heads
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+    # 4 muls, a sub and an add on half-size tensors, then cat: reads ~5 x-sized tensors, writes ~4
+
+
+def mse_reference(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error, exercise 8.4."""
+    return F.mse_loss(_upcast(pred), _upcast(target))  # upcasts, then one fused loss kernel
+    # backward: another pass that reads pred and target and writes the gradient
+
+
+def cross_entropy_reference(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100):
+    """Cross-entropy as a training step runs it: on float-upcast logits, mean over valid rows."""
+    return F.cross_entropy(_upcast(logits), target, ignore_index=ignore_index)
+    # upcast: reads MV x 2, writes MV x 4; log_softmax: reads MV (twice), writes MV fp32 (kept for
+    # backward); nll: gathers M. Backward: a zero-filled fp32 MV gradient, log_softmax backward
+    # (reads 2 MV, writes MV fp32), then the cast back to bf16 (reads MV fp32, writes MV bf16)
+
+
+# %% [markdown]
+# ## Kernel
+# Norms: one program per row, the whole row in one block of registers (rows up to
+# MAX_FUSED_COLS). The forward pass keeps two fp32 numbers per row (mean and 1/std): the
+# backward pass needs them and they cost 8 bytes per row, nothing next to the row itself.
+
+
+@triton.jit
+def layernorm_fwd_kernel(
+    x_ptr,  # input, M x N: row i starts at x_ptr + i * stride_xm, columns contiguous
+    w_ptr,  # weight (gamma), N
+    b_ptr,  # bias (beta), N
+    y_ptr,  # output, M x N contiguous
+    mean_ptr,  # M fp32: each row's mean, kept for the backward pass
+    rstd_ptr,  # M fp32: each row's 1 / sqrt(var + eps), kept for the backward pass
+    stride_xm,  # elements between x[i, 0] and x[i + 1, 0]
+    n_cols,  # N
+    eps,  # added to the variance
+    BLOCK_SIZE: tl.constexpr,  # a power of 2 >= N: the whole row is one block
+):
+    row = tl.program_id(axis=0).to(tl.int64)  # int64: row * stride can pass 2^31 on large tensors
+    cols = tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / n_cols
+    # Variance as the mean of (x - mean)^2 from registers: no cancellation, unlike E[x^2] - E[x]^2.
+    # The lanes past N must add nothing, not (0 - mean)^2.
+    xc = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(xc * xc, axis=0) / n_cols
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    y = xc * rstd * w + b
+    tl.store(y_ptr + row * n_cols + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + row, mean)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def layernorm_bwd_kernel(
+    dy_ptr,  # upstream gradient dL/dy, M x N, row stride stride_dym
+    x_ptr,  # the forward input, M x N, row stride stride_xm
+    w_ptr,  # weight, N
+    mean_ptr,  # M fp32, saved by the forward pass
+    rstd_ptr,  # M fp32, saved by the forward pass
+    dx_ptr,  # dL/dx, M x N contiguous
+    dw_partial_ptr,  # P x N fp32: row p is program p's sum of dy * xhat over its rows
+    db_partial_ptr,  # P x N fp32: row p is program p's sum of dy over its rows
+    stride_dym,  # elements between dy[i, 0] and dy[i + 1, 0]
+    stride_xm,  # elements between x[i, 0] and x[i + 1, 0]
+    n_rows,  # M
+    n_cols,  # N
+    rows_per_program,  # program p handles rows [p * rows_per_program, (p + 1) * rows_per_program)
+    BLOCK_SIZE: tl.constexpr,  # a power of 2 >= N
+):
+    # With xhat = (x - mean) * rstd and y = xhat * w + b, the chain rule gives, per row,
+    #   g = dy * w,   dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
+    # and over all rows  dw = sum(dy * xhat),  db = sum(dy).
+    # dx is per row; dw and db sum over every row: each program sums its own group of rows in
+    # registers and writes one partial row; sum_rows_kernel adds the P partial rows afterwards.
+    pid = tl.program_id(axis=0)
+    cols = tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    row_start = pid.to(tl.int64) * rows_per_program  # int64 bounds: row is int64, row * stride cannot overflow
+    row_end = tl.minimum(row_start + rows_per_program, n_rows)
+    for row in range(row_start, row_end):
+        x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + row * stride_dym + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + row)
+        rstd = tl.load(rstd_ptr + row)
+        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+        g = dy * w  # 0 past N: dy was loaded as 0 there
+        c1 = tl.sum(xhat * g, axis=0) / n_cols
+        c2 = tl.sum(g, axis=0) / n_cols
+        dx = (g - (xhat * c1 + c2)) * rstd
+        tl.store(dx_ptr + row * n_cols + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dw_acc += dy * xhat
+        db_acc += dy
+    tl.store(dw_partial_ptr + pid * n_cols + cols, dw_acc, mask=mask)
+    tl.store(db_partial_ptr + pid * n_cols + cols, db_acc, mask=mask)
+
+
+@triton.jit
+def sum_rows_kernel(
+    partial_ptr,  # P x N fp32, contiguous: the partial sums of the P programs
+    out_ptr,  # N: their column sums, in the weight's dtype
+    n_partials,  # P
+    n_cols,  # N
+    BLOCK_SIZE: tl.constexpr,  # columns per program
+):
+    # The second, small reduction: P x N fp32 (P a few hundred) is a few MiB at most. Always the
+    # same order of additions, so dw and db are the same bits on every run (atomics are not).
+    cols = tl.program_id(axis=0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
+    for p in range(0, n_partials):
+        acc += tl.load(partial_ptr + p * n_cols + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def rmsnorm_fwd_kernel(
+    x_ptr,  # input, M x N, row stride stride_xm
+    w_ptr,  # weight, N
+    y_ptr,  # output, M x N contiguous
+    stride_xm,  # elements between x[i, 0] and x[i + 1, 0]
+    n_cols,  # N
+    eps,  # added to the mean square
+    BLOCK_SIZE: tl.constexpr,  # a power of 2 >= N
+):
+    # LayerNorm without the mean and the bias: one reduction instead of two. This is the forward
+    # pass for inference; exercise 8.1 writes the training version (it keeps rstd) and its backward.
+    row = tl.program_id(axis=0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    # One rounding, at the store; Llama's reference rounds x * rstd to bf16 before the * w.
+    tl.store(y_ptr + row * n_cols + cols, (x * rstd * w).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# %% [markdown]
+# GeGLU, elementwise over n = tokens x hidden: h = gelu(a) * b. The forward pass reads a and b
+# and writes h. The backward pass needs gelu(a) and gelu'(a); it reads a anyway (for the
+# derivative), so it recomputes them from a: storing gelu(a) would cost a write in forward and
+# a read in backward, and save nothing.
+#
+# GELU in its tanh approximation: gelu(a) = 0.5 a (1 + tanh(z)), z = sqrt(2/pi) (a + 0.044715 a^3),
+# with tanh(z) = 2 sigmoid(2z) - 1 (tl.sigmoid exists on every Triton version and in the
+# interpreter). sqrt(2/pi) = 0.7978845608028654.
+
+
+@triton.jit
+def geglu_fwd_kernel(
+    a_ptr,  # gate input, n elements
+    b_ptr,  # up input, n elements
+    h_ptr,  # output gelu(a) * b, n elements
+    n_elements,  # n
+    BLOCK_SIZE: tl.constexpr,  # elements per program
+):
+    offsets = tl.program_id(axis=0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offsets < n_elements
+    a = tl.load(a_ptr + offsets, mask=mask, other=0.0).to(tl.float32)  # math in fp32 (tl.sigmoid needs it)
+    b = tl.load(b_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    z = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+    t = 2.0 * tl.sigmoid(2.0 * z) - 1.0  # tanh(z)
+    h = 0.5 * a * (1.0 + t) * b
+    tl.store(h_ptr + offsets, h.to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def geglu_bwd_kernel(
+    dh_ptr,  # upstream gradient dL/dh, n elements
+    a_ptr,  # gate input, n elements
+    b_ptr,  # up input, n elements
+    da_ptr,  # dL/da = dh * b * gelu'(a), n elements
+    db_ptr,  # dL/db = dh * gelu(a), n elements
+    n_elements,  # n
+    BLOCK_SIZE: tl.constexpr,
+):
+    offsets = tl.program_id(axis=0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offsets < n_elements
+    dh = tl.load(dh_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    a = tl.load(a_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    z = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+    t = 2.0 * tl.sigmoid(2.0 * z) - 1.0
+    gelu = 0.5 * a * (1.0 + t)
+    # d/da [0.5 a (1 + tanh z)] = 0.5 (1 + t) + 0.5 a (1 - t^2) dz/da, dz/da = sqrt(2/pi) (1 + 3 * 0.044715 a^2)
+    dgelu = 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * a * a)
+    tl.store(da_ptr + offsets, (dh * b * dgelu).to(da_ptr.dtype.element_ty), mask=mask)
+    tl.store(db_ptr + offsets, (dh * gelu).to(db_ptr.dtype.element_ty), mask=mask)
+
+
+# %% [markdown]
+# Cross-entropy, one program per row of V logits, in two passes over the row in chunks:
+#   pass 1: online logsumexp. A running max m and a running sum d = sum(exp(x - m)); when a
+#           chunk raises the max, the sum so far is rescaled by exp(m_old - m_new). Then
+#           lse = m + log(d) and loss = lse - x[target].
+#   pass 2: read the chunk again, p = exp(x - lse) is the softmax, and (p - onehot) / n_valid is
+#           the gradient of the mean loss. It is written to grad_ptr, which may be the logits
+#           buffer itself: each chunk is read before the same addresses are written.
+# The softmax lives only in registers. Reads 2 MV, writes MV; nothing else of size M x V.
+
+
+@triton.jit
+def cross_entropy_kernel(
+    logits_ptr,  # M x V logits, row i at logits_ptr + i * stride_lm, columns contiguous
+    grad_ptr,  # M x V: where dL/dlogits goes; may be logits_ptr itself (in place)
+    target_ptr,  # M class indices (int64)
+    loss_ptr,  # M fp32: each row's loss (0 for ignored rows)
+    n_valid_ptr,  # one fp32: how many targets are not ignore_index (the mean divides by it)
+    stride_lm,  # elements between logits[i, 0] and logits[i + 1, 0]
+    stride_gm,  # elements between grad[i, 0] and grad[i + 1, 0]
+    n_cols,  # V
+    ignore_index,  # rows whose target equals this get loss 0 and gradient 0
+    BLOCK_SIZE: tl.constexpr,  # columns per chunk
+):
+    row = tl.program_id(axis=0).to(tl.int64)
+    logits_row = logits_ptr + row * stride_lm
+    grad_row = grad_ptr + row * stride_gm
+    cols = tl.arange(0, BLOCK_SIZE)
+    target = tl.load(target_ptr + row)
+    valid = target != ignore_index
+
+    # Pass 1: one running (max, sum) pair for the row; -inf in the lanes past V adds exp(-inf) = 0.
+    m = -float("inf")
+    d = 0.0
+    for start in range(0, n_cols, BLOCK_SIZE):
+        x = tl.load(logits_row + start + cols, mask=start + cols < n_cols, other=-float("inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+        m = m_new
+    lse = m + tl.log(d)
+    # The target's logit, read before pass 2 may overwrite it. An ignored row reads nothing.
+    x_target = tl.load(logits_row + tl.where(valid, target, 0), mask=valid, other=0.0).to(tl.float32)
+    tl.store(loss_ptr + row, tl.where(valid, lse - x_target, 0.0))
+
+    # Pass 2: the gradient of mean(loss) is (softmax - onehot) / n_valid on valid rows, 0 on others.
+    scale = tl.where(valid, 1.0 / tl.maximum(tl.load(n_valid_ptr), 1.0), 0.0)  # max: no 1/0 when all are ignored
+    for start in range(0, n_cols, BLOCK_SIZE):
+        mask = start + cols < n_cols
+        x = tl.load(logits_row + start + cols, mask=mask, other=0.0).to(tl.float32)
+        p = tl.exp(x - lse)
+        grad = tl.where(start + cols == target, p - 1.0, p) * scale
+        tl.store(grad_row + start + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+# %% [markdown]
+# ## Wrapper
+# validate, allocate, grid, launch, return. The norms accept any (..., N) input whose last
+# dimension is contiguous (a 2-D input may have padded rows) and treat it as M x N rows.
+# Each op also has an autograd.Function, so it trains like the PyTorch version.
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# A row lives in registers: up to 16384 fp32 values, 32 per thread at 16 warps.
+MAX_FUSED_COLS = 16384
+ELEMENTWISE_BLOCK_SIZE = 1024  # lesson 01's choice for elementwise kernels
+SUM_ROWS_BLOCK_SIZE = 128  # columns per program of the second dW / dB reduction
+# Backward programs per SM: each one loops over a group of rows. More programs hide more memory
+# latency but write more partial rows for the second reduction; the benchmark sweeps it.
+BWD_PROGRAMS_PER_SM = 2
+# Cross-entropy chunk: the benchmark sweeps it. The interpreter uses short chunks, so that its
+# small vocabularies still take several chunks per row.
+CE_BLOCK_SIZE = 4096 if common.HAS_GPU else 512
+
+
+def _row_block(n_cols: int) -> int:
+    return max(16, triton.next_power_of_2(n_cols))  # at least 16: an ordinary block even for N = 1
+
+
+def _row_num_warps(block_size: int) -> int:
+    # More threads for longer rows, so each thread holds at most 16 to 32 values per array.
+    return 16 if block_size >= 8192 else 8 if block_size >= 2048 else 4
+
+
+@functools.cache
+def _sm_count() -> int:
+    if common.HAS_GPU:
+        return torch.cuda.get_device_properties(common.DEVICE).multi_processor_count
+    return 2  # the interpreter: a few programs, so that each one loops over several rows
+
+
+def _as_rows(x: torch.Tensor, name: str = "x") -> torch.Tensor:
+    """x (..., N) as an M x N tensor whose rows may be strided (a view whenever possible)."""
+    common.check_tensors(**{name: x}, contiguous=False, dtypes=FLOAT_DTYPES)
+    if x.dim() == 0 or x.numel() == 0:
+        raise ValueError(f"{name} must have at least one row of at least one element, got shape {tuple(x.shape)}")
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension ({name}.stride(-1) == 1), got "
+                         f"strides {x.stride()}; pass {name}.contiguous()")
+    n_cols = x.shape[-1]
+    if n_cols > MAX_FUSED_COLS:
+        raise ValueError(f"{name} has rows of {n_cols} elements; these kernels hold a row in one block, "
+                         f"at most {MAX_FUSED_COLS}")
+    rows = x.reshape(-1, n_cols)  # a view for 2-D inputs and contiguous ones (no copy)
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _check_params(n_cols: int, **params: torch.Tensor) -> None:
+    common.check_tensors(**params, same_dtype=False, ndim=1, dtypes=FLOAT_DTYPES)
+    for name, p in params.items():
+        if p.shape[0] != n_cols:
+            raise ValueError(f"{name} must have shape ({n_cols},) to match the last dimension of x, "
+                             f"got {tuple(p.shape)}")
+
+
+def _check_out(out: torch.Tensor, like: torch.Tensor) -> None:
+    common.check_tensors(out=out)
+    if out.shape != like.shape or out.dtype != like.dtype:
+        raise ValueError(f"out must have shape {tuple(like.shape)} and dtype {like.dtype}, got "
+                         f"{tuple(out.shape)} {out.dtype}")
+
+
+def layernorm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5,
+                      out: torch.Tensor | None = None):
+    """LayerNorm over the last dimension: returns (y, mean, rstd), mean and rstd fp32 per row."""
+    rows = _as_rows(x)
+    n_rows, n_cols = rows.shape
+    _check_params(n_cols, weight=weight, bias=bias)
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    else:
+        _check_out(out, x)
+    mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    block = _row_block(n_cols)
+    layernorm_fwd_kernel[(n_rows,)](rows, weight, bias, out, mean, rstd, rows.stride(0), n_cols, eps,
+                                    BLOCK_SIZE=block, num_warps=_row_num_warps(block))
+    return out, mean, rstd
+
+
+def _sum_rows(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    n_partials, n_cols = partial.shape
+    out = torch.empty(n_cols, dtype=dtype, device=partial.device)
+    sum_rows_kernel[(triton.cdiv(n_cols, SUM_ROWS_BLOCK_SIZE),)](partial, out, n_partials, n_cols,
+                                                                  BLOCK_SIZE=SUM_ROWS_BLOCK_SIZE)
+    return out
+
+
+def _bwd_grid(n_rows: int, programs: int | None) -> tuple[int, int]:
+    """(programs, rows per program) for a backward pass over n_rows rows."""
+    programs = min(n_rows, programs or BWD_PROGRAMS_PER_SM * _sm_count())
+    rows_per_program = triton.cdiv(n_rows, programs)
+    return triton.cdiv(n_rows, rows_per_program), rows_per_program  # no program left without rows
+
+
+def layernorm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                       rstd: torch.Tensor, programs: int | None = None):
+    """Gradients (dx, dw, db) of LayerNorm, from the forward pass's input, mean and rstd."""
+    rows = _as_rows(x)
+    n_rows, n_cols = rows.shape
+    common.check_tensors(dy=dy, x=x, contiguous=False)
+    dy_rows = dy.reshape(-1, n_cols)
+    if dy_rows.stride(-1) != 1:  # e.g. the gradient of y.sum() is an expanded tensor, stride 0
+        dy_rows = dy_rows.contiguous()
+    n_programs, rows_per_program = _bwd_grid(n_rows, programs)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    # empty, not zeros: every program writes its whole partial row
+    dw_partial = torch.empty(n_programs, n_cols, dtype=torch.float32, device=x.device)
+    db_partial = torch.empty(n_programs, n_cols, dtype=torch.float32, device=x.device)
+    block = _row_block(n_cols)
+    layernorm_bwd_kernel[(n_programs,)](dy_rows, rows, weight, mean, rstd, dx, dw_partial, db_partial,
+                                        dy_rows.stride(0), rows.stride(0), n_rows, n_cols, rows_per_program,
+                                        BLOCK_SIZE=block, num_warps=_row_num_warps(block))
+    return dx, _sum_rows(dw_partial, weight.dtype), _sum_rows(db_partial, weight.dtype)
+
+
+class LayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, mean, rstd = layernorm_forward(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = layernorm_backward(dy, x, weight, mean, rstd)
+        return dx, dw, db, None
+
+
+def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm over the last dimension of x (..., N), differentiable in x, weight and bias."""
+    return LayerNormFunction.apply(x, weight, bias, eps)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, out: torch.Tensor | None = None):
+    """RMSNorm over the last dimension (forward only; exercise 8.1 adds the backward pass)."""
+    rows = _as_rows(x)
+    n_rows, n_cols = rows.shape
+    _check_params(n_cols, weight=weight)
+    if out is None:
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    else:
+        _check_out(out, x)
+    block = _row_block(n_cols)
+    rmsnorm_fwd_kernel[(n_rows,)](rows, weight, out, rows.stride(0), n_cols, eps,
+                                  BLOCK_SIZE=block, num_warps=_row_num_warps(block))
+    return out
+
+
+def geglu_forward(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """gelu(a) * b (tanh GELU) for contiguous a, b of one shape and dtype."""
+    common.check_tensors(a=a, b=b, dtypes=FLOAT_DTYPES)
+    if out is None:
+        out = torch.empty_like(a)
+    else:
+        _check_out(out, a)
+    n = a.numel()
+    geglu_fwd_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK_SIZE),)](a, b, out, n, BLOCK_SIZE=ELEMENTWISE_BLOCK_SIZE)
+    return out
+
+
+def geglu_backward(dh: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+    """(da, db) of h = gelu(a) * b, recomputing gelu(a) from a."""
+    common.check_tensors(a=a, b=b, dtypes=FLOAT_DTYPES)
+    dh = dh.contiguous()  # autograd may hand over an expanded or strided gradient
+    da, db = torch.empty_like(a), torch.empty_like(b)
+    n = a.numel()
+    geglu_bwd_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK_SIZE),)](dh, a, b, da, db, n,
+                                                                BLOCK_SIZE=ELEMENTWISE_BLOCK_SIZE)
+    return da, db
+
+
+class GeGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)  # a and b, not gelu(a): the backward pass recomputes it
+        return geglu_forward(a, b)
+
+    @staticmethod
+    def backward(ctx, dh):
+        a, b = ctx.saved_tensors
+        return geglu_backward(dh, a, b)
+
+
+def geglu(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """gelu(a) * b, differentiable in a and b."""
+    return GeGLUFunction.apply(a, b)
+
+
+def _check_target(target: torch.Tensor, n_rows: int) -> None:
+    common.check_tensors(target=target, ndim=1, dtypes=(torch.int64,))
+    if target.shape[0] != n_rows:
+        raise ValueError(f"target must have one class index per row of logits ({n_rows}), got "
+                         f"shape {tuple(target.shape)}")
+
+
+def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
+                          grad: torch.Tensor | None = None, block_size: int = CE_BLOCK_SIZE):
+    """Mean cross-entropy of M x V logits against M class indices, and its gradient, in one kernel.
+
+    Returns (loss, grad): loss is an fp32 scalar; grad (M x V, the logits' dtype) is
+    d(loss)/d(logits). Pass grad=logits to write the gradient over the logits (in place).
+    """
+    common.check_tensors(logits=logits, contiguous=False, ndim=2, dtypes=FLOAT_DTYPES)
+    if logits.stride(1) != 1:
+        raise ValueError(f"logits must have contiguous rows (logits.stride(1) == 1), got strides "
+                         f"{logits.stride()}; pass logits.contiguous()")
+    n_rows, n_cols = logits.shape
+    _check_target(target, n_rows)
+    if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of 2 of at least 16, got {block_size}")
+    if grad is None:
+        grad = torch.empty(n_rows, n_cols, dtype=logits.dtype, device=logits.device)
+    else:
+        common.check_tensors(logits=logits, grad=grad, contiguous=False)
+        if grad.stride(1) != 1:
+            raise ValueError(f"grad must have contiguous rows (grad.stride(1) == 1), got strides {grad.stride()}")
+    loss_rows = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    # On the device, so no host sync: the kernel loads it. 0 valid rows gives loss 0/0 = NaN, as PyTorch.
+    n_valid = (target != ignore_index).sum(dtype=torch.float32)
+    block = min(block_size, _row_block(n_cols))
+    cross_entropy_kernel[(n_rows,)](logits, grad, target, loss_rows, n_valid, logits.stride(0), grad.stride(0),
+                                    n_cols, ignore_index, BLOCK_SIZE=block, num_warps=_row_num_warps(block))
+    return loss_rows.sum() / n_valid, grad
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, ignore_index, inplace):
+        loss, grad = cross_entropy_forward(logits, target, ignore_index, grad=logits if inplace else None)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        # loss.backward() passes 1.0, and the gradient is already final. Checking costs one host
+        # sync per step; multiplying anyway would cost a pass over the whole M x V gradient.
+        if grad_loss.item() != 1.0:
+            grad.mul_(grad_loss.to(grad.dtype))
+        return grad, None, None, None
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
+                  inplace: bool = False) -> torch.Tensor:
+    """Mean cross-entropy, differentiable in logits. The gradient is computed in the forward pass.
+
+    inplace=True writes the gradient over `logits` (their values are gone after the call): no
+    M x V memory at all beyond the logits. Use it when nothing else needs the logits, as in a
+    training step whose next use of them is this loss. Call backward once.
+    """
+    return CrossEntropyFunction.apply(logits, target, ignore_index, inplace)
+
+
+# %% [markdown]
+# ## Check
+# Awkward sizes (rows and widths that are not powers of 2), fresh random inputs, forward
+# outputs filled with NaN first, and every gradient compared with autograd run on float64
+# copies of the same inputs.
+
+
+def grads_float64(fn, inputs, dy):
+    """fn(*inputs) and its gradients w.r.t. every input, computed by autograd in float64."""
+    xs = [t.detach().double().requires_grad_() for t in inputs]
+    y = fn(*xs)
+    return y.detach(), torch.autograd.grad(y, xs, dy.double() if dy is not None else None)
+
+
+def grads_of(fn, inputs, dy):
+    """fn(*inputs) and its gradients w.r.t. every input, for the function under test."""
+    xs = [t.detach().clone().requires_grad_() for t in inputs]
+    y = fn(*xs)
+    return y.detach(), torch.autograd.grad(y, xs, dy)
+
+
+def _dtypes() -> list[torch.dtype]:
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if common.supports_bf16() else [])
+
+
+def _check_norms(quick: bool, dtypes) -> None:
+    # Few distinct widths: on a GPU each power-of-2 block compiles its own kernels.
+    cols = common.awkward_sizes(count=1 if quick else 2, lo=1025, hi=2048, include=(17,))
+    for dtype in dtypes:
+        for n_cols in cols:
+            n_rows = int(torch.randint(3, 24 if common.INTERPRETER else 700, ()).item())
+            base = common.randn(n_rows, n_cols + 3, dtype=dtype, scale=2.0)
+            x = base[:, :n_cols] + 0.5  # padded rows (stride N + 3) and a nonzero mean
+            w = common.randn(n_cols, dtype=dtype)
+            b = common.randn(n_cols, dtype=dtype)
+            name = f"{n_rows}x{n_cols} {str(dtype).removeprefix('torch.')}"
+            out = common.poisoned_empty(n_rows, n_cols, dtype=dtype)
+            layernorm_forward(x, w, b, out=out)
+            common.assert_close(out, F.layer_norm(x.double(), (n_cols,), w.double(), b.double(), 1e-5),
+                                name=f"layernorm forward {name}")
+            out = common.poisoned_empty(n_rows, n_cols, dtype=dtype)
+            rmsnorm(x, w, out=out)
+            common.assert_close(out, rmsnorm_reference(x.double(), w.double()), name=f"rmsnorm forward {name}")
+            dy = common.randn(n_rows, n_cols, dtype=dtype)
+            ln = lambda x_, w_, b_: F.layer_norm(x_, (n_cols,), w_, b_, 1e-5)  # noqa: E731
+            y_ref, grads_ref = grads_float64(ln, (x, w, b), dy)
+            y, grads = grads_of(layernorm, (x, w, b), dy)
+            common.assert_close(y, y_ref, name=f"layernorm (autograd) forward {name}")
+            for label, got, want in zip(("dx", "dw", "db"), grads, grads_ref):
+                common.assert_close(got, want, name=f"layernorm backward {label} {name}")
+    x = common.randn(2, 3, 17)  # (batch, seq, hidden): the norms treat it as 6 rows
+    w, b = common.randn(17), common.randn(17)
+    common.assert_close(layernorm(x, w, b), F.layer_norm(x.double(), (17,), w.double(), b.double()),
+                        name="layernorm on a 3-D input")
+    print(f"layernorm forward + backward (dx, dw, db) and rmsnorm forward match float64 for widths {cols}: OK")
+
+
+def _check_geglu(dtypes) -> None:
+    for dtype in dtypes:
+        for n in common.awkward_sizes(2, lo=1000, hi=100_000, include=(1,)):
+            a, b = common.randn(n, dtype=dtype, scale=2.0), common.randn(n, dtype=dtype)
+            out = common.poisoned_empty(n, dtype=dtype)
+            geglu_forward(a, b, out=out)
+            common.assert_close(out, geglu_reference(a.double(), b.double()), name=f"geglu forward n={n}")
+            dh = common.randn(n, dtype=dtype)
+            _, grads_ref = grads_float64(geglu_reference, (a, b), dh)
+            _, grads = grads_of(geglu, (a, b), dh)
+            for label, got, want in zip(("da", "db"), grads, grads_ref):
+                common.assert_close(got, want, name=f"geglu backward {label} n={n} {dtype}")
+    print("geglu forward + backward match float64: OK")
+
+
+def _grad_tolerance(dtype: torch.dtype) -> dict:
+    # The gradient is (p - onehot) / n_valid: values of order 1/n_valid, most far smaller. Compared
+    # after multiplying by n_valid, with an atol that sees errors in probabilities near 1/V.
+    return {torch.float32: dict(atol=1e-6, rtol=1e-5), torch.float16: dict(atol=1e-5, rtol=2e-3),
+            torch.bfloat16: dict(atol=1e-4, rtol=1.6e-2)}[dtype]
+
+
+def check_cross_entropy_once(logits: torch.Tensor, target: torch.Tensor, inplace: bool, name: str) -> None:
+    """Loss and gradient of cross_entropy against F.cross_entropy run by autograd in float64."""
+    n_valid = int((target != -100).sum())
+    ce = lambda l_: F.cross_entropy(l_, target)  # noqa: E731
+    loss_ref, (grad_ref,) = grads_float64(ce, (logits,), None)
+    work = logits.clone()  # in place destroys it
+    work.requires_grad_()
+    loss = cross_entropy(work, target, inplace=inplace)
+    (grad,) = torch.autograd.grad(loss, work)
+    common.assert_close(loss.detach(), loss_ref, name=f"cross_entropy loss {name}")
+    common.assert_close(grad * n_valid, grad_ref * n_valid, name=f"cross_entropy gradient x n_valid {name}",
+                        **_grad_tolerance(logits.dtype))
+    if inplace and grad.data_ptr() != work.data_ptr():
+        raise common.CheckError(f"cross_entropy {name}: inplace=True did not write the gradient into the logits")
+
+
+def _check_cross_entropy(quick: bool, dtypes) -> None:
+    vocab = common.awkward_sizes(count=1 if quick else 2, lo=1000, hi=50_000, include=(17,))
+    for dtype in dtypes:
+        for n_cols in vocab:
+            n_rows = int(torch.randint(3, 16 if common.INTERPRETER else 300, ()).item())
+            logits = common.randn(n_rows, n_cols, dtype=dtype, scale=3.0)
+            target = torch.randint(0, n_cols, (n_rows,), device=common.DEVICE)
+            target[torch.rand(n_rows, device=common.DEVICE) < 0.25] = -100  # padding tokens: ignored
+            target[0] = n_cols - 1  # the last class: the tail chunk's last element
+            for inplace in (False, True):
+                check_cross_entropy_once(logits, target, inplace, f"{n_rows}x{n_cols} {dtype} inplace={inplace}")
+    logits = common.randn(4, 300) + 100.0  # exp(100) overflows fp32: only a max-subtracting kernel survives
+    target = torch.randint(0, 300, (4,), device=common.DEVICE)
+    check_cross_entropy_once(logits, target, False, "4x300 shifted by +100")
+    print(f"cross_entropy loss and gradient (separate buffer and in place, 25% ignored targets) match "
+          f"float64 for V in {vocab}: OK")
+
+
+def check(quick: bool) -> None:
+    section("Check: forward outputs and autograd gradients against float64")
+    dtypes = _dtypes()
+    _check_norms(quick, dtypes)
+    _check_geglu(dtypes)
+    _check_cross_entropy(quick, dtypes)
+    if not common.supports_bf16():
+        print("bfloat16: skipped, the interpreter has no bfloat16 (numpy lacks it); runs on a GPU")
+
+
+# %% [markdown]
+# ## Memory traffic
+# PyTorch's bytes are counted per aten op with a TorchDispatchMode, forward and backward (run on
+# CPU tensors, where autograd's backward runs in this thread and is counted too; the aten ops and
+# their sizes are the same on a GPU). The Triton kernels' bytes are modelled from their loads and
+# stores. All in bf16 (2 bytes), the dtype a training step uses.
+
+
+def _counted(fn, *args) -> "common.traffic.TorchTraffic":
+    return common.count_torch_traffic(fn, *args)
+
+
+def _fwd_bwd(fn, inputs, dy=None):
+    """A callable that runs fn forward and autograd backward on fresh leaves (for counting)."""
+    def run():
+        xs = [t.detach().requires_grad_() for t in inputs]
+        y = fn(*xs)
+        torch.autograd.grad(y, xs, dy)
+    return run
+
+
+def traffic() -> None:
+    m, n = 256, 4096  # tokens x hidden
+    v = 8192  # vocabulary (small, so the CPU count stays fast; bytes scale with M x V)
+    e = 2  # bf16
+    section(f"Memory traffic per op, bf16, M = {m} rows (tokens), N = {n} (hidden), V = {v} (vocabulary)")
+    bf16 = dict(dtype=torch.bfloat16)
+    x, w, b = torch.randn(m, n, **bf16), torch.randn(n, **bf16), torch.randn(n, **bf16)
+    dy = torch.randn(m, n, **bf16)
+    logits, target = torch.randn(m, v, **bf16), torch.randint(0, v, (m,))
+    pred, tgt = torch.randn(m, n, **bf16), torch.randn(m, n, **bf16)
+    q = torch.randn(2, m // 2, 32, 128, **bf16)  # (B, S, H, D)
+    cos, sin = torch.randn(m // 2, 64), torch.randn(m // 2, 64)
+    mn = m * n * e
+    # name, PyTorch callable, minimum bytes, Triton's modelled bytes (reads + writes), Triton kernels
+    rows = [
+        ("LayerNorm fwd, op by op", lambda: layernorm_reference(x, w, b), 2 * mn, 2 * mn, 1),
+        ("LayerNorm fwd, F.layer_norm", lambda: F.layer_norm(x, (n,), w, b), 2 * mn, 2 * mn, 1),
+        ("LayerNorm fwd+bwd, F.layer_norm", _fwd_bwd(lambda *t: F.layer_norm(t[0], (n,), t[1], t[2]), (x, w, b), dy),
+         5 * mn, 2 * mn + 3 * mn, 4),
+        ("RMSNorm fwd, op by op", lambda: rmsnorm_reference(x, w), 2 * mn, 2 * mn, 1),
+        ("GeGLU fwd", lambda: geglu_reference(x, dy), 3 * mn, 3 * mn, 1),
+        ("GeGLU fwd+bwd", _fwd_bwd(geglu_reference, (x, dy), dy), 3 * mn + 5 * mn, 3 * mn + 5 * mn, 2),
+        ("SwiGLU fwd+bwd (exercise 8.2)", _fwd_bwd(swiglu_reference, (x, dy), dy), 8 * mn, 8 * mn, 2),
+        ("RoPE fwd (exercise 8.3)", lambda: rope_reference(q, cos, sin), 2 * q.numel() * e, 2 * q.numel() * e, 1),
+        ("MSE loss fwd+bwd (exercise 8.4)", _fwd_bwd(mse_reference, (pred, tgt)), 3 * mn, 3 * mn, 1),
+        ("cross-entropy fwd+bwd, fp32 upcast", _fwd_bwd(lambda l_: cross_entropy_reference(l_, target), (logits,)),
+         2 * m * v * e, 3 * m * v * e, 1),
+    ]
+    table = Table("bytes moved: PyTorch counted per aten op vs the Triton kernels' loads and stores (modelled)",
+                  ["op", "torch ops", "torch bytes", "minimum", "triton bytes", "triton kernels",
+                   "torch / minimum"])
+    for name, fn, minimum, tri, kernels in rows:
+        counted = _counted(fn)
+        table.add(name, counted.kernels, fmt_bytes(counted.total), fmt_bytes(minimum), fmt_bytes(tri), kernels,
+                  counted.total / minimum)
+    table.print()
+    print("minimum: every input read once and every output written once. LayerNorm fwd+bwd: the Triton "
+          "backward reads x and dy and writes dx (plus P x N fp32 partial sums, small); the forward writes "
+          "y. Cross-entropy: the minimum reads the logits and writes the gradient; the kernel reads the "
+          "logits twice (pass 1 for the logsumexp, pass 2 for the gradient).")
+    print(f"Scale: at M = 8192, V = 128,256 the logits are {fmt_bytes(8192 * 128256 * e)} in bf16, and every "
+          f"bf16 M x V pass above costs that much again; every fp32 one twice that.")
+
+
+# %% [markdown]
+# ## Benchmark
+# Medians of many runs (CUDA events, L2 flushed between runs). GB/s counts the *minimum* bytes
+# for every provider (norms: read x, write y), so a provider that moves more bytes shows a lower
+# rate. torch.compile is built once per shape (common.compiled).
+
+
+def _gbps_row(t: "common.Timing", nbytes: int) -> tuple:
+    return str(t), t.gbps(nbytes), common.pct_of_copy(t.gbps(nbytes))
+
+
+def benchmark_norms(quick: bool) -> None:
+    m, n = (4096, 4096) if quick else (16384, 8192)
+    dtype = torch.bfloat16
+    section(f"Benchmark: norms forward, {m} x {n} bf16")
+    copy = common.copy_bandwidth()
+    print(f"copy bandwidth measured now: {copy:,.0f} GB/s (device-to-device, read + write)")
+    x = torch.randn(m, n, device="cuda", dtype=dtype)
+    w = torch.randn(n, device="cuda", dtype=dtype)
+    b = torch.randn(n, device="cuda", dtype=dtype)
+    nbytes = 2 * x.numel() * x.element_size()  # read x, write y (w, b and per-row stats are tiny)
+    providers = {
+        "RMSNorm: torch eager (op by op)": lambda: rmsnorm_reference(x, w),
+        "RMSNorm: F.rms_norm": (lambda: F.rms_norm(x, (n,), w, 1e-6)) if hasattr(F, "rms_norm") else None,
+        "RMSNorm: torch.compile(op by op)": None,
+        "RMSNorm: triton": lambda: rmsnorm(x, w),
+        "LayerNorm: torch eager (op by op)": lambda: layernorm_reference(x, w, b),
+        "LayerNorm: F.layer_norm": lambda: F.layer_norm(x, (n,), w, b),
+        "LayerNorm: torch.compile(op by op)": None,
+        "LayerNorm: triton": lambda: layernorm_forward(x, w, b)[0],
+    }
+    if not quick:  # a compile each: tens of seconds the quick run does not spend
+        rms_c, ln_c = common.compiled(rmsnorm_reference), common.compiled(layernorm_reference)
+        if rms_c is not None:
+            providers["RMSNorm: torch.compile(op by op)"] = lambda: rms_c(x, w)
+        if ln_c is not None:
+            providers["LayerNorm: torch.compile(op by op)"] = lambda: ln_c(x, w, b)
+    times = {k: common.bench(fn) for k, fn in providers.items() if fn is not None}
+    table = Table(f"norms forward {m} x {n} bf16: GB/s of the minimum bytes (read x, write y)",
+                  ["provider", "time", "GB/s", "% copy", "triton speedup"])
+    for name, t in times.items():
+        triton_t = times[name.split(":")[0] + ": triton"]
+        table.add(name, *_gbps_row(t, nbytes), f"{t.ms / triton_t.ms:.2f}x")
+    table.print()
+    print("triton speedup: this provider's time / the Triton kernel's time (above 1: Triton is faster).")
+    if not quick:
+        rms, ln = times["RMSNorm: triton"], times["LayerNorm: triton"]
+        shape = f"{m} x {n} bf16"
+        common.perf_bar(f"RMSNorm forward {shape}: % of copy bandwidth", common.pct_of_copy(rms.gbps(nbytes)), 80, "%")
+        common.perf_bar(f"RMSNorm forward {shape}: speed vs eager op by op (torch time / triton time)",
+                        times["RMSNorm: torch eager (op by op)"].ms / rms.ms, 1.5, "x")
+        common.perf_bar(f"LayerNorm forward {shape}: % of copy bandwidth", common.pct_of_copy(ln.gbps(nbytes)), 80, "%")
+        common.perf_bar(f"LayerNorm forward {shape}: speed vs F.layer_norm (torch time / triton time)",
+                        times["LayerNorm: F.layer_norm"].ms / ln.ms, 1.5, "x")
+        common.perf_bar(f"LayerNorm forward {shape}: speed vs eager op by op (torch time / triton time)",
+                        times["LayerNorm: torch eager (op by op)"].ms / ln.ms, 1.5, "x")
+        print("F.layer_norm is already one fused kernel that moves the minimum bytes: 1.5x over it would "
+              "need it to run below 67% of the bandwidth Triton reaches. The op-by-op bar is the fusion win.")
+        warps = Table(f"num_warps for the norms at {shape}", ["num_warps", "RMSNorm GB/s", "LayerNorm GB/s"])
+        block = _row_block(n)
+        rows = x.reshape(-1, n)
+        y = torch.empty_like(x)
+        mean = torch.empty(m, device="cuda")
+        rstd = torch.empty(m, device="cuda")
+        for nw in (4, 8, 16, 32):
+            t_rms = common.bench(lambda: rmsnorm_fwd_kernel[(m,)](rows, w, y, n, n, 1e-6, BLOCK_SIZE=block,
+                                                                  num_warps=nw))
+            t_ln = common.bench(lambda: layernorm_fwd_kernel[(m,)](rows, w, b, y, mean, rstd, n, n, 1e-5,
+                                                                   BLOCK_SIZE=block, num_warps=nw))
+            warps.add(nw, t_rms.gbps(nbytes), t_ln.gbps(nbytes))
+        warps.print()
+        print(f"The wrappers pick num_warps = {_row_num_warps(block)} for rows of {n}.")
+
+
+def benchmark_norm_widths() -> None:
+    total = 2**26  # elements per tensor: 128 MiB of bf16, larger than L2
+    section("Benchmark: norms forward over hidden sizes, M x N = 2^26 bf16")
+    names = ["RMSNorm eager (op by op)", "RMSNorm triton", "LayerNorm F.layer_norm", "LayerNorm eager (op by op)",
+             "LayerNorm triton"]
+    table = Table("norms forward, bf16: GB/s of the minimum bytes", ["M x N", *names, "RMSNorm triton % copy"])
+    widths = [1024, 2048, 4096, 8192, 16384]
+    series = {k: [] for k in names}
+    for n in widths:
+        m = total // n
+        x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        nbytes = 2 * x.numel() * 2
+        fns = [lambda: rmsnorm_reference(x, w), lambda: rmsnorm(x, w), lambda: F.layer_norm(x, (n,), w, b),
+               lambda: layernorm_reference(x, w, b), lambda: layernorm_forward(x, w, b)[0]]
+        rates = [common.bench(fn).gbps(nbytes) for fn in fns]
+        for k, r in zip(names, rates):
+            series[k].append(r)
+        table.add(f"{m} x {n}", *rates, common.pct_of_copy(rates[1]))
+        del x
+    table.print()
+    fig, ax = common.new_figure("Norms forward over hidden sizes, M x N = 2^26 bf16", "N (hidden size)",
+                                "GB/s (minimum bytes)", logx=True)
+    for k, values in series.items():
+        ax.plot(widths, values, marker="o", label=k)
+    ax.axhline(common.copy_bandwidth(), color="gray", linestyle="--", label="copy (measured)")
+    ax.legend(fontsize=8)
+    common.save_plot(fig, "08_transformer_blocks_norms")
+
+
+def benchmark_layernorm_backward(quick: bool) -> None:
+    m, n = (4096, 4096) if quick else (8192, 4096)
+    section(f"Benchmark: LayerNorm forward + backward, {m} x {n} bf16")
+    x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    nbytes = 5 * m * n * 2  # forward: read x, write y; backward: read x and dy, write dx
+    providers = {"F.layer_norm + autograd": lambda: torch.autograd.grad(F.layer_norm(x, (n,), w, b), (x, w, b), dy),
+                 "eager op by op + autograd": lambda: torch.autograd.grad(layernorm_reference(x, w, b), (x, w, b), dy),
+                 "triton (LayerNormFunction)": lambda: torch.autograd.grad(layernorm(x, w, b), (x, w, b), dy)}
+    table = Table(f"LayerNorm fwd+bwd {m} x {n} bf16: GB/s of the minimum bytes (5 x M x N x 2)",
+                  ["provider", "time", "GB/s", "% copy", "peak extra memory"])
+    for name, fn in providers.items():
+        table.add(name, *_gbps_row(common.bench(fn), nbytes), fmt_bytes(common.peak_extra_memory(fn)))
+    table.print()
+    if quick:
+        return
+    mean = torch.empty(m, device="cuda")
+    rstd = torch.empty(m, device="cuda")
+    xd = x.detach()
+    layernorm_forward(xd, w.detach(), b.detach())
+    sweep = Table(f"LayerNorm backward {m} x {n} bf16: programs (partial rows) for the dW / dB reduction",
+                  ["programs", "per SM", "rows each", "partials", "time", "GB/s (read x, dy; write dx)"])
+    _, mean, rstd = layernorm_forward(xd, w.detach(), b.detach())
+    for per_sm in (1, 2, 4, 8):
+        programs = per_sm * _sm_count()
+        p, rows_each = _bwd_grid(m, programs)
+        t = common.bench(lambda: layernorm_backward(dy, xd, w.detach(), mean, rstd, programs=programs))
+        sweep.add(p, per_sm, rows_each, fmt_bytes(2 * p * n * 4), str(t), t.gbps(3 * m * n * 2))
+    sweep.print()
+    print(f"The wrapper uses {BWD_PROGRAMS_PER_SM} programs per SM. More programs: more rows in flight, "
+          f"but more partial rows to write and add up.")
+
+
+def benchmark_geglu(quick: bool) -> None:
+    m, n = (4096, 4096) if quick else (8192, 14336)  # Llama-3-8B's MLP width
+    section(f"Benchmark: GeGLU, {m} x {n} bf16")
+    a = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dh = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+    e = m * n * 2
+    compiled = None if quick else common.compiled(geglu_reference)
+    rows = [("torch eager", "fwd", lambda: geglu_reference(a.detach(), b.detach()), 3 * e),
+            ("torch.compile", "fwd", (lambda: compiled(a.detach(), b.detach())) if compiled else None, 3 * e),
+            ("triton", "fwd", lambda: geglu_forward(a.detach(), b.detach()), 3 * e),
+            ("torch eager", "fwd+bwd", lambda: torch.autograd.grad(geglu_reference(a, b), (a, b), dh), 8 * e),
+            ("triton", "fwd+bwd", lambda: torch.autograd.grad(geglu(a, b), (a, b), dh), 8 * e)]
+    table = Table(f"GeGLU {m} x {n} bf16: GB/s of the minimum bytes (fwd: read a, b, write h; "
+                  f"bwd: read dh, a, b, write da, db)", ["provider", "pass", "time", "GB/s", "% copy"])
+    for name, which, fn, nbytes in rows:
+        if fn is not None:
+            table.add(name, which, *_gbps_row(common.bench(fn), nbytes))
+    table.print()
+
+
+def benchmark_cross_entropy(quick: bool) -> None:
+    m, v = (4096, 32000) if quick else (8192, 128256)
+    section(f"Benchmark: cross-entropy forward + backward, {m} x {v} bf16 logits")
+    logits = torch.randn(m, v, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    target = torch.randint(0, v, (m,), device="cuda")
+    mv = m * v * 2
+    eager = lambda: torch.autograd.grad(cross_entropy_reference(logits, target), logits)  # noqa: E731
+    triton_buffer = lambda: torch.autograd.grad(cross_entropy(logits, target), logits)  # noqa: E731
+    # In place overwrites the logits every call: later calls read gradients, not logits. The work
+    # and the bytes are the same (the values only need to be finite), so the timing holds.
+    triton_inplace = lambda: torch.autograd.grad(cross_entropy(logits, target, inplace=True), logits)  # noqa: E731
+    providers = {"torch eager (fp32 upcast)": eager, "torch.compile (fp32 upcast)": None,
+                 "triton, bf16 grad buffer": triton_buffer, "triton, in place": triton_inplace}
+    if not quick:  # compiling forward + backward takes a while: the full run only
+        compiled_ce = common.compiled(cross_entropy_reference)
+        if compiled_ce is not None:
+            start = time.perf_counter()
+            torch.autograd.grad(compiled_ce(logits, target), logits)
+            print(f"torch.compile of the loss, forward + backward: {time.perf_counter() - start:.1f} s")
+            providers["torch.compile (fp32 upcast)"] = lambda: torch.autograd.grad(compiled_ce(logits, target), logits)
+    results = {}
+    table = Table(f"cross-entropy fwd+bwd {m} x {v} bf16: GB/s of the minimum bytes (read logits, write grad)",
+                  ["provider", "time", "GB/s", "% copy", "peak extra memory", "speedup vs eager",
+                   "memory: eager / this"])
+    for name, fn in providers.items():
+        if fn is None:
+            continue
+        results[name] = (common.bench(fn), common.peak_extra_memory(fn))
+    t_eager, mem_eager = results["torch eager (fp32 upcast)"]
+    for name, (t, mem) in results.items():
+        table.add(name, *_gbps_row(t, 2 * mv), fmt_bytes(mem), f"{t_eager.ms / t.ms:.2f}x", f"{mem_eager / mem:.1f}x")
+    table.print()
+    print(f"The logits themselves are {fmt_bytes(mv)}; peak extra memory is what each provider allocates "
+          f"beyond them (the gradient included).")
+    fig, ax = common.new_figure(f"Cross-entropy fwd+bwd, {m} x {v} bf16: peak extra memory", "",
+                                "GiB allocated beyond the logits")
+    names = list(results)
+    ax.bar(range(len(names)), [results[k][1] / 2**30 for k in names])
+    ax.set_xticks(range(len(names)), [f"{k}\n{results[k][0].ms:.2f} ms" for k in names], fontsize=7)
+    common.save_plot(fig, "08_transformer_blocks_cross_entropy")
+    if quick:
+        return
+    t_in, mem_in = results["triton, in place"]
+    shape = f"{m} x {v} bf16"
+    common.perf_bar(f"cross-entropy fwd+bwd {shape}: speed vs eager fp32 upcast (torch time / triton time)",
+                    t_eager.ms / t_in.ms, 2.0, "x")
+    common.perf_bar(f"cross-entropy fwd+bwd {shape}: peak extra memory, eager / triton in place",
+                    mem_eager / max(mem_in, 1), 4.0, "x")
+    sweep = Table(f"cross-entropy in place {shape}: chunk size (BLOCK_SIZE)",
+                  ["BLOCK_SIZE", "num_warps", "time", "GB/s (read 2x, write 1x)", "% copy"])
+    for block in (2048, 4096, 8192, 16384):
+        t = common.bench(lambda: cross_entropy_forward(logits.detach(), target, grad=logits.detach(), block_size=block))
+        sweep.add(block, _row_num_warps(block), *_gbps_row(t, 3 * mv))
+    sweep.print()
+    print(f"The wrapper uses BLOCK_SIZE = {CE_BLOCK_SIZE}. Each chunk costs two reductions (max, sum) "
+          f"across the program's threads: longer chunks, fewer of them.")
+
+
+# %% [markdown]
+# ## Takeaways
+# - Norms are one program per row: load the row once, reduce in registers, write once. Keep the
+#   per-row statistics (mean, rstd) for the backward pass: 8 bytes per row.
+# - A backward pass is a torch.autograd.Function: save what the backward needs (inputs and
+#   small statistics, not recomputable intermediates), check it against autograd in float64.
+# - Parameter gradients sum over every row: partial sums per group of rows in registers, then a
+#   small second reduction. Deterministic, no locks, and the partial rows are a few MiB.
+# - Fuse an activation with its gate and recompute it in the backward pass: the bytes, not the
+#   arithmetic, set the time.
+# - A loss over a large vocabulary never needs the softmax in memory: online logsumexp in one
+#   pass, the gradient in the second, written over the logits. Measure time and peak memory.
+
+
+if __name__ == "__main__":
+    args = common.lesson_args(__doc__.strip().splitlines()[0])
+    started = time.perf_counter()
+    check(args.quick)
+    traffic()
+    print(f"\n(checks and traffic: {time.perf_counter() - started:.1f} s)")
+    if common.HAS_GPU:
+        for bench_fn in (benchmark_norms, benchmark_layernorm_backward, benchmark_geglu, benchmark_cross_entropy):
+            bench_fn(args.quick)
+            print(f"({bench_fn.__name__} done at {time.perf_counter() - started:.1f} s)")
+        if not args.quick:
+            benchmark_norm_widths()
+            print(f"(benchmark_norm_widths done at {time.perf_counter() - started:.1f} s)")
+    else:
+        print("\n" + common.require_gpu("Benchmarks (GB/s, speedups, peak memory, sweeps, plots)"))
