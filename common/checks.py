@@ -159,6 +159,9 @@ def assert_close(actual, expected, *, name: str = "output", atol: float | None =
     tol = tolerance(actual.dtype)
     atol = tol["atol"] if atol is None else atol
     rtol = tol["rtol"] if rtol is None else rtol
+    if actual.device == expected.device and torch.isclose(
+            actual.to(expected.dtype), expected, rtol=rtol, atol=atol, equal_nan=True).all():
+        return  # the common case, decided where the data lives; the diagnosis copies to the CPU
     message = diagnose(actual, expected, atol=atol, rtol=rtol, name=name, mistakes=mistakes)
     if message:
         seed = f"\n  reproduce with COURSE_SEED={_SEED}" if _SEED is not None else ""
@@ -222,13 +225,17 @@ def _hints(a, e, wrong, unwritten, rtol, atol, dtype) -> list[str]:
         positions = flat_unwritten.nonzero().flatten()
         first, count = int(positions[0]), len(positions)
         if first + count == n:
-            if count > first and first & (first - 1) == 0:
+            one_block = first & (first - 1) == 0
+            if one_block and count > first:
                 return [f"only the first {first} elements (one block) were written: every program "
                         f"wrote the same block; the offsets need pid * BLOCK_SIZE"]
             if first % 16 == 0:
+                also = (f"; or, if {first} is your BLOCK_SIZE, every program wrote the same block "
+                        f"(the offsets need pid * BLOCK_SIZE)") if one_block else ""
                 return [f"the first {first} elements were written and the last {count} were "
                         f"not: the grid is too small for the tail; launch "
-                        f"triton.cdiv(n_elements, BLOCK_SIZE) programs, not n_elements // BLOCK_SIZE"]
+                        f"triton.cdiv(n_elements, BLOCK_SIZE) programs, not n_elements // BLOCK_SIZE"
+                        + also]
             return [f"the last {count} elements were never written: the grid or the mask stops "
                     f"short of the end (mask=offsets < n_elements, grid=triton.cdiv(...))"]
         if a.dim() == 2 and unwritten[:, -1].all() and not unwritten[:, 0].any():
