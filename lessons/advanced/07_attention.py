@@ -1,0 +1,1112 @@
+"""
+Lesson 07: attention
+====================
+
+Build FlashAttention in Triton: a forward pass that never stores the N x N score matrix, its
+backward pass wrapped in an autograd.Function, and split-K decoding over a KV cache.
+
+You will learn:
+- why naive attention needs O(N^2) memory (measured), and how online softmax makes it O(N)
+- the FlashAttention forward: one program per (query block, batch x head), a loop over key blocks
+- causal masking that skips the blocks above the diagonal and masks only the diagonal ones
+- the backward pass from the saved logsumexp: delta = rowsum(dO * O), a dK/dV kernel, a dQ kernel
+- flash-decoding: one query token against a long KV cache, split over the context, then reduced
+- how to report attention in TFLOP/s next to PyTorch's SDPA, and decoding in GB/s of KV bytes
+
+Run:  python lessons/advanced/07_attention.py [--quick]
+"""
+
+import math
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `common`
+import common  # noqa: E402  (first: picks the GPU, or Triton's CPU interpreter without one)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from common import Table, fmt_bytes, section  # noqa: E402
+
+# %% [markdown]
+# ## Motivation
+# Attention is out = softmax(Q K^T * scale) V for every (batch, head): Q, K, V are N x D (N
+# positions, head dimension D). Written out, it stores the N x N scores S = Q K^T and the N x N
+# probabilities P = softmax(S): for B=4 batches, H=32 heads and N=4096 in bf16 that is
+# 4 * 32 * 4096^2 * 2 bytes = 4 GiB per N x N tensor, while Q, K, V and the output are 32 MiB
+# each. Memory grows as N^2 and most of the time goes into writing and reading those tensors.
+#
+# FlashAttention computes the same result one block of queries at a time, looping over blocks
+# of keys with the online softmax of lesson 06 (a running max m, a running sum l, and the output
+# accumulator rescaled whenever m grows). S and P live only in registers, one BLOCK_M x BLOCK_N
+# tile at a time: memory is O(N), and the kernel does 4 * N^2 * D flops per (batch, head) for
+# about 4 * N * D elements moved, so it is limited by the tensor cores, not by HBM. We measure
+# it in TFLOP/s. Decoding (one new query token against a KV cache of ctx positions) is the
+# opposite: 4 * ctx * D flops for 2 * ctx * D cache elements read, memory bound, measured in GB/s.
+
+LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
+LN2 = 0.6931471805599453  # ln(2): log(x) = log2(x) * LN2
+
+# %% [markdown]
+# ## Reference (PyTorch)
+# q, k, v: (B, H, N, D). The naive reference is the formula written out; `sdpa` is PyTorch's
+# fused attention (FlashAttention-2 and others inside), the baseline the lesson races.
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                        sm_scale: float | None = None) -> torch.Tensor:
+    """softmax(q @ k^T * sm_scale) @ v, materialising the N x N scores (per batch and head)."""
+    sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    s = torch.matmul(q, k.transpose(-2, -1)) * sm_scale  # reads 2BHND, writes BHN^2; the scale
+    #                                                      reads and writes BHN^2 again
+    if causal:
+        n = q.shape[-2]
+        future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)  # key n > query m
+        s = s.masked_fill(future, float("-inf"))  # reads BHN^2, writes BHN^2
+    p = torch.softmax(s, dim=-1)  # reads BHN^2, writes BHN^2
+    return torch.matmul(p, v)  # reads BHN^2 + BHND, writes BHND
+    # in all: about 4 N^2-sized writes and reads per (b, h); the minimum is q, k, v, out once
+
+
+def attention_flops(B: int, H: int, N: int, D: int, causal: bool) -> float:
+    """Q K^T and P V are 2 * N * N * D flops each; causal attention needs half the blocks."""
+    return 4 * B * H * N * N * D / (2 if causal else 1)
+
+
+def sdpa(q, k, v, causal: bool = False, backend: SDPBackend | None = None) -> torch.Tensor:
+    """torch's scaled_dot_product_attention, on one backend (SDPBackend.FLASH_ATTENTION) or its default."""
+    if backend is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    with sdpa_kernel(backend):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     sm_scale: float | None = None) -> torch.Tensor:
+    """One query token per (batch, head): q (B, H, D) against caches (B, H, ctx, D)."""
+    sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    s = torch.einsum("bhd,bhnd->bhn", q, k_cache) * sm_scale  # reads the K cache, writes BH*ctx
+    p = torch.softmax(s, dim=-1)  # reads and writes BH*ctx
+    return torch.einsum("bhn,bhnd->bhd", p, v_cache)  # reads the V cache, writes BHD
+
+
+# %% [markdown]
+# ## Kernel
+# v1 is the naive reference above (PyTorch, N x N in memory). v2 is FlashAttention written
+# plainly: one program per (block of BLOCK_M queries, batch x head), a loop over all key blocks,
+# every score masked, exp() with the scale applied each step, non-causal only. v3 is tuned:
+# - exp2 with log2(e) folded into the scale (exp2 is the hardware instruction; exp costs a
+#   multiply more on every score);
+# - blocks that need no mask are processed by a loop without one: for causal attention the
+#   blocks left of the diagonal, for non-causal all full blocks; only the diagonal blocks (or
+#   the tail past the last full block) pay for the mask;
+# - causal attention never touches the blocks above the diagonal: half the work;
+# - the logsumexp of each row is saved for the backward pass;
+# - on a GPU the block sizes, warps and pipeline stages are autotuned.
+#
+# The grid is (cdiv(N, BLOCK_M), B * H): axis 1 picks the (batch, head), axis 0 the query block.
+
+
+@triton.jit(do_not_specialize=["N_CTX"])
+def attention_fwd_v2_kernel(
+    q_ptr, k_ptr, v_ptr,  # (B, H, N, D) inputs, any strides with a contiguous last dimension
+    out_ptr,  # (B, H, N, D) contiguous output
+    sm_scale,  # the softmax scale, 1 / sqrt(D) by default
+    stride_qb, stride_qh, stride_qn,  # q's strides (elements) over batch, head, position
+    stride_kb, stride_kh, stride_kn,  # k's strides
+    stride_vb, stride_vh, stride_vn,  # v's strides
+    H,  # number of heads
+    N_CTX,  # sequence length N (not specialised: one compiled kernel serves every N)
+    HEAD_DIM: tl.constexpr,  # D, a power of 2
+    BLOCK_M: tl.constexpr,  # queries per program
+    BLOCK_N: tl.constexpr,  # keys per loop step
+    DOT_PRECISION: tl.constexpr,  # "ieee" for exact fp32 dots, "tf32" (ignored for fp16/bf16)
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)  # int64: b * stride_qb passes 2^31 on large tensors
+    h = (bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=offs_m[:, None] < N_CTX, other=0.0)  # (BLOCK_M, D), read once
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of each row
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum of exp(s - m_i)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)  # running sum of exp(s - m_i) * v
+    for start_n in range(0, N_CTX, BLOCK_N):
+        cols = start_n + offs_n
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=cols[:, None] < N_CTX, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale  # (BLOCK_M, BLOCK_N)
+        s = tl.where(cols[None, :] < N_CTX, s, float("-inf"))  # keys past the end get no weight
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m_i - m_new)  # rescales what was summed under the old max
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=cols[:, None] < N_CTX, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    out_ptrs = out_ptr + (bh.to(tl.int64) * N_CTX + offs_m[:, None]) * HEAD_DIM + offs_d[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=offs_m[:, None] < N_CTX)
+
+
+@triton.jit
+def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d, qk_scale,
+                N_CTX, lo, hi, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """Online softmax over key blocks [lo, hi); m_i is kept in log2 units (scores * qk_scale)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        if MASKED:
+            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :], mask=cols[:, None] < N_CTX, other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :], mask=cols[:, None] < N_CTX, other=0.0)
+        else:  # every key of these blocks exists: no mask, no compare per element
+            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :])
+            v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :])
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if MASKED:
+            keep = cols[None, :] < N_CTX
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= cols[None, :])  # a query sees itself and the past
+            qk = tl.where(keep, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.exp2(qk * qk_scale - m_new[:, None])  # one FMA and one exp2 per score
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)  # accumulate in place
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["N_CTX"])
+def attention_fwd_v3_kernel(
+    q_ptr, k_ptr, v_ptr,  # (B, H, N, D) inputs, any strides with a contiguous last dimension
+    out_ptr,  # (B, H, N, D) contiguous output
+    lse_ptr,  # (B, H, N) fp32: logsumexp of each row of scores, saved for the backward pass
+    sm_scale,  # the softmax scale
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    H, N_CTX,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,  # mask keys after the query (BLOCK_M must be a multiple of BLOCK_N)
+    DOT_PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
+                mask=offs_m[:, None] < N_CTX, other=0.0)
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    qk_scale = sm_scale * 1.4426950408889634  # log2(e) folded in: exp(s * scale) = exp2(s * qk_scale)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    if CAUSAL:
+        # keys [0, start_m): left of the diagonal, visible to every query of this block
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                                    qk_scale, N_CTX, 0, start_m, BLOCK_N, False, CAUSAL, DOT_PRECISION)
+        # keys [start_m, start_m + BLOCK_M): the diagonal blocks, masked; later keys are skipped
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                                    qk_scale, N_CTX, start_m, start_m + BLOCK_M, BLOCK_N, True, CAUSAL,
+                                    DOT_PRECISION)
+    else:
+        n_full = (N_CTX // BLOCK_N) * BLOCK_N  # keys in whole blocks: no mask needed
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                                    qk_scale, N_CTX, 0, n_full, BLOCK_N, False, CAUSAL, DOT_PRECISION)
+        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
+                                    qk_scale, N_CTX, n_full, N_CTX, BLOCK_N, True, CAUSAL, DOT_PRECISION)
+    out = acc / l_i[:, None]
+    row = bh.to(tl.int64) * N_CTX + offs_m
+    tl.store(out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=offs_m[:, None] < N_CTX)
+    # natural-log logsumexp of the scaled scores: P = exp(S * scale - lse), all the backward needs
+    tl.store(lse_ptr + row, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=offs_m < N_CTX)
+
+
+# %% [markdown]
+# The backward pass. With P = softmax(S), S = scale * Q K^T and O = P V, for each (batch, head):
+#   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta) with delta_i = sum_j dO_ij O_ij,
+#   dQ = scale * dS K,  dK = scale * dS^T Q.
+# P is never stored: both kernels recompute it from Q, K and the saved logsumexp,
+# P = exp2(S * scale * log2(e) - lse * log2(e)). Three kernels, no atomics:
+#   1. preprocess: delta = rowsum(dO * O), one fp32 per query;
+#   2. dK, dV: one program per block of keys, looping over the query blocks that see them;
+#   3. dQ: one program per block of queries, looping over the key blocks they see.
+# Rows past the end load q = 0, dO = 0 and lse = +inf, so their P is exp2(-inf) = 0 with no mask.
+
+
+@triton.jit(do_not_specialize=["N_CTX"])
+def attention_bwd_preprocess_kernel(
+    o_ptr, do_ptr,  # (B*H, N, D) contiguous: the forward output and the gradient of the loss wrt it
+    delta_ptr,  # (B*H, N) fp32 output: rowsum(dO * O)
+    N_CTX, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row = tl.program_id(1).to(tl.int64) * N_CTX + offs_m
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask = offs_m[:, None] < N_CTX
+    o = tl.load(o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(delta_ptr + row, tl.sum(o * do, 1), mask=offs_m < N_CTX)
+
+
+@triton.jit
+def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, offs_d, qk_scale,
+                 N_CTX, lo, hi, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key block over the query blocks [lo, hi), computed transposed."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        in_m = offs_m < N_CTX
+        q = tl.load(q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=in_m[:, None], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=in_m[:, None], other=0.0)
+        lse2 = tl.load(lse_base + offs_m, mask=in_m, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(delta_base + offs_m, mask=in_m, other=0.0)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M) = S^T / scale
+        p_t = tl.exp2(qk_t * qk_scale - lse2[None, :])  # P^T, recomputed
+        if MASKED:
+            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)  # dV += P^T dO
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # dP^T = V dO^T
+        ds_t = p_t * (dp_t - delta[None, :])  # dS^T (without the scale)
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)  # dK += dS^T Q
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["N_CTX"])
+def attention_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr,  # (B*H, N, D) contiguous
+    lse_ptr, delta_ptr,  # (B*H, N) fp32: from the forward and from the preprocess kernel
+    dk_ptr, dv_ptr,  # (B*H, N, D) contiguous outputs
+    sm_scale, N_CTX,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # queries per loop step
+    BLOCK_N: tl.constexpr,  # keys per program (a multiple of BLOCK_M)
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1).to(tl.int64)
+    base = bh * N_CTX * HEAD_DIM
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ptrs = base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    in_n = offs_n[:, None] < N_CTX
+    k = tl.load(k_ptr + ptrs, mask=in_n, other=0.0)  # this program's keys and values stay in registers
+    v = tl.load(v_ptr + ptrs, mask=in_n, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    q_base, do_base = q_ptr + base, do_ptr + base
+    lse_base, delta_base = lse_ptr + bh * N_CTX, delta_ptr + bh * N_CTX
+    if CAUSAL:
+        # queries [start_n, start_n + BLOCK_N) straddle the diagonal: masked. Earlier queries see
+        # none of these keys (skipped); later ones see all of them (no mask).
+        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, offs_d, qk_scale,
+                              N_CTX, start_n, start_n + BLOCK_N, HEAD_DIM, BLOCK_M, True, DOT_PRECISION)
+        lo = start_n + BLOCK_N
+    else:
+        lo = 0
+    dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, offs_d, qk_scale,
+                          N_CTX, lo, N_CTX, HEAD_DIM, BLOCK_M, False, DOT_PRECISION)
+    tl.store(dk_ptr + ptrs, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=in_n)
+    tl.store(dv_ptr + ptrs, dv.to(dv_ptr.dtype.element_ty), mask=in_n)
+
+
+@triton.jit
+def _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, offs_m, offs_d, qk_scale, N_CTX, lo, hi,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """Accumulate dQ of one query block over the key blocks [lo, hi)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        ptrs = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+        if MASKED:
+            k = tl.load(k_base + ptrs, mask=offs_n[:, None] < N_CTX, other=0.0)
+            v = tl.load(v_base + ptrs, mask=offs_n[:, None] < N_CTX, other=0.0)
+        else:
+            k = tl.load(k_base + ptrs)
+            v = tl.load(v_base + ptrs)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        p = tl.exp2(qk * qk_scale - lse2[:, None])
+        if MASKED:  # a key past the end loaded as 0 would still get weight exp2(-lse2): mask it
+            keep = offs_n[None, :] < N_CTX
+            if CAUSAL:
+                keep = keep & (offs_m[:, None] >= offs_n[None, :])
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)  # dQ += dS K
+    return dq
+
+
+@triton.jit(do_not_specialize=["N_CTX"])
+def attention_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr,  # (B*H, N, D) contiguous
+    lse_ptr, delta_ptr,  # (B*H, N) fp32
+    dq_ptr,  # (B*H, N, D) contiguous output
+    sm_scale, N_CTX,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # queries per program (a multiple of BLOCK_N)
+    BLOCK_N: tl.constexpr,  # keys per loop step
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    base = bh * N_CTX * HEAD_DIM
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    in_m = offs_m < N_CTX
+    ptrs = base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    q = tl.load(q_ptr + ptrs, mask=in_m[:, None], other=0.0)
+    do = tl.load(do_ptr + ptrs, mask=in_m[:, None], other=0.0)
+    lse2 = tl.load(lse_ptr + bh * N_CTX + offs_m, mask=in_m, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(delta_ptr + bh * N_CTX + offs_m, mask=in_m, other=0.0)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+    k_base, v_base = k_ptr + base, v_ptr + base
+    if CAUSAL:
+        dq = _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, offs_m, offs_d, qk_scale, N_CTX, 0, start_m,
+                        HEAD_DIM, BLOCK_N, False, CAUSAL, DOT_PRECISION)
+        dq = _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, offs_m, offs_d, qk_scale, N_CTX, start_m,
+                        start_m + BLOCK_M, HEAD_DIM, BLOCK_N, True, CAUSAL, DOT_PRECISION)
+    else:
+        n_full = (N_CTX // BLOCK_N) * BLOCK_N
+        dq = _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, offs_m, offs_d, qk_scale, N_CTX, 0, n_full,
+                        HEAD_DIM, BLOCK_N, False, CAUSAL, DOT_PRECISION)
+        dq = _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, offs_m, offs_d, qk_scale, N_CTX, n_full,
+                        N_CTX, HEAD_DIM, BLOCK_N, True, CAUSAL, DOT_PRECISION)
+    tl.store(dq_ptr + ptrs, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=in_m[:, None])
+
+
+# %% [markdown]
+# Flash-decoding. One new token per (batch, head) attends to the ctx positions of the KV cache.
+# One program per (batch, head) would leave most SMs idle at small batch and stream the whole
+# cache through one SM each; instead the context is split: program (bh, split) runs the online
+# softmax over its slice of SPLIT_SIZE keys and writes its partial (max, sum, unnormalised
+# output); a second kernel combines the partials of each (batch, head), rescaling each by
+# exp2(m_split - m_max). With one query there is no matrix product: q . k is an elementwise
+# product and a row sum, on the CUDA cores, and the speed is the speed of reading the cache.
+
+
+@triton.jit
+def decode_split_kernel(
+    q_ptr,  # (B, H, D): the new token's queries
+    k_ptr, v_ptr,  # (B, H, >= CTX, D) KV caches (a prefix view of a bigger cache is fine)
+    part_o_ptr,  # (B*H, NUM_SPLITS, D) fp32 output: each split's unnormalised output
+    part_m_ptr, part_l_ptr,  # (B*H, NUM_SPLITS) fp32 outputs: each split's max (log2 units) and sum
+    sm_scale,
+    stride_qb, stride_qh,  # q's strides over batch and head
+    stride_kb, stride_kh, stride_kn,  # the K cache's strides over batch, head, position
+    stride_vb, stride_vh, stride_vn,  # the V cache's strides
+    H, CTX,  # heads, and how many cache positions to attend to
+    SPLIT_SIZE, NUM_SPLITS,  # keys per split, and cdiv(CTX, SPLIT_SIZE)
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,  # D, and keys per loop step
+):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    qk_scale = sm_scale * 1.4426950408889634
+    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d).to(tl.float32) * qk_scale
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    lo = split * SPLIT_SIZE
+    hi = tl.minimum(lo + SPLIT_SIZE, CTX)
+    m_i = -float("inf")  # scalars carried through the loop: max and sum of this split
+    l_i = 0.0
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        in_n = cols < hi
+        k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=in_n[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=in_n[:, None], other=0.0)
+        s = tl.sum(k.to(tl.float32) * q[None, :], 1)  # (BLOCK_N,) scores, in log2 units
+        s = tl.where(in_n, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        p = tl.exp2(s - m_new)
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+        m_i = m_new
+    part = bh.to(tl.int64) * NUM_SPLITS + split
+    tl.store(part_o_ptr + part * HEAD_DIM + offs_d, acc)
+    tl.store(part_m_ptr + part, m_i)
+    tl.store(part_l_ptr + part, l_i)
+
+
+@triton.jit
+def decode_reduce_kernel(
+    part_o_ptr, part_m_ptr, part_l_ptr,  # the partials written by decode_split_kernel
+    out_ptr,  # (B, H, D) contiguous output
+    NUM_SPLITS,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr,  # D, and splits combined per loop step
+):
+    bh = tl.program_id(0).to(tl.int64)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_s = tl.arange(0, BLOCK_S)
+    m_i = -float("inf")
+    l_i = 0.0
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for s0 in range(0, NUM_SPLITS, BLOCK_S):  # online softmax again, over the splits
+        part = bh * NUM_SPLITS + s0 + offs_s
+        in_s = s0 + offs_s < NUM_SPLITS
+        m_s = tl.load(part_m_ptr + part, mask=in_s, other=float("-inf"))
+        l_s = tl.load(part_l_ptr + part, mask=in_s, other=0.0)
+        o_s = tl.load(part_o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=in_s[:, None], other=0.0)
+        m_new = tl.maximum(m_i, tl.max(m_s, 0))
+        w = tl.exp2(m_s - m_new)  # each split's weight under the common max
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(w * l_s, 0)
+        acc = acc * alpha + tl.sum(w[:, None] * o_s, 0)
+        m_i = m_new
+    tl.store(out_ptr + bh * HEAD_DIM + offs_d, (acc / l_i).to(out_ptr.dtype.element_ty))
+
+
+# %% [markdown]
+# ## Wrapper
+# validate, allocate, grid, launch, return. Block sizes: tiny in the interpreter (it runs the
+# programs one after another on numpy); on a GPU fixed configs for the checks and autotuned
+# ones for the benchmarks.
+
+DTYPES = (torch.float32, torch.float16) + ((torch.bfloat16,) if common.supports_bf16() else ())
+HEAD_DIMS = (16, 32, 64, 128)
+
+
+def fwd_configs() -> list:
+    """The configs v3's autotuner times on the first call for each (N, D, causal) and dtype."""
+    if common.INTERPRETER:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    # Hopper: 128 queries per program over 8 warps (two warpgroups of wgmma), keys in blocks of
+    # 64 or 128, 3 or 4 stages of K/V tiles in flight. Configs whose tiles do not fit in shared
+    # memory fail to compile and the autotuner skips them.
+    return [triton.Config({"BLOCK_M": 128, "BLOCK_N": bn}, num_warps=8, num_stages=s)
+            for bn in (64, 128) for s in (3, 4)]
+
+
+def dkdv_configs() -> list:
+    if common.INTERPRETER:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    # dK and dV of BLOCK_N keys are two fp32 accumulators held in registers for the whole loop:
+    # 8 warps keep them at 2 * 128 * D / 256 registers per thread for BLOCK_N = 128.
+    return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8, num_stages=2),
+            triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=8, num_stages=3)]
+
+
+def dq_configs() -> list:
+    if common.INTERPRETER:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=2),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3)]
+
+
+def _fixed(configs: list, dtype: torch.dtype) -> tuple[dict, dict]:
+    """(block sizes, launch options) used without autotuning: the first config; smaller for fp32."""
+    if dtype == torch.float32 and not common.INTERPRETER:
+        # fp32 tiles are twice the bytes and the dots run on the CUDA cores ("ieee"): small tiles
+        first = configs[0].kwargs
+        return {key: max(16, value // 2) for key, value in first.items()}, dict(num_warps=4, num_stages=2)
+    config = configs[0]
+    return dict(config.kwargs), dict(num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+# The autotuned kernels: the same @triton.jit functions, with a config chosen by timing on the
+# first call for each key (and the dtypes, which the autotuner adds to the key).
+_KEY = ["N_CTX", "HEAD_DIM", "CAUSAL"]
+attention_fwd_v3_tuned = triton.autotune(configs=fwd_configs(), key=_KEY)(attention_fwd_v3_kernel)
+attention_bwd_dkdv_tuned = triton.autotune(configs=dkdv_configs(), key=_KEY)(attention_bwd_dkdv_kernel)
+attention_bwd_dq_tuned = triton.autotune(configs=dq_configs(), key=_KEY)(attention_bwd_dq_kernel)
+
+V2_CONFIG = (dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1) if common.INTERPRETER
+             else dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2))
+
+
+def _check_qkv(q, k, v) -> None:
+    common.check_tensors(q=q, k=k, v=v, ndim=4, contiguous=False, dtypes=DTYPES)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last (head) dimension, got strides "
+                             f"{t.stride()} for shape {tuple(t.shape)}; pass {name}.contiguous()")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"the head dimension D = q.shape[-1] must be one of {HEAD_DIMS} (tl.arange and "
+                         f"tl.dot need a power of 2 of at least 16), got {q.shape[-1]}")
+    if q.numel() == 0:
+        raise ValueError(f"q, k, v must not be empty, got shape {tuple(q.shape)}")
+
+
+def _check_out(q, out, name="out") -> torch.Tensor:
+    if out is None:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    common.check_tensors(q=q, **{name: out}, contiguous=False)
+    if not out.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {out.stride()}")
+    return out
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact fp32 products ("ieee"), like the float64 reference; fp16/bf16 ignore it
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _qkv_strides(q, k, v) -> tuple:
+    return (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2))
+
+
+def attention_v2(q, k, v, causal: bool = False, sm_scale: float | None = None, out=None) -> torch.Tensor:
+    """FlashAttention v2 (plain, non-causal): softmax(q k^T * sm_scale) v for (B, H, N, D) inputs."""
+    _check_qkv(q, k, v)
+    if causal:
+        raise ValueError("attention_v2 is non-causal only (adding the mask is exercise 7.1); use attention_v3")
+    out = _check_out(q, out)
+    B, H, N, D = q.shape
+    sm_scale = D ** -0.5 if sm_scale is None else sm_scale
+    grid = (triton.cdiv(N, V2_CONFIG["BLOCK_M"]), B * H)
+    attention_fwd_v2_kernel[grid](q, k, v, out, sm_scale, *_qkv_strides(q, k, v), H, N, HEAD_DIM=D,
+                                  DOT_PRECISION=_dot_precision(q.dtype), **V2_CONFIG)
+    return out
+
+
+def attention_v3(q, k, v, causal: bool = False, sm_scale: float | None = None, out=None,
+                 autotune: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashAttention v3 forward: (out, lse) with lse (B, H, N) fp32 the logsumexp of each row.
+
+    autotune: on a GPU with fp16/bf16, time the configs of fwd_configs() on the first call per
+    shape; otherwise (or False) use one fixed config.
+    """
+    _check_qkv(q, k, v)
+    out = _check_out(q, out)
+    B, H, N, D = q.shape
+    sm_scale = D ** -0.5 if sm_scale is None else sm_scale
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    args = (q, k, v, out, lse, sm_scale, *_qkv_strides(q, k, v), H, N)
+    meta = dict(HEAD_DIM=D, CAUSAL=bool(causal), DOT_PRECISION=_dot_precision(q.dtype))
+    if autotune and common.HAS_GPU and q.dtype != torch.float32:
+        grid = lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * H)  # noqa: E731 (the tuner picks BLOCK_M)
+        attention_fwd_v3_tuned[grid](*args, **meta)
+    else:
+        blocks, options = _fixed(fwd_configs(), q.dtype)
+        grid = (triton.cdiv(N, blocks["BLOCK_M"]), B * H)
+        attention_fwd_v3_kernel[grid](*args, **meta, **blocks, **options)
+    return out, lse
+
+
+def attention_backward(do, q, k, v, out, lse, causal: bool = False, sm_scale: float | None = None,
+                       autotune: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of attention_v3 given dO, the forward's inputs, output and logsumexp."""
+    # The three kernels index every (B*H, N, D) tensor with one layout: make them contiguous
+    # (a no-op when they are). dO often is not: the gradient of out.sum() is a stride-0 view.
+    q, k, v, out, do = (t.contiguous() for t in (q, k, v, out, do))
+    B, H, N, D = q.shape
+    sm_scale = D ** -0.5 if sm_scale is None else sm_scale
+    delta = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    pre_block = 16 if common.INTERPRETER else 64
+    attention_bwd_preprocess_kernel[(triton.cdiv(N, pre_block), B * H)](out, do, delta, N, HEAD_DIM=D,
+                                                                       BLOCK_M=pre_block)
+    meta = dict(HEAD_DIM=D, CAUSAL=bool(causal), DOT_PRECISION=_dot_precision(q.dtype))
+    dkdv_args = (q, k, v, do, lse, delta, dk, dv, sm_scale, N)
+    dq_args = (q, k, v, do, lse, delta, dq, sm_scale, N)
+    if autotune and common.HAS_GPU and q.dtype != torch.float32:
+        attention_bwd_dkdv_tuned[lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * H)](*dkdv_args, **meta)
+        attention_bwd_dq_tuned[lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * H)](*dq_args, **meta)
+    else:
+        blocks, options = _fixed(dkdv_configs(), q.dtype)
+        attention_bwd_dkdv_kernel[(triton.cdiv(N, blocks["BLOCK_N"]), B * H)](*dkdv_args, **meta, **blocks,
+                                                                               **options)
+        blocks, options = _fixed(dq_configs(), q.dtype)
+        attention_bwd_dq_kernel[(triton.cdiv(N, blocks["BLOCK_M"]), B * H)](*dq_args, **meta, **blocks, **options)
+    return dq, dk, dv
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    """attention_v3 forward; backward from the saved q, k, v, out and logsumexp (no N x N tensor)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, sm_scale, autotune):
+        out, lse = attention_v3(q, k, v, causal, sm_scale, autotune=autotune)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.sm_scale, ctx.autotune = causal, sm_scale, autotune
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = attention_backward(do, q, k, v, out, lse, ctx.causal, ctx.sm_scale, ctx.autotune)
+        return dq, dk, dv, None, None, None
+
+
+def flash_attention(q, k, v, causal: bool = False, sm_scale: float | None = None,
+                    autotune: bool = True) -> torch.Tensor:
+    """softmax(q k^T * sm_scale [causal mask]) v for (B, H, N, D) tensors, differentiable."""
+    _check_qkv(q, k, v)
+    sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
+    return FlashAttentionFunction.apply(q, k, v, bool(causal), sm_scale, autotune)
+
+
+VERSIONS = {
+    "v1": ("v1 naive (PyTorch, N x N in memory)", lambda q, k, v, causal: attention_reference(q, k, v, causal)),
+    "v2": ("v2 flash, plain (non-causal only)", lambda q, k, v, causal: attention_v2(q, k, v, causal)),
+    "v3": ("v3 flash, exp2 + split masks + tuned", lambda q, k, v, causal: attention_v3(q, k, v, causal)[0]),
+}
+
+# Decoding: BLOCK_N cache rows per loop step, and splits sized so that a few waves of programs
+# fill the GPU (the split-K sweep in the benchmark shows what the split size changes).
+DECODE_BLOCK_N = 16 if common.INTERPRETER else 64
+DECODE_BLOCK_S = 16
+
+
+def default_split_size(ctx: int, batch_heads: int) -> int:
+    """Keys per split: enough splits for about 16 programs per SM, each at least one block long."""
+    if common.INTERPRETER:
+        return 32  # several splits even on tiny caches, so the reduce kernel is exercised
+    n_sm = torch.cuda.get_device_properties(common.DEVICE).multi_processor_count
+    splits = max(1, triton.cdiv(16 * n_sm, batch_heads))
+    return max(DECODE_BLOCK_N, triton.cdiv(triton.cdiv(ctx, splits), DECODE_BLOCK_N) * DECODE_BLOCK_N)
+
+
+def decode_attention(q, k_cache, v_cache, ctx: int | None = None, sm_scale: float | None = None,
+                     split_size: int | None = None, out=None) -> torch.Tensor:
+    """Attention of one token q (B, H, D) over the first ctx positions of caches (B, H, max_ctx, D)."""
+    common.check_tensors(q=q, dtypes=DTYPES, ndim=3, contiguous=False)
+    common.check_tensors(k_cache=k_cache, v_cache=v_cache, dtypes=DTYPES, ndim=4, contiguous=False)
+    common.check_tensors(q=q, k_cache=k_cache, same_shape=False, contiguous=False)
+    B, H, D = q.shape
+    if k_cache.shape[:2] != (B, H) or k_cache.shape[3] != D:
+        raise ValueError(f"k_cache has shape {tuple(k_cache.shape)}; for q of shape {tuple(q.shape)} it "
+                         f"must be ({B}, {H}, max_ctx, {D})")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last (head) dimension, got strides {t.stride()}")
+    if D not in HEAD_DIMS:
+        raise ValueError(f"the head dimension must be one of {HEAD_DIMS}, got {D}")
+    ctx = k_cache.shape[2] if ctx is None else ctx
+    if not 1 <= ctx <= k_cache.shape[2]:
+        raise ValueError(f"ctx must be in [1, {k_cache.shape[2]}] (the cache length), got {ctx}")
+    split_size = default_split_size(ctx, B * H) if split_size is None else split_size
+    if split_size < 1:
+        raise ValueError(f"split_size must be at least 1, got {split_size}")
+    if out is None:
+        out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
+    else:
+        common.check_tensors(q=q, out=out)
+    sm_scale = D ** -0.5 if sm_scale is None else sm_scale
+    num_splits = triton.cdiv(ctx, split_size)
+    part_o = torch.empty((B * H, num_splits, D), dtype=torch.float32, device=q.device)
+    part_m = torch.empty((B * H, num_splits), dtype=torch.float32, device=q.device)
+    part_l = torch.empty((B * H, num_splits), dtype=torch.float32, device=q.device)
+    decode_split_kernel[(B * H, num_splits)](
+        q, k_cache, v_cache, part_o, part_m, part_l, sm_scale, q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), H, ctx, split_size, num_splits, HEAD_DIM=D, BLOCK_N=DECODE_BLOCK_N, num_warps=4)
+    decode_reduce_kernel[(B * H,)](part_o, part_m, part_l, out, num_splits, HEAD_DIM=D, BLOCK_S=DECODE_BLOCK_S)
+    return out
+
+
+# %% [markdown]
+# ## Check
+# Awkward sequence lengths (not multiples of any block, and N = 1), q, k, v as transposed views
+# of a (B, N, H, D) tensor (strided, as a model's projections produce them), outputs poisoned
+# with NaN, a float64 reference. The backward is checked against PyTorch autograd of the naive
+# reference in float64, the decoder with a cache longer than the context it reads.
+
+
+def random_qkv(B, H, N, D, dtype, requires_grad=False, layout="bhnd"):
+    """q, k, v of shape (B, H, N, D); layout "bnhd" makes them strided views of (B, N, H, D)."""
+    def one():
+        t = (common.randn(B, H, N, D, dtype=dtype) if layout == "bhnd"
+             else common.randn(B, N, H, D, dtype=dtype).transpose(1, 2))
+        return t.requires_grad_(requires_grad)
+    return one(), one(), one()
+
+
+def reference_grads(q, k, v, do, causal):
+    """(out, dq, dk, dv) of the naive reference in float64, by autograd."""
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = attention_reference(q64, k64, v64, causal)
+    out.backward(do.double())
+    return out.detach(), q64.grad, k64.grad, v64.grad
+
+
+def grad_tolerance(dtype: torch.dtype) -> dict:
+    """Gradients sum N products of rounded values (P and dS are rounded to fp16/bf16 before
+    their tl.dot): looser than one rounding of the output."""
+    return {torch.float32: dict(atol=1e-4, rtol=1e-4), torch.float16: dict(atol=2e-2, rtol=1e-2),
+            torch.bfloat16: dict(atol=1e-1, rtol=5e-2)}[dtype]
+
+
+def check_shapes(quick: bool) -> list[tuple]:
+    if common.INTERPRETER:
+        return [(1, 2, 67, 16), (2, 1, 33, 32), (1, 1, 1, 16)]
+    shapes = [(2, 3, 193, 128), (1, 1, 1, 128)]
+    return shapes if quick else shapes + [(1, 2, 1000, 128)]
+
+
+def check_dtypes(quick: bool) -> list[torch.dtype]:
+    if common.INTERPRETER:
+        return [torch.float32, torch.float16]
+    # Every dtype is one more compile of every kernel (the run must stay short): the script checks
+    # bf16, the dtype it benchmarks; tests/test_07_attention.py covers fp32 and fp16 on the GPU too.
+    return [torch.bfloat16]
+
+
+def check(quick: bool) -> None:
+    section("Check: forward, backward and decode against PyTorch (float64 reference)")
+    shapes, dtypes = check_shapes(quick), check_dtypes(quick)
+    for dtype in dtypes:
+        for B, H, N, D in shapes:
+            for causal in (False, True):
+                q, k, v = random_qkv(B, H, N, D, dtype, layout="bnhd" if N > 1 else "bhnd")
+                expected = attention_reference(q.double(), k.double(), v.double(), causal)
+                name = f"(B,H,N,D)=({B},{H},{N},{D}) {str(dtype)[6:]} causal={causal}"
+                if not causal:
+                    out = common.poisoned_empty(B, H, N, D, dtype=dtype)
+                    attention_v2(q, k, v, out=out)
+                    common.assert_close(out, expected, name=f"v2 forward {name}")
+                out = common.poisoned_empty(B, H, N, D, dtype=dtype)
+                _, lse = attention_v3(q, k, v, causal, out=out, autotune=False)
+                common.assert_close(out, expected, name=f"v3 forward {name}")
+                s = torch.matmul(q.double(), k.double().transpose(-2, -1)) * D ** -0.5
+                if causal:
+                    s = s.masked_fill(torch.ones(N, N, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+                common.assert_close(lse, torch.logsumexp(s, -1), name=f"v3 logsumexp {name}", atol=1e-4, rtol=1e-5)
+                # backward: autograd through FlashAttentionFunction vs autograd of the float64 reference
+                q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+                do = common.randn(B, H, N, D, dtype=dtype)
+                flash_attention(q, k, v, causal, autotune=False).backward(do)
+                _, dq, dk, dv = reference_grads(q, k, v, do, causal)
+                for got, ref, what in ((q.grad, dq, "dq"), (k.grad, dk, "dk"), (v.grad, dv, "dv")):
+                    common.assert_close(got, ref, name=f"{what} {name}", **grad_tolerance(dtype))
+    print(f"v2 (non-causal), v3 (causal and not) forward and logsumexp, and the backward (dq, dk, dv) "
+          f"match for (B, H, N, D) in {shapes}, dtypes {', '.join(str(d)[6:] for d in dtypes)}: OK")
+    check_decode(shapes, dtypes)
+    if not common.supports_bf16():
+        print("bfloat16: skipped, the interpreter has no bfloat16 (numpy lacks it); runs on a GPU")
+
+
+def check_decode(shapes, dtypes) -> None:
+    contexts = []
+    for dtype in dtypes:
+        for i, (B, H, N, D) in enumerate(shapes):
+            ctx = max(N, 3)
+            contexts.append(ctx)
+            q = common.randn(B, H, D, dtype=dtype)
+            k_cache = common.randn(B, H, ctx + 5, D, dtype=dtype)  # 5 positions past ctx: must be ignored
+            v_cache = common.randn(B, H, ctx + 5, D, dtype=dtype)
+            expected = decode_reference(q.double(), k_cache[:, :, :ctx].double(), v_cache[:, :, :ctx].double())
+            # the default split, then (first shape only) one not a multiple of the block and one split only
+            for split in (None, 48, ctx + 100) if i == 0 else (None,):
+                out = common.poisoned_empty(B, H, D, dtype=dtype)
+                decode_attention(q, k_cache, v_cache, ctx, split_size=split, out=out)
+                common.assert_close(out, expected, name=f"decode B={B} H={H} ctx={ctx} D={D} split={split} {dtype}")
+    print(f"decode (split-K + reduce) matches for contexts {sorted(set(contexts))}, reading a prefix of a "
+          f"longer cache, with several split sizes: OK")
+
+
+# %% [markdown]
+# ## Memory traffic and memory footprint
+# The naive reference writes and reads N x N tensors; FlashAttention moves q, k, v and the
+# output (k and v are re-read once per query block, mostly from L2). Counted per aten op with a
+# TorchDispatchMode on this machine, then the modelled footprint over sequence lengths.
+
+
+def traffic(B: int, H: int, N: int, D: int, dtype: torch.dtype) -> None:
+    section(f"Memory traffic: attention at B={B} H={H} N={N} D={D} {str(dtype)[6:]}")
+    q, k, v = random_qkv(B, H, N, D, dtype)
+    out = torch.empty_like(q)
+    counted = common.count_torch_traffic(attention_reference, q, k, v)
+    # _unsafe_view reshapes bmm's output without touching it (the counter does not know it as a view)
+    counted.ops = [op for op in counted.ops if op.op != "_unsafe_view"]
+    minimum = common.min_bytes(q, k, v, out)
+    flops = attention_flops(B, H, N, D, causal=False)
+    print(f"modelled minimum (read q, k, v; write out):   {fmt_bytes(minimum)}")
+    print(f"naive PyTorch reference, counted:             {counted.summary()}")
+    print(f"  = {counted.total / minimum:.1f}x the minimum; the largest tensors are the N x N scores "
+          f"({fmt_bytes(B * H * N * N * q.element_size())} each)")
+    print(f"FlashAttention: 1 kernel, q read once, k and v once per query block "
+          f"(cdiv(N, BLOCK_M) times, mostly hits in L2), out and lse ({fmt_bytes(B * H * N * 4)}) written")
+    print(f"arithmetic intensity: {flops / 1e9:.2f} GFLOP / {fmt_bytes(minimum)} = {flops / minimum:,.0f} "
+          f"flop/byte (N / element size: it grows with N)")
+    decode_bytes = 2 * B * H * N * D * q.element_size()  # one token against a cache of N positions
+    print(f"decode, one query against a cache of {N} positions: K and V {fmt_bytes(decode_bytes)} read for "
+          f"{4 * B * H * N * D / decode_bytes:.1f} flop/byte, whatever the context length")
+    if common.HAS_GPU:
+        ridge = common.matmul_rate(dtype) * 1e12 / (common.copy_bandwidth() * 1e9)
+        print(f"this GPU's ridge point (matmul TFLOP/s / copy GB/s, both measured now): {ridge:,.0f} flop/byte: "
+              f"the forward is compute bound (TFLOP/s), decoding is memory bound (GB/s)")
+
+
+def memory_model(B: int, H: int, D: int, element_size: int, lengths: list[int]) -> None:
+    section(f"Memory footprint over sequence length (modelled; B={B} H={H} D={D}, {element_size}-byte elements)")
+    table = Table("extra memory of one forward, modelled",
+                  ["N", "naive: S and P (2 x BHN^2)", "flash: out + lse", "ratio"])
+    for n in lengths:
+        naive = 2 * B * H * n * n * element_size + B * H * n * D * element_size
+        flash = B * H * n * D * element_size + B * H * n * 4
+        table.add(n, fmt_bytes(naive), fmt_bytes(flash), f"{naive / flash:.0f}x")
+    table.print()
+    print("The naive footprint grows 4x when N doubles, the flash one 2x. The GPU run measures both.")
+
+
+# %% [markdown]
+# ## Benchmark
+# Medians of many runs (CUDA events, L2 flushed between runs). Attention is compute bound:
+# TFLOP/s with 4*B*H*N^2*D flops for the forward (half for causal) and 2.5x that for the
+# backward (the usual convention: 5 matmuls of the forward's size against 2), next to SDPA on
+# its FLASH_ATTENTION backend and on its default choice, and against torch.matmul's rate
+# (cuBLAS) measured in the same run. Decoding is memory bound: GB/s on the bytes of the KV
+# cache read, and % of the copy bandwidth measured in the same run.
+#
+# torch.compile is not a separate peer: compiling per shape costs more of the run than it
+# teaches, and its fused form of this pattern is a call to SDPA, which is in the table.
+
+BENCH_SHAPE = (4, 32, 4096, 128)  # the perf bar's shape: B, H, N, D
+QUICK_SHAPE = (2, 16, 2048, 128)
+
+
+def _slice_check(out, q, k, v, causal, name):
+    """Check a benchmark-sized output on its first two heads against float64 (cheap, not N^2 * BH)."""
+    expected = attention_reference(q[:1, :2].double(), k[:1, :2].double(), v[:1, :2].double(), causal)
+    common.assert_close(out[:1, :2], expected, name=name)
+
+
+def benchmark_forward(quick: bool) -> dict:
+    B, H, N, D = QUICK_SHAPE if quick else BENCH_SHAPE
+    dtype = torch.bfloat16
+    section(f"Benchmark: forward, B={B} H={H} N={N} D={D} bf16")
+    rate = common.matmul_rate(dtype)
+    print(f"torch.matmul (cuBLAS) bf16 measured now: {rate:,.0f} TFLOP/s")
+    q, k, v = random_qkv(B, H, N, D, dtype)
+    providers = {
+        "SDPA default": lambda causal: sdpa(q, k, v, causal),
+        "SDPA FLASH_ATTENTION": lambda causal: sdpa(q, k, v, causal, SDPBackend.FLASH_ATTENTION),
+        VERSIONS["v1"][0]: lambda causal: attention_reference(q, k, v, causal),
+        VERSIONS["v2"][0]: lambda causal: attention_v2(q, k, v),
+        VERSIONS["v3"][0]: lambda causal: attention_v3(q, k, v, causal, autotune=not quick)[0],
+    }
+    table = Table(f"attention forward, B={B} H={H} N={N} D={D} bf16",
+                  ["provider", "causal", "time", "TFLOP/s", "% of matmul", "vs SDPA flash"])
+    times = {}
+    for causal in (False, True):
+        flops = attention_flops(B, H, N, D, causal)
+        _slice_check(providers[VERSIONS["v3"][0]](causal), q, k, v, causal, f"v3 causal={causal} (tuned)")
+        for name, fn in providers.items():
+            if name.startswith("v2") and causal:
+                continue
+            t = common.bench(lambda: fn(causal))
+            times[name, causal] = t
+            flash = times.get(("SDPA FLASH_ATTENTION", causal))
+            table.add(name, causal, str(t), t.tflops(flops), 100 * t.tflops(flops) / rate,
+                      f"{flash.ms / t.ms:.2f}x" if flash else "-")
+    table.print()
+    print("vs SDPA flash = SDPA FLASH_ATTENTION time / this time (above 1 is faster). v3 in --quick mode "
+          "runs one fixed config; the full run autotunes it.")
+    if not quick:
+        for causal in (False, True):
+            speedup = times["SDPA FLASH_ATTENTION", causal].ms / times[VERSIONS["v3"][0], causal].ms
+            common.perf_bar(f"forward bf16 B={B} H={H} N={N} D={D} causal={causal}: speed vs SDPA "
+                            f"FLASH_ATTENTION (its time / v3 time)", speedup, 1.2, "x")
+    return times
+
+
+def benchmark_backward(quick: bool) -> None:
+    B, H, N, D = QUICK_SHAPE if quick else BENCH_SHAPE
+    dtype = torch.bfloat16
+    section(f"Benchmark: backward, B={B} H={H} N={N} D={D} bf16 (dq, dk, dv from dO)")
+    rate = common.matmul_rate(dtype)
+    triton_name = "Triton (v3 forward + 3 backward kernels)"
+    providers = {
+        "SDPA default": lambda q, k, v, causal: sdpa(q, k, v, causal),
+        "SDPA FLASH_ATTENTION": lambda q, k, v, causal: sdpa(q, k, v, causal, SDPBackend.FLASH_ATTENTION),
+        triton_name: lambda q, k, v, causal: flash_attention(q, k, v, causal, autotune=not quick),
+    }
+    table = Table(f"attention backward, B={B} H={H} N={N} D={D} bf16",
+                  ["provider", "causal", "time", "TFLOP/s", "% of matmul", "vs SDPA flash"])
+    times = {}
+    for causal in (False, True):
+        flops = 2.5 * attention_flops(B, H, N, D, causal)
+        q, k, v = random_qkv(B, H, N, D, dtype, requires_grad=True)
+        do = common.randn(B, H, N, D, dtype=dtype)
+        for name, fn in providers.items():
+            out = fn(q, k, v, causal)
+            # retain_graph: the same graph is differentiated again on every timed run
+            t = common.bench(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
+            times[name, causal] = t
+            flash = times.get(("SDPA FLASH_ATTENTION", causal))
+            table.add(name, causal, str(t), t.tflops(flops), 100 * t.tflops(flops) / rate,
+                      f"{flash.ms / t.ms:.2f}x" if flash else "-")
+            if name == triton_name:
+                grads = torch.autograd.grad(out, (q, k, v), do)
+                sl = [t_[:1, :2].detach() for t_ in (q, k, v)]
+                _, *expected = reference_grads(*sl, do[:1, :2], causal)
+                for got, ref, what in zip(grads, expected, ("dq", "dk", "dv")):
+                    common.assert_close(got[:1, :2], ref, name=f"backward {what} causal={causal}",
+                                        **grad_tolerance(dtype))
+            del out
+    table.print()
+    if not quick:
+        for causal in (False, True):
+            speedup = times["SDPA FLASH_ATTENTION", causal].ms / times[triton_name, causal].ms
+            common.perf_bar(f"backward bf16 B={B} H={H} N={N} D={D} causal={causal}: speed vs SDPA "
+                            f"FLASH_ATTENTION backward (its time / Triton time)", speedup, 1.0, "x")
+    print("Backward time only: the forward ran once before timing, its graph is kept (retain_graph).")
+
+
+def benchmark_lengths() -> None:
+    B, H, D = 4, 32, 128
+    lengths = [1024, 2048, 4096, 8192, 16384]
+    section(f"Benchmark: forward TFLOP/s over sequence length (B={B} H={H} D={D} bf16)")
+    table = Table("forward TFLOP/s over N", ["N", "causal", "SDPA flash", "v3 (tuned)", "v3 vs SDPA flash"])
+    series = {}
+    for causal in (False, True):
+        for n in lengths:
+            q, k, v = random_qkv(B, H, n, D, torch.bfloat16)
+            flops = attention_flops(B, H, n, D, causal)
+            t_sdpa = common.bench(lambda: sdpa(q, k, v, causal, SDPBackend.FLASH_ATTENTION))
+            t_v3 = common.bench(lambda: attention_v3(q, k, v, causal)[0])
+            table.add(n, causal, t_sdpa.tflops(flops), t_v3.tflops(flops), f"{t_sdpa.ms / t_v3.ms:.2f}x")
+            series.setdefault(f"SDPA flash{' causal' if causal else ''}", []).append(t_sdpa.tflops(flops))
+            series.setdefault(f"v3{' causal' if causal else ''}", []).append(t_v3.tflops(flops))
+            del q, k, v
+    table.print()
+    fig, ax = common.new_figure(f"Attention forward, B={B} H={H} D={D} bf16", "sequence length N", "TFLOP/s",
+                                logx=True)
+    for name, values in series.items():
+        ax.plot(lengths, values, marker="o", linestyle="--" if "causal" in name else "-", label=name)
+    ax.axhline(common.matmul_rate(torch.bfloat16), color="gray", linestyle=":", label="torch.matmul (measured)")
+    ax.legend()
+    common.save_plot(fig, "07_attention_tflops")
+
+
+def benchmark_memory(quick: bool) -> None:
+    B, H, D = 1, 8, 128
+    lengths = [1024, 2048, 4096] if quick else [1024, 2048, 4096, 8192, 16384]
+    section(f"Measured: peak extra memory of one forward over N (B={B} H={H} D={D} bf16)")
+    table = Table("peak extra memory (torch.cuda.max_memory_allocated)",
+                  ["N", "naive", "v3 flash", "naive / flash"])
+    naive_mem, flash_mem = [], []
+    for n in lengths:
+        q, k, v = random_qkv(B, H, n, D, torch.bfloat16)
+        naive_mem.append(common.peak_extra_memory(attention_reference, q, k, v))
+        flash_mem.append(common.peak_extra_memory(lambda: attention_v3(q, k, v, autotune=False)))
+        table.add(n, fmt_bytes(naive_mem[-1]), fmt_bytes(flash_mem[-1]), f"{naive_mem[-1] / flash_mem[-1]:.0f}x")
+        del q, k, v
+    table.print()
+    fig, ax = common.new_figure(f"Attention forward: peak extra memory, B={B} H={H} D={D} bf16",
+                                "sequence length N", "MiB", logx=True)
+    ax.set_yscale("log", base=2)
+    ax.plot(lengths, [m / 2**20 for m in naive_mem], marker="o", label="naive: O(N^2)")
+    ax.plot(lengths, [m / 2**20 for m in flash_mem], marker="o", label="flash (v3): O(N)")
+    ax.legend()
+    common.save_plot(fig, "07_attention_memory")
+
+
+def benchmark_decode(quick: bool) -> None:
+    B, H, D = 8, 32, 128
+    contexts = [8192] if quick else [8192, 16384, 32768]
+    dtype = torch.bfloat16
+    section(f"Benchmark: decode, one query token, B={B} H={H} D={D} bf16 (GB/s on the KV cache bytes)")
+    copy = common.copy_bandwidth()
+    print(f"copy bandwidth measured now: {copy:,.0f} GB/s (device-to-device, read + write)")
+    table = Table(f"decode attention, B={B} H={H} D={D} bf16",
+                  ["ctx", "provider", "time", "KV GB/s", "% of copy"])
+    for ctx in contexts:
+        q = common.randn(B, H, D, dtype=dtype)
+        k_cache, v_cache = common.randn(B, H, ctx, D, dtype=dtype), common.randn(B, H, ctx, D, dtype=dtype)
+        kv_bytes = 2 * B * H * ctx * D * k_cache.element_size()  # each cache byte read once
+        q4 = q.unsqueeze(2)  # SDPA's layout: (B, H, 1, D)
+        # the benchmark-sized output, checked on its first two heads against float64
+        common.assert_close(decode_attention(q, k_cache, v_cache)[:1, :2], decode_reference(
+            q[:1, :2].double(), k_cache[:1, :2].double(), v_cache[:1, :2].double()), name=f"decode ctx={ctx}")
+        providers = {
+            "naive PyTorch (einsum, softmax, einsum)": lambda: decode_reference(q, k_cache, v_cache),
+            "SDPA default": lambda: sdpa(q4, k_cache, v_cache),
+            "SDPA FLASH_ATTENTION": lambda: sdpa(q4, k_cache, v_cache, backend=SDPBackend.FLASH_ATTENTION),
+            "Triton split-K + reduce": lambda: decode_attention(q, k_cache, v_cache),
+        }
+        for name, fn in providers.items():
+            t = common.bench(fn)
+            table.add(ctx, name, str(t), t.gbps(kv_bytes), common.pct_of_copy(t.gbps(kv_bytes)))
+            if name.startswith("Triton") and not quick:
+                common.perf_bar(f"decode bf16 B={B} H={H} D={D} ctx={ctx}: % of copy bandwidth on KV bytes",
+                                common.pct_of_copy(t.gbps(kv_bytes)), 75, "%")
+        del k_cache, v_cache
+    table.print()
+    print(f"Default split: {default_split_size(contexts[0], B * H)} keys per split at ctx={contexts[0]} "
+          f"({triton.cdiv(contexts[0], default_split_size(contexts[0], B * H))} splits per (batch, head)).")
+
+
+def benchmark_splits() -> None:
+    B, H, D, ctx = 8, 32, 128, 8192
+    section(f"Benchmark: split-K sweep for decode at ctx={ctx}, B={B} H={H} D={D} bf16")
+    q = common.randn(B, H, D, dtype=torch.bfloat16)
+    k_cache = common.randn(B, H, ctx, D, dtype=torch.bfloat16)
+    v_cache = common.randn(B, H, ctx, D, dtype=torch.bfloat16)
+    kv_bytes = 2 * B * H * ctx * D * 2
+    table = Table("keys per split vs bandwidth", ["split size", "splits per head", "programs", "time", "KV GB/s",
+                                                  "% of copy"])
+    splits, rates = [], []
+    for split in (ctx, 4096, 2048, 1024, 512, 256, 128):
+        t = common.bench(lambda: decode_attention(q, k_cache, v_cache, split_size=split))
+        n_split = triton.cdiv(ctx, split)
+        splits.append(n_split)
+        rates.append(t.gbps(kv_bytes))
+        table.add(split, n_split, B * H * n_split, str(t), rates[-1], common.pct_of_copy(rates[-1]))
+    table.print()
+    print("One split per head is B*H programs, each streaming the whole context alone; more splits put "
+          "more programs (and more loads) in flight, until the partials and the reduce start to cost.")
+    fig, ax = common.new_figure(f"Decode: split-K sweep, ctx={ctx} B={B} H={H} D={D} bf16",
+                                "splits per (batch, head)", "GB/s on KV bytes", logx=True)
+    ax.plot(splits, rates, marker="o", label="Triton split-K + reduce")
+    ax.axhline(common.copy_bandwidth(), color="gray", linestyle="--", label="copy (measured)")
+    ax.legend()
+    common.save_plot(fig, "07_attention_decode_splits")
+
+
+# %% [markdown]
+# ## Takeaways
+# - Naive attention stores N x N scores and probabilities: memory and traffic grow as N^2.
+# - FlashAttention keeps one BLOCK_M x BLOCK_N tile of scores in registers and uses online
+#   softmax (running max, running sum, rescaled accumulator): memory O(N), one kernel.
+# - Causal attention skips the blocks above the diagonal and masks only the diagonal blocks;
+#   blocks that need no mask run a loop without one. exp2 with log2(e) folded into the scale
+#   saves a multiply per score.
+# - The backward recomputes P from the saved logsumexp: delta = rowsum(dO * O), then dK/dV per
+#   key block and dQ per query block, no N x N tensor and no atomics.
+# - Decoding one token is memory bound: split the context over many programs, then combine the
+#   partial (max, sum, output) with the same rescaling.
+
+
+if __name__ == "__main__":
+    args = common.lesson_args(__doc__.strip().splitlines()[0])
+    check(args.quick)
+    if common.HAS_GPU:
+        traffic(*BENCH_SHAPE, torch.bfloat16)
+        memory_model(1, 8, 128, 2, [1024, 2048, 4096, 8192, 16384])
+        if not args.quick:
+            benchmark_memory(args.quick)
+        benchmark_forward(args.quick)
+        benchmark_backward(args.quick)
+        benchmark_decode(args.quick)
+        if not args.quick:
+            benchmark_lengths()
+            benchmark_splits()
+    else:
+        traffic(1, 2, 256, 64, torch.float32)
+        memory_model(1, 8, 128, 2, [1024, 2048, 4096, 8192, 16384])
+        print("\n" + common.require_gpu("Benchmarks (TFLOP/s vs SDPA, backward, decode GB/s, measured "
+                                        "memory, plots, perf bars)"))

@@ -1,0 +1,510 @@
+"""Lesson 07 (attention): the exercise checks, the grader's own tests, and the lesson's kernels.
+
+IMPL=exercises (default) grades exercises/07_attention.py; IMPL=solutions grades the answers.
+Attention is slow in the interpreter: every shape here is tiny there (N <= 67, D <= 32).
+"""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+import common
+from common import CheckError, assert_close, poisoned_empty, randn
+from common.checks import current_seed, tolerance
+from common.grading import Exercise, expect_pass, expect_rejected, expect_stubs_todo, load_impl
+from common.lessons import find, load_module
+
+# Kernels that divide 0 by 0 on purpose (rows that see no key, in known-wrong answers and in the
+# padding rows past N) make numpy warn in the interpreter; the checks look at the values instead.
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+STEM = "07_attention"
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if common.supports_bf16() else [])
+# The same blocks as exercises/07_attention.py, for the known-wrong kernels below.
+BLOCK_M = 32 if common.INTERPRETER else 64
+BLOCK_N = 16 if common.INTERPRETER else 32
+DECODE_BLOCK_N = 16 if common.INTERPRETER else 64
+
+
+def _shapes():
+    """(B, H, N, D): N not a multiple of any block, several query blocks and heads."""
+    if common.INTERPRETER:
+        return [(1, 2, 67, 16), (2, 1, 33, 32)]
+    return [(2, 3, 193, 64), (1, 2, 300, 128)]
+
+
+def _same_output(result, out, name):
+    if result is not out and (not isinstance(result, torch.Tensor) or result.data_ptr() != out.data_ptr()):
+        raise CheckError(f"{name} was given out= but returned a different tensor: write into `out` "
+                         f"and return it")
+
+
+def _fail(message: str):
+    seed = current_seed()
+    raise CheckError(message + (f"\n  reproduce with COURSE_SEED={seed}" if seed is not None else ""))
+
+
+def _masked_attention(q, k, v, visible):
+    """float64 softmax(q k^T / sqrt(D), keys where visible[m, n]) v; a row that sees nothing is NaN."""
+    q, k, v = q.double(), k.double(), v.double()
+    s = torch.matmul(q, k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    s = s.masked_fill(~visible.to(s.device), float("-inf"))
+    return torch.matmul(torch.softmax(s, dim=-1), v)
+
+
+def _positions(n):
+    idx = torch.arange(n, device=common.DEVICE)
+    return idx[:, None], idx[None, :]  # query m (rows), key n (columns)
+
+
+def _unravel(flat: int, shape) -> tuple:
+    index = []
+    for size in reversed(shape):
+        index.append(flat % size)
+        flat //= size
+    return tuple(reversed(index))
+
+
+def _close(out, expected, name, mistakes, nan_rows_hint):
+    """assert_close, after a diagnosis for outputs where whole query rows are NaN (0 / 0)."""
+    tol = tolerance(out.dtype)
+    a = out.detach().double().cpu()
+    matches_mistake = any(torch.isclose(a, m.detach().double().cpu(), equal_nan=True, **tol).all()
+                          for m in mistakes.values())
+    rows, expected_rows = a.flatten(0, -2), expected.detach().double().cpu().flatten(0, -2)
+    nan_rows = torch.isnan(rows).all(dim=1) & torch.isfinite(expected_rows).all(dim=1)
+    if 0 < int(nan_rows.sum()) < len(rows) and not matches_mistake:
+        first = _unravel(int(nan_rows.nonzero()[0]), a.shape[:-1])
+        _fail(f"{name}: {int(nan_rows.sum())} of {len(rows)} query rows are entirely NaN, the first at "
+              f"(b, h, m) = {first}; they were computed as NaN (or never written).\n  hint: {nan_rows_hint}")
+    assert_close(out, expected, name=name, mistakes=mistakes)
+
+
+# --------------------------------------------------------------------------- 7.1 causal masking
+
+CAUSAL_NAN_HINT = ("those queries saw no key at all (m = -inf, l = 0, 0 / 0): does the key loop stop before "
+                   "the diagonal block? Every query sees its own key, so the loop runs to start_m + BLOCK_M")
+
+
+def check_causal_attention(causal_attention):
+    for dtype in DTYPES:
+        for B, H, N, D in _shapes():
+            q, k, v = (randn(B, H, N, D, dtype=dtype) for _ in range(3))
+            out = poisoned_empty(B, H, N, D, dtype=dtype)
+            _same_output(causal_attention(q, k, v, out=out), out, "causal_attention")
+            m, n = _positions(N)
+            _close(out, _masked_attention(q, k, v, n <= m), f"causal_attention (B,H,N,D)=({B},{H},{N},{D}) {dtype}",
+                   mistakes={
+                       "the causal mask is missing: the output is non-causal attention; mask the scores of "
+                       "keys after the query (cols[None, :] <= offs_m[:, None])":
+                           _masked_attention(q, k, v, n >= 0),
+                       "the mask is reversed: queries see the future (n >= m) instead of the past (n <= m)":
+                           _masked_attention(q, k, v, n >= m),
+                       "the diagonal is masked out: query m must see key m itself (n <= m, not n < m)":
+                           _masked_attention(q, k, v, n < m),
+                   }, nan_rows_hint=CAUSAL_NAN_HINT)
+    q, k, v = (randn(1, 1, 1, 16) for _ in range(3))  # N = 1: one query, one key
+    assert_close(causal_attention(q, k, v), v.double(), name="causal_attention N=1 (out=None)")
+
+
+# --------------------------------------------------------------------------- 7.2 decode with GQA
+
+def _decode_cases():
+    """(B, HQ, HKV, MAX_CTX, D): GQA groups of 2, plain multi-head (HQ = HKV), multi-query (HKV = 1)."""
+    if common.INTERPRETER:
+        return [(3, 4, 2, 70, 16), (2, 3, 3, 45, 32), (2, 4, 1, 33, 16)]
+    return [(4, 8, 2, 300, 64), (2, 4, 4, 129, 128), (3, 6, 1, 77, 128)]
+
+
+def _decode_expected(q, k_cache, v_cache, lengths, kv_head):
+    """float64 reference; kv_head[hq] is the cache head query head hq reads."""
+    B, HQ, D = q.shape
+    k = k_cache.double()[:, kv_head]  # (B, HQ, MAX_CTX, D)
+    v = v_cache.double()[:, kv_head]
+    s = torch.einsum("bhd,bhnd->bhn", q.double(), k) * D ** -0.5
+    positions = torch.arange(k.shape[2], device=q.device)
+    s = s.masked_fill(positions[None, None, :] >= lengths.to(q.device)[:, None, None], float("-inf"))
+    return torch.einsum("bhn,bhnd->bhd", torch.softmax(s, dim=-1), v)
+
+
+def _first_rows_only(expected, n_rows):
+    """expected with every (b, hq) row from flat row n_rows on left as the NaN poison."""
+    flat = expected.clone().flatten(0, -2)
+    flat[n_rows:] = float("nan")
+    return flat.view(expected.shape)
+
+
+def check_decode_gqa(decode_gqa):
+    for dtype in DTYPES:
+        for B, HQ, HKV, max_ctx, D in _decode_cases():
+            q = randn(B, HQ, D, dtype=dtype)
+            k_cache, v_cache = randn(B, HKV, max_ctx, D, dtype=dtype), randn(B, HKV, max_ctx, D, dtype=dtype)
+            lengths = torch.randint(1, max_ctx + 1, (B,))
+            lengths[0], lengths[-1] = max_ctx, 1  # a full cache and a single token
+            seq_lens = lengths.to(device=common.DEVICE, dtype=torch.int32)
+            out = poisoned_empty(B, HQ, D, dtype=dtype)
+            _same_output(decode_gqa(q, k_cache, v_cache, seq_lens, out=out), out, "decode_gqa")
+            heads = torch.arange(HQ, device=q.device)
+            assert_close(out, _decode_expected(q, k_cache, v_cache, lengths, heads // (HQ // HKV)),
+                         name=f"decode_gqa B={B} HQ={HQ} HKV={HKV} MAX_CTX={max_ctx} D={D} {dtype}", mistakes={
+                             "the output attends to the whole cache: sequence b must read only its first "
+                             "seq_lens[b] positions (load seq_lens_ptr + b, mask and stop the loop there)":
+                                 _decode_expected(q, k_cache, v_cache, torch.full_like(lengths, max_ctx),
+                                                  heads // (HQ // HKV)),
+                             "wrong kv head: query head hq reads kv head hq // (HQ // HKV) (consecutive query "
+                             "heads share one), not hq % HKV": _decode_expected(q, k_cache, v_cache, lengths,
+                                                                                heads % HKV),
+                             "only the first B * HKV (batch, head) rows were written: launch one program per "
+                             "query head, B * HQ programs": _first_rows_only(
+                                 _decode_expected(q, k_cache, v_cache, lengths, heads // (HQ // HKV)), B * HKV),
+                         })
+    B, HQ, HKV, max_ctx, D = 2, 3, 2, 20, 16
+    q = randn(B, HQ, D)
+    # caches at the start of larger buffers, so a wrapper that launches anyway (and reads kv
+    # heads past HKV) stays inside memory it owns
+    k_big, v_big = randn(B + 2, HKV, max_ctx, D), randn(B + 2, HKV, max_ctx, D)
+    k_cache, v_cache = k_big[:B], v_big[:B]
+    try:
+        decode_gqa(q, k_cache, v_cache, torch.full((B,), max_ctx, dtype=torch.int32, device=common.DEVICE))
+    except ValueError:
+        pass
+    else:
+        _fail(f"decode_gqa with HQ={HQ} query heads and HKV={HKV} kv heads returned instead of raising "
+              f"ValueError.\n  hint: the wrapper must check that HQ is a multiple of HKV (HQ % HKV == 0)")
+    q = randn(2, 4, 32)
+    k_cache, v_cache = randn(2, 2, 9, 32), randn(2, 2, 9, 32)
+    seq_lens = torch.tensor([9, 4], dtype=torch.int32, device=common.DEVICE)
+    assert_close(decode_gqa(q, k_cache, v_cache, seq_lens),
+                 _decode_expected(q, k_cache, v_cache, seq_lens.cpu(), torch.arange(4, device=q.device) // 2),
+                 name="decode_gqa (out=None)")
+
+
+# --------------------------------------------------------------------------- 7.3 sliding window
+
+WINDOW_NAN_HINT = ("a row that sees no key in a block (its window starts later) keeps m = -inf, and "
+                   "exp2(s - m_new) = exp2(-inf - (-inf)) is NaN; subtract 0 where the running max is still "
+                   "-inf (tl.where(m_new == float('-inf'), 0.0, m_new))")
+
+
+def _windows(n):
+    return [1, 7, 20, n + 5]  # itself only, short, longer than a block, the whole causal past
+
+
+def check_sliding_window_attention(sliding_window_attention):
+    for dtype in DTYPES:
+        for B, H, N, D in _shapes():
+            q, k, v = (randn(B, H, N, D, dtype=dtype) for _ in range(3))
+            m, n = _positions(N)
+            for window in _windows(N):
+                out = poisoned_empty(B, H, N, D, dtype=dtype)
+                _same_output(sliding_window_attention(q, k, v, window, out=out), out, "sliding_window_attention")
+                _close(out, _masked_attention(q, k, v, (n <= m) & (n > m - window)),
+                       f"sliding_window_attention (B,H,N,D)=({B},{H},{N},{D}) window={window} {dtype}", mistakes={
+                           "the window is ignored: this is plain causal attention; also mask keys with "
+                           "n <= m - WINDOW": _masked_attention(q, k, v, n <= m),
+                           "off by one: the window holds WINDOW keys, m - WINDOW < n <= m (this is WINDOW + 1)":
+                               _masked_attention(q, k, v, (n <= m) & (n >= m - window)),
+                           "off by one: the window holds WINDOW keys, m - WINDOW < n <= m (this is WINDOW - 1)":
+                               _masked_attention(q, k, v, (n <= m) & (n > m - window + 1)),
+                       }, nan_rows_hint=WINDOW_NAN_HINT)
+    q, k, v = (randn(1, 1, 5, 16) for _ in range(3))
+    m, n = _positions(5)
+    assert_close(sliding_window_attention(q, k, v, 2), _masked_attention(q, k, v, (n <= m) & (n > m - 2)),
+                 name="sliding_window_attention window=2 (out=None)")
+
+
+EXERCISES = [
+    Exercise("7.1", "causal_attention", check_causal_attention, kernels=("causal_attention_kernel",)),
+    Exercise("7.2", "decode_gqa", check_decode_gqa, kernels=("decode_gqa_kernel",)),
+    Exercise("7.3", "sliding_window_attention", check_sliding_window_attention,
+             kernels=("sliding_window_attention_kernel",)),
+]
+BY_NAME = {e.name: e for e in EXERCISES}
+
+
+@pytest.fixture(scope="module")
+def impl():
+    return load_impl(STEM)
+
+
+@pytest.mark.parametrize("exercise", EXERCISES, ids=str)
+def test_exercise(impl, exercise):
+    expect_pass(impl, exercise)
+
+
+# --------------------------------------------------------------------------- the grader's own tests
+
+def test_untouched_stubs_are_todo():
+    expect_stubs_todo(STEM, EXERCISES)
+
+
+@triton.jit
+def _attention_variants_kernel(q_ptr, k_ptr, v_ptr, out_ptr, sm_scale, N_CTX, WINDOW, HEAD_DIM: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                               VARIANT: tl.constexpr):
+    # One kernel, one mistake per VARIANT:
+    #   0 no causal mask; 1 reversed mask (n >= m); 2 strict mask (n < m); 3 loop stops before the
+    #   diagonal block; 4 sliding window ignored; 5 window off by one (m - WINDOW <= n);
+    #   6 sliding window without the -inf guard (NaN rows). All but 6 guard the -inf running max,
+    #   so that each shows its own mistake and not a NaN.
+    start_m = tl.program_id(0) * BLOCK_M
+    base = tl.program_id(1).to(tl.int64) * N_CTX * HEAD_DIM
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_m[:, None] < N_CTX, other=0.0)
+    qk_scale = sm_scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    lo = 0
+    hi = N_CTX
+    if VARIANT == 3:
+        hi = start_m
+    if VARIANT == 6:
+        lo = tl.maximum(start_m - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        kv = base + cols[:, None] * HEAD_DIM + offs_d[None, :]
+        k = tl.load(k_ptr + kv, mask=cols[:, None] < N_CTX, other=0.0)
+        v = tl.load(v_ptr + kv, mask=cols[:, None] < N_CTX, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        visible = cols[None, :] < N_CTX
+        if VARIANT == 1:
+            visible = visible & (cols[None, :] >= offs_m[:, None])
+        if VARIANT == 2:
+            visible = visible & (cols[None, :] < offs_m[:, None])
+        if VARIANT == 3 or VARIANT == 4:
+            visible = visible & (cols[None, :] <= offs_m[:, None])
+        if VARIANT == 5:
+            visible = visible & (cols[None, :] <= offs_m[:, None]) & (cols[None, :] >= offs_m[:, None] - WINDOW)
+        if VARIANT == 6:
+            visible = visible & (cols[None, :] <= offs_m[:, None]) & (cols[None, :] > offs_m[:, None] - WINDOW)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = m_new
+        if VARIANT != 6:
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    tl.store(out_ptr + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+             (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=offs_m[:, None] < N_CTX)
+
+
+def _attention_variant(variant, windowed=False):
+    def run(q, k, v, window=0, out=None):
+        out = torch.empty_like(q) if out is None else out
+        B, H, N, D = q.shape
+        _attention_variants_kernel[(triton.cdiv(N, BLOCK_M), B * H)](
+            q, k, v, out, D ** -0.5, N, window, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", VARIANT=variant)
+        return out
+    if windowed:
+        return lambda q, k, v, window, sm_scale=None, out=None: run(q, k, v, window, out)
+    return lambda q, k, v, sm_scale=None, out=None: run(q, k, v, 0, out)
+
+
+@triton.jit
+def _decode_variants_kernel(q_ptr, k_ptr, v_ptr, seq_lens_ptr, out_ptr, sm_scale, HQ, HKV, MAX_CTX,
+                            HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, VARIANT: tl.constexpr):
+    # 0 ignores seq_lens (reads the whole cache); 1 maps query head hq to kv head hq % HKV
+    pid = tl.program_id(0)
+    b = pid // HQ
+    hq = pid % HQ
+    if VARIANT == 1:
+        g = hq % HKV
+    else:
+        g = hq // (HQ // HKV)
+    if VARIANT == 0:
+        seq_len = MAX_CTX
+    else:
+        seq_len = tl.load(seq_lens_ptr + b)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    q = tl.load(q_ptr + pid.to(tl.int64) * HEAD_DIM + offs_d).to(tl.float32) * (sm_scale * 1.4426950408889634)
+    kv_base = (b.to(tl.int64) * HKV + g) * MAX_CTX * HEAD_DIM
+    m_i = -float("inf")
+    l_i = 0.0
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, seq_len, BLOCK_N):
+        cols = start_n + offs_n
+        in_n = cols < seq_len
+        offsets = kv_base + cols[:, None] * HEAD_DIM + offs_d[None, :]
+        k = tl.load(k_ptr + offsets, mask=in_n[:, None], other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offsets, mask=in_n[:, None], other=0.0).to(tl.float32)
+        s = tl.where(in_n, tl.sum(k * q[None, :], 1), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        p = tl.exp2(s - m_new)
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+        m_i = m_new
+    tl.store(out_ptr + pid.to(tl.int64) * HEAD_DIM + offs_d, (acc / l_i).to(out_ptr.dtype.element_ty))
+
+
+def _decode_variant(variant=None, validate=True, kv_programs=False):
+    """A decode_gqa with one mistake: a kernel VARIANT, no HQ % HKV check, or B * HKV programs."""
+    def decode_gqa(q, k_cache, v_cache, seq_lens, sm_scale=None, out=None):
+        B, HQ, D = q.shape
+        HKV, max_ctx = k_cache.shape[1], k_cache.shape[2]
+        if validate and HQ % HKV:
+            raise ValueError("HQ % HKV")
+        out = torch.empty_like(q) if out is None else out
+        programs = B * HKV if kv_programs else B * HQ
+        if variant is None:
+            kernel = load_impl(STEM, "solutions").decode_gqa_kernel
+            kernel[(programs,)](q, k_cache, v_cache, seq_lens, out, D ** -0.5, HQ, HKV, max_ctx, HEAD_DIM=D,
+                                BLOCK_N=DECODE_BLOCK_N)
+        else:
+            _decode_variants_kernel[(programs,)](q, k_cache, v_cache, seq_lens, out, D ** -0.5, HQ, HKV, max_ctx,
+                                                 HEAD_DIM=D, BLOCK_N=DECODE_BLOCK_N, VARIANT=variant)
+        return out
+    return decode_gqa
+
+
+KNOWN_WRONG = [
+    ("causal_attention", "no causal mask", lambda: _attention_variant(0), "causal mask is missing"),
+    ("causal_attention", "mask reversed", lambda: _attention_variant(1), "reversed"),
+    ("causal_attention", "diagonal masked (n < m)", lambda: _attention_variant(2), "diagonal is masked"),
+    ("causal_attention", "loop stops before the diagonal", lambda: _attention_variant(3), "before the diagonal"),
+    ("decode_gqa", "ignores seq_lens", lambda: _decode_variant(0), "seq_lens"),
+    ("decode_gqa", "kv head hq % HKV", lambda: _decode_variant(1), "wrong kv head"),
+    ("decode_gqa", "grid of B * HKV programs", lambda: _decode_variant(kv_programs=True), "B * HQ programs"),
+    ("decode_gqa", "no HQ % HKV check", lambda: _decode_variant(validate=False), "multiple of HKV"),
+    ("sliding_window_attention", "window ignored", lambda: _attention_variant(4, True), "window is ignored"),
+    ("sliding_window_attention", "window off by one", lambda: _attention_variant(5, True), "off by one"),
+    ("sliding_window_attention", "no -inf guard", lambda: _attention_variant(6, True), "exp2(-inf - (-inf))"),
+]
+
+
+@pytest.mark.parametrize("name,mistake,make_wrong,hint", KNOWN_WRONG, ids=[f"{k[0]}: {k[1]}" for k in KNOWN_WRONG])
+def test_grader_rejects_known_wrong(name, mistake, make_wrong, hint):
+    expect_rejected(BY_NAME[name], make_wrong(), hint)
+
+
+# --------------------------------------------------------------------------- the lesson's kernels
+
+@pytest.fixture(scope="module")
+def lesson():
+    return load_module(find("07").script, name="lesson_07_attention")
+
+
+def _lesson_shapes():
+    if common.INTERPRETER:
+        return [(1, 2, 67, 16), (1, 1, 1, 32)]
+    return [(2, 3, 193, 64), (1, 2, 300, 128), (1, 1, 1, 64)]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lesson_forward(lesson, dtype, causal):
+    for B, H, N, D in _lesson_shapes():
+        q, k, v = lesson.random_qkv(B, H, N, D, dtype, layout="bnhd")  # strided views
+        expected = lesson.attention_reference(q.double(), k.double(), v.double(), causal)
+        name = f"(B,H,N,D)=({B},{H},{N},{D}) {dtype} causal={causal}"
+        if not causal:
+            out = poisoned_empty(B, H, N, D, dtype=dtype)
+            lesson.attention_v2(q, k, v, out=out)
+            assert_close(out, expected, name=f"v2 {name}")
+        out = poisoned_empty(B, H, N, D, dtype=dtype)
+        _, lse = lesson.attention_v3(q, k, v, causal, out=out, autotune=False)
+        assert_close(out, expected, name=f"v3 {name}")
+        m, n = _positions(N)
+        s = torch.matmul(q.double(), k.double().transpose(-2, -1)) * D ** -0.5
+        s = s.masked_fill(~(n <= m) if causal else torch.zeros_like(s, dtype=torch.bool), float("-inf"))
+        assert_close(lse, torch.logsumexp(s, -1), name=f"logsumexp {name}", atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lesson_backward(lesson, dtype, causal):
+    B, H, N, D = _lesson_shapes()[0]
+    q, k, v = lesson.random_qkv(B, H, N, D, dtype, requires_grad=True)
+    do = randn(B, H, N, D, dtype=dtype)
+    out = lesson.flash_attention(q, k, v, causal, autotune=False)
+    out.backward(do)
+    ref_out, dq, dk, dv = lesson.reference_grads(q, k, v, do, causal)
+    assert_close(out, ref_out, name="forward")
+    for got, ref, what in ((q.grad, dq, "dq"), (k.grad, dk, "dk"), (v.grad, dv, "dv")):
+        assert_close(got, ref, name=f"{what} {dtype} causal={causal}", **lesson.grad_tolerance(dtype))
+
+
+def test_lesson_backward_of_sum(lesson):
+    """loss = out.sum(): dO is a stride-0 expanded tensor, which the backward must handle."""
+    q, k, v = lesson.random_qkv(1, 2, 33, 16, torch.float32, requires_grad=True, layout="bnhd")
+    lesson.flash_attention(q, k, v, causal=True, sm_scale=0.3, autotune=False).sum().backward()
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    lesson.attention_reference(q64, k64, v64, causal=True, sm_scale=0.3).sum().backward()
+    for got, ref, what in ((q.grad, q64.grad, "dq"), (k.grad, k64.grad, "dk"), (v.grad, v64.grad, "dv")):
+        assert_close(got, ref, name=what, **lesson.grad_tolerance(torch.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lesson_decode(lesson, dtype):
+    B, H, D, ctx = (2, 3, 16, 77) if common.INTERPRETER else (3, 5, 128, 1000)
+    q = randn(B, H, D, dtype=dtype)
+    k_cache, v_cache = randn(B, H, ctx + 9, D, dtype=dtype), randn(B, H, ctx + 9, D, dtype=dtype)
+    expected = lesson.decode_reference(q.double(), k_cache[:, :, :ctx].double(), v_cache[:, :, :ctx].double())
+    for split in (None, 1, 37, ctx, 4 * ctx):
+        if split == 1 and common.INTERPRETER:
+            continue  # 77 splits of one key: correct, but slow in the interpreter
+        out = poisoned_empty(B, H, D, dtype=dtype)
+        lesson.decode_attention(q, k_cache, v_cache, ctx, split_size=split, out=out)
+        assert_close(out, expected, name=f"decode split={split} {dtype}")
+    # a prefix view of the cache (strided) gives the same result as passing ctx
+    assert_close(lesson.decode_attention(q, k_cache[:, :, :ctx], v_cache[:, :, :ctx]), expected,
+                 name="decode on a cache view")
+
+
+def test_lesson_bad_input(lesson):
+    q = randn(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="head dimension"):
+        lesson.attention_v3(randn(1, 2, 8, 24), randn(1, 2, 8, 24), randn(1, 2, 8, 24))
+    with pytest.raises(ValueError, match="contiguous last"):
+        t = randn(1, 2, 16, 8).transpose(-2, -1)
+        lesson.attention_v3(t, t, t)
+    with pytest.raises(ValueError, match="shape"):
+        lesson.attention_v3(q, randn(1, 2, 9, 16), randn(1, 2, 9, 16))
+    with pytest.raises(TypeError, match="dtype"):
+        lesson.flash_attention(q, q.half(), q)
+    with pytest.raises(TypeError, match="dtype"):
+        lesson.attention_v2(q.to(torch.int32), q.to(torch.int32), q.to(torch.int32))
+    with pytest.raises(ValueError, match="4 dimension"):
+        lesson.attention_v3(q[0], q[0], q[0])
+    with pytest.raises(ValueError, match="non-causal"):
+        lesson.attention_v2(q, q, q, causal=True)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        lesson.attention_v3(q, [1.0], q)
+    qd, cache = randn(1, 2, 16), randn(1, 2, 10, 16)
+    with pytest.raises(ValueError, match="ctx"):
+        lesson.decode_attention(qd, cache, cache, ctx=11)
+    with pytest.raises(ValueError, match="split_size"):
+        lesson.decode_attention(qd, cache, cache, split_size=0)
+    with pytest.raises(ValueError, match="k_cache"):
+        lesson.decode_attention(qd, randn(1, 3, 10, 16), randn(1, 3, 10, 16))
+
+
+@pytest.mark.skipif(not common.HAS_GPU, reason="needs a CUDA GPU: the interpreter has only cpu tensors")
+def test_lesson_wrong_device(lesson):
+    with pytest.raises(ValueError, match="CUDA device"):
+        lesson.flash_attention(torch.randn(1, 1, 8, 16), *(torch.randn(1, 1, 8, 16, device="cuda"),) * 2)
+
+
+@pytest.mark.skipif(not common.supports_bf16(), reason="needs a CUDA GPU: autotuning times configs on the GPU "
+                    "(and the interpreter has no bfloat16)")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_lesson_autotuned_bf16(lesson, causal):
+    """The autotuned forward and backward (the benchmark's path) on a shape every config divides unevenly."""
+    B, H, N, D = 2, 4, 700, 128
+    q, k, v = lesson.random_qkv(B, H, N, D, torch.bfloat16, requires_grad=True)
+    do = randn(B, H, N, D, dtype=torch.bfloat16)
+    out = lesson.flash_attention(q, k, v, causal, autotune=True)
+    out.backward(do)
+    ref_out, dq, dk, dv = lesson.reference_grads(q, k, v, do, causal)
+    assert_close(out, ref_out, name="autotuned forward")
+    for got, ref, what in ((q.grad, dq, "dq"), (k.grad, dk, "dk"), (v.grad, dv, "dv")):
+        assert_close(got, ref, name=f"autotuned {what}", **lesson.grad_tolerance(torch.bfloat16))
