@@ -134,19 +134,17 @@ def check_sum_of_squares(sum_of_squares):
                 raise CheckError(f"sum_of_squares n={n} {dtype}: got {out.item()}, expected {expected.item():.6g}: "
                                  f"the squares were added in fp16 (largest value 65504); convert x to "
                                  f"tl.float32 right after the load, before squaring")
-            mistakes = {}
-            first_only = "only the first block's partial sum came back: pass 2 must add all the partials"
+            first_only = "pass 2 must add all the partials (only the first block's partial came back)"
             tail = ("the last, partial block was dropped: launch triton.cdiv(n, BLOCK_SIZE) programs "
                     "(not n // BLOCK_SIZE) and mask the tail")
+            why = {}  # elements summed -> the mistakes that sum exactly those (several can coincide)
             for b in SUM_BLOCKS:
-                if n > b and n // b == 1 and n % b:  # one full block: both mistakes give the same sum
-                    mistakes[f"only the first {b} of {n} elements were summed; either {first_only}, or "
-                             f"{tail}"] = squares[:b].sum()
-                elif n > b:
-                    mistakes[f"{first_only} (BLOCK_SIZE {b})"] = squares[:b].sum()
+                if n > b:
+                    why.setdefault(b, []).append(first_only)
                     if n % b:
-                        mistakes[f"{tail} (BLOCK_SIZE {b}: {n // b * b} of {n} elements summed)"] = \
-                            squares[:n // b * b].sum()
+                        why.setdefault(n // b * b, []).append(tail)
+            mistakes = {f"only the first {k} of {n} elements were summed: " + "; or ".join(dict.fromkeys(reasons)):
+                        squares[:k].sum() for k, reasons in why.items()}
             assert_close(out, expected, name=f"sum_of_squares n={n} {dtype}", mistakes=mistakes)
             again = sum_of_squares(x)
             if not (isinstance(again, torch.Tensor) and torch.equal(again, out)):
