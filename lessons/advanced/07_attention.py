@@ -16,7 +16,6 @@ You will learn:
 Run:  python lessons/advanced/07_attention.py [--quick]
 """
 
-import math
 import sys
 from pathlib import Path
 
@@ -36,8 +35,8 @@ from common import Table, fmt_bytes, section  # noqa: E402
 # Attention is out = softmax(Q K^T * scale) V for every (batch, head): Q, K, V are N x D (N
 # positions, head dimension D). Written out, it stores the N x N scores S = Q K^T and the N x N
 # probabilities P = softmax(S): for B=4 batches, H=32 heads and N=4096 in bf16 that is
-# 4 * 32 * 4096^2 * 2 bytes = 4 GiB per N x N tensor, while Q, K, V and the output are 32 MiB
-# each. Memory grows as N^2 and most of the time goes into writing and reading those tensors.
+# 4 * 32 * 4096^2 * 2 bytes = 4 GiB per N x N tensor, while Q, K, V and the output are 128 MiB
+# each. Memory grows as N^2, and so do the bytes written and read back.
 #
 # FlashAttention computes the same result one block of queries at a time, looping over blocks
 # of keys with the online softmax of lesson 06 (a running max m, a running sum l, and the output
@@ -47,8 +46,9 @@ from common import Table, fmt_bytes, section  # noqa: E402
 # it in TFLOP/s. Decoding (one new query token against a KV cache of ctx positions) is the
 # opposite: 4 * ctx * D flops for 2 * ctx * D cache elements read, memory bound, measured in GB/s.
 
-LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
-LN2 = 0.6931471805599453  # ln(2): log(x) = log2(x) * LN2
+# Inside the kernels two constants appear as literals (a Python global is not a compile-time
+# constant for Triton unless declared tl.constexpr): log2(e) = 1.4426950408889634, so that
+# exp(x) = exp2(x * log2(e)), and ln(2) = 0.6931471805599453, so that log(x) = log2(x) * ln(2).
 
 # %% [markdown]
 # ## Reference (PyTorch)
@@ -876,6 +876,17 @@ def memory_model(B: int, H: int, D: int, element_size: int, lengths: list[int]) 
 
 BENCH_SHAPE = (4, 32, 4096, 128)  # the perf bar's shape: B, H, N, D
 QUICK_SHAPE = (2, 16, 2048, 128)
+BENCH_DTYPE = torch.bfloat16
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+
+
+def device_randn(count: int, *shape, dtype: torch.dtype) -> list[torch.Tensor]:
+    """`count` random tensors drawn on the GPU itself: a 4 GiB KV cache drawn on the CPU (as
+    common.randn does, for reproducible checks) would take longer than the benchmark."""
+    return [torch.randn(*shape, device=common.DEVICE, dtype=dtype) for _ in range(count)]
 
 
 def _slice_check(out, q, k, v, causal, name):
@@ -884,97 +895,97 @@ def _slice_check(out, q, k, v, causal, name):
     common.assert_close(out[:1, :2], expected, name=name)
 
 
-def benchmark_forward(quick: bool) -> dict:
-    B, H, N, D = QUICK_SHAPE if quick else BENCH_SHAPE
-    dtype = torch.bfloat16
-    section(f"Benchmark: forward, B={B} H={H} N={N} D={D} bf16")
+def benchmark_forward(quick: bool, shape: tuple | None = None) -> None:
+    B, H, N, D = shape or (QUICK_SHAPE if quick else BENCH_SHAPE)
+    dtype, dt = BENCH_DTYPE, _dtype_name(BENCH_DTYPE)
+    section(f"Benchmark: forward, B={B} H={H} N={N} D={D} {dt}")
     rate = common.matmul_rate(dtype)
-    print(f"torch.matmul (cuBLAS) bf16 measured now: {rate:,.0f} TFLOP/s")
-    q, k, v = random_qkv(B, H, N, D, dtype)
-    providers = {
-        "SDPA default": lambda causal: sdpa(q, k, v, causal),
+    print(f"torch.matmul (cuBLAS) {dt} measured now: {rate:,.0f} TFLOP/s")
+    q, k, v = device_randn(3, B, H, N, D, dtype=dtype)
+    v3_name = VERSIONS["v3"][0]
+    providers = {  # SDPA FLASH_ATTENTION first: every other row is compared with it
         "SDPA FLASH_ATTENTION": lambda causal: sdpa(q, k, v, causal, SDPBackend.FLASH_ATTENTION),
+        "SDPA default": lambda causal: sdpa(q, k, v, causal),
         VERSIONS["v1"][0]: lambda causal: attention_reference(q, k, v, causal),
         VERSIONS["v2"][0]: lambda causal: attention_v2(q, k, v),
-        VERSIONS["v3"][0]: lambda causal: attention_v3(q, k, v, causal, autotune=not quick)[0],
+        v3_name: lambda causal: attention_v3(q, k, v, causal, autotune=not quick)[0],
     }
-    table = Table(f"attention forward, B={B} H={H} N={N} D={D} bf16",
+    table = Table(f"attention forward, B={B} H={H} N={N} D={D} {dt}",
                   ["provider", "causal", "time", "TFLOP/s", "% of matmul", "vs SDPA flash"])
     times = {}
     for causal in (False, True):
         flops = attention_flops(B, H, N, D, causal)
-        _slice_check(providers[VERSIONS["v3"][0]](causal), q, k, v, causal, f"v3 causal={causal} (tuned)")
+        _slice_check(providers[v3_name](causal), q, k, v, causal, f"v3 forward causal={causal}")
         for name, fn in providers.items():
-            if name.startswith("v2") and causal:
-                continue
+            if name == VERSIONS["v2"][0] and causal:
+                continue  # v2 has no causal mask: that is exercise 7.1
             t = common.bench(lambda: fn(causal))
             times[name, causal] = t
-            flash = times.get(("SDPA FLASH_ATTENTION", causal))
-            table.add(name, causal, str(t), t.tflops(flops), 100 * t.tflops(flops) / rate,
-                      f"{flash.ms / t.ms:.2f}x" if flash else "-")
+            flash = times["SDPA FLASH_ATTENTION", causal]
+            table.add(name, causal, str(t), t.tflops(flops), 100 * t.tflops(flops) / rate, f"{flash.ms / t.ms:.2f}x")
     table.print()
-    print("vs SDPA flash = SDPA FLASH_ATTENTION time / this time (above 1 is faster). v3 in --quick mode "
-          "runs one fixed config; the full run autotunes it.")
+    print("TFLOP/s counts 4*B*H*N^2*D flops (half for causal) for every provider, so the naive one, which "
+          "computes the masked half too, is rated on the useful work.\nvs SDPA flash = SDPA FLASH_ATTENTION "
+          "time / this time (above 1 is faster). " + ("v3 runs one fixed config in --quick mode." if quick else
+                                                       "v3 was autotuned on its first call."))
     if not quick:
         for causal in (False, True):
-            speedup = times["SDPA FLASH_ATTENTION", causal].ms / times[VERSIONS["v3"][0], causal].ms
-            common.perf_bar(f"forward bf16 B={B} H={H} N={N} D={D} causal={causal}: speed vs SDPA "
+            speedup = times["SDPA FLASH_ATTENTION", causal].ms / times[v3_name, causal].ms
+            common.perf_bar(f"forward {dt} B={B} H={H} N={N} D={D} causal={causal}: speed vs SDPA "
                             f"FLASH_ATTENTION (its time / v3 time)", speedup, 1.2, "x")
-    return times
 
 
-def benchmark_backward(quick: bool) -> None:
-    B, H, N, D = QUICK_SHAPE if quick else BENCH_SHAPE
-    dtype = torch.bfloat16
-    section(f"Benchmark: backward, B={B} H={H} N={N} D={D} bf16 (dq, dk, dv from dO)")
+def benchmark_backward(quick: bool, shape: tuple | None = None) -> None:
+    B, H, N, D = shape or (QUICK_SHAPE if quick else BENCH_SHAPE)
+    dtype, dt = BENCH_DTYPE, _dtype_name(BENCH_DTYPE)
+    section(f"Benchmark: backward, B={B} H={H} N={N} D={D} {dt} (dq, dk, dv from dO)")
     rate = common.matmul_rate(dtype)
     triton_name = "Triton (v3 forward + 3 backward kernels)"
     providers = {
-        "SDPA default": lambda q, k, v, causal: sdpa(q, k, v, causal),
         "SDPA FLASH_ATTENTION": lambda q, k, v, causal: sdpa(q, k, v, causal, SDPBackend.FLASH_ATTENTION),
+        "SDPA default": lambda q, k, v, causal: sdpa(q, k, v, causal),
         triton_name: lambda q, k, v, causal: flash_attention(q, k, v, causal, autotune=not quick),
     }
-    table = Table(f"attention backward, B={B} H={H} N={N} D={D} bf16",
+    table = Table(f"attention backward, B={B} H={H} N={N} D={D} {dt}",
                   ["provider", "causal", "time", "TFLOP/s", "% of matmul", "vs SDPA flash"])
     times = {}
     for causal in (False, True):
         flops = 2.5 * attention_flops(B, H, N, D, causal)
-        q, k, v = random_qkv(B, H, N, D, dtype, requires_grad=True)
-        do = common.randn(B, H, N, D, dtype=dtype)
+        q, k, v = (t.requires_grad_() for t in device_randn(3, B, H, N, D, dtype=dtype))
+        do = device_randn(1, B, H, N, D, dtype=dtype)[0]
         for name, fn in providers.items():
             out = fn(q, k, v, causal)
             # retain_graph: the same graph is differentiated again on every timed run
             t = common.bench(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
             times[name, causal] = t
-            flash = times.get(("SDPA FLASH_ATTENTION", causal))
-            table.add(name, causal, str(t), t.tflops(flops), 100 * t.tflops(flops) / rate,
-                      f"{flash.ms / t.ms:.2f}x" if flash else "-")
-            if name == triton_name:
+            flash = times["SDPA FLASH_ATTENTION", causal]
+            table.add(name, causal, str(t), t.tflops(flops), 100 * t.tflops(flops) / rate, f"{flash.ms / t.ms:.2f}x")
+            if name == triton_name:  # check the benchmark-sized gradients on the first two heads
                 grads = torch.autograd.grad(out, (q, k, v), do)
-                sl = [t_[:1, :2].detach() for t_ in (q, k, v)]
-                _, *expected = reference_grads(*sl, do[:1, :2], causal)
+                heads = [x[:1, :2].detach() for x in (q, k, v)]
+                _, *expected = reference_grads(*heads, do[:1, :2], causal)
                 for got, ref, what in zip(grads, expected, ("dq", "dk", "dv")):
                     common.assert_close(got[:1, :2], ref, name=f"backward {what} causal={causal}",
                                         **grad_tolerance(dtype))
             del out
     table.print()
+    print("Backward time only: the forward ran once before timing and its graph is kept (retain_graph). "
+          "TFLOP/s counts 2.5x the forward's flops.")
     if not quick:
         for causal in (False, True):
             speedup = times["SDPA FLASH_ATTENTION", causal].ms / times[triton_name, causal].ms
-            common.perf_bar(f"backward bf16 B={B} H={H} N={N} D={D} causal={causal}: speed vs SDPA "
+            common.perf_bar(f"backward {dt} B={B} H={H} N={N} D={D} causal={causal}: speed vs SDPA "
                             f"FLASH_ATTENTION backward (its time / Triton time)", speedup, 1.0, "x")
-    print("Backward time only: the forward ran once before timing, its graph is kept (retain_graph).")
 
 
-def benchmark_lengths() -> None:
-    B, H, D = 4, 32, 128
-    lengths = [1024, 2048, 4096, 8192, 16384]
-    section(f"Benchmark: forward TFLOP/s over sequence length (B={B} H={H} D={D} bf16)")
+def benchmark_lengths(B: int = 4, H: int = 32, D: int = 128, lengths=(1024, 2048, 4096, 8192, 16384)) -> None:
+    dtype, dt = BENCH_DTYPE, _dtype_name(BENCH_DTYPE)
+    section(f"Benchmark: forward TFLOP/s over sequence length (B={B} H={H} D={D} {dt})")
     table = Table("forward TFLOP/s over N", ["N", "causal", "SDPA flash", "v3 (tuned)", "v3 vs SDPA flash"])
     series = {}
     for causal in (False, True):
         for n in lengths:
-            q, k, v = random_qkv(B, H, n, D, torch.bfloat16)
+            q, k, v = device_randn(3, B, H, n, D, dtype=dtype)
             flops = attention_flops(B, H, n, D, causal)
             t_sdpa = common.bench(lambda: sdpa(q, k, v, causal, SDPBackend.FLASH_ATTENTION))
             t_v3 = common.bench(lambda: attention_v3(q, k, v, causal)[0])
@@ -983,50 +994,48 @@ def benchmark_lengths() -> None:
             series.setdefault(f"v3{' causal' if causal else ''}", []).append(t_v3.tflops(flops))
             del q, k, v
     table.print()
-    fig, ax = common.new_figure(f"Attention forward, B={B} H={H} D={D} bf16", "sequence length N", "TFLOP/s",
+    fig, ax = common.new_figure(f"Attention forward, B={B} H={H} D={D} {dt}", "sequence length N", "TFLOP/s",
                                 logx=True)
     for name, values in series.items():
-        ax.plot(lengths, values, marker="o", linestyle="--" if "causal" in name else "-", label=name)
-    ax.axhline(common.matmul_rate(torch.bfloat16), color="gray", linestyle=":", label="torch.matmul (measured)")
+        ax.plot(list(lengths), values, marker="o", linestyle="--" if "causal" in name else "-", label=name)
+    ax.axhline(common.matmul_rate(dtype), color="gray", linestyle=":", label="torch.matmul (measured)")
     ax.legend()
     common.save_plot(fig, "07_attention_tflops")
 
 
-def benchmark_memory(quick: bool) -> None:
-    B, H, D = 1, 8, 128
-    lengths = [1024, 2048, 4096] if quick else [1024, 2048, 4096, 8192, 16384]
-    section(f"Measured: peak extra memory of one forward over N (B={B} H={H} D={D} bf16)")
+def benchmark_memory(B: int = 1, H: int = 8, D: int = 128, lengths=(1024, 2048, 4096, 8192, 16384)) -> None:
+    dtype, dt = BENCH_DTYPE, _dtype_name(BENCH_DTYPE)
+    section(f"Measured: peak extra memory of one forward over N (B={B} H={H} D={D} {dt})")
     table = Table("peak extra memory (torch.cuda.max_memory_allocated)",
                   ["N", "naive", "v3 flash", "naive / flash"])
     naive_mem, flash_mem = [], []
     for n in lengths:
-        q, k, v = random_qkv(B, H, n, D, torch.bfloat16)
+        q, k, v = device_randn(3, B, H, n, D, dtype=dtype)
         naive_mem.append(common.peak_extra_memory(attention_reference, q, k, v))
         flash_mem.append(common.peak_extra_memory(lambda: attention_v3(q, k, v, autotune=False)))
         table.add(n, fmt_bytes(naive_mem[-1]), fmt_bytes(flash_mem[-1]), f"{naive_mem[-1] / flash_mem[-1]:.0f}x")
         del q, k, v
     table.print()
-    fig, ax = common.new_figure(f"Attention forward: peak extra memory, B={B} H={H} D={D} bf16",
+    fig, ax = common.new_figure(f"Attention forward: peak extra memory, B={B} H={H} D={D} {dt}",
                                 "sequence length N", "MiB", logx=True)
     ax.set_yscale("log", base=2)
-    ax.plot(lengths, [m / 2**20 for m in naive_mem], marker="o", label="naive: O(N^2)")
-    ax.plot(lengths, [m / 2**20 for m in flash_mem], marker="o", label="flash (v3): O(N)")
+    ax.plot(list(lengths), [m / 2**20 for m in naive_mem], marker="o", label="naive: O(N^2)")
+    ax.plot(list(lengths), [m / 2**20 for m in flash_mem], marker="o", label="flash (v3): O(N)")
     ax.legend()
     common.save_plot(fig, "07_attention_memory")
 
 
-def benchmark_decode(quick: bool) -> None:
-    B, H, D = 8, 32, 128
-    contexts = [8192] if quick else [8192, 16384, 32768]
-    dtype = torch.bfloat16
-    section(f"Benchmark: decode, one query token, B={B} H={H} D={D} bf16 (GB/s on the KV cache bytes)")
+def benchmark_decode(quick: bool, B: int = 8, H: int = 32, D: int = 128, contexts=None) -> None:
+    contexts = contexts or ([8192] if quick else [8192, 16384, 32768])
+    dtype, dt = BENCH_DTYPE, _dtype_name(BENCH_DTYPE)
+    section(f"Benchmark: decode, one query token, B={B} H={H} D={D} {dt} (GB/s on the KV cache bytes)")
     copy = common.copy_bandwidth()
     print(f"copy bandwidth measured now: {copy:,.0f} GB/s (device-to-device, read + write)")
-    table = Table(f"decode attention, B={B} H={H} D={D} bf16",
-                  ["ctx", "provider", "time", "KV GB/s", "% of copy"])
+    table = Table(f"decode attention, B={B} H={H} D={D} {dt}", ["ctx", "provider", "time", "KV GB/s", "% of copy"])
+    triton_pct = {}
     for ctx in contexts:
-        q = common.randn(B, H, D, dtype=dtype)
-        k_cache, v_cache = common.randn(B, H, ctx, D, dtype=dtype), common.randn(B, H, ctx, D, dtype=dtype)
+        q = device_randn(1, B, H, D, dtype=dtype)[0]
+        k_cache, v_cache = device_randn(2, B, H, ctx, D, dtype=dtype)
         kv_bytes = 2 * B * H * ctx * D * k_cache.element_size()  # each cache byte read once
         q4 = q.unsqueeze(2)  # SDPA's layout: (B, H, 1, D)
         # the benchmark-sized output, checked on its first two heads against float64
@@ -1041,26 +1050,28 @@ def benchmark_decode(quick: bool) -> None:
         for name, fn in providers.items():
             t = common.bench(fn)
             table.add(ctx, name, str(t), t.gbps(kv_bytes), common.pct_of_copy(t.gbps(kv_bytes)))
-            if name.startswith("Triton") and not quick:
-                common.perf_bar(f"decode bf16 B={B} H={H} D={D} ctx={ctx}: % of copy bandwidth on KV bytes",
-                                common.pct_of_copy(t.gbps(kv_bytes)), 75, "%")
+            if name.startswith("Triton"):
+                triton_pct[ctx] = common.pct_of_copy(t.gbps(kv_bytes))
         del k_cache, v_cache
     table.print()
-    print(f"Default split: {default_split_size(contexts[0], B * H)} keys per split at ctx={contexts[0]} "
-          f"({triton.cdiv(contexts[0], default_split_size(contexts[0], B * H))} splits per (batch, head)).")
+    if not quick:
+        for ctx, pct in triton_pct.items():
+            common.perf_bar(f"decode {dt} B={B} H={H} D={D} ctx={ctx}: % of copy bandwidth on KV bytes", pct, 75, "%")
+    split = default_split_size(contexts[0], B * H)
+    print(f"Default split at ctx={contexts[0]}: {split} keys per split, {triton.cdiv(contexts[0], split)} "
+          f"splits per (batch, head), {B * H * triton.cdiv(contexts[0], split)} programs.")
 
 
-def benchmark_splits() -> None:
-    B, H, D, ctx = 8, 32, 128, 8192
-    section(f"Benchmark: split-K sweep for decode at ctx={ctx}, B={B} H={H} D={D} bf16")
-    q = common.randn(B, H, D, dtype=torch.bfloat16)
-    k_cache = common.randn(B, H, ctx, D, dtype=torch.bfloat16)
-    v_cache = common.randn(B, H, ctx, D, dtype=torch.bfloat16)
-    kv_bytes = 2 * B * H * ctx * D * 2
-    table = Table("keys per split vs bandwidth", ["split size", "splits per head", "programs", "time", "KV GB/s",
-                                                  "% of copy"])
+def benchmark_splits(B: int = 8, H: int = 32, D: int = 128, ctx: int = 8192) -> None:
+    dtype, dt = BENCH_DTYPE, _dtype_name(BENCH_DTYPE)
+    section(f"Benchmark: split-K sweep for decode at ctx={ctx}, B={B} H={H} D={D} {dt}")
+    q = device_randn(1, B, H, D, dtype=dtype)[0]
+    k_cache, v_cache = device_randn(2, B, H, ctx, D, dtype=dtype)
+    kv_bytes = 2 * B * H * ctx * D * k_cache.element_size()
+    table = Table("keys per split vs bandwidth",
+                  ["split size", "splits per head", "programs", "time", "KV GB/s", "% of copy"])
     splits, rates = [], []
-    for split in (ctx, 4096, 2048, 1024, 512, 256, 128):
+    for split in [ctx >> i for i in range(7)]:  # one split per head, then twice as many each step
         t = common.bench(lambda: decode_attention(q, k_cache, v_cache, split_size=split))
         n_split = triton.cdiv(ctx, split)
         splits.append(n_split)
@@ -1069,7 +1080,7 @@ def benchmark_splits() -> None:
     table.print()
     print("One split per head is B*H programs, each streaming the whole context alone; more splits put "
           "more programs (and more loads) in flight, until the partials and the reduce start to cost.")
-    fig, ax = common.new_figure(f"Decode: split-K sweep, ctx={ctx} B={B} H={H} D={D} bf16",
+    fig, ax = common.new_figure(f"Decode: split-K sweep, ctx={ctx} B={B} H={H} D={D} {dt}",
                                 "splits per (batch, head)", "GB/s on KV bytes", logx=True)
     ax.plot(splits, rates, marker="o", label="Triton split-K + reduce")
     ax.axhline(common.copy_bandwidth(), color="gray", linestyle="--", label="copy (measured)")
@@ -1098,7 +1109,7 @@ if __name__ == "__main__":
         traffic(*BENCH_SHAPE, torch.bfloat16)
         memory_model(1, 8, 128, 2, [1024, 2048, 4096, 8192, 16384])
         if not args.quick:
-            benchmark_memory(args.quick)
+            benchmark_memory()
         benchmark_forward(args.quick)
         benchmark_backward(args.quick)
         benchmark_decode(args.quick)
