@@ -105,7 +105,9 @@ def rmsnorm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
     y = torch.empty_like(x)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(n_cols)
-    rmsnorm_fwd_kernel[(n_rows,)](x, weight, y, rstd, n_cols, eps, BLOCK_SIZE=block)
+    # more warps for longer rows, so that no thread holds more than 16 values of the row
+    rmsnorm_fwd_kernel[(n_rows,)](x, weight, y, rstd, n_cols, eps, BLOCK_SIZE=block,
+                                  num_warps=min(16, max(4, block // 512)))
     return y, rstd
 
 
@@ -122,7 +124,7 @@ def rmsnorm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rs
     dw_partial = torch.empty(n_programs, n_cols, dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(n_cols)
     rmsnorm_bwd_kernel[(n_programs,)](dy, x, weight, rstd, dx, dw_partial, n_rows, n_cols, rows_per_program,
-                                      BLOCK_SIZE=block)
+                                      BLOCK_SIZE=block, num_warps=min(32, max(4, block // 256)))
     # The second, small reduction (the lesson does it with sum_rows_kernel): P x N fp32 -> N.
     return dx, dw_partial.sum(dim=0).to(weight.dtype)
 
