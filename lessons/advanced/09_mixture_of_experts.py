@@ -752,7 +752,11 @@ def traffic(x, logits, w_gate, w_up, w_down, top_k) -> None:
     minimum = common.min_bytes(x, w_gate, w_up, w_down) + x.numel() * elem  # x, all weights, out once
     flops = moe_flops(n_tokens, hidden, ffn, top_k)
     print(f"modelled minimum (read x and every expert's weights, write out): {common.fmt_bytes(minimum)}; "
-          f"{flops / 1e9:,.1f} GFLOP, {flops / minimum:,.0f} FLOP per byte")
+          f"{flops / 1e9:,.3g} GFLOP, {flops / minimum:,.0f} FLOP per byte")
+    if common.HAS_GPU:  # the machine's balance point, both rates measured now
+        balance = common.matmul_rate(torch.bfloat16) * 1e12 / (common.copy_bandwidth() * 1e9)
+        print(f"this GPU: cuBLAS bf16 rate / copy bandwidth = {balance:,.0f} FLOP per byte; a layer above "
+              f"that is compute bound, below it memory bound")
     print(f"Triton v2, modelled:   7 Triton launches (+ the router's cast and GEMM, and one memset), "
           f"0 host syncs, {common.fmt_bytes(sum(b for _, b in stages))}")
     print(f"PyTorch loop, counted: {counted.summary()}")
