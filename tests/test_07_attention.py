@@ -31,7 +31,8 @@ def _shapes():
     """(B, H, N, D): N not a multiple of any block, several query blocks and heads."""
     if common.INTERPRETER:
         return [(1, 2, 67, 16), (2, 1, 33, 32)]
-    return [(2, 3, 193, 64), (1, 2, 300, 128)]
+    # one head dimension on the GPU: each (dtype, D) is one more compile of every kernel
+    return [(2, 3, 193, 64), (1, 2, 300, 64)]
 
 
 def _same_output(result, out, name):
@@ -114,7 +115,7 @@ def _decode_cases():
     """(B, HQ, HKV, MAX_CTX, D): GQA groups of 2, plain multi-head (HQ = HKV), multi-query (HKV = 1)."""
     if common.INTERPRETER:
         return [(3, 4, 2, 70, 16), (2, 3, 3, 45, 32), (2, 4, 1, 33, 16)]
-    return [(4, 8, 2, 300, 64), (2, 4, 4, 129, 128), (3, 6, 1, 77, 128)]
+    return [(4, 8, 2, 300, 64), (2, 4, 4, 129, 64), (3, 6, 1, 77, 64)]
 
 
 def _decode_expected(q, k_cache, v_cache, lengths, kv_head):
@@ -396,7 +397,8 @@ def lesson():
 def _lesson_shapes():
     if common.INTERPRETER:
         return [(1, 2, 67, 16), (1, 1, 1, 32)]
-    return [(2, 3, 193, 64), (1, 2, 300, 128), (1, 1, 1, 64)]
+    # D = 64 here; the lesson script checks D = 128 in bf16, and so does test_lesson_autotuned_bf16
+    return [(2, 3, 193, 64), (1, 2, 300, 64), (1, 1, 1, 64)]
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -445,7 +447,7 @@ def test_lesson_backward_of_sum(lesson):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_lesson_decode(lesson, dtype):
-    B, H, D, ctx = (2, 3, 16, 77) if common.INTERPRETER else (3, 5, 128, 1000)
+    B, H, D, ctx = (2, 3, 16, 77) if common.INTERPRETER else (3, 5, 64, 1000)
     q = randn(B, H, D, dtype=dtype)
     k_cache, v_cache = randn(B, H, ctx + 9, D, dtype=dtype), randn(B, H, ctx + 9, D, dtype=dtype)
     expected = lesson.decode_reference(q.double(), k_cache[:, :, :ctx].double(), v_cache[:, :, :ctx].double())
