@@ -10,6 +10,7 @@ import triton.language as tl
 
 import common
 from common import CheckError, assert_close, awkward_sizes, poisoned_empty, randn
+from common.checks import dot_tolerance
 from common.grading import Exercise, expect_pass, expect_rejected, expect_stubs_todo, grade_function, load_impl
 from common.lessons import find, load_module
 
@@ -54,7 +55,7 @@ def check_matmul_bias_act(matmul_bias_act):
                 a64, b64, bias64 = a.double(), b.double(), bias.double()
                 k0 = K // BLOCK * BLOCK
                 assert_close(out, act(a64 @ b64 + bias64), name=f"matmul_bias_act {activation} {M}x{N}x{K} {dtype}",
-                             mistakes={
+                             **dot_tolerance(dtype), mistakes={
                     "the K loop stopped before the last, partial block of K: run tl.cdiv(K, BLOCK_K) "
                     "steps and mask the tail (offs_k < K - k * BLOCK_K)": act(a64[:, :k0] @ b64[:k0] + bias64),
                     "the bias was added per row (bias[m]); bias has N entries, one per output column: "
@@ -66,7 +67,7 @@ def check_matmul_bias_act(matmul_bias_act):
                 })
     a, b, bias = randn(40, 20, scale=20 ** -0.5), randn(20, 30), randn(30)
     assert_close(matmul_bias_act(a, b, bias, "gelu"), GELU(a.double() @ b.double() + bias.double()),
-                 name="matmul_bias_act (out=None)")
+                 name="matmul_bias_act (out=None)", **dot_tolerance(torch.float32))
 
 
 def check_bmm(bmm):
@@ -93,9 +94,9 @@ def check_bmm(bmm):
                          "b.stride(0), b.stride(1), b.stride(2) and use them in the kernel"] = (
                     a.double() @ b_storage.double().reshape(batch, K, N))
             name = f"bmm {batch}x{M}x{N}x{K} {dtype}" + (" (b transposed)" if transpose_b else "")
-            assert_close(out, expected, name=name, mistakes=mistakes)
+            assert_close(out, expected, name=name, mistakes=mistakes, **dot_tolerance(dtype))
     a, b = randn(2, 5, 4, scale=0.5), randn(2, 4, 3)
-    assert_close(bmm(a, b), a.double() @ b.double(), name="bmm (out=None)")
+    assert_close(bmm(a, b), a.double() @ b.double(), name="bmm (out=None)", **dot_tolerance(torch.float32))
     # Shapes chosen so that a wrapper without the check still reads inside both tensors.
     _expect_value_error(lambda: bmm(randn(2, 5, 6), randn(2, 7, 3)), "bmm(a (2, 5, 6), b (2, 7, 3))",
                         "a.shape[2] and b.shape[1] (K) differ; the wrapper must check them")

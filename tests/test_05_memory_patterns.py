@@ -79,7 +79,7 @@ def _conv_wrapping_rows(x, weight):
     """What a kernel computes when it masks only the flat index, so columns wrap to the next row."""
     C, H, W = x.shape
     flat = F.pad(x.double().reshape(C, H * W), (W + 1, W + 1))
-    out = torch.zeros(C, H * W, dtype=torch.float64)
+    out = torch.zeros(C, H * W, dtype=torch.float64, device=x.device)
     for di in range(3):
         for dj in range(3):
             start = W + 1 + (di - 1) * W + (dj - 1)

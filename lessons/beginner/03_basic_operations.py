@@ -833,16 +833,10 @@ def debugging(quick: bool) -> None:
 
 
 def _compiled(fn, *args):
-    """common.compiled(fn), run once here so that a compiler failure skips it, not the lesson."""
-    compiled_fn = common.compiled(fn)
-    if compiled_fn is None:
-        return None
-    try:
-        compiled_fn(*args)
-    except Exception as err:  # noqa: BLE001
-        print(f"torch.compile failed, skipped: {type(err).__name__}: {(str(err).splitlines() or [''])[0]}")
-        return None
-    return compiled_fn
+    """torch.compile(fn) bound to its arguments, as a provider; None (with the reason printed)
+    when it cannot compile, so that the provider is skipped, not the lesson."""
+    compiled_fn = common.compiled(fn, *args)
+    return None if compiled_fn is None else (lambda: compiled_fn(*args))
 
 
 def _bench_rows(table: Table, label: str, providers: list, nbytes: int) -> dict:
