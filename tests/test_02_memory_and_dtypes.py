@@ -393,7 +393,7 @@ def test_lesson_bad_input(lesson):
         lesson.copy_slice(x, 0, 20, how="hinted")
 
 
-@pytest.mark.skipif(common.HAS_GPU, reason="the interpreter refuses bf16 / fp8 casts; a GPU runs them")
+@pytest.mark.skipif(common.HAS_GPU, reason="interpreter only: on a GPU the bf16 / fp8 casts run (tested above)")
 def test_lesson_cast_refuses_gpu_only_dtypes_in_interpreter(lesson):
     with pytest.raises(TypeError, match="needs a GPU"):
         lesson.cast(randn(10), torch.bfloat16)

@@ -780,8 +780,8 @@ def traffic(x, logits, w_gate, w_up, w_down, top_k) -> None:
 def aux_loss_reference(logits: torch.Tensor, counts: torch.Tensor) -> float:
     """Switch Transformer's load-balancing loss E * sum_e f_e * P_e (1.0 when perfectly balanced)."""
     n_experts = logits.shape[1]
-    f = counts.double() / counts.sum()  # fraction of assignments per expert
-    p = torch.softmax(logits.double(), dim=-1).mean(dim=0)  # mean router probability per expert
+    f = counts.double().cpu() / counts.sum().cpu()  # fraction of assignments per expert
+    p = torch.softmax(logits.double(), dim=-1).mean(dim=0).cpu()  # mean router probability per expert
     return float(n_experts * (f * p).sum())
 
 
