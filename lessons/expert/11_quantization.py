@@ -1,0 +1,1174 @@
+"""
+Lesson 11: quantization and custom data types
+=============================================
+
+Store numbers in fewer bits and compute with them: INT8 quantization per tensor, row and group,
+a weight-only INT8 (W8A16) GEMV and small-batch matmul that dequantise inside the kernel, FP8
+(e4m3, e5m2) with amax scaling and an FP8 matmul on Hopper, and the numerics that decide which
+format is safe where.
+
+You will learn:
+- symmetric INT8: scale = amax / 127, round to nearest even, clamp to [-127, 127]; and why the
+  granularity (one scale per tensor, per row, per group of 128) decides the error when a tensor
+  has outliers, measured against float64 for every format
+- weight-only quantization for decoding: a GEMV at batch 1 moves its weights once, so int8
+  weights halve the time; which weight layout gives 16-byte loads, and where the scale goes
+- dequantising inside a `tl.dot` kernel for a small batch (M = 16)
+- FP8: e4m3 for values, e5m2 for range; amax scaling into the format's range; an FP8 matmul with
+  per-tensor scales in the epilogue against `torch._scaled_mm`
+- mixed precision: fp16 vs fp32 accumulation (error against K), fp16 overflow and the
+  log-sum-exp trick
+
+Run:  python lessons/expert/11_quantization.py [--quick]
+"""
+
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `common`
+import common  # noqa: E402  (first: picks the GPU, or Triton's CPU interpreter without one)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from common import Table, fmt_bytes, section  # noqa: E402
+
+# %% [markdown]
+# ## Motivation
+# Generating one token of a 8B-parameter model multiplies a single activation row by every
+# weight matrix: a GEMV. Each weight is read once and used for one multiply-add, so the time is
+# the bytes of the weights over the memory bandwidth. Stored as int8 instead of fp16 they are
+# half the bytes: up to twice the tokens per second, if the kernel turns the int8 back into
+# numbers (dequantises) in registers, on the way to the multiply, never in memory.
+#
+# Training and prefill are the other case: large matmuls that are compute-bound. There, FP8
+# tensor cores (Hopper) do twice the FLOP/s of bf16 ones. Both trade digits for speed, so the
+# lesson measures what each format costs in accuracy, against float64.
+
+INT8_MAX = 127  # symmetric: -128 is never used, so q and -q are both representable
+FP8_FORMATS = {  # name: (torch dtype, largest finite value)
+    "e4m3": (torch.float8_e4m3fn, 448.0),  # 4 exponent bits, 3 mantissa bits, no infinities
+    "e5m2": (torch.float8_e5m2, 57344.0),  # 5 exponent bits, 2 mantissa bits: fp16's range
+}
+
+
+def format_table() -> None:
+    section("Number formats: what each bit pattern can hold (torch.finfo)")
+    table = Table("formats", ["format", "bits", "exponent bits", "mantissa bits", "largest", "smallest normal",
+                              "relative step (eps)"])
+    rows = [("fp32", torch.float32, 8, 23), ("tf32 (tensor-core input)", None, 8, 10), ("fp16", torch.float16, 5, 10),
+            ("bf16", torch.bfloat16, 8, 7), ("fp8 e4m3 (e4m3fn)", torch.float8_e4m3fn, 4, 3),
+            ("fp8 e5m2", torch.float8_e5m2, 5, 2)]
+    for name, dtype, e_bits, m_bits in rows:
+        if dtype is None:  # tf32 is not a storage type: fp32's range, 10 mantissa bits
+            info = torch.finfo(torch.float32)
+            table.add(name, 19, e_bits, m_bits, f"{info.max:.3g}", f"{info.tiny:.3g}", f"{2.0 ** -m_bits:.3g}")
+            continue
+        info = torch.finfo(dtype)
+        table.add(name, info.bits, e_bits, m_bits, f"{info.max:.6g}", f"{info.tiny:.3g}", f"{info.eps:.3g}")
+    table.add("int8 (symmetric)", 8, 0, 7, "127 x scale", "1 x scale", "scale / |x|: uniform steps")
+    table.print()
+    print("Floating point keeps the same relative step everywhere in its range; int8 has equal steps of "
+          "`scale`, so small values lose relative precision, and one large value (an outlier) makes the step "
+          "large for every value that shares its scale.")
+
+
+# %% [markdown]
+# ## Reference (PyTorch)
+# The references compute in float64 where they are used as the check (x.double()), and show the
+# traffic of each line for an M x N fp16 input ("MN" = M x N elements).
+
+
+def _scale_shape_view(x: torch.Tensor, granularity: str, group_size: int) -> torch.Tensor:
+    """x viewed so that each scale covers one row of the view: (1, MN), (M, N) or (M N/G, G)."""
+    if granularity == "tensor":
+        return x.reshape(1, -1)
+    if granularity == "row":
+        return x.reshape(-1, x.shape[-1])
+    if granularity == "group":
+        return x.reshape(-1, group_size)
+    raise ValueError(f"granularity must be 'tensor', 'row' or 'group', got {granularity!r}")
+
+
+def quantize_int8_reference(x: torch.Tensor, granularity: str = "row", group_size: int = 128):
+    """(q int8, scale): symmetric INT8 with one scale per tensor, per row or per group of the last dim.
+
+    scale = amax / 127 (1.0 where amax is 0); q = round-half-even(x / scale), clamped to [-127, 127].
+    """
+    xs = _scale_shape_view(x, granularity, group_size)
+    amax = xs.abs().amax(dim=1, keepdim=True)  # reads MN, writes one per scale
+    scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
+    q = torch.round(xs / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)  # div, round, clamp, cast: 4 MN passes
+    shape = {"tensor": (), "row": (xs.shape[0],), "group": (*x.shape[:-1], x.shape[-1] // group_size)}[granularity]
+    return q.reshape(x.shape), scale.reshape(shape)
+
+
+def dequantize_reference(q: torch.Tensor, scale: torch.Tensor, group_len: int, dtype=torch.float32) -> torch.Tensor:
+    """q * scale, each scale covering group_len consecutive elements (numel: per tensor; N: per row)."""
+    flat = q.reshape(-1, group_len).to(dtype)  # reads MN int8, writes MN
+    return (flat * scale.reshape(-1, 1).to(dtype)).reshape(q.shape)  # reads MN, writes MN
+
+
+def fp8_quantize_reference(x: torch.Tensor, fmt: str = "e4m3"):
+    """(q fp8, scale): per-tensor amax scaling, scale = amax / max(fmt); the cast rounds to nearest even."""
+    dtype, fmax = FP8_FORMATS[fmt]
+    amax = x.abs().amax().float()  # reads MN
+    scale = torch.where(amax > 0, amax / fmax, torch.ones_like(amax))
+    return (x.float() / scale).clamp(-fmax, fmax).to(dtype), scale  # div, clamp, cast: 3 MN passes
+
+
+def w8a16_reference(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ (w_q (N, K) * scale (N,)).T: dequantise the whole weight in memory, then matmul."""
+    w = w_q.to(x.dtype) * scale[:, None].to(x.dtype)  # reads NK int8, writes NK fp16, then reads and writes again
+    return x @ w.t()  # reads NK fp16 again: 3x the int8 bytes just to get the weight back
+
+
+def fp8_matmul_reference(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor):
+    """(a * scale_a) @ (b * scale_b).T in float64: a (M, K) and b (N, K) fp8, scales fp32 scalars."""
+    return (a.double() * scale_a.double()) @ (b.double() * scale_b.double()).t()
+
+
+# %% [markdown]
+# ## Kernel
+# ### Rounding
+# `x.to(tl.int8)` truncates toward zero (2.7 -> 2), which doubles the worst-case error. The GPU
+# has a round-to-nearest-even instruction (libdevice.rint), but the interpreter does not run
+# libdevice, so the lesson rounds with floor: exact for |y| < 2^22, and a few instructions in a
+# kernel whose time is memory.
+
+
+@triton.jit
+def round_half_to_even(y):
+    """Round fp32 y to the nearest integer, ties to even (as torch.round): 0.5 -> 0, 1.5 -> 2, 2.5 -> 2."""
+    f = tl.floor(y)
+    d = y - f  # exact in fp32
+    r = tl.where(d > 0.5, f + 1.0, f)
+    odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
+    return tl.where((d == 0.5) & odd, f + 1.0, r)
+
+
+# %% [markdown]
+# ### INT8 per group (and per row: one group per row)
+# x is contiguous, so group g is the elements [g * group_len, (g + 1) * group_len): per group of
+# the last dimension when group_len = G divides N, per row when group_len = N. A program takes
+# GROUPS_PER_PROGRAM groups as the rows of a 2-D tile, reduces |x| along each row, and writes
+# the int8 values and one fp32 scale per group. Reads MN x b, writes MN x 1 + 4 per group.
+
+
+@triton.jit
+def quantize_int8_groups_kernel(
+    x_ptr,  # input, n_groups * group_len contiguous elements (fp32, fp16, bf16)
+    q_ptr,  # output int8, same layout
+    scale_ptr,  # output fp32, one per group: amax / 127 (1.0 for an all-zero group)
+    n_groups,  # how many groups
+    group_len,  # elements per group (G, or N for per-row)
+    GROUPS_PER_PROGRAM: tl.constexpr,  # rows of the tile
+    BLOCK_G: tl.constexpr,  # a power of 2 >= group_len
+):
+    groups = tl.program_id(axis=0) * GROUPS_PER_PROGRAM + tl.arange(0, GROUPS_PER_PROGRAM)
+    cols = tl.arange(0, BLOCK_G)
+    mask = (groups[:, None] < n_groups) & (cols[None, :] < group_len)
+    offsets = groups[:, None].to(tl.int64) * group_len + cols[None, :]  # int64: MN can pass 2^31
+    x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=1)  # masked lanes hold 0: they never win the max
+    scale = tl.where(amax > 0, amax / 127.0, 1.0)  # an all-zero group would otherwise divide 0 by 0
+    q = round_half_to_even(x / scale[:, None])
+    q = tl.minimum(tl.maximum(q, -127.0), 127.0)  # x / scale <= 127 in exact math; rounding can step past it
+    tl.store(q_ptr + offsets, q.to(tl.int8), mask=mask)
+    tl.store(scale_ptr + groups, scale, mask=groups < n_groups)
+
+
+# %% [markdown]
+# ### Per tensor: the amax first, then scale and cast
+# One scale for the whole tensor needs the amax of all of it before any element can be scaled:
+# two kernels. The first reduces each block and combines the blocks with `tl.atomic_max`. Max is
+# exact and order-free, so unlike an atomic *sum* the result has the same bits on every run.
+# The second computes scale = amax / QMAX in every program (one 4-byte load: no host round
+# trip, no third launch) and writes q = clamp(x / scale) in the output's dtype: int8 (rounded
+# here), or fp8 (the cast rounds to nearest even), or fp32 to see the scaled values themselves.
+
+
+@triton.jit
+def absmax_kernel(
+    x_ptr,  # input, n_elements
+    amax_ptr,  # one fp32, zeroed before the launch: receives max |x|
+    n_elements,  # n
+    BLOCK_SIZE: tl.constexpr,  # elements per program
+):
+    offsets = tl.program_id(axis=0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    x = tl.load(x_ptr + offsets, mask=offsets < n_elements, other=0.0).to(tl.float32)
+    tl.atomic_max(amax_ptr, tl.max(tl.abs(x), axis=0))  # |x| >= 0: float max works on these bits
+
+
+@triton.jit
+def quantize_scaled_kernel(
+    x_ptr,  # input, n_elements
+    q_ptr,  # output: int8, fp8 (e4m3 / e5m2) or fp32 (the scaled, saturated values)
+    amax_ptr,  # one fp32: max |x|, from absmax_kernel
+    scale_ptr,  # one fp32 output: amax / QMAX (1.0 if amax is 0)
+    n_elements,  # n
+    QMAX: tl.constexpr,  # 127 for int8, 448 for e4m3, 57344 for e5m2
+    ROUND: tl.constexpr,  # True for int8: round here (an int cast would truncate)
+    BLOCK_SIZE: tl.constexpr,
+):
+    pid = tl.program_id(axis=0)
+    offsets = pid.to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offsets < n_elements
+    amax = tl.load(amax_ptr)
+    scale = tl.where(amax > 0, amax / QMAX, 1.0)
+    y = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32) / scale
+    if ROUND:
+        y = round_half_to_even(y)
+    # Saturate: e4m3fn has no infinity, and a value past 448 would become NaN, not 448.
+    y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
+    tl.store(q_ptr + offsets, y.to(q_ptr.dtype.element_ty), mask=mask)
+    if pid == 0:
+        tl.store(scale_ptr, scale)
+
+
+@triton.jit
+def dequantize_kernel(
+    q_ptr,  # quantized values, n_elements (int8 or fp8)
+    scale_ptr,  # fp32 scales: element i uses scale[i // group_len]
+    out_ptr,  # output, n_elements (fp32, fp16, bf16)
+    n_elements,  # n
+    group_len,  # elements per scale: n (per tensor), N (per row), G (per group)
+    BLOCK_SIZE: tl.constexpr,
+):
+    # One kernel for every granularity: only which scale an element reads changes.
+    offsets = tl.program_id(axis=0).to(tl.int64) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offsets < n_elements
+    q = tl.load(q_ptr + offsets, mask=mask, other=0).to(tl.float32)
+    s = tl.load(scale_ptr + offsets // group_len, mask=mask, other=0.0)
+    tl.store(out_ptr + offsets, (q * s).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# %% [markdown]
+# ### W8A16 GEMV: out[n] = scale[n] * sum_k x[k] * w_q[n, k]
+# Layout: the int8 weight is (N, K) with K contiguous, as `nn.Linear` stores its weight. A
+# program owns BLOCK_N output channels and walks K; each of its rows is one contiguous stretch
+# of K bytes, so a thread loads 16 consecutive int8 at once (one 16-byte load). The (K, N)
+# layout would coalesce too, but every row of a tile would then be a short BLOCK_N-byte piece
+# N bytes away from the next.
+#
+# The per-channel scale does not depend on k, so it leaves the sum: one multiply per output,
+# in the epilogue. The products accumulate in an fp32 (BLOCK_N, BLOCK_K) tile, reduced across K
+# once at the end. int8 -> fp32 is exact (|q| <= 127). Reads NK + 2K + 4N bytes, writes 2N.
+
+
+def gemv_configs() -> list:
+    if common.INTERPRETER:  # the interpreter times nothing: one small config
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 128}, num_warps=4, num_stages=1)]
+    # A GEMV has no data reuse: what matters is bytes in flight per SM (the tile) and enough
+    # programs to cover 132 SMs (N / BLOCK_N: 224 to 1792 at N = 14336). The autotuner picks.
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bn, bk, w, s in ((8, 1024, 4, 1), (16, 512, 4, 1), (16, 1024, 8, 1), (32, 256, 4, 1),
+                                 (32, 512, 8, 1), (64, 256, 8, 1), (16, 512, 4, 3), (32, 256, 4, 3),
+                                 (64, 128, 4, 4))]
+
+
+@triton.autotune(configs=gemv_configs(), key=["N", "K"])
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit
+def w8a16_gemv_kernel(
+    x_ptr,  # activations, K (fp16, bf16 or fp32)
+    w_ptr,  # int8 weight, N x K, row n at w_ptr + n * stride_wn, K contiguous
+    scale_ptr,  # per-output-channel scales, N (fp32 or fp16)
+    out_ptr,  # output, N, in x's dtype
+    N, K,  # output channels, reduction length
+    stride_wn,  # elements between w[n, 0] and w[n + 1, 0]
+    BLOCK_N: tl.constexpr,  # output channels per program
+    BLOCK_K: tl.constexpr,  # K elements per step
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
+):
+    offs_n = tl.program_id(axis=0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        if EVEN_K:
+            x = tl.load(x_ptr + k + offs_k).to(tl.float32)
+            w = tl.load(w_ptrs, mask=mask_n[:, None], other=0)
+        else:
+            x = tl.load(x_ptr + k + offs_k, mask=k + offs_k < K, other=0.0).to(tl.float32)
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & (k + offs_k[None, :] < K), other=0)
+        acc += w.to(tl.float32) * x[None, :]  # dequantised in registers: the fp16 weight never exists
+        w_ptrs += BLOCK_K
+    scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    y = tl.sum(acc, axis=1) * scale
+    tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+# %% [markdown]
+# ### W8A16 matmul for a small batch (M = 16): dequantise, then tl.dot
+# With a few rows of activations the same weight tile serves every row: load it as int8, convert
+# to the activations' dtype in registers, and hand it to the tensor cores. The tile of w is read
+# as (BLOCK_K, BLOCK_N) straight from the (N, K) layout (K contiguous down the tile's rows), so
+# tl.dot computes x @ w.T without a transpose in memory. The scale again waits for the epilogue.
+
+
+def matmul_configs() -> list:
+    if common.INTERPRETER:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    return [triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bn, bk, w, s in ((64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 4), (128, 256, 8, 3),
+                                 (32, 256, 4, 4))]
+
+
+@triton.autotune(configs=matmul_configs(), key=["M", "N", "K"])
+@triton.jit
+def w8a16_matmul_kernel(
+    x_ptr,  # activations, M x K, row stride stride_xm, K contiguous
+    w_ptr,  # int8 weight, N x K, row stride stride_wn
+    scale_ptr,  # per-output-channel scales, N
+    out_ptr,  # output, M x N contiguous, in x's dtype
+    M, N, K,
+    stride_xm,  # elements between x[m, 0] and x[m + 1, 0]
+    stride_wn,  # elements between w[n, 0] and w[n + 1, 0]
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(axis=1)
+    pid_n = tl.program_id(axis=0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :]
+    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # a (BLOCK_K, BLOCK_N) tile
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        k_mask = k + offs_k < K
+        x = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_mask[:, None] & (offs_n[None, :] < N), other=0)
+        acc = tl.dot(x, w.to(x.dtype), acc)  # int8 -> fp16 / bf16 is exact: |q| <= 127
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    scale = tl.load(scale_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+    out = acc * scale[None, :]
+    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+# %% [markdown]
+# ### FP8 matmul (Hopper): per-tensor scales in the epilogue
+# a (M, K) e4m3 row-major and b (N, K) e4m3, K contiguous: the tile of b is read as
+# (BLOCK_K, BLOCK_N) with K running down it, the K-major operand Hopper's fp8 wgmma wants, and
+# the layout `torch._scaled_mm` wants for its second operand (b.t() of an (N, K) tensor).
+# The matmul accumulates in fp32 on the raw fp8 values; the two scales are scalars, so
+# out = (sum a_q b_q) * scale_a * scale_b once per output, then one bf16 rounding.
+#
+# Accumulation: on sm_90, Triton's default for fp8 `tl.dot` is the tensor cores' fast
+# accumulator (fewer than fp32's bits; `max_num_imprecise_acc` defaults to 2^30, i.e. never
+# promoted), like `_scaled_mm(use_fast_accum=True)`. PRECISE_ACC = True sets
+# max_num_imprecise_acc = BLOCK_K: each K step is added into a full fp32 accumulator, like
+# `_scaled_mm`'s default. The benchmark times both against their match.
+
+
+def fp8_configs() -> list:
+    if common.INTERPRETER:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    # Hopper: 128 x 256 x 128 fp8 is (128 + 256) x 128 = 48 KiB of shared memory per stage, so 4
+    # stages use 192 of the 227 KiB an SM gives one program.
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in ((128, 256, 128, 8, 3), (128, 256, 128, 8, 4), (128, 128, 128, 8, 4),
+                                     (256, 128, 128, 8, 3), (128, 128, 128, 4, 4))]
+
+
+@triton.autotune(configs=fp8_configs(), key=["M", "N", "K", "PRECISE_ACC"])
+@triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+@triton.jit
+def fp8_matmul_kernel(
+    a_ptr,  # M x K fp8, row-major (stride_am, 1)
+    b_ptr,  # N x K fp8, row-major: row n is column n of the matmul's right operand
+    scale_a_ptr,  # one fp32: a's dequantisation scale
+    scale_b_ptr,  # one fp32: b's dequantisation scale
+    c_ptr,  # M x N output (bf16), row-major
+    M, N, K,
+    stride_am, stride_bn, stride_cm,  # row strides; the inner dimensions are contiguous
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,  # grouped program order (lesson 04): tiles that share A and B run together
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
+    PRECISE_ACC: tl.constexpr,  # promote into the fp32 accumulator after every K step
+):
+    pid = tl.program_id(axis=0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
+    pid_n = (pid % num_pid_in_group) // group_size_m
+    # Rows and columns wrap around (% M, % N) instead of being masked: the loads stay unmasked and
+    # wide, the extra rows compute garbage that the masked store never writes (Triton tutorial 03).
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None]  # (BLOCK_K, BLOCK_N), K-major
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=k + offs_k[None, :] < K, other=0.0)
+            b = tl.load(b_ptrs, mask=k + offs_k[:, None] < K, other=0.0)
+        if PRECISE_ACC:
+            acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    c = acc * (tl.load(scale_a_ptr) * tl.load(scale_b_ptr))
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :], c.to(c_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+# %% [markdown]
+# ### Mixed precision: what the accumulator's dtype costs
+# A K-long dot product in BLOCK_SIZE lanes: each lane adds K / BLOCK_SIZE products into its
+# accumulator, fp16 or fp32, then the lanes are summed in fp32. With an fp16 accumulator, once
+# the running sum is large each new product loses its low bits (an fp16 step at 2048 is 2), and
+# past 65504 the sum is inf.
+
+
+@triton.jit
+def dot_accumulate_kernel(
+    x_ptr,  # M x K fp16, contiguous
+    y_ptr,  # M x K fp16, contiguous
+    out_ptr,  # M fp32: sum_k x[m, k] * y[m, k]
+    K,  # row length
+    ACC_FP16: tl.constexpr,  # accumulate in fp16 (True) or fp32 (False)
+    BLOCK_SIZE: tl.constexpr,
+):
+    row = tl.program_id(axis=0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_SIZE)
+    acc = tl.zeros([BLOCK_SIZE], dtype=tl.float16 if ACC_FP16 else tl.float32)
+    for k in range(0, K, BLOCK_SIZE):
+        mask = k + cols < K
+        x = tl.load(x_ptr + row * K + k + cols, mask=mask, other=0.0)
+        y = tl.load(y_ptr + row * K + k + cols, mask=mask, other=0.0)
+        if ACC_FP16:
+            acc += (x * y).to(tl.float16)  # fp16 product, fp16 running sum
+        else:
+            acc += x.to(tl.float32) * y.to(tl.float32)
+    tl.store(out_ptr + row, tl.sum(acc.to(tl.float32), axis=0))
+
+
+@triton.jit
+def logsumexp_fp16_kernel(
+    x_ptr,  # M x N fp16 logits, contiguous
+    out_ptr,  # M fp32: log(sum(exp(x))) per row, computed with fp16 intermediates
+    N,  # row length
+    STABLE: tl.constexpr,  # subtract the row max first (the log-sum-exp trick)
+    BLOCK_SIZE: tl.constexpr,  # a power of 2 >= N
+):
+    # Every intermediate is rounded to fp16, as in a kernel that keeps its values in fp16.
+    row = tl.program_id(axis=0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_SIZE)
+    mask = cols < N
+    x = tl.load(x_ptr + row * N + cols, mask=mask, other=-float("inf"))
+    m = tl.max(x, axis=0) if STABLE else tl.zeros([], dtype=tl.float16)
+    e = tl.exp((x - m).to(tl.float32)).to(tl.float16)  # exp(x) > 65504 for x > 11.09: inf in fp16
+    s = tl.sum(e, axis=0).to(tl.float16)
+    tl.store(out_ptr + row, m.to(tl.float32) + tl.log(s.to(tl.float32)))
+
+
+# %% [markdown]
+# ## Wrapper
+# validate, allocate, grid, launch, return.
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_GROUP_LEN = 16384  # a group (or a row, per row) is one block of registers
+ELEMENTWISE_BLOCK_SIZE = 1024
+# Groups per program: 2-D tiles of about 4096 elements, whatever the group length.
+GROUP_TILE_ELEMENTS = 4096
+
+
+def _int8_out(x: torch.Tensor, q_out: torch.Tensor | None) -> torch.Tensor:
+    if q_out is None:
+        return torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    common.check_tensors(q_out=q_out, dtypes=(torch.int8,))
+    if q_out.shape != x.shape:
+        raise ValueError(f"q_out must have shape {tuple(x.shape)}, got {tuple(q_out.shape)}")
+    return q_out
+
+
+def _scale_out(shape: tuple, device, scale_out: torch.Tensor | None) -> torch.Tensor:
+    if scale_out is None:
+        return torch.empty(shape, dtype=torch.float32, device=device)
+    common.check_tensors(scale_out=scale_out, dtypes=(torch.float32,))
+    if tuple(scale_out.shape) != tuple(shape):
+        raise ValueError(f"scale_out must have shape {tuple(shape)}, got {tuple(scale_out.shape)}")
+    return scale_out
+
+
+def quantize_int8(x: torch.Tensor, granularity: str = "row", group_size: int = 128,
+                  q_out: torch.Tensor | None = None, scale_out: torch.Tensor | None = None):
+    """Symmetric INT8 quantization of a contiguous x: returns (q int8 like x, fp32 scales).
+
+    granularity "tensor": one scale, shape (); "row": one per row of the last dimension, shape
+    (rows,); "group": one per group_size consecutive elements of the last dimension, shape
+    (*x.shape[:-1], N / group_size).
+    """
+    common.check_tensors(x=x, dtypes=FLOAT_DTYPES)
+    if granularity not in ("tensor", "row", "group"):
+        raise ValueError(f"granularity must be 'tensor', 'row' or 'group', got {granularity!r}")
+    if x.dim() == 0 or x.numel() == 0:
+        raise ValueError(f"x must have at least one element in at least one dimension, got shape {tuple(x.shape)}")
+    n_cols = x.shape[-1]
+    if granularity == "group":
+        if not isinstance(group_size, int) or group_size < 1 or n_cols % group_size:
+            raise ValueError(f"group_size must be a positive divisor of the last dimension {n_cols}, got {group_size}")
+    q = _int8_out(x, q_out)
+    if granularity == "tensor":
+        scale = _scale_out((), x.device, scale_out)
+        amax = torch.zeros(1, dtype=torch.float32, device=x.device)
+        _per_tensor(x, q, amax, scale, INT8_MAX, True)
+        return q, scale
+    group_len = n_cols if granularity == "row" else group_size
+    if group_len > MAX_GROUP_LEN:
+        raise ValueError(f"a {granularity} of {group_len} elements does not fit one block (at most "
+                         f"{MAX_GROUP_LEN}); exercise 11.1 loops over long rows")
+    n_groups = x.numel() // group_len
+    shape = (n_groups,) if granularity == "row" else (*x.shape[:-1], n_cols // group_size)
+    scale = _scale_out(shape, x.device, scale_out)
+    block = triton.next_power_of_2(group_len)
+    per_program = max(1, min(64, GROUP_TILE_ELEMENTS // block))
+    quantize_int8_groups_kernel[(triton.cdiv(n_groups, per_program),)](
+        x, q, scale, n_groups, group_len, GROUPS_PER_PROGRAM=per_program, BLOCK_G=block,
+        num_warps=4 if block * per_program <= 4096 else 8)
+    return q, scale
+
+
+def _per_tensor(x, q, amax, scale, qmax: float, round_: bool) -> None:
+    n = x.numel()
+    grid = (triton.cdiv(n, ELEMENTWISE_BLOCK_SIZE),)
+    absmax_kernel[grid](x, amax, n, BLOCK_SIZE=ELEMENTWISE_BLOCK_SIZE)
+    quantize_scaled_kernel[grid](x, q, amax, scale, n, QMAX=qmax, ROUND=round_, BLOCK_SIZE=ELEMENTWISE_BLOCK_SIZE)
+
+
+def fp8_quantize(x: torch.Tensor, fmt: str = "e4m3", out: torch.Tensor | None = None):
+    """Per-tensor FP8 quantization with amax scaling: returns (q, scale), x ~ q * scale.
+
+    q is float8_e4m3fn / float8_e5m2 (needs a GPU with fp8: sm_89+), or pass out= an fp32
+    tensor to get the scaled, saturated values before the fp8 rounding (runs anywhere).
+    """
+    if fmt not in FP8_FORMATS:
+        raise ValueError(f"fmt must be one of {', '.join(FP8_FORMATS)}, got {fmt!r}")
+    common.check_tensors(x=x, dtypes=FLOAT_DTYPES)
+    if x.numel() == 0:
+        raise ValueError("x must have at least one element")
+    dtype, fmax = FP8_FORMATS[fmt]
+    if out is None:
+        if not common.supports_fp8():
+            raise RuntimeError("fp8 outputs need a GPU with fp8 (sm_89+); pass out=torch.empty(..., "
+                               "dtype=torch.float32) for the scaled values without the fp8 rounding")
+        out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    else:
+        common.check_tensors(out=out, dtypes=(dtype, torch.float32))
+        if out.shape != x.shape:
+            raise ValueError(f"out must have shape {tuple(x.shape)}, got {tuple(out.shape)}")
+    amax = torch.zeros(1, dtype=torch.float32, device=x.device)
+    scale = torch.empty((), dtype=torch.float32, device=x.device)
+    _per_tensor(x, out, amax, scale, fmax, False)
+    return out, scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, group_len: int | None = None,
+               dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None) -> torch.Tensor:
+    """q * scale for int8 or fp8 q; each scale covers group_len consecutive elements (None: the
+    granularity is read from scale.numel(): 1 per tensor, else numel / scale.numel())."""
+    common.check_tensors(q=q, dtypes=(torch.int8, torch.float8_e4m3fn, torch.float8_e5m2, torch.float32))
+    common.check_tensors(scale=scale, dtypes=(torch.float32,))
+    n = q.numel()
+    if group_len is None:
+        if scale.numel() == 0 or n % scale.numel():
+            raise ValueError(f"scale has {scale.numel()} elements, which does not divide q's {n}")
+        group_len = n // scale.numel()
+    if group_len < 1 or n % group_len or scale.numel() != n // group_len:
+        raise ValueError(f"group_len {group_len} and {scale.numel()} scales do not cover q's {n} elements")
+    if out is None:
+        out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    else:
+        common.check_tensors(out=out, dtypes=FLOAT_DTYPES)
+        if out.shape != q.shape:
+            raise ValueError(f"out must have shape {tuple(q.shape)}, got {tuple(out.shape)}")
+    dequantize_kernel[(triton.cdiv(n, ELEMENTWISE_BLOCK_SIZE),)](q, scale, out, n, group_len,
+                                                                  BLOCK_SIZE=ELEMENTWISE_BLOCK_SIZE)
+    return out
+
+
+def _check_weight(w_q: torch.Tensor, scale: torch.Tensor, k: int) -> int:
+    common.check_tensors(w_q=w_q, contiguous=False, ndim=2, dtypes=(torch.int8,))
+    if w_q.stride(1) != 1:
+        raise ValueError(f"w_q must be (N, K) with K contiguous (w_q.stride(1) == 1), got strides {w_q.stride()}")
+    if w_q.shape[1] != k:
+        raise ValueError(f"w_q has shape {tuple(w_q.shape)}: its second dimension must be K = {k}, "
+                         f"the length of x's rows")
+    n = w_q.shape[0]
+    common.check_tensors(scale=scale, ndim=1, dtypes=(torch.float32, torch.float16))
+    if scale.shape[0] != n:
+        raise ValueError(f"scale must have one value per output channel, shape ({n},), got {tuple(scale.shape)}")
+    return n
+
+
+def w8a16_gemv(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None):
+    """x (K,) or (1, K) fp16/bf16/fp32 times the int8 weight (N, K) with per-channel scales (N,).
+
+    Returns x @ (w_q * scale[:, None]).T, shape (N,) or (1, N), in x's dtype.
+    """
+    common.check_tensors(x=x, dtypes=FLOAT_DTYPES)
+    if x.dim() not in (1, 2) or (x.dim() == 2 and x.shape[0] != 1):
+        raise ValueError(f"x must have shape (K,) or (1, K), got {tuple(x.shape)}; use w8a16_matmul for batches")
+    k = x.shape[-1]
+    n = _check_weight(w_q, scale, k)
+    shape = (*x.shape[:-1], n)
+    if out is None:
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    else:
+        common.check_tensors(x=x, out=out, same_shape=False)
+        if tuple(out.shape) != shape:
+            raise ValueError(f"out must have shape {shape}, got {tuple(out.shape)}")
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731  (BLOCK_N is the autotuner's pick)
+    w8a16_gemv_kernel[grid](x, w_q, scale, out, n, k, w_q.stride(0))
+    return out
+
+
+def w8a16_matmul(x: torch.Tensor, w_q: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None):
+    """x (M, K) fp16/bf16 times the int8 weight (N, K) with per-channel scales: (M, N) in x's dtype."""
+    common.check_tensors(x=x, contiguous=False, ndim=2, dtypes=(torch.float16, torch.bfloat16))
+    if x.stride(1) != 1:
+        raise ValueError(f"x must have contiguous rows (x.stride(1) == 1), got strides {x.stride()}")
+    m, k = x.shape
+    n = _check_weight(w_q, scale, k)
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    else:
+        common.check_tensors(x=x, out=out, same_shape=False)
+        if tuple(out.shape) != (m, n):
+            raise ValueError(f"out must have shape ({m}, {n}), got {tuple(out.shape)}")
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
+    w8a16_matmul_kernel[grid](x, w_q, scale, out, m, n, k, x.stride(0), w_q.stride(0))
+    return out
+
+
+def fp8_matmul(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+               out_dtype: torch.dtype = torch.bfloat16, precise_acc: bool = False) -> torch.Tensor:
+    """(a * scale_a) @ (b * scale_b).T for a (M, K) and b (N, K) float8_e4m3fn, scales fp32 scalars.
+
+    Hopper (sm_90) only: the configs and the accumulation modes are Hopper's.
+    """
+    if not common.is_hopper():
+        raise RuntimeError("fp8_matmul needs a Hopper GPU (sm_90): its tiles and fp8 tensor-core "
+                           "accumulation are tuned for it")
+    common.check_tensors(a=a, b=b, same_shape=False, ndim=2, dtypes=(torch.float8_e4m3fn, torch.float8_e5m2))
+    common.check_tensors(scale_a=scale_a, scale_b=scale_b, dtypes=(torch.float32,))
+    if scale_a.numel() != 1 or scale_b.numel() != 1:
+        raise ValueError(f"scale_a and scale_b must be single fp32 values (per tensor), got "
+                         f"{scale_a.numel()} and {scale_b.numel()} elements")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"a is {tuple(a.shape)} and b is {tuple(b.shape)}: both must be (rows, K) with the same K")
+    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+    (m, k), n = a.shape, b.shape[0]
+    c = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    fp8_matmul_kernel[grid](a, b, scale_a, scale_b, c, m, n, k, a.stride(0), b.stride(0), c.stride(0),
+                            PRECISE_ACC=precise_acc)
+    return c
+
+
+def dot_accumulate(x: torch.Tensor, y: torch.Tensor, acc_fp16: bool, block_size: int = 16) -> torch.Tensor:
+    """Row-wise dot products of fp16 x and y (M, K), accumulated in fp16 or fp32: (M,) fp32."""
+    common.check_tensors(x=x, y=y, ndim=2, dtypes=(torch.float16,))
+    out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of 2 of at least 16, got {block_size}")
+    dot_accumulate_kernel[(x.shape[0],)](x, y, out, x.shape[1], ACC_FP16=acc_fp16, BLOCK_SIZE=block_size)
+    return out
+
+
+def logsumexp_fp16(x: torch.Tensor, stable: bool) -> torch.Tensor:
+    """log(sum(exp(x))) of each row of fp16 x (M, N), fp16 intermediates: (M,) fp32."""
+    common.check_tensors(x=x, ndim=2, dtypes=(torch.float16,))
+    if x.shape[1] > MAX_GROUP_LEN:
+        raise ValueError(f"rows of at most {MAX_GROUP_LEN} elements, got {x.shape[1]}")
+    out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    logsumexp_fp16_kernel[(x.shape[0],)](x, out, x.shape[1], STABLE=stable,
+                                         BLOCK_SIZE=triton.next_power_of_2(x.shape[1]))
+    return out
+
+
+# %% [markdown]
+# ## Check
+# Awkward sizes, outputs poisoned (NaN, or -96 for int8) between guard zones, float64
+# references. An int8 value must equal round(x / scale) exactly, except within 1e-3 of a
+# rounding tie, where fp32 and float64 division may fall on different sides (there it may be
+# off by one). The dequantised value must be within half a step (scale / 2) of x.
+
+
+def check_int8(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, scale_ref: torch.Tensor,
+               group_len: int, name: str) -> None:
+    """q and scale from a quantizer against float64: scale to fp32 tolerance, q exact but at ties."""
+    common.assert_close(scale, scale_ref.to(torch.float64).reshape(scale.shape), name=f"{name}: scale")
+    common.checks.check_guards(q, f"{name}: q")
+    s = scale_ref.to(torch.float64).reshape(-1, 1)
+    y = (x.to(torch.float64).reshape(-1, group_len) / s).reshape(x.shape)
+    expected = torch.round(y).clamp(-INT8_MAX, INT8_MAX)
+    near_tie = ((y - y.floor()) - 0.5).abs() < 1e-3
+    accepted = torch.where(near_tie & ((q.double() - expected).abs() <= 1), expected, q.double())
+    common.assert_close(accepted.to(torch.int8), expected.to(torch.int8), name=f"{name}: q")
+
+
+def _float_dtypes(quick: bool) -> list:
+    if common.HAS_GPU and quick:
+        return [torch.float16]  # fewer compiles
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if common.supports_bf16() else [])
+
+
+def _check_quantize(quick: bool) -> None:
+    rows = int(torch.randint(3, 40 if common.INTERPRETER else 500, ()).item())
+    for dtype in _float_dtypes(quick):
+        d = str(dtype).removeprefix("torch.")
+        n_groups_per_row = int(torch.randint(2, 12, ()).item())
+        for granularity, group_size in (("tensor", 0), ("row", 0), ("group", 128), ("group", 32)):
+            n_cols = (group_size * n_groups_per_row) if granularity == "group" else \
+                common.awkward_sizes(1, lo=100, hi=3000, include=())[0]
+            x = common.randn(rows, n_cols, dtype=dtype, scale=3.0)
+            x[rows // 2] = 0.0  # an all-zero row: scale 1.0, not 0 / 0
+            q = common.poisoned_empty(rows, n_cols, dtype=torch.int8)
+            shape = {"tensor": (), "row": (rows,), "group": (rows, n_cols // max(group_size, 1))}[granularity]
+            scale = common.poisoned_empty(*shape)
+            quantize_int8(x, granularity, group_size or 128, q_out=q, scale_out=scale)
+            _, scale_ref = quantize_int8_reference(x.double(), granularity, group_size or 128)
+            group_len = {"tensor": x.numel(), "row": n_cols, "group": group_size}[granularity]
+            name = f"quantize_int8 {granularity}{group_size or ''} {rows}x{n_cols} {d}"
+            check_int8(q, scale, x, scale_ref, group_len, name)
+            out = common.poisoned_empty(rows, n_cols, dtype=dtype)
+            dequantize(q, scale, group_len, out=out)
+            common.assert_close(out, dequantize_reference(q, scale.double(), group_len, torch.float64),
+                                name=f"dequantize {granularity} {d}")
+            step = scale.double().reshape(-1, 1).expand(-1, group_len).reshape(x.shape)
+            if ((out.double() - x.double()).abs() > 0.5 * step + common.checks.tolerance(dtype)["atol"]).any():
+                raise common.CheckError(f"{name}: a dequantised value is more than half a step from x")
+    print(f"quantize_int8 (tensor, row, group of 128 and 32) and dequantize match float64 on {rows} awkward rows: OK")
+
+
+def _check_fp8_quantize() -> None:
+    x = common.randn(333, 517, scale=5.0)
+    for fmt, (dtype, fmax) in FP8_FORMATS.items():
+        scaled = common.poisoned_empty(*x.shape)  # fp32: the scaled, saturated values (runs anywhere)
+        _, scale = fp8_quantize(x, fmt, out=scaled)
+        ref_q, ref_scale = fp8_quantize_reference(x.double(), fmt)
+        common.assert_close(scale, ref_scale, name=f"fp8_quantize {fmt}: scale")
+        common.assert_close(scaled, (x.double() / ref_scale).clamp(-fmax, fmax), name=f"fp8_quantize {fmt}: scaled values")
+        if common.supports_fp8():
+            q = common.poisoned_empty(*x.shape, dtype=dtype)
+            fp8_quantize(x, fmt, out=q)
+            # Within one fp8 rounding step of the exact scaled values (the fp8 dtype's tolerance): a
+            # 1-ulp difference in the fp32 division can move a value that sits on a tie.
+            common.assert_close(q, (x.double() / ref_scale).clamp(-fmax, fmax), name=f"fp8_quantize {fmt}: fp8 values")
+    if common.supports_fp8():
+        print("fp8_quantize (e4m3, e5m2): scales, scaled values and the fp8 cast match: OK")
+    else:
+        print("fp8_quantize (e4m3, e5m2): scales and scaled values match float64: OK; the fp8 cast itself: "
+              + common.require_gpu("fp8 outputs").split(": ", 1)[1] + " with fp8 (the interpreter's fp8 casts "
+              "differ from the GPU's)")
+
+
+def random_weight(n: int, k: int, device=common.DEVICE, padded: int = 0):
+    """An int8 weight (N, K) with per-channel fp32 scales, from a float weight scaled 1/sqrt(K).
+
+    padded > 0 gives rows of K + padded elements (a non-contiguous (N, K) view).
+    """
+    w = common.randn(n, k + padded, device=device, scale=k ** -0.5)
+    q, scale = quantize_int8_reference(w, "row")
+    return q[:, :k] if padded else q, scale.float()
+
+
+def _check_w8a16(quick: bool) -> None:
+    for dtype in _float_dtypes(quick):
+        d = str(dtype).removeprefix("torch.")
+        for n, k, padded in ((common.awkward_sizes(1, 300, 2000, include=())[0], 1000, 0), (77, 300, 16)):
+            w_q, scale = random_weight(n, k, padded=padded)
+            x = common.randn(k, dtype=dtype)
+            out = common.poisoned_empty(n, dtype=dtype)
+            w8a16_gemv(x, w_q, scale, out=out)
+            ref = (x.double() @ (w_q.double() * scale.double()[:, None]).t())
+            common.assert_close(out, ref, name=f"w8a16_gemv N={n} K={k} {d}{' padded rows' if padded else ''}")
+    for dtype in [torch.float16] + ([torch.bfloat16] if common.supports_bf16() and not quick else []):
+        for m in (16, 5):
+            n, k = common.awkward_sizes(1, 300, 2000, include=())[0], 333
+            w_q, scale = random_weight(n, k)
+            x = common.randn(m, k, dtype=dtype)
+            out = common.poisoned_empty(m, n, dtype=dtype)
+            w8a16_matmul(x, w_q, scale, out=out)
+            ref = x.double() @ (w_q.double() * scale.double()[:, None]).t()
+            common.assert_close(out, ref, name=f"w8a16_matmul M={m} N={n} K={k} {dtype}")
+    print("w8a16_gemv (fp32/fp16 activations, padded weight rows) and w8a16_matmul (M = 16, 5) match float64: OK")
+
+
+def _check_fp8_matmul() -> None:
+    reason = None if common.is_hopper() else common.require_gpu("fp8 matmul") if not common.HAS_GPU else \
+        "fp8 matmul: skipped, its configs and accumulation modes are Hopper's (sm_90); this GPU is not"
+    if reason:
+        print(reason)
+        return
+    for m, n, k in ((333, 517, 1000), (256, 384, 512)):
+        a, sa = fp8_quantize(common.randn(m, k, scale=k ** -0.25), "e4m3")
+        b, sb = fp8_quantize(common.randn(n, k, scale=k ** -0.25), "e4m3")
+        ref = fp8_matmul_reference(a, b, sa, sb)
+        for precise in (False, True):
+            c = fp8_matmul(a, b, sa.reshape(1), sb.reshape(1), precise_acc=precise)
+            common.assert_close(c, ref, name=f"fp8_matmul {m}x{n}x{k} precise_acc={precise}")
+    print("fp8_matmul (e4m3 in, bf16 out, both accumulation modes) matches float64 of the fp8 inputs: OK")
+
+
+def check(quick: bool) -> None:
+    section("Check: every kernel against float64, on awkward sizes, outputs poisoned")
+    _check_quantize(quick)
+    _check_fp8_quantize()
+    _check_w8a16(quick)
+    _check_fp8_matmul()
+    if not common.supports_bf16():
+        print("bfloat16: skipped, the interpreter has no bfloat16 (numpy lacks it); runs on a GPU")
+
+
+# %% [markdown]
+# ## Error table: every format against float64
+# One float64 tensor, converted to each format and back; error = converted - float64. Three
+# distributions: N(0, 1); rows of different sizes (exp(N(0, 1)) per row) with 0.1% outliers x 20,
+# like LLM activations; and small values (N(0, 1) x 1e-4), where a format's smallest numbers matter.
+
+
+def to_tf32(x: torch.Tensor) -> torch.Tensor:
+    """fp32 rounded to tf32's 10 mantissa bits (nearest, ties away: what cvt.rna.tf32 does)."""
+    bits = x.float().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def _distributions(m: int, n: int) -> dict:
+    gen = torch.Generator().manual_seed(11)
+    base = torch.randn(m, n, dtype=torch.float64, generator=gen)
+    rows = base * torch.randn(m, 1, dtype=torch.float64, generator=gen).exp()
+    spikes = torch.rand(m, n, generator=gen) < 1e-3
+    return {"N(0,1)": base, "row scales + outliers": torch.where(spikes, 20 * rows, rows), "small: N(0,1) x 1e-4": base * 1e-4}
+
+
+def _roundtrips(x64: torch.Tensor) -> dict:
+    """format name -> x converted to it and back (float64), with the kernel or cast that did it."""
+    x32 = x64.float().to(common.DEVICE)
+    n = x32.shape[-1]
+    out = {"fp32": x32.double(), "tf32 (rounded fp32)": to_tf32(x32).double(), "fp16": x32.half().double(),
+           "bf16 (PyTorch cast)": x32.bfloat16().double()}
+    for name, granularity, group in (("int8 per tensor", "tensor", 128), ("int8 per row", "row", 128),
+                                     ("int8 per group of 128", "group", 128), ("int8 per group of 32", "group", 32)):
+        q, scale = quantize_int8(x32, granularity, group)
+        out[name] = dequantize(q, scale, {"tensor": q.numel(), "row": n, "group": group}[granularity]).double()
+    for fmt, (dtype, fmax) in FP8_FORMATS.items():
+        if common.supports_fp8():
+            q, scale = fp8_quantize(x32, fmt)
+            out[f"fp8 {fmt}, amax scaled"] = dequantize(q, scale.reshape(1)).double()
+        else:  # the kernel's scaled values, then PyTorch's cast to fp8 (the interpreter's differs from the GPU's)
+            scaled, scale = fp8_quantize(x32, fmt, out=torch.empty_like(x32))
+            out[f"fp8 {fmt}, amax scaled (PyTorch cast)"] = scaled.to(dtype).double() * scale.double()
+        out[f"fp8 {fmt}, no scale (PyTorch cast)"] = x32.clamp(-fmax, fmax).to(dtype).double()
+    return out
+
+
+def error_table() -> None:
+    m, n = (64, 1024) if common.INTERPRETER else (1024, 4096)
+    section(f"Error of every format against float64 ({m} x {n} values, converted and back)")
+    dists = _distributions(m, n)
+    mean_rel, max_abs = {}, {}
+    for x64 in dists.values():
+        for fname, back in _roundtrips(x64).items():
+            err = (back.cpu() - x64).abs()
+            mean_rel.setdefault(fname, []).append(f"{float(err.mean() / x64.abs().mean()):.2e}")
+            max_abs.setdefault(fname, []).append(f"{float(err.max()):.2e}")
+    for title, values in (("mean relative error = mean |x_format - x_float64| / mean |x|", mean_rel),
+                          ("largest absolute error = max |x_format - x_float64|", max_abs)):
+        table = Table(title, ["format", *dists])
+        for fname, row in values.items():
+            table.add(fname, *row)
+        table.print()
+    print("Read across a row: int8 per tensor is fine on N(0,1) but its one scale is set by the largest outlier "
+          "on the second distribution, so per row and per group win there. Unscaled fp8 loses the small values "
+          "(e4m3's smallest subnormal is 2^-9 = 0.002); amax scaling moves them into range. The scale costs "
+          "4 bytes per group: 3% more bytes at groups of 128.")
+    if not common.supports_bf16():
+        print("bf16 and fp8 casts here are PyTorch's on the CPU (the interpreter has no bf16, its fp8 casts "
+              "differ from the GPU's); int8 rows come from the Triton kernels.")
+
+
+# %% [markdown]
+# ## Mixed precision and stability
+# fp16 vs fp32 accumulation over K, and what fp16's range does to exp and sums.
+
+
+def mixed_precision(quick: bool) -> None:
+    section("Mixed precision: fp16 vs fp32 accumulation in a dot product, error against K")
+    # 16 lanes, so each lane's sum grows large quickly; U(0, 32) x U(0, 1): products average 8.
+    lanes = 16
+    ks = [256, 2048, 8192] if common.INTERPRETER else [256, 2048, 8192, 32768, 131072]
+    rows = 1 if common.INTERPRETER else 8
+    table = Table(f"dot of U(0,32) and U(0,1) fp16 vectors in {lanes} lanes: relative error vs float64 (mean over {rows} rows)",
+                  ["K", "exact sum (float64)", "per-lane sum", "fp32 accumulator", "fp16 accumulator"])
+    gen = torch.Generator().manual_seed(0)
+    for k in ks:
+        x = (32 * torch.rand(rows, k, generator=gen)).half().to(common.DEVICE)
+        y = torch.rand(rows, k, generator=gen).half().to(common.DEVICE)
+        exact = (x.double() * y.double()).sum(dim=1)
+        errs = [float(((dot_accumulate(x, y, acc16, lanes).double().cpu() - exact.cpu()).abs() / exact.cpu()).mean())
+                for acc16 in (False, True)]
+        table.add(k, f"{float(exact.mean()):.6g}", f"{float(exact.mean()) / lanes:.4g}", f"{errs[0]:.2e}",
+                  f"{errs[1]:.2e}" if errs[1] == errs[1] and errs[1] != float("inf") else "inf")
+    table.print()
+    print("fp32 keeps about 6e-8 relative per addition. An fp16 sum rounds to a step of 2 past 2048 and of 16 "
+          "past 16384: products around 1 lose most of their bits, and the error grows with K. Past 65504 the "
+          "fp16 sum is inf (the largest K on a GPU). This is why tl.dot (and every kernel in the course) accumulates in fp32.")
+
+    section("Overflow: log(sum(exp(x))) of fp16 logits, naive vs max-subtracted")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.stack([torch.randn(1000, generator=gen) + shift for shift in (0.0, 8.0, 12.0, 40.0)]).half()
+    ref = torch.logsumexp(x.double(), dim=1)
+    with warnings.catch_warnings():  # the interpreter's numpy warns when fp16 overflows: that is the demo
+        warnings.simplefilter("ignore", RuntimeWarning)
+        naive = logsumexp_fp16(x.to(common.DEVICE), False).cpu()
+    stable = logsumexp_fp16(x.to(common.DEVICE), True).cpu()
+    table = Table("1000 logits N(shift, 1) in fp16, intermediates in fp16", ["shift", "max logit", "float64",
+                                                                            "naive: log(sum(exp(x)))", "stable: m + log(sum(exp(x - m)))"])
+    for i, shift in enumerate((0.0, 8.0, 12.0, 40.0)):
+        table.add(shift, f"{float(x[i].max()):.2f}", f"{float(ref[i]):.4f}", f"{float(naive[i]):.4f}",
+                  f"{float(stable[i]):.4f}")
+    table.print()
+    print("exp(11.09) is already past fp16's 65504, and 1000 terms of exp(8) sum past it too: the naive "
+          "version returns inf. Subtracting the max makes every term <= 1 and the sum <= N; the max is added "
+          "back outside the log. Every softmax and cross-entropy kernel in the course does this.")
+
+
+# %% [markdown]
+# ## Memory traffic
+# The bytes of a decode step's GEMV, the minimum per format, and what PyTorch moves when it
+# dequantises the weight in memory first (counted per aten op on CPU tensors).
+
+
+def traffic() -> None:
+    n, k = 14336, 4096
+    section(f"Memory traffic of one GEMV, N = {n}, K = {k} (Llama-3-8B's MLP up projection)")
+    weights = n * k
+    table = Table("bytes a batch-1 GEMV must read (x and out are 8 KiB and 28 KiB: negligible)",
+                  ["weight format", "bytes per weight", "weight bytes", "vs fp16"])
+    for name, per in (("fp16 / bf16", 2.0), ("int8 + fp32 scale per channel", 1 + 4 / k),
+                      ("int8 + fp32 scale per group of 128", 1 + 4 / 128), ("fp8 + one scale", 1.0),
+                      ("int4 (packed, for comparison)", 0.5 + 2 / 128)):
+        table.add(name, f"{per:.3f}", fmt_bytes(weights * per), f"{per / 2:.2f}x")
+    table.print()
+    nc, kc = 512, 256  # small enough to count on the CPU quickly; the ratios do not depend on the size
+    w_q = torch.randint(-127, 128, (nc, kc), dtype=torch.int8)
+    scale = torch.rand(nc) + 0.5
+    x = torch.randn(1, kc).half()
+    counted = common.count_torch_traffic(w8a16_reference, x, w_q, scale)
+    minimum = nc * kc + 4 * nc + 2 * kc + 2 * nc
+    print(f"PyTorch dequantise-then-matmul at N={nc}, K={kc}: {counted.summary()}")
+    print(f"  {counted.total / minimum:.1f}x the minimum ({fmt_bytes(minimum)}: read int8 w, scales, x; write out), "
+          f"{counted.kernels} launches; the Triton GEMV reads the int8 weight once, in 1 launch.")
+
+
+# %% [markdown]
+# ## Benchmark
+# Medians of many runs (CUDA events, L2 flushed before each run), every baseline in the same run.
+
+
+def _weights_for_bench(n: int, k: int):
+    w = torch.randn(n, k, device="cuda", dtype=torch.float16) * k ** -0.5
+    q, scale = quantize_int8(w, "row")
+    return w, q, scale
+
+
+def benchmark_quantize(quick: bool) -> None:
+    m, n = (4096, 4096) if quick else (8192, 8192)
+    section(f"Benchmark: quantization kernels, {m} x {n} fp16 input")
+    x = torch.randn(m, n, device="cuda", dtype=torch.float16)
+    table = Table(f"quantize {m} x {n} fp16: GB/s of the minimum bytes (read x, write q and scales)",
+                  ["kernel", "time", "GB/s", "% copy", "torch reference time", "speedup"])
+    mn = m * n
+    cases = [("int8 per tensor (2 kernels)", lambda: quantize_int8(x, "tensor"),
+              lambda: quantize_int8_reference(x, "tensor"), 3 * mn),
+             ("int8 per row", lambda: quantize_int8(x, "row"), lambda: quantize_int8_reference(x, "row"), 3 * mn + 4 * m),
+             ("int8 per group of 128", lambda: quantize_int8(x, "group", 128),
+              lambda: quantize_int8_reference(x, "group", 128), 3 * mn + 4 * mn // 128)]
+    if common.supports_fp8():
+        cases.append(("fp8 e4m3 per tensor (2 kernels)", lambda: fp8_quantize(x, "e4m3"),
+                      lambda: fp8_quantize_reference(x, "e4m3"), 3 * mn))
+    for name, fn, ref, nbytes in cases:
+        t, t_ref = common.bench(fn), common.bench(ref)
+        table.add(name, str(t), t.gbps(nbytes), common.pct_of_copy(t.gbps(nbytes)), str(t_ref), f"{t_ref.ms / t.ms:.1f}x")
+    table.print()
+    print("Per tensor reads x twice (the amax pass, then the scaling pass): its GB/s counts one read, so it "
+          "can reach at most about 60% of copy.")
+
+
+def _median_ratio(fn_base, fn_new, pairs: int = 3) -> float:
+    """Median over alternating pairs of base time / new time (single timings of ~20 us kernels spread)."""
+    ratios = sorted(common.bench(fn_base, rep_ms=200).ms / common.bench(fn_new, rep_ms=200).ms for _ in range(pairs))
+    return ratios[len(ratios) // 2]
+
+
+def benchmark_gemv(quick: bool) -> None:
+    shapes = [(14336, 4096)] if quick else [(14336, 4096), (4096, 14336), (4096, 4096), (128256, 4096)]
+    section("Benchmark: W8A16 GEMV at batch 1 against the fp16 GEMV (cuBLAS) and dequantise-then-matmul")
+    copy = common.copy_bandwidth()
+    print(f"copy bandwidth measured now: {copy:,.0f} GB/s (device-to-device, read + write)")
+    table = Table("GEMV x (1, K) fp16 @ W.T, W (N, K): GB/s of each provider's own minimum bytes",
+                  ["N x K", "provider", "time", "GB/s", "% copy", "speedup vs best fp16"])
+    for n, k in shapes:
+        w16, w_q, scale = _weights_for_bench(n, k)
+        w16_kn = w16.t().contiguous()  # the other layout, in case cuBLAS's GEMV prefers it
+        x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+        out = torch.empty(1, n, device="cuda", dtype=torch.float16)
+        w8a16_gemv(x, w_q, scale, out=out)  # the first call tunes
+        ref = x.double() @ (w_q.double() * scale.double()[:, None]).t()
+        if not torch.isclose(out.double(), ref, **common.checks.tolerance(torch.float16)).all():
+            common.assert_close(out, ref, name=f"w8a16_gemv {n}x{k}")
+        fp16_bytes = 2 * n * k + 2 * k + 2 * n
+        int8_bytes = n * k + 4 * n + 2 * k + 2 * n
+        providers = {"torch fp16, W (N, K): x @ W.t()": (lambda: torch.matmul(x, w16.t()), fp16_bytes),
+                     "torch fp16, W (K, N): x @ W": (lambda: torch.matmul(x, w16_kn), fp16_bytes),
+                     "torch int8: dequantise, then matmul": (lambda: w8a16_reference(x, w_q, scale), int8_bytes),
+                     "triton W8A16 GEMV": (lambda: w8a16_gemv(x, w_q, scale, out=out), int8_bytes)}
+        times = {name: common.bench(fn) for name, (fn, _) in providers.items()}
+        best16 = min(times["torch fp16, W (N, K): x @ W.t()"].ms, times["torch fp16, W (K, N): x @ W"].ms)
+        for name, (_, nbytes) in providers.items():
+            t = times[name]
+            table.add(f"{n} x {k}", name, str(t), t.gbps(nbytes), common.pct_of_copy(t.gbps(nbytes)),
+                      f"{best16 / t.ms:.2f}x")
+        if (n, k) == (14336, 4096):
+            best_layout = min(("torch fp16, W (N, K): x @ W.t()", "torch fp16, W (K, N): x @ W"),
+                              key=lambda key: times[key].ms)
+            base = providers[best_layout][0]
+            ratio = _median_ratio(base, lambda: w8a16_gemv(x, w_q, scale, out=out))
+            print(f"W8A16 GEMV {n} x {k}: autotuner picked {getattr(w8a16_gemv_kernel, 'best_config', '?')}")
+            if not quick:
+                common.perf_bar(f"W8A16 GEMV batch 1, N x K = {n} x {k}: speed vs fp16 torch.matmul "
+                                f"({best_layout.split(', ')[1]}), median of 3 pairs", ratio, 1.5, "x")
+            else:
+                print(f"W8A16 GEMV vs fp16 torch.matmul, median of 3 pairs: {ratio:.2f}x (the perf bar runs without --quick)")
+        del w16, w16_kn, w_q
+    table.print()
+    print("Halving the bytes can at most halve the time: 2x is the ceiling. The int8 GB/s counts int8 bytes, "
+          "so the same % of copy means the same bandwidth at half the bytes.")
+
+
+def benchmark_small_batch(quick: bool) -> None:
+    n, k = 14336, 4096
+    section(f"Benchmark: W8A16 matmul for small batches, N x K = {n} x {k}")
+    w16, w_q, scale = _weights_for_bench(n, k)
+    table = Table("x (M, K) fp16 @ W.T: time, and weight-read GB/s", ["M", "provider", "time", "GB/s (weights)",
+                                                                      "speedup vs fp16"])
+    for m in ((1, 16) if quick else (1, 4, 16, 64)):
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        w8a16_matmul(x, w_q, scale)  # tune
+        ref = x.double() @ (w_q.double() * scale.double()[:, None]).t()
+        got = w8a16_matmul(x, w_q, scale)
+        if not torch.isclose(got.double(), ref, **common.checks.tolerance(torch.float16)).all():
+            common.assert_close(got, ref, name=f"w8a16_matmul M={m}")
+        t16 = common.bench(lambda: torch.matmul(x, w16.t()))
+        rows = [("torch fp16 matmul", t16, 2 * n * k), ("triton W8A16 tl.dot", common.bench(lambda: w8a16_matmul(x, w_q, scale)), n * k)]
+        if m == 1:
+            rows.append(("triton W8A16 GEMV", common.bench(lambda: w8a16_gemv(x, w_q, scale)), n * k))
+        for name, t, nbytes in rows:
+            table.add(m, name, str(t), t.gbps(nbytes), f"{t16.ms / t.ms:.2f}x")
+    table.print()
+    print("At M = 1 the tl.dot kernel wastes 15 of its 16 tile rows; the GEMV does not. As M grows, the same "
+          "weight bytes serve more rows, until the matmul stops being memory-bound (M in the hundreds).")
+
+
+def benchmark_fp8(quick: bool) -> None:
+    if not common.is_hopper():
+        print("\n" + ("fp8 matmul benchmark: skipped, it needs a Hopper GPU (sm_90)" if common.HAS_GPU
+                      else common.require_gpu("fp8 matmul benchmark")))
+        return
+    n = 4096
+    section(f"Benchmark: FP8 e4m3 matmul {n}^3 against torch._scaled_mm and bf16 torch.matmul")
+    a16 = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b16 = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)  # (N, K)
+    a, sa = fp8_quantize(a16, "e4m3")
+    b, sb = fp8_quantize(b16, "e4m3")
+    sa, sb = sa.reshape(1), sb.reshape(1)
+    flops = 2 * n ** 3
+    ref = fp8_matmul_reference(a[:256], b[:256], sa, sb)
+    for precise in (False, True):
+        c = fp8_matmul(a, b, sa, sb, precise_acc=precise)  # tunes
+        common.assert_close(c[:256, :256], ref, name=f"fp8_matmul {n}^3 precise_acc={precise} (first 256 x 256)")
+
+    def scaled_mm(fast: bool):
+        # torch 2.11 and 2.14: _scaled_mm(a, b, scale_a, scale_b, bias, scale_result, out_dtype, use_fast_accum);
+        # b must be column-major: b.t() of the (N, K) row-major tensor.
+        return lambda: torch._scaled_mm(a, b.t(), sa, sb, out_dtype=torch.bfloat16, use_fast_accum=fast)
+
+    providers = {"torch.matmul bf16 (cuBLAS)": lambda: torch.matmul(a16, b16.t()),
+                 "torch._scaled_mm fp8, use_fast_accum=False": scaled_mm(False),
+                 "triton fp8, precise_acc=True": lambda: fp8_matmul(a, b, sa, sb, precise_acc=True),
+                 "torch._scaled_mm fp8, use_fast_accum=True": scaled_mm(True),
+                 "triton fp8, fast accumulation (default)": lambda: fp8_matmul(a, b, sa, sb)}
+    table = Table(f"matmul {n}^3: TFLOP/s", ["provider", "time", "TFLOP/s", "vs bf16 cuBLAS"])
+    times = {}
+    for name, fn in providers.items():
+        try:
+            times[name] = common.bench(fn)
+        except Exception as err:  # a private API: a torch build may lack this mode
+            print(f"{name}: failed, {type(err).__name__}: {str(err).strip().splitlines()[0][:150]}")
+    t_bf16 = times["torch.matmul bf16 (cuBLAS)"]
+    for name, t in times.items():
+        table.add(name, str(t), t.tflops(flops), f"{t_bf16.ms / t.ms:.2f}x")
+    table.print()
+    print(f"triton picked {getattr(fp8_matmul_kernel, 'best_config', '?')}")
+    if quick:
+        return
+    for precise, base in ((False, "torch._scaled_mm fp8, use_fast_accum=True"),
+                          (True, "torch._scaled_mm fp8, use_fast_accum=False")):
+        if base in times:
+            ratio = _median_ratio(providers[base], lambda: fp8_matmul(a, b, sa, sb, precise_acc=precise))
+            common.perf_bar(f"FP8 e4m3 matmul {n}^3, {'precise' if precise else 'fast'} accumulation: % of "
+                            f"{base.split(' fp8, ')[0]}({base.split(', ')[1]}) TFLOP/s, median of 3 pairs",
+                            100 * ratio, 85, "%")
+
+
+# %% [markdown]
+# ## Takeaways
+# - Symmetric int8: scale = amax / 127, round to nearest even (an int cast truncates), clamp.
+#   The granularity of the scale is the accuracy knob: one outlier ruins a per-tensor scale,
+#   per-row and per-group scales contain it, for 4 bytes per group.
+# - Weight-only int8 halves a decode GEMV's bytes. Dequantise in registers on the way to the
+#   multiply; a per-channel scale factors out of the sum and costs one multiply per output.
+# - Pick the layout for the loads: (N, K) with K contiguous gives each program long contiguous
+#   rows and 16-byte loads.
+# - FP8 needs a scale per tensor (or finer): e4m3 spans only 2^-9 to 448. Apply the scales in
+#   the epilogue; know which accumulation mode you compare against.
+# - Accumulate in fp32, subtract the max before exp: fp16 overflows at 65504 and stops adding
+#   small numbers to large ones long before that.
+
+
+if __name__ == "__main__":
+    args = common.lesson_args(__doc__.strip().splitlines()[0])
+    started = time.perf_counter()
+    format_table()
+    check(args.quick)
+    error_table()
+    mixed_precision(args.quick)
+    traffic()
+    print(f"\n(checks, error tables and traffic: {time.perf_counter() - started:.1f} s)")
+    if common.HAS_GPU:
+        for bench_fn in (benchmark_gemv, benchmark_small_batch, benchmark_fp8, benchmark_quantize):
+            bench_fn(args.quick)
+            print(f"({bench_fn.__name__} done at {time.perf_counter() - started:.1f} s)")
+    else:
+        print("\n" + common.require_gpu("Benchmarks (GEMV and matmul speedups, GB/s, TFLOP/s, perf bars)"))
