@@ -1,0 +1,1438 @@
+"""
+Lesson 12: production systems
+=============================
+
+Use the course's kernels from PyTorch for real: as registered operators that torch.compile,
+autograd and opcheck understand, inside an nn.Module that validates its input and falls back
+when a kernel does not apply, replayed from CUDA graphs, profiled, split over two GPUs, and
+finally training a tiny model from preference pairs with a fused DPO loss kernel.
+
+You will learn:
+- how to register Triton kernels as a `torch.library` operator (`triton_op` + `wrap_triton` on
+  a GPU, `custom_op` + `register_fake` where the kernel cannot be traced), give it a backward
+  with `register_autograd`, and prove it with `torch.library.opcheck` and
+  `torch.compile(fullgraph=True)`
+- an `nn.Module` wrapper: clear TypeError / ValueError for wrong input, a fallback to PyTorch
+  with a one-time warning where the kernel does not apply
+- what a kernel launch costs, measured: eager decode step vs CUDA-graph replay, two independent
+  steps on one stream vs two streams
+- profiling: torch.profiler's kernel table of one step, and Nsight Compute's measured DRAM bytes
+  next to the modelled minimum (`--profile`)
+- tensor parallelism with torch.distributed: a column- then row-parallel MLP around lesson 08's
+  fused GeGLU, checked against one process (NCCL on two GPUs, gloo on the CPU)
+- the capstone: a fused DPO loss (forward and backward kernels, online logsumexp over the
+  vocabulary) that tunes a tiny language model from preferred / rejected pairs
+
+Run:  python lessons/expert/12_production.py [--quick] [--profile]
+"""
+
+import argparse
+import copy
+import csv
+import functools
+import itertools
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `common`
+import common  # noqa: E402  (first: picks the GPU, or Triton's CPU interpreter without one)
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from common import Table, fmt_bytes, section  # noqa: E402
+from common.checks import check_guards  # noqa: E402
+from common.lessons import find, load_module  # noqa: E402
+
+# Lesson 08's kernels, used as they are: LayerNorm forward / backward and the fused GeGLU.
+L08 = load_module(find("08").script, name="lesson_08_for_lesson_12")
+
+# %% [markdown]
+# ## Motivation
+# Lessons 01 to 11 launched kernels from Python wrappers and autograd.Functions. That works in
+# eager PyTorch, but a real model also goes through torch.compile (which must trace the op or
+# treat it as opaque, and needs its output shapes without running it), torch.export, CUDA
+# graphs (which replay launches without Python), profilers, and several GPUs. A kernel becomes
+# a production op when every one of those sees a well-defined operator: a schema, a fake
+# (meta) implementation, an autograd formula, validated inputs and a fallback.
+#
+# At batch 1 (decoding) a step is dozens of tiny kernels, and the CPU time to launch each one
+# (Python, the dispatcher, the driver) can exceed the GPU time. CUDA graphs record the launches
+# once and replay them with one call: the script measures what that saves.
+
+# %% [markdown]
+# ## Reference (PyTorch)
+# Each reference computes in at least fp32 (float64 inputs stay float64, so the same function
+# is the float64 reference of the checks). Traffic per line: S sequences of T tokens over a
+# vocabulary of V, "STV" elements.
+
+
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5):
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)  # one fused kernel: reads x, writes y
+
+
+def geglu_mlp_reference(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor):
+    """Gemma's MLP: (gelu(x W_gate^T) * (x W_up^T)) W_down^T, GELU in its tanh approximation."""
+    return (F.gelu(x @ w_gate.T, approximate="tanh") * (x @ w_up.T)) @ w_down.T
+
+
+def sequence_logps_reference(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum over the masked (response) tokens of log_softmax(logits)[target]: shape (S,)."""
+    logp = torch.log_softmax(_upcast(logits), dim=-1)  # reads STV, writes STV fp32 (kept for backward)
+    safe = torch.where(mask.bool(), targets, 0)  # prompt tokens may carry -100: any index is fine there
+    token = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)  # reads ST, writes ST
+    return (token * mask.to(token.dtype)).sum(-1)  # ST
+
+
+def dpo_loss_reference(logits_c, logits_r, targets_c, targets_r, mask_c, mask_r, ref_c, ref_r, beta: float):
+    """Direct Preference Optimization (Rafailov et al., 2023), mean over the B pairs.
+
+    loss_b = -logsigmoid(beta * ((pc_b - pr_b) - (rc_b - rr_b))): pc, pr are the policy's sequence
+    log-probs of the chosen and rejected responses, rc, rr the frozen reference model's.
+    """
+    pc = sequence_logps_reference(logits_c, targets_c, mask_c)
+    pr = sequence_logps_reference(logits_r, targets_r, mask_r)
+    delta = beta * ((pc - pr) - (ref_c - ref_r))
+    return -F.logsigmoid(delta).mean()
+    # forward: 2 x (upcast STV, log_softmax STV); backward: a zero-filled STV gradient per gather,
+    # log_softmax backward (reads 2 STV, writes STV), the cast back: about 10 passes over the logits
+
+
+# %% [markdown]
+# ## Kernel
+# LayerNorm and GeGLU are lesson 08's kernels (`L08.layernorm_fwd_kernel`, ...). New here: the
+# fused DPO loss. Forward: one program per (sequence, block of BLOCK_T tokens) computes each
+# response token's logsumexp online over the vocabulary (lesson 08's cross-entropy, on a 2-D tile)
+# and its target log-prob; prompt and padding rows are never read. A second, tiny kernel sums each
+# pair's log-probs and computes the loss and dloss/ddelta. Backward: the same tiles again, writing
+# dlogits = coef * mask * (onehot - softmax) from the saved logsumexp.
+
+
+@triton.jit
+def dpo_token_logps_kernel(
+    logits_ptr,  # (S, T, V): row (s, t) at logits_ptr + s * stride_ls + t * stride_lt, columns contiguous
+    target_ptr,  # (S, T) int64 target ids, contiguous
+    mask_ptr,  # (S, T) fp32 response mask, contiguous: 1 for a response token, 0 for prompt / padding
+    logp_ptr,  # (S, T) fp32 out: mask * log_softmax(logits)[target]
+    lse_ptr,  # (S, T) fp32 out: each response row's logsumexp, kept for the backward pass
+    stride_ls,  # elements between logits[s, 0, 0] and logits[s + 1, 0, 0]
+    stride_lt,  # elements between logits[s, t, 0] and logits[s, t + 1, 0]
+    n_tokens,  # T
+    n_vocab,  # V
+    BLOCK_T: tl.constexpr,  # tokens (rows) per program
+    BLOCK_V: tl.constexpr,  # vocabulary columns per chunk
+):
+    seq = tl.program_id(axis=0).to(tl.int64)
+    toks = tl.program_id(axis=1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_seq = toks < n_tokens
+    st = seq * n_tokens + toks  # index into the (S, T) arrays
+    resp = tl.load(mask_ptr + st, mask=in_seq, other=0.0) != 0.0
+    target = tl.load(target_ptr + st, mask=resp, other=0)  # a prompt token's target is never read
+    row_ptr = logits_ptr + seq * stride_ls + toks.to(tl.int64) * stride_lt
+    cols = tl.arange(0, BLOCK_V)
+    # A running (max, sum) per row. The max starts finite, so a row that loads nothing (prompt,
+    # padding) keeps exp(-inf - m) = 0 instead of exp(-inf + inf) = NaN.
+    m = tl.full([BLOCK_T], -1e30, dtype=tl.float32)
+    d = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for start in range(0, n_vocab, BLOCK_V):
+        load = resp[:, None] & (start + cols < n_vocab)[None, :]
+        x = tl.load(row_ptr[:, None] + start + cols[None, :], mask=load, other=-float("inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+        m = m_new
+    lse = m + tl.log(tl.where(resp, d, 1.0))  # d >= 1 on response rows (their max adds exp(0))
+    x_target = tl.load(row_ptr + target, mask=resp, other=0.0).to(tl.float32)
+    tl.store(logp_ptr + st, tl.where(resp, x_target - lse, 0.0), mask=in_seq)
+    tl.store(lse_ptr + st, tl.where(resp, lse, 0.0), mask=in_seq)
+
+
+@triton.jit
+def dpo_pair_kernel(
+    logp_c_ptr,  # (B, Tc) fp32: masked token log-probs of the chosen responses
+    logp_r_ptr,  # (B, Tr) fp32: the same for the rejected responses
+    ref_c_ptr,  # (B,) fp32: the reference model's sequence log-probs of the chosen responses
+    ref_r_ptr,  # (B,) fp32: ... of the rejected responses
+    loss_ptr,  # (B,) fp32 out: -logsigmoid(delta) per pair
+    pc_ptr,  # (B,) fp32 out: the policy's sequence log-probs, chosen
+    pr_ptr,  # (B,) fp32 out: ... rejected
+    dldelta_ptr,  # (B,) fp32 out: d loss_b / d delta_b = -sigmoid(-delta_b), for the backward pass
+    n_tokens_c,  # Tc
+    n_tokens_r,  # Tr
+    beta,  # the DPO temperature
+    BLOCK_T: tl.constexpr,  # tokens summed per step
+):
+    # One program per pair: T numbers each, a few KiB at most. Summing here, in a fixed order,
+    # keeps the loss the same bits on every run (atomic adds from the token kernel would not).
+    pair = tl.program_id(axis=0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_T)
+    pc = 0.0
+    for start in range(0, n_tokens_c, BLOCK_T):
+        pc += tl.sum(tl.load(logp_c_ptr + pair * n_tokens_c + start + offs, mask=start + offs < n_tokens_c,
+                             other=0.0), axis=0)
+    pr = 0.0
+    for start in range(0, n_tokens_r, BLOCK_T):
+        pr += tl.sum(tl.load(logp_r_ptr + pair * n_tokens_r + start + offs, mask=start + offs < n_tokens_r,
+                             other=0.0), axis=0)
+    delta = beta * ((pc - pr) - (tl.load(ref_c_ptr + pair) - tl.load(ref_r_ptr + pair)))
+    # -logsigmoid(delta) = softplus(-delta) = max(-delta, 0) + log(1 + exp(-|delta|)): no overflow
+    # for any delta, where log(1 + exp(-delta)) overflows at delta < -88 in fp32.
+    # sigmoid(-delta) from the same e = exp(-|delta|) <= 1, which never overflows either.
+    e = tl.exp(-tl.abs(delta))
+    loss = tl.maximum(-delta, 0.0) + tl.log(1.0 + e)
+    tl.store(loss_ptr + pair, loss)
+    tl.store(pc_ptr + pair, pc)
+    tl.store(pr_ptr + pair, pr)
+    tl.store(dldelta_ptr + pair, -tl.where(delta >= 0, e / (1.0 + e), 1.0 / (1.0 + e)))
+
+
+@triton.jit
+def dpo_grad_kernel(
+    logits_ptr,  # (S, T, V), as in dpo_token_logps_kernel
+    target_ptr,  # (S, T) int64
+    mask_ptr,  # (S, T) fp32 response mask
+    lse_ptr,  # (S, T) fp32: the forward pass's logsumexp per row
+    coef_ptr,  # (S,) fp32: d loss / d (this sequence's log-prob), grad_output included
+    grad_ptr,  # (S, T, V) contiguous out: d loss / d logits
+    stride_ls,  # elements between logits[s, 0, 0] and logits[s + 1, 0, 0]
+    stride_lt,  # elements between logits[s, t, 0] and logits[s, t + 1, 0]
+    n_tokens,  # T
+    n_vocab,  # V
+    BLOCK_T: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    # d logp(target) / d logits = onehot(target) - softmax(logits): per response row, scaled by
+    # the sequence's coefficient; prompt and padding rows get exact zeros (their logits are
+    # never read).
+    seq = tl.program_id(axis=0).to(tl.int64)
+    toks = tl.program_id(axis=1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_seq = toks < n_tokens
+    st = seq * n_tokens + toks
+    resp = tl.load(mask_ptr + st, mask=in_seq, other=0.0) != 0.0
+    target = tl.load(target_ptr + st, mask=resp, other=-1)
+    lse = tl.load(lse_ptr + st, mask=in_seq, other=0.0)
+    scale = tl.where(resp, tl.load(coef_ptr + seq), 0.0)
+    row_ptr = logits_ptr + seq * stride_ls + toks.to(tl.int64) * stride_lt
+    grad_row = grad_ptr + st * n_vocab
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, n_vocab, BLOCK_V):
+        c = start + cols
+        in_vocab = (c < n_vocab)[None, :]
+        x = tl.load(row_ptr[:, None] + c[None, :], mask=resp[:, None] & in_vocab, other=0.0).to(tl.float32)
+        p = tl.exp(x - lse[:, None])
+        g = (tl.where(c[None, :] == target[:, None], 1.0, 0.0) - p) * scale[:, None]
+        tl.store(grad_row[:, None] + c[None, :], g.to(grad_ptr.dtype.element_ty), mask=in_seq[:, None] & in_vocab)
+
+
+# %% [markdown]
+# ## Wrapper
+# ### 1. A registered operator
+# `torch.library` turns a Python function into an operator with a schema (inferred from the type
+# hints). The schema is what makes it production-ready: torch.compile, torch.export, FakeTensor
+# shape propagation, CUDA graphs and the profiler all see `course12::layer_norm_fwd` as one op.
+#
+# - GPU: `triton_op` + `wrap_triton`. The function body is traced (it is its own fake
+#   implementation), so torch.compile sees the Triton kernels inside and Inductor can schedule them.
+# - Triton's CPU interpreter: `wrap_triton` hands back the plain interpreted kernel (torch 2.14),
+#   which would run on FakeTensors and fail. There the same body is registered with `custom_op`
+#   (opaque to the compiler) and a `register_fake` that only computes output shapes.
+#
+# Both get the backward pass from `register_autograd`, itself another registered op.
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# bfloat16 under the interpreter gives wrong values (numpy has no bfloat16): fall back there.
+KERNEL_DTYPES = FLOAT_DTYPES if common.HAS_GPU else (torch.float32, torch.float16)
+USE_TRITON_OP = common.HAS_GPU and hasattr(torch.library, "triton_op")
+
+
+def _plain(kernel):
+    return kernel
+
+
+def _layer_norm_fwd_body(x, weight, bias, eps, wrap):
+    """validate (done by the caller), allocate, grid, launch, return: lesson 08's forward kernel."""
+    n_cols = x.shape[-1]
+    rows = x.reshape(-1, n_cols)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    n_rows = rows.shape[0]
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    block = L08._row_block(n_cols)
+    wrap(L08.layernorm_fwd_kernel)[(n_rows,)](rows, weight, bias, y, mean, rstd, rows.stride(0), n_cols, eps,
+                                              BLOCK_SIZE=block, num_warps=L08._row_num_warps(block))
+    return y, mean, rstd
+
+
+def _layer_norm_bwd_body(dy, x, weight, mean, rstd, wrap):
+    """dx per row, then dw and db as partial rows summed by a second kernel (lesson 08)."""
+    n_cols = x.shape[-1]
+    rows = x.reshape(-1, n_cols)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    dy_rows = dy.reshape(-1, n_cols)
+    if dy_rows.stride(-1) != 1:  # the gradient of y.sum() is an expanded tensor, stride 0
+        dy_rows = dy_rows.contiguous()
+    n_rows = rows.shape[0]
+    programs, rows_per_program = L08._bwd_grid(n_rows, None)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dw_partial = torch.empty(programs, n_cols, dtype=torch.float32, device=x.device)
+    db_partial = torch.empty(programs, n_cols, dtype=torch.float32, device=x.device)
+    block = L08._row_block(n_cols)
+    wrap(L08.layernorm_bwd_kernel)[(programs,)](dy_rows, rows, weight, mean, rstd, dx, dw_partial, db_partial,
+                                                dy_rows.stride(0), rows.stride(0), n_rows, n_cols,
+                                                rows_per_program, BLOCK_SIZE=block,
+                                                num_warps=L08._bwd_num_warps(block))
+    dw = torch.empty(n_cols, dtype=weight.dtype, device=x.device)
+    db = torch.empty(n_cols, dtype=weight.dtype, device=x.device)
+    grid = (triton.cdiv(n_cols, L08.SUM_ROWS_BLOCK_SIZE),)
+    wrap(L08.sum_rows_kernel)[grid](dw_partial, dw, programs, n_cols, BLOCK_SIZE=L08.SUM_ROWS_BLOCK_SIZE)
+    wrap(L08.sum_rows_kernel)[grid](db_partial, db, programs, n_cols, BLOCK_SIZE=L08.SUM_ROWS_BLOCK_SIZE)
+    return dx, dw, db
+
+
+def _free_namespace(base: str) -> str:
+    """`base`, or base_1, base_2 ... if this process already registered ops there (the lesson
+    imported twice, say): an operator name can be registered only once per process."""
+    for i in itertools.count():
+        namespace = base if i == 0 else f"{base}_{i}"
+        try:
+            getattr(getattr(torch.ops, namespace), "layer_norm_fwd")
+        except AttributeError:
+            return namespace
+    raise AssertionError("unreachable")
+
+
+def register_layer_norm_ops(namespace: str, traceable: bool):
+    """Register <namespace>::layer_norm_fwd and ::layer_norm_bwd, with autograd; return both."""
+    Tensor = torch.Tensor
+    if traceable:
+        from torch.library import triton_op, wrap_triton
+
+        @triton_op(f"{namespace}::layer_norm_fwd", mutates_args=())
+        def layer_norm_fwd(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+            return _layer_norm_fwd_body(x, weight, bias, eps, wrap_triton)
+
+        @triton_op(f"{namespace}::layer_norm_bwd", mutates_args=())
+        def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor
+                           ) -> tuple[Tensor, Tensor, Tensor]:
+            return _layer_norm_bwd_body(dy, x, weight, mean, rstd, wrap_triton)
+    else:
+        @torch.library.custom_op(f"{namespace}::layer_norm_fwd", mutates_args=())
+        def layer_norm_fwd(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+            return _layer_norm_fwd_body(x, weight, bias, eps, _plain)
+
+        @layer_norm_fwd.register_fake
+        def _(x, weight, bias, eps):
+            # Shapes, dtypes and devices of the outputs, computed without running anything: what
+            # torch.compile propagates through the graph. Must match the real outputs exactly
+            # (opcheck's test_faketensor compares them, strides included).
+            n_rows = x.numel() // x.shape[-1]
+            return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
+                    x.new_empty(n_rows, dtype=torch.float32), x.new_empty(n_rows, dtype=torch.float32))
+
+        @torch.library.custom_op(f"{namespace}::layer_norm_bwd", mutates_args=())
+        def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor
+                           ) -> tuple[Tensor, Tensor, Tensor]:
+            return _layer_norm_bwd_body(dy, x, weight, mean, rstd, _plain)
+
+        @layer_norm_bwd.register_fake
+        def _(dy, x, weight, mean, rstd):
+            return (torch.empty(x.shape, dtype=x.dtype, device=x.device), torch.empty_like(weight),
+                    torch.empty_like(weight))
+
+    def setup_context(ctx, inputs, output):
+        x, weight, _bias, _eps = inputs
+        _y, mean, rstd = output
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.mark_non_differentiable(mean, rstd)  # statistics for the backward pass, not results
+
+    def backward(ctx, dy, _dmean, _drstd):
+        x, weight, mean, rstd = ctx.saved_tensors
+        dx, dw, db = layer_norm_bwd(dy, x, weight, mean, rstd)
+        return dx, dw, db, None  # no gradient for eps
+
+    layer_norm_fwd.register_autograd(backward, setup_context=setup_context)
+    return layer_norm_fwd, layer_norm_bwd
+
+
+NAMESPACE = _free_namespace("course12")
+layer_norm_fwd_op, layer_norm_bwd_op = register_layer_norm_ops(NAMESPACE, traceable=USE_TRITON_OP)
+OP_KIND = "torch.library.triton_op + wrap_triton" if USE_TRITON_OP else "torch.library.custom_op + register_fake"
+
+
+def _check_layer_norm_args(x, weight, bias) -> None:
+    common.check_tensors(x=x, contiguous=False, dtypes=KERNEL_DTYPES)
+    common.check_tensors(weight=weight, bias=bias, ndim=1, dtypes=KERNEL_DTYPES)
+    if x.dim() == 0 or x.numel() == 0:
+        raise ValueError(f"x must have at least one row of at least one element, got shape {tuple(x.shape)}")
+    n_cols = x.shape[-1]
+    if weight.shape[0] != n_cols:
+        raise ValueError(f"weight must have shape ({n_cols},) to match the last dimension of x, got "
+                         f"{tuple(weight.shape)}")
+    if n_cols > L08.MAX_FUSED_COLS:
+        raise ValueError(f"x has rows of {n_cols} elements; the kernel holds a row in registers, at most "
+                         f"{L08.MAX_FUSED_COLS}")
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm over the last dimension through the registered op; differentiable in x, weight, bias."""
+    _check_layer_norm_args(x, weight, bias)
+    return layer_norm_fwd_op(x, weight, bias, float(eps))[0]
+
+
+# %% [markdown]
+# ### 2. An nn.Module: validation and fallback
+# A drop-in for `nn.LayerNorm(dim)`. Input that can never be right (not a tensor, wrong width,
+# integers) raises at once; input the kernel does not handle (float64, a tensor on another device,
+# bfloat16 under the interpreter, rows wider than a block) goes to PyTorch, with one warning per
+# reason, so a model keeps working and the user learns why it is slower.
+
+
+class TritonLayerNorm(nn.Module):
+    """LayerNorm over the last dimension with lesson 08's kernels, falling back to F.layer_norm."""
+
+    _warned: set = set()  # reasons already warned about, once per process
+
+    def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(dim, int) or isinstance(dim, bool):
+            raise TypeError(f"dim must be an int (the size of the last dimension), got {type(dim).__name__}")
+        if dim < 1:
+            raise ValueError(f"dim must be at least 1, got {dim}")
+        self.dim, self.eps = dim, eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(dim, device=device, dtype=dtype))
+
+    @classmethod
+    def from_torch(cls, module: nn.LayerNorm) -> "TritonLayerNorm":
+        if len(module.normalized_shape) != 1 or module.weight is None or module.bias is None:
+            raise ValueError("only nn.LayerNorm over one dimension with weight and bias can be replaced")
+        new = cls(module.normalized_shape[0], module.eps, device=module.weight.device, dtype=module.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(module.weight)
+            new.bias.copy_(module.bias)
+        return new
+
+    def fallback_reason(self, x: torch.Tensor) -> str | None:
+        """None when the kernel applies to x, else why it does not."""
+        if x.device.type != common.DEVICE.type:
+            return f"x is on {x.device.type}, the kernel runs on {common.DEVICE.type}"
+        if x.dtype not in KERNEL_DTYPES:
+            why = " (Triton's interpreter has no bfloat16)" if x.dtype == torch.bfloat16 else ""
+            return f"dtype {str(x.dtype).removeprefix('torch.')} is not supported by the kernel{why}"
+        if self.weight.dtype not in KERNEL_DTYPES or self.weight.device.type != common.DEVICE.type:
+            return f"the parameters are {self.weight.dtype} on {self.weight.device.type}"
+        if x.numel() == 0:
+            return "x is empty"
+        if self.dim > L08.MAX_FUSED_COLS:
+            return f"rows of {self.dim} do not fit one block (at most {L08.MAX_FUSED_COLS})"
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"x has dtype {str(x.dtype).removeprefix('torch.')}; LayerNorm needs floating point")
+        if x.dim() == 0 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must have last dimension {self.dim}, got shape {tuple(x.shape)}")
+        reason = self.fallback_reason(x)
+        if reason is None:
+            return layer_norm(x, self.weight, self.bias, self.eps)
+        if reason not in TritonLayerNorm._warned:
+            TritonLayerNorm._warned.add(reason)
+            warnings.warn(f"TritonLayerNorm falls back to F.layer_norm: {reason}", stacklevel=2)
+        return F.layer_norm(x, (self.dim,), self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
+def swap_layer_norms(model: nn.Module) -> int:
+    """Replace every nn.LayerNorm inside `model` by a TritonLayerNorm with the same parameters."""
+    count = 0
+    for name, child in model.named_children():
+        if isinstance(child, nn.LayerNorm):
+            setattr(model, name, TritonLayerNorm.from_torch(child))
+            count += 1
+        else:
+            count += swap_layer_norms(child)
+    return count
+
+
+# %% [markdown]
+# ### 3. The fused DPO loss
+# `dpo_loss` takes the policy's logits for the chosen and the rejected responses (B, T, V), their
+# target ids and response masks (B, T), and the frozen reference model's sequence log-probs (B,).
+# It returns the mean loss and, detached, the policy's sequence log-probs (for the rewards).
+
+
+def _dpo_blocks(n_tokens: int, n_vocab: int) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_V, num_warps) for the DPO tiles."""
+    if common.INTERPRETER:  # few, large programs: the interpreter pays per program, not per element
+        return min(triton.next_power_of_2(n_tokens), 16), min(max(16, triton.next_power_of_2(n_vocab)), 128), 4
+    # 4 rows x 1024 columns: the 4096-element chunk of lesson 08's cross-entropy, four rows at a time
+    return 4, min(max(16, triton.next_power_of_2(n_vocab)), 1024), 8
+
+
+def _check_sequences(logits, targets, mask, name: str):
+    common.check_tensors(**{f"{name}_logits": logits}, contiguous=False, ndim=3, dtypes=FLOAT_DTYPES)
+    if logits.stride(-1) != 1:
+        raise ValueError(f"{name}_logits must have contiguous rows (stride(-1) == 1), got strides "
+                         f"{logits.stride()}; pass .contiguous()")
+    if logits.shape[0] == 0 or logits.shape[1] == 0 or logits.shape[2] == 0:
+        raise ValueError(f"{name}_logits must not be empty, got shape {tuple(logits.shape)}")
+    common.check_tensors(**{f"{name}_targets": targets}, ndim=2, contiguous=False, dtypes=(torch.int64,))
+    common.check_tensors(**{f"{name}_mask": mask}, ndim=2, contiguous=False,
+                         dtypes=(torch.bool, torch.float32, torch.int64, torch.int32, torch.uint8))
+    if targets.shape != logits.shape[:2] or mask.shape != logits.shape[:2]:
+        raise ValueError(f"{name}_targets and {name}_mask must have shape {tuple(logits.shape[:2])} (B, T) of "
+                         f"{name}_logits, got {tuple(targets.shape)} and {tuple(mask.shape)}")
+    mask = mask.to(torch.float32).contiguous()
+    # One host sync: an out-of-range target would make the kernel read outside its row.
+    bad = ((targets < 0) | (targets >= logits.shape[2])) & (mask != 0)
+    if bool(bad.any()):
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"{name}_targets{list(where)} = {int(targets[where])} is outside the vocabulary "
+                         f"[0, {logits.shape[2]}) on a response token")
+    return targets.contiguous(), mask
+
+
+def token_logps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                out: torch.Tensor | None = None, lse: torch.Tensor | None = None):
+    """(mask * log_softmax(logits)[target], logsumexp) per token, both (S, T) fp32, in one kernel."""
+    targets, mask = _check_sequences(logits, targets, mask, "sequence")
+    n_seqs, n_tokens, n_vocab = logits.shape
+    out = torch.empty(n_seqs, n_tokens, dtype=torch.float32, device=logits.device) if out is None else out
+    lse = torch.empty(n_seqs, n_tokens, dtype=torch.float32, device=logits.device) if lse is None else lse
+    for label, t in (("out", out), ("lse", lse)):
+        if t.shape != (n_seqs, n_tokens) or t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"{label} must be a contiguous fp32 tensor of shape {(n_seqs, n_tokens)}")
+    block_t, block_v, warps = _dpo_blocks(n_tokens, n_vocab)
+    dpo_token_logps_kernel[(n_seqs, triton.cdiv(n_tokens, block_t))](
+        logits, targets, mask, out, lse, logits.stride(0), logits.stride(1), n_tokens, n_vocab,
+        BLOCK_T=block_t, BLOCK_V=block_v, num_warps=warps)
+    return out, lse
+
+
+def sequence_logps(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of the response tokens' log-probs per sequence, (S,) fp32: the reference model's input."""
+    return token_logps(logits, targets, mask)[0].sum(-1)
+
+
+def dpo_grad(logits, targets, mask, lse, coef, out: torch.Tensor | None = None) -> torch.Tensor:
+    """d loss / d logits = coef[s] * mask * (onehot(target) - softmax(logits)), logits' dtype."""
+    n_seqs, n_tokens, n_vocab = logits.shape
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if out is None else out
+    block_t, block_v, warps = _dpo_blocks(n_tokens, n_vocab)
+    dpo_grad_kernel[(n_seqs, triton.cdiv(n_tokens, block_t))](
+        logits, targets, mask, lse, coef, out, logits.stride(0), logits.stride(1), n_tokens, n_vocab,
+        BLOCK_T=block_t, BLOCK_V=block_v, num_warps=warps)
+    return out
+
+
+class DPOLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits_c, logits_r, targets_c, targets_r, mask_c, mask_r, ref_c, ref_r, beta):
+        targets_c, mask_c = _check_sequences(logits_c, targets_c, mask_c, "chosen")
+        targets_r, mask_r = _check_sequences(logits_r, targets_r, mask_r, "rejected")
+        n_pairs = logits_c.shape[0]
+        if logits_r.shape[0] != n_pairs:
+            raise ValueError(f"chosen and rejected must hold the same number of pairs, got {n_pairs} and "
+                             f"{logits_r.shape[0]}")
+        common.check_tensors(ref_chosen_logps=ref_c, ref_rejected_logps=ref_r, ndim=1, contiguous=False,
+                             dtypes=(torch.float32, torch.float64))
+        if ref_c.shape[0] != n_pairs or ref_r.shape[0] != n_pairs:
+            raise ValueError(f"the reference log-probs must have shape ({n_pairs},), got {tuple(ref_c.shape)} "
+                             f"and {tuple(ref_r.shape)}")
+        if not isinstance(beta, (int, float)) or not beta > 0:
+            raise ValueError(f"beta must be a positive number, got {beta!r}")
+        logp_c, lse_c = token_logps(logits_c, targets_c, mask_c)
+        logp_r, lse_r = token_logps(logits_r, targets_r, mask_r)
+        dev = logits_c.device
+        loss, pc, pr, dldelta = (torch.empty(n_pairs, dtype=torch.float32, device=dev) for _ in range(4))
+        block_t = min(triton.next_power_of_2(max(logp_c.shape[1], logp_r.shape[1])), 1024)
+        dpo_pair_kernel[(n_pairs,)](logp_c, logp_r, ref_c.float().contiguous(), ref_r.float().contiguous(),
+                                    loss, pc, pr, dldelta, logp_c.shape[1], logp_r.shape[1], float(beta),
+                                    BLOCK_T=block_t)
+        ctx.save_for_backward(logits_c, logits_r, targets_c, targets_r, mask_c, mask_r, lse_c, lse_r, dldelta)
+        ctx.beta = float(beta)
+        ctx.mark_non_differentiable(pc, pr)
+        return loss.mean(), pc, pr
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_pc, _grad_pr):
+        logits_c, logits_r, targets_c, targets_r, mask_c, mask_r, lse_c, lse_r, dldelta = ctx.saved_tensors
+        # loss = mean_b loss_b, delta_b = beta * (pc_b - pr_b - ...): d loss / d pc_b = beta * dldelta_b / B
+        # and d loss / d pr_b is its negative. grad_loss stays on the device: no host sync.
+        coef = dldelta * (ctx.beta / dldelta.shape[0]) * grad_loss.float()
+        grad_c = dpo_grad(logits_c, targets_c, mask_c, lse_c, coef) if ctx.needs_input_grad[0] else None
+        grad_r = dpo_grad(logits_r, targets_r, mask_r, lse_r, -coef) if ctx.needs_input_grad[1] else None
+        return grad_c, grad_r, None, None, None, None, None, None, None
+
+
+def dpo_loss(logits_c, logits_r, targets_c, targets_r, mask_c, mask_r, ref_c, ref_r, beta: float = 0.1):
+    """(mean DPO loss, policy chosen log-probs, policy rejected log-probs); the loss is differentiable."""
+    return DPOLossFunction.apply(logits_c, logits_r, targets_c, targets_r, mask_c, mask_r, ref_c, ref_r, beta)
+
+
+# %% [markdown]
+# ### 4. Tensor parallelism
+# The MLP's first two weights are split by rows (column-parallel: each GPU computes its own
+# slice of the hidden units, no communication), the GeGLU runs on the local slice (it is
+# elementwise, so it splits too), and the down projection is split by columns (row-parallel:
+# each GPU produces a partial sum of the full output). One all_reduce adds the partial sums.
+
+
+def mlp_weights(dim: int, hidden: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The full MLP's weights, on the CPU in fp32, the same in every process for the same seed."""
+    g = torch.Generator().manual_seed(seed)
+    return {"w_gate": torch.randn(hidden, dim, generator=g) / dim**0.5,
+            "w_up": torch.randn(hidden, dim, generator=g) / dim**0.5,
+            "w_down": torch.randn(dim, hidden, generator=g) / hidden**0.5}
+
+
+def shard_mlp(weights: dict[str, torch.Tensor], rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    hidden = weights["w_gate"].shape[0]
+    if hidden % world_size:
+        raise ValueError(f"the hidden size {hidden} must divide by the number of ranks {world_size}")
+    part = slice(rank * hidden // world_size, (rank + 1) * hidden // world_size)
+    return {"w_gate": weights["w_gate"][part].contiguous(), "w_up": weights["w_up"][part].contiguous(),
+            "w_down": weights["w_down"][:, part].contiguous()}
+
+
+def geglu_mlp(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor) -> torch.Tensor:
+    """The MLP with lesson 08's fused GeGLU kernel between the matmuls."""
+    return L08.geglu_forward(x @ w_gate.T, x @ w_up.T) @ w_down.T
+
+
+def tensor_parallel_mlp(x: torch.Tensor, shard: dict[str, torch.Tensor], group=None) -> torch.Tensor:
+    """This rank's partial output, summed over the ranks of `group` by one all_reduce."""
+    import torch.distributed as dist
+
+    y = geglu_mlp(x, shard["w_gate"], shard["w_up"], shard["w_down"])
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=group)
+    return y
+
+
+def _tp_worker(workdir: Path) -> None:
+    """One rank of the tensor-parallel run (started by run_tensor_parallel as its own process)."""
+    import torch.distributed as dist
+
+    config = json.loads((workdir / "config.json").read_text())
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if config["backend"] == "nccl":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group(config["backend"], rank=rank, world_size=world_size)
+    weights = mlp_weights(config["dim"], config["hidden"], config["seed"])
+    x = torch.randn(config["tokens"], config["dim"], generator=torch.Generator().manual_seed(config["seed"] + 1))
+    x = x.to(device)
+    shard = {k: v.to(device) for k, v in shard_mlp(weights, rank, world_size).items()}
+    y_tp = tensor_parallel_mlp(x, shard)
+    if rank == 0:
+        # tp=1 in the same process, on the same device, with the same weights: the comparison.
+        full = {k: v.to(device) for k, v in weights.items()}
+        y_one = geglu_mlp(x, full["w_gate"], full["w_up"], full["w_down"])
+        torch.save({"tp": y_tp.cpu(), "one": y_one.cpu(), "x": x.cpu()}, workdir / "result.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_tensor_parallel(backend: str, world_size: int = 2, tokens: int = 5, dim: int = 24, hidden: int = 40,
+                        seed: int = 0, timeout_s: float = 300.0) -> dict:
+    """Start `world_size` processes running the TP MLP; return tp vs tp=1 vs float64 differences.
+
+    backend="nccl": one GPU per rank. backend="gloo": every rank on the CPU, Triton in its
+    interpreter (forced, so this also works on a machine with a GPU).
+    """
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"backend must be 'nccl' or 'gloo', got {backend!r}")
+    if backend == "nccl" and torch.cuda.device_count() < world_size:
+        raise ValueError(f"nccl with {world_size} ranks needs {world_size} GPUs, found {torch.cuda.device_count()}")
+    with tempfile.TemporaryDirectory(prefix="course12_tp_") as tmp:
+        workdir = Path(tmp)
+        (workdir / "config.json").write_text(json.dumps(dict(backend=backend, tokens=tokens, dim=dim,
+                                                             hidden=hidden, seed=seed)))
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+                   WORLD_SIZE=str(world_size), PYTHONUNBUFFERED="1")
+        if backend == "gloo":
+            env.update(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+            env.pop("COURSE_AUTO_INTERPRET", None)  # the interpreter is asked for, not a fallback
+        procs = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--tp-worker", str(workdir)],
+                                  env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for r in range(world_size)]
+        outputs, deadline = [], time.monotonic() + timeout_s
+        for proc in procs:
+            try:
+                outputs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+            except subprocess.TimeoutExpired:
+                for p in procs:
+                    p.kill()
+                raise RuntimeError(f"the {backend} tensor-parallel run did not finish in {timeout_s:.0f} s")
+        for r, (proc, out) in enumerate(zip(procs, outputs)):
+            if proc.returncode != 0:
+                raise RuntimeError(f"rank {r} ({backend}) exited {proc.returncode}:\n{out[-3000:]}")
+        result = torch.load(workdir / "result.pt")
+    weights = {k: v.double() for k, v in mlp_weights(dim, hidden, seed).items()}
+    y64 = geglu_mlp_reference(result["x"].double(), **weights)
+    scale = float(result["one"].abs().max())
+    return {"backend": backend, "world_size": world_size, "shape": (tokens, dim, hidden),
+            "tp_vs_one": float((result["tp"] - result["one"]).abs().max()) / scale,
+            "tp_vs_fp64": float((result["tp"].double() - y64).abs().max()) / scale,
+            "one_vs_fp64": float((result["one"].double() - y64).abs().max()) / scale}
+
+
+# %% [markdown]
+# ### 5. CUDA graphs and streams
+# A graph is captured once from real launches (after a warm-up on a side stream, so that Triton's
+# compilation and cuBLAS's workspace allocation happen outside the capture) and replayed with one
+# call. Inputs and outputs are fixed buffers: new data is copied into the static input.
+
+
+def capture_cuda_graph(fn, *static_inputs, warmup: int = 3):
+    """(graph, static output) of fn(*static_inputs); replay with graph.replay()."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn(*static_inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = fn(*static_inputs)
+    return graph, static_out
+
+
+class DecodeStack(nn.Module):
+    """A decode step at batch 1: per layer, TritonLayerNorm, two projections, GeGLU, a projection
+    and the residual add (6 kernels). Tiny tensors: launch cost, not bandwidth, sets the time."""
+
+    def __init__(self, dim: int, hidden: int, layers: int, dtype=torch.float16, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        make = lambda *shape: nn.Parameter((torch.randn(*shape, generator=g) / shape[-1] ** 0.5)  # noqa: E731
+                                           .to(common.DEVICE, dtype), requires_grad=False)
+        self.norms = nn.ModuleList(TritonLayerNorm(dim, device=common.DEVICE, dtype=dtype) for _ in range(layers))
+        self.w_gate = nn.ParameterList(make(hidden, dim) for _ in range(layers))
+        self.w_up = nn.ParameterList(make(hidden, dim) for _ in range(layers))
+        self.w_down = nn.ParameterList(make(dim, hidden) for _ in range(layers))
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for norm, wg, wu, wd in zip(self.norms, self.w_gate, self.w_up, self.w_down):
+            h = norm(x)
+            x = x + L08.geglu_forward(h @ wg.T, h @ wu.T) @ wd.T
+        return x
+
+
+def wall_us_per_call(fn, calls: int = 200, repeats: int = 5) -> float:
+    """Median over `repeats` of wall-clock time per call for `calls` back-to-back calls.
+
+    Launch overhead is CPU time, so this is the number a decode loop sees; CUDA events
+    (common.bench) time the GPU side, which waits for the CPU when launches are the bottleneck.
+    """
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(times)
+
+
+# %% [markdown]
+# ### 6. The capstone's model and data
+# A bigram language model (the next token from the current one) over a toy vocabulary, with
+# lesson 08's GeGLU in its MLP. The preference data: a prompt counts up from a random token;
+# the chosen response keeps counting (s+1, s+2, ...), the rejected one is random tokens.
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab: int, dim: int, hidden: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.gate = nn.Linear(dim, hidden, bias=False)
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+        self.head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, T, V)
+        x = self.embed(ids)
+        x = x + self.down(L08.geglu(self.gate(x), self.up(x)))
+        return self.head(x)
+
+
+def preference_pairs(n_pairs: int, vocab: int, prompt_len: int, response_len: int, seed: int) -> dict:
+    """Inputs, targets and response masks for the chosen and the rejected sequences, (B, T) each."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, vocab, (n_pairs, 1), generator=g)
+    prompt = (start + torch.arange(prompt_len)) % vocab
+    chosen = (prompt[:, -1:] + 1 + torch.arange(response_len)) % vocab
+    rejected = torch.randint(0, vocab, (n_pairs, response_len), generator=g)
+    mask = (torch.arange(prompt_len + response_len - 1) >= prompt_len - 1).expand(n_pairs, -1)
+    data = {}
+    for name, response in (("c", chosen), ("r", rejected)):
+        seq = torch.cat([prompt, response], dim=1)
+        data[f"ids_{name}"], data[f"targets_{name}"] = seq[:, :-1], seq[:, 1:]
+        data[f"mask_{name}"] = mask
+    data["prompt_last"] = prompt[:, -1]
+    return {k: v.contiguous().to(common.DEVICE) for k, v in data.items()}
+
+
+def _pair_logits(model: nn.Module, data: dict, idx=slice(None)):
+    """One forward pass over the chosen and rejected sequences together, split in two (views)."""
+    ids = torch.cat([data["ids_c"][idx], data["ids_r"][idx]])
+    logits = model(ids)
+    n = ids.shape[0] // 2
+    return logits[:n], logits[n:]
+
+
+@torch.no_grad()
+def reference_logps(model: nn.Module, data: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    logits_c, logits_r = _pair_logits(model, data)
+    return (sequence_logps(logits_c, data["targets_c"], data["mask_c"]),
+            sequence_logps(logits_r, data["targets_r"], data["mask_r"]))
+
+
+@torch.no_grad()
+def greedy_rule_accuracy(model: nn.Module, data: dict, steps: int, vocab: int) -> float:
+    """Fraction of greedily generated tokens that keep counting up (the preferred behaviour)."""
+    token, hits = data["prompt_last"], 0
+    for _ in range(steps):
+        nxt = model(token[:, None])[:, -1].argmax(-1)
+        hits += int((nxt == (token + 1) % vocab).sum())
+        token = nxt
+    return hits / (steps * token.numel())
+
+
+def train_dpo(steps: int, n_train: int, n_eval: int, batch: int, vocab: int, dim: int, hidden: int,
+              prompt_len: int = 3, response_len: int = 4, beta: float = 0.5, lr: float = 1e-2, seed: int = 0,
+              eval_every: int = 5) -> dict:
+    """DPO from a frozen copy of the initial model; the loss, margins and accuracy along the way."""
+    torch.manual_seed(seed)
+    policy = TinyLM(vocab, dim, hidden).to(common.DEVICE)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    train = preference_pairs(n_train, vocab, prompt_len, response_len, seed + 1)
+    held_out = preference_pairs(n_eval, vocab, prompt_len, response_len, seed + 2)
+    # The reference is frozen: its log-probs are computed once, not at every step.
+    ref_train, ref_eval = reference_logps(reference, train), reference_logps(reference, held_out)
+    opt = torch.optim.Adam(policy.parameters(), lr=lr)
+    history = {"step": [], "loss": [], "margin": [], "eval_step": [], "eval_accuracy": [], "eval_margin": []}
+
+    def evaluate(step):
+        pc, pr = reference_logps(policy, held_out)  # the same sums, for the policy
+        margin = beta * ((pc - ref_eval[0]) - (pr - ref_eval[1]))
+        history["eval_step"].append(step)
+        history["eval_accuracy"].append(float((margin > 0).float().mean()))
+        history["eval_margin"].append(float(margin.mean()))
+
+    history["rule_before"] = greedy_rule_accuracy(policy, held_out, response_len, vocab)
+    gen = torch.Generator().manual_seed(seed + 3)
+    for step in range(steps):
+        if step % eval_every == 0:
+            evaluate(step)
+        idx = torch.randperm(n_train, generator=gen)[:batch].to(common.DEVICE)
+        logits_c, logits_r = _pair_logits(policy, train, idx)
+        loss, pc, pr = dpo_loss(logits_c, logits_r, train["targets_c"][idx], train["targets_r"][idx],
+                                train["mask_c"][idx], train["mask_r"][idx], ref_train[0][idx], ref_train[1][idx],
+                                beta)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        history["step"].append(step)
+        history["loss"].append(float(loss.detach()))
+        history["margin"].append(float((beta * ((pc - ref_train[0][idx]) - (pr - ref_train[1][idx]))).mean()))
+    evaluate(steps)
+    history["rule_after"] = greedy_rule_accuracy(policy, held_out, response_len, vocab)
+    return history
+
+
+# %% [markdown]
+# ## Check
+# The registered op against float64 (forward and autograd), `opcheck`'s four tests,
+# torch.compile(fullgraph=True) forward and backward; the module's errors and fallbacks; the DPO
+# kernels against float64 autograd on awkward sizes with poisoned outputs.
+
+
+def grads_float64(fn, inputs, dy=None):
+    xs = [t.detach().double().requires_grad_() for t in inputs]
+    y = fn(*xs)
+    return y.detach(), torch.autograd.grad(y, xs, None if dy is None else dy.double())
+
+
+def grads_of(fn, inputs, dy=None):
+    xs = [t.detach().clone().requires_grad_() for t in inputs]
+    y = fn(*xs)
+    return y.detach(), torch.autograd.grad(y, xs, dy)
+
+
+def _dtypes(quick: bool) -> list[torch.dtype]:
+    if common.HAS_GPU and quick:
+        return [torch.float32, torch.bfloat16]
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if common.supports_bf16() else [])
+
+
+def check_layer_norm_op(quick: bool) -> None:
+    for dtype in _dtypes(quick):
+        for shape in ((int(torch.randint(3, 40, ()).item()), common.awkward_sizes(1, lo=100, hi=1500)[0]),
+                      (2, 3, 17)):
+            x = common.randn(*shape, dtype=dtype, scale=2.0) + 0.5
+            w, b = common.randn(shape[-1], dtype=dtype), common.randn(shape[-1], dtype=dtype)
+            dy = common.randn(*shape, dtype=dtype)
+            name = f"{shape} {str(dtype).removeprefix('torch.')}"
+            y_ref, grads_ref = grads_float64(layer_norm_reference, (x, w, b), dy)
+            y, grads = grads_of(layer_norm, (x, w, b), dy)
+            common.assert_close(y, y_ref, name=f"layer_norm op forward {name}")
+            for label, got, want in zip(("dx", "dw", "db"), grads, grads_ref):
+                common.assert_close(got, want, name=f"layer_norm op backward {label} {name}")
+    print(f"{NAMESPACE}::layer_norm_fwd / _bwd ({OP_KIND}) forward and autograd match float64: OK")
+
+
+def run_opcheck() -> dict:
+    """torch.library.opcheck on both ops: schema, autograd registration, fake tensors, AOT dispatch."""
+    x, w, b = common.randn(5, 33, scale=2.0), common.randn(33), common.randn(33)
+    results = {}
+    results["layer_norm_fwd"] = torch.library.opcheck(
+        layer_norm_fwd_op, (x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), 1e-5))
+    y, mean, rstd = layer_norm_fwd_op(x.detach(), w.detach(), b.detach(), 1e-5)
+    results["layer_norm_bwd"] = torch.library.opcheck(layer_norm_bwd_op, (common.randn(5, 33), x.detach(),
+                                                                          w.detach(), mean, rstd))
+    return results
+
+
+def compile_backend() -> str:
+    # Inductor compiles Triton kernels for GPU tensors only; on the CPU it would need a C++
+    # toolchain and still cannot run a Triton kernel on cpu tensors. aot_eager traces the same
+    # graph (dynamo + AOT autograd, where fullgraph breaks would show) and runs it eagerly.
+    return "inductor" if common.HAS_GPU else "aot_eager"
+
+
+def check_compile() -> None:
+    """torch.compile(fullgraph=True) of a function using the op: no graph break, same values and grads."""
+    def block(x, w, b):
+        return torch.relu(layer_norm(x, w, b) * 2.0 + 1.0)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend=compile_backend())
+    x, w, b, dy = common.randn(7, 129), common.randn(129), common.randn(129), common.randn(7, 129)
+    ref = lambda x_, w_, b_: torch.relu(layer_norm_reference(x_, w_, b_) * 2.0 + 1.0)  # noqa: E731
+    y_ref, grads_ref = grads_float64(ref, (x, w, b), dy)
+    y, grads = grads_of(compiled, (x, w, b), dy)
+    common.assert_close(y, y_ref, name="torch.compile(fullgraph=True) forward")
+    for label, got, want in zip(("dx", "dw", "db"), grads, grads_ref):
+        common.assert_close(got, want, name=f"torch.compile(fullgraph=True) backward {label}")
+    print(f"torch.compile(fullgraph=True, backend={compile_backend()!r}): no graph break, forward and "
+          f"backward match float64: OK")
+
+
+def check_module() -> list[tuple[str, str]]:
+    """The module's errors and fallbacks; returns (input, what happened) rows."""
+    norm = TritonLayerNorm(48, device=common.DEVICE)
+    with torch.no_grad():
+        norm.weight.copy_(common.randn(48))
+        norm.bias.copy_(common.randn(48))
+    x = common.randn(6, 48)
+    common.assert_close(norm(x), layer_norm_reference(x.double(), norm.weight.double(), norm.bias.double()),
+                        name="TritonLayerNorm forward")
+    rows = [("fp32 (6, 48)", "kernel")]
+    cases = [("float64 (6, 48)", x.double()), ("fp32 (6, 48) on the CPU" if common.HAS_GPU else
+                                                "bfloat16 (6, 48)", x.cpu() if common.HAS_GPU else x.bfloat16())]
+    for label, inp in cases:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = norm(inp)
+            norm(inp)  # a second call: no second warning
+        ours = [w for w in caught if "TritonLayerNorm falls back" in str(w.message)]
+        ref = layer_norm_reference(inp.double(), norm.weight.double().to(inp.device), norm.bias.double().to(inp.device))
+        common.assert_close(out, ref, name=f"TritonLayerNorm fallback {label}")
+        rows.append((label, f"fallback: {norm.fallback_reason(inp)}; warned {len(ours)} time(s) in 2 calls"))
+    for label, bad in (("a list", [1.0] * 48), ("int64 (6, 48)", torch.ones(6, 48, dtype=torch.int64)),
+                       ("fp32 (6, 47)", common.randn(6, 47))):
+        try:
+            norm(bad)
+            rows.append((label, "no error (wrong!)"))
+        except (TypeError, ValueError) as err:
+            rows.append((label, f"{type(err).__name__}: {err}"))
+    model = nn.Sequential(nn.Linear(48, 48), nn.LayerNorm(48), nn.GELU(), nn.LayerNorm(48)).to(common.DEVICE)
+    before = model(x)
+    swapped = swap_layer_norms(model)
+    common.assert_close(model(x), before.double(), name="a model after swap_layer_norms", atol=1e-4, rtol=1e-4)
+    rows.append(("nn.Sequential with 2 nn.LayerNorm", f"swap_layer_norms replaced {swapped}, same output"))
+    return rows
+
+
+def _dpo_case(n_pairs, t_c, t_r, n_vocab, dtype, scale=3.0, shift=0.0):
+    """Random logits, targets (prompt tokens carry -100) and masks with a prompt and padding."""
+    def side(t):
+        logits = common.randn(n_pairs, t, n_vocab, dtype=dtype, scale=scale) + shift
+        targets = torch.randint(0, n_vocab, (n_pairs, t), device=common.DEVICE)
+        mask = torch.ones(n_pairs, t, dtype=torch.bool, device=common.DEVICE)
+        prompt = torch.randint(0, max(1, t - 1), (n_pairs,)).tolist()
+        for i, p in enumerate(prompt):
+            mask[i, :p] = False  # the prompt: not scored
+            if i % 2 and t - p > 2:
+                mask[i, -1] = False  # padding at the end of a shorter response
+        targets[~mask] = -100
+        targets[0, -1] = n_vocab - 1  # the last class: the tail chunk's last column
+        mask[0, -1] = True
+        return logits, targets, mask
+    logits_c, targets_c, mask_c = side(t_c)
+    logits_r, targets_r, mask_r = side(t_r)
+    ref_c = common.randn(n_pairs, scale=4.0) - 10.0
+    ref_r = common.randn(n_pairs, scale=4.0) - 10.0
+    return logits_c, logits_r, targets_c, targets_r, mask_c, mask_r, ref_c, ref_r
+
+
+def _dpo_grad_tolerance(dtype: torch.dtype) -> dict:
+    # dlogits = coef * (onehot - p), compared after dividing by coef's scale beta / B: entries of
+    # order p (most far below 1/V); the atol sees errors in probabilities near 1/V.
+    return {torch.float32: dict(atol=1e-6, rtol=1e-5), torch.float16: dict(atol=1e-4, rtol=2e-3),
+            torch.bfloat16: dict(atol=1e-3, rtol=1.6e-2)}[dtype]
+
+
+def check_dpo_once(case, beta: float, name: str) -> None:
+    """Loss, sequence log-probs and both logit gradients against float64 autograd."""
+    logits_c, logits_r, targets_c, targets_r, mask_c, mask_r, ref_c, ref_r = case
+    n_pairs = logits_c.shape[0]
+    ref = lambda lc, lr: dpo_loss_reference(lc, lr, targets_c, targets_r, mask_c, mask_r,  # noqa: E731
+                                            ref_c.double(), ref_r.double(), beta)
+    loss_ref, (gc_ref, gr_ref) = grads_float64(ref, (logits_c, logits_r))
+    lc, lr = logits_c.detach().clone().requires_grad_(), logits_r.detach().clone().requires_grad_()
+    loss, pc, pr = dpo_loss(lc, lr, targets_c, targets_r, mask_c, mask_r, ref_c, ref_r, beta)
+    gc, gr = torch.autograd.grad(loss, (lc, lr))
+    common.assert_close(loss.detach(), loss_ref, name=f"dpo loss {name}", atol=1e-5, rtol=1e-5)
+    common.assert_close(pc, sequence_logps_reference(logits_c.double(), targets_c, mask_c),
+                        name=f"dpo chosen log-probs {name}", atol=1e-3, rtol=1e-5)
+    common.assert_close(pr, sequence_logps_reference(logits_r.double(), targets_r, mask_r),
+                        name=f"dpo rejected log-probs {name}", atol=1e-3, rtol=1e-5)
+    unit = n_pairs / beta
+    tol = _dpo_grad_tolerance(logits_c.dtype)
+    common.assert_close(gc * unit, gc_ref * unit, name=f"dpo dlogits chosen x B/beta {name}", **tol)
+    common.assert_close(gr * unit, gr_ref * unit, name=f"dpo dlogits rejected x B/beta {name}", **tol)
+
+
+def check_dpo(quick: bool) -> list:
+    vocabs = common.awkward_sizes(1 if quick or common.INTERPRETER else 2, lo=100,
+                                  hi=600 if common.INTERPRETER else 40_000, include=(17,))
+    for dtype in _dtypes(quick):
+        for n_vocab in vocabs:
+            n_pairs = int(torch.randint(2, 5 if common.INTERPRETER else 9, ()).item())
+            t_c, t_r = (int(t) for t in torch.randint(2, 9 if common.INTERPRETER else 40, (2,)))
+            case = _dpo_case(n_pairs, t_c, t_r, n_vocab, dtype)
+            check_dpo_once(case, 0.1, f"B={n_pairs} Tc={t_c} Tr={t_r} V={n_vocab} {dtype}")
+            # Poisoned outputs: every token of the (S, T) arrays must be written, nothing past them.
+            logits, targets, mask = case[0], case[2], case[4]
+            out = common.poisoned_empty(n_pairs, t_c)
+            lse = common.poisoned_empty(n_pairs, t_c)
+            token_logps(logits, targets, mask, out=out, lse=lse)
+            logp = torch.log_softmax(logits.double(), -1).gather(-1, torch.where(mask, targets, 0)[..., None])[..., 0]
+            common.assert_close(out, logp * mask, name=f"token_logps (poisoned out) V={n_vocab} {dtype}",
+                                atol=1e-3 if dtype != torch.float32 else 1e-5)
+            check_guards(lse, "token_logps lse")
+            grad = common.poisoned_empty(*logits.shape, dtype=dtype)
+            coef = common.randn(n_pairs)
+            dpo_grad(logits, targets, mask.float(), lse, coef, out=grad)
+            p = torch.softmax(logits.double(), -1)
+            onehot = F.one_hot(torch.where(mask, targets, 0), n_vocab).double()
+            want = coef.double()[:, None, None] * mask.double()[..., None] * (onehot - p)
+            common.assert_close(grad, want, name=f"dpo_grad (poisoned out) V={n_vocab} {dtype}",
+                                **_dpo_grad_tolerance(dtype))
+    shifted = _dpo_case(3, 5, 4, 300, torch.float32, shift=100.0)  # exp(100) overflows fp32
+    check_dpo_once(shifted, 0.1, "logits shifted by +100")
+    strong = _dpo_case(3, 5, 4, 50, torch.float32, scale=30.0)  # |delta| far past where sigmoid saturates
+    check_dpo_once(strong, 5.0, "beta 5, logits of scale 30")
+    print(f"dpo_loss forward, chosen / rejected log-probs and both dlogits match float64 autograd for V in "
+          f"{vocabs} (prompt and padding masked, Tc != Tr, shift +100, saturated sigmoid): OK")
+    return vocabs
+
+
+def check(quick: bool) -> None:
+    section("Check: the registered op, the module, and the DPO kernels against float64")
+    print(f"op kind here: {OP_KIND} (namespace {NAMESPACE})")
+    check_layer_norm_op(quick)
+    start = time.perf_counter()
+    results = run_opcheck()
+    for op, tests in results.items():
+        print(f"torch.library.opcheck({NAMESPACE}::{op}): " + ", ".join(f"{k} {v}" for k, v in tests.items())
+              + f"  ({time.perf_counter() - start:.1f} s)")
+    check_compile()
+    print("TritonLayerNorm(48), what each input gets:")
+    for what, result in check_module():
+        print(f"  {what:<34} -> {result}")
+    check_dpo(quick)
+    if not common.supports_bf16():
+        print("bfloat16: skipped, the interpreter has no bfloat16 (numpy lacks it); runs on a GPU")
+
+
+# %% [markdown]
+# ## Several GPUs
+# world_size = 2 processes, each holding half of the MLP's hidden units. The bar: the result
+# equals the single-process result (same seed, same weights) to fp32 rounding.
+
+
+def tensor_parallel(quick: bool) -> None:
+    section("Several GPUs: tensor-parallel GeGLU MLP, tp=2 vs tp=1")
+    runs = []
+    if common.HAS_GPU and torch.cuda.device_count() >= 2:
+        runs.append(("nccl", dict(tokens=257, dim=1024, hidden=4096)))
+    elif common.HAS_GPU:
+        print(f"NCCL over two GPUs needs two GPUs; this machine has {torch.cuda.device_count()}. Running the "
+              f"same code with gloo on the CPU (Triton in its interpreter) so the logic is still shown.")
+    if not runs or not quick:
+        runs.append(("gloo", dict(tokens=5, dim=24, hidden=40)))
+    table = Table("tensor-parallel MLP: max |difference| / max |tp=1 output|",
+                  ["backend", "ranks", "tokens x dim x hidden", "tp=2 vs tp=1", "tp=2 vs float64", "tp=1 vs float64",
+                   "time"])
+    for backend, sizes in runs:
+        start = time.perf_counter()
+        r = run_tensor_parallel(backend, **sizes)
+        table.add(backend + (" (CPU)" if backend == "gloo" else " (2 GPUs)"), r["world_size"],
+                  " x ".join(map(str, r["shape"])), f"{r['tp_vs_one']:.2e}", f"{r['tp_vs_fp64']:.2e}",
+                  f"{r['one_vs_fp64']:.2e}", f"{time.perf_counter() - start:.1f} s")
+        runs[runs.index((backend, sizes))] = (backend, r)
+    table.print()
+    print("Both sides are fp32: the all_reduce adds two partial sums of the down projection, so tp=2 and tp=1 "
+          "round differently, by about fp32's epsilon (1.2e-7) times the output, no more. time: process start, "
+          "imports and the run.")
+    for backend, r in runs:
+        common.perf_bar(f"tensor-parallel MLP {' x '.join(map(str, r['shape']))} fp32, tp=2 ({backend}) matches "
+                        f"tp=1: max |difference| / max |output|", r["tp_vs_one"] * 1e6, 10, "ppm",
+                        higher_is_better=False)
+
+
+# %% [markdown]
+# ## Benchmark
+# GPU only. (1) A decode step at batch 1: eager, CUDA-graph replay, and two independent steps
+# on one stream vs two streams inside one graph. (2) The profiler's kernel table of that step.
+# (3) The fused DPO loss against eager PyTorch: time and peak memory.
+
+
+def _decode_setup(quick: bool):
+    dim, hidden, layers = 1024, 2816, 4 if quick else 8
+    return dim, hidden, layers
+
+
+def benchmark_decode(quick: bool) -> dict:
+    dim, hidden, layers = _decode_setup(quick)
+    section(f"Benchmark: a decode step at batch 1 ({layers} layers, dim {dim}, hidden {hidden}, fp16)")
+    stack_a = DecodeStack(dim, hidden, layers, seed=1)
+    stack_b = DecodeStack(dim, hidden, layers, seed=2)
+    x_a = torch.randn(1, dim, device="cuda", dtype=torch.float16)
+    x_b = torch.randn(1, dim, device="cuda", dtype=torch.float16)
+    launches = count_kernels(lambda: stack_a(x_a))
+    graph, out = capture_cuda_graph(stack_a, x_a)
+
+    def replay_with(new_x):
+        x_a.copy_(new_x)  # new data into the static input, then one call for all the launches
+        graph.replay()
+        return out
+
+    for trial in range(2):  # a replay must follow its new input: a stale buffer shows here
+        fresh = torch.randn(1, dim, device="cuda", dtype=torch.float16)
+        common.assert_close(replay_with(fresh).clone(), stack_a(fresh).double(), name=f"graph replay {trial}",
+                            atol=1e-2, rtol=1e-2)
+    serial, _ = capture_cuda_graph(lambda a, b: (stack_a(a), stack_b(b)), x_a, x_b)
+
+    def two_streams(a, b):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())  # fork: the side stream starts after the inputs
+        out_a = stack_a(a)
+        with torch.cuda.stream(side):
+            out_b = stack_b(b)
+        torch.cuda.current_stream().wait_stream(side)  # join: the step ends when both have
+        return out_a, out_b
+
+    parallel, _ = capture_cuda_graph(two_streams, x_a, x_b)
+    rows = {
+        "eager, 1 step": (lambda: stack_a(x_a), launches),
+        "CUDA graph, 1 step": (graph.replay, launches),
+        "eager, 2 independent steps": (lambda: (stack_a(x_a), stack_b(x_b)), 2 * launches),
+        "eager, 2 steps on 2 streams": (lambda: two_streams(x_a, x_b), 2 * launches),
+        "CUDA graph, 2 steps, 1 stream": (serial.replay, 2 * launches),
+        "CUDA graph, 2 steps, 2 streams": (parallel.replay, 2 * launches),
+    }
+    table = Table(f"decode step, batch 1, {layers} layers: wall clock per call (200 calls back to back) and GPU "
+                  f"time (common.bench)", ["provider", "kernels", "wall us / call", "GPU us (bench)",
+                                           "us per kernel (wall)"])
+    wall = {}
+    for name, (fn, kernels) in rows.items():
+        wall[name] = wall_us_per_call(fn)
+        table.add(name, kernels, wall[name], common.bench(fn).ms * 1e3, wall[name] / kernels)
+    table.print()
+    saved = wall["eager, 1 step"] - wall["CUDA graph, 1 step"]
+    print(f"launch overhead saved by the graph: {saved:.1f} us per step, {saved / launches:.2f} us per kernel "
+          f"launch ({launches} kernels per step, measured by the profiler).")
+    overlap = wall["CUDA graph, 2 steps, 1 stream"] - wall["CUDA graph, 2 steps, 2 streams"]
+    print(f"two streams inside the graph: {overlap:.1f} us less per pair of steps than one stream (batch-1 "
+          f"kernels leave most SMs idle, so two independent ones can run side by side).")
+    speedup = wall["eager, 1 step"] / wall["CUDA graph, 1 step"]
+    if not quick:
+        common.perf_bar(f"decode step ({layers} layers, batch 1): eager wall time / CUDA-graph wall time",
+                        speedup, 2.0, "x")
+    return {"stack": stack_a, "x": x_a, "launches": launches}
+
+
+def count_kernels(fn) -> int:
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def profile_step(fn, title: str) -> None:
+    """torch.profiler's view of one call: every GPU kernel with its count and time, and CPU vs GPU."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        fn()
+        cpu_us = (time.perf_counter() - start) * 1e6
+        torch.cuda.synchronize()
+    kernels: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            entry = kernels.setdefault(e.name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += e.time_range.elapsed_us()
+    table = Table(f"torch.profiler: GPU kernels of {title}", ["kernel", "calls", "GPU us total", "us per call"])
+    for name, (calls, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1]):
+        table.add(name if len(name) <= 70 else name[:67] + "...", calls, us, us / calls)
+    table.print()
+    gpu_us = sum(us for _, us in kernels.values())
+    print(f"{sum(c for c, _ in kernels.values())} kernels, {gpu_us:.1f} us of GPU time; the CPU spent "
+          f"{cpu_us:.1f} us issuing them. When the CPU time is the larger, launches set the pace.")
+
+
+def benchmark_dpo(quick: bool) -> None:
+    n_pairs, n_tokens, n_vocab = (4, 256, 32000) if quick else (8, 512, 32000)
+    dtype = torch.bfloat16
+    section(f"Benchmark: DPO loss forward + backward, {n_pairs} pairs x {n_tokens} tokens x V {n_vocab} bf16")
+    case = _dpo_case(n_pairs, n_tokens, n_tokens, n_vocab, dtype)
+    logits_c, logits_r, targets_c, targets_r, mask_c, mask_r, ref_c, ref_r = case
+    lc, lr = logits_c.requires_grad_(), logits_r.requires_grad_()
+    stv = logits_c.numel() * logits_c.element_size()
+    providers = {
+        "torch eager (fp32 log_softmax)": lambda: torch.autograd.grad(
+            dpo_loss_reference(lc, lr, targets_c, targets_r, mask_c, mask_r, ref_c, ref_r, 0.1), (lc, lr)),
+        "triton (DPOLossFunction)": lambda: torch.autograd.grad(
+            dpo_loss(lc, lr, targets_c, targets_r, mask_c, mask_r, ref_c, ref_r, 0.1)[0], (lc, lr)),
+    }
+    # The minimum: read both logits once, write both gradients once.
+    nbytes = 4 * stv
+    table = Table(f"DPO fwd+bwd: GB/s of the minimum bytes (read 2 x logits, write 2 x grads = "
+                  f"{fmt_bytes(nbytes)})", ["provider", "time", "GB/s", "% copy", "peak extra memory"])
+    times, mems = {}, {}
+    for name, fn in providers.items():
+        times[name] = common.bench(fn)
+        mems[name] = common.peak_extra_memory(fn)
+        table.add(name, str(times[name]), times[name].gbps(nbytes), common.pct_of_copy(times[name].gbps(nbytes)),
+                  fmt_bytes(mems[name]))
+    table.print()
+    eager, ours = times["torch eager (fp32 log_softmax)"], times["triton (DPOLossFunction)"]
+    print(f"triton is {eager.ms / ours.ms:.2f}x faster and allocates "
+          f"{mems['torch eager (fp32 log_softmax)'] / max(mems['triton (DPOLossFunction)'], 1):.1f}x less beyond "
+          f"the logits (the kernel reads the logits twice: forward and backward).")
+    if not quick:
+        common.perf_bar(f"DPO loss fwd+bwd {n_pairs}x{n_tokens}x{n_vocab} bf16: speed vs eager (torch time / "
+                        f"triton time)", eager.ms / ours.ms, 2.0, "x")
+
+
+def ncu_dram_bytes() -> None:
+    """Nsight Compute measures the DRAM bytes of the LayerNorm and GeGLU kernels in a child process."""
+    section("Profile: Nsight Compute, measured DRAM bytes vs the modelled minimum")
+    ncu = shutil.which("ncu")
+    if ncu is None:
+        print("Nsight Compute (ncu) is not on PATH: no measured DRAM bytes. Install it with the CUDA toolkit "
+              "(or add its folder to PATH) and run with --profile again; the torch.profiler view above is what "
+              "this run can show.")
+        return
+    if not common.HAS_GPU:
+        print("ncu is installed, but measuring DRAM bytes needs a CUDA GPU.")
+        return
+    cmd = [ncu, "--metrics", "dram__bytes_read.sum,dram__bytes_write.sum", "--kernel-name",
+           "regex:layernorm_fwd_kernel|geglu_fwd_kernel", "--launch-count", "2", "--csv", "--print-units", "base",
+           sys.executable, str(Path(__file__).resolve()), "--ncu-target"]
+    print("running: " + " ".join(cmd[:9]) + " python 12_production.py --ncu-target")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    modelled, measured = {}, {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("@@min "):
+            _, kernel, nbytes, what = line.split(" ", 3)
+            modelled[kernel] = (int(nbytes), what)
+    rows = [r for r in csv.reader(l for l in proc.stdout.splitlines() if l.startswith('"'))]
+    if rows:
+        head = rows[0]
+        try:
+            k_col, m_col, v_col = head.index("Kernel Name"), head.index("Metric Name"), head.index("Metric Value")
+            for r in rows[1:]:
+                kernel = next((k for k in modelled if k in r[k_col]), r[k_col])
+                measured.setdefault(kernel, {})[r[m_col]] = float(r[v_col].replace(",", ""))
+        except (ValueError, IndexError):
+            measured = {}
+    if proc.returncode != 0 or not measured:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
+        print(f"ncu gave no metrics (exit {proc.returncode}); its last lines:\n{tail}\n(hardware counters may "
+              f"need permission: ERR_NVGPUCTRPERM means run as root or allow profiling for all users)")
+        return
+    table = Table("DRAM traffic: Nsight Compute's counters vs common.min_bytes (each tensor moved once)",
+                  ["kernel", "what", "modelled", "measured read", "measured write", "measured / modelled"])
+    for kernel, (minimum, what) in modelled.items():
+        got = measured.get(kernel, {})
+        read, write = got.get("dram__bytes_read.sum", float("nan")), got.get("dram__bytes_write.sum", float("nan"))
+        table.add(kernel, what, fmt_bytes(minimum), fmt_bytes(read), fmt_bytes(write), (read + write) / minimum)
+    table.print()
+    print("ncu flushes the caches before each measured kernel (--cache-control all), so every byte comes from "
+          "DRAM. A ratio near 1.00 says the kernel moves each byte once, as the model assumes.")
+
+
+def _ncu_target() -> None:
+    """The child ncu profiles: each kernel launched once on tensors far larger than L2."""
+    m, n = 8192, 4096
+    x = torch.randn(m, n, device="cuda", dtype=torch.float16)
+    w = torch.randn(n, device="cuda", dtype=torch.float16)
+    b = torch.randn(n, device="cuda", dtype=torch.float16)
+    y, mean, rstd = layer_norm_fwd_op(x, w, b, 1e-5)
+    print(f"@@min layernorm_fwd_kernel {common.min_bytes(x, w, b, y, mean, rstd)} {m}x{n} fp16: read x, w, b; "
+          f"write y, mean, rstd", flush=True)
+    a, g = torch.randn(2**25, device="cuda", dtype=torch.float16), torch.randn(2**25, device="cuda", dtype=torch.float16)
+    h = L08.geglu_forward(a, g)
+    print(f"@@min geglu_fwd_kernel {common.min_bytes(a, g, h)} 2^25 fp16: read a, b; write h", flush=True)
+    torch.cuda.synchronize()
+
+
+def profile(quick: bool) -> None:
+    """What --profile (make profile LESSON=12) runs: the profiler table, then Nsight Compute."""
+    section("Profile: torch.profiler, one decode step")
+    if not common.HAS_GPU:
+        print(common.require_gpu("torch.profiler kernel times"))
+        print("Nsight Compute (ncu) " + ("is on PATH" if shutil.which("ncu") else "is not on PATH")
+              + "; measured DRAM bytes need a CUDA GPU too.")
+        return
+    dim, hidden, layers = _decode_setup(quick)
+    stack = DecodeStack(dim, hidden, layers, seed=1)
+    x = torch.randn(1, dim, device="cuda", dtype=torch.float16)
+    profile_step(lambda: stack(x), f"one eager decode step ({layers} layers, batch 1)")
+    ncu_dram_bytes()
+
+
+# %% [markdown]
+# ## Capstone: DPO on a tiny model
+# A few hundred steps on a GPU (a few dozen in the interpreter): the loss starts at log 2 (the
+# policy equals the reference), the reward margin grows, held-out preference accuracy rises,
+# and the greedy generations follow the preferred rule.
+
+
+def capstone(quick: bool) -> None:
+    if common.INTERPRETER:
+        sizes = dict(steps=24, n_train=8, n_eval=8, batch=8, vocab=16, dim=16, hidden=32, lr=2e-2, eval_every=4)
+    else:
+        sizes = dict(steps=150 if quick else 300, n_train=1024, n_eval=256, batch=64, vocab=64, dim=64, hidden=128,
+                     lr=1e-2, eval_every=10)
+    section(f"Capstone: DPO, {sizes['steps']} steps, vocabulary {sizes['vocab']}, batch {sizes['batch']} pairs")
+    start = time.perf_counter()
+    history = train_dpo(**sizes)
+    took = time.perf_counter() - start
+    table = Table("DPO training: held-out pairs", ["step", "preference accuracy", "mean reward margin"])
+    for step, acc, margin in zip(history["eval_step"], history["eval_accuracy"], history["eval_margin"]):
+        table.add(step, acc, margin)
+    table.print()
+    print(f"training loss: {history['loss'][0]:.4f} at step 0 (log 2 = 0.6931: policy = reference), "
+          f"{statistics.mean(history['loss'][-5:]):.4f} over the last 5 steps ({took:.1f} s)")
+    print(f"greedy generations that keep counting (the chosen behaviour): {100 * history['rule_before']:.0f}% "
+          f"before, {100 * history['rule_after']:.0f}% after")
+    print("preference accuracy: held-out pairs whose reward margin beta * ((pc - rc) - (pr - rr)) is > 0; at step "
+          "0 every margin is exactly 0 (policy = reference), so it starts at 0.")
+    fig, ax = common.new_figure("DPO on a tiny bigram LM: loss and held-out accuracy", "step", "DPO loss")
+    ax.plot(history["step"], history["loss"], label="training loss", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(history["eval_step"], history["eval_accuracy"], label="held-out preference accuracy",
+             color="tab:orange", marker="o", markersize=3)
+    ax2.plot(history["eval_step"], history["eval_margin"], label="held-out mean reward margin", color="tab:green")
+    ax2.set_ylabel("accuracy / margin")
+    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="center right")
+    common.save_plot(fig, "12_production_dpo")
+
+
+# %% [markdown]
+# ## Takeaways
+# - A kernel becomes an operator with torch.library: a schema, a fake implementation (or a
+#   traceable body with triton_op), register_autograd. opcheck proves the registration, and
+#   torch.compile(fullgraph=True) proves nothing breaks the graph.
+# - Wrap it in an nn.Module that raises clear errors for impossible input and falls back (with
+#   one warning) where the kernel does not apply.
+# - At batch 1, launches cost more than the kernels: CUDA graphs replay them in one call; streams
+#   let independent small kernels share the GPU. Measure both, with wall clock.
+# - Profile before optimising: torch.profiler for the kernels of a step, Nsight Compute for the
+#   bytes a kernel really moves against the model.
+# - Tensor parallelism: column-parallel, then row-parallel, one all_reduce; check it against one
+#   process to rounding.
+# - A preference loss is a cross-entropy in disguise: the same online logsumexp, the gradient
+#   onehot - softmax, scaled per sequence by the pair's sigmoid.
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", action="store_true",
+                        help="only profile: torch.profiler's kernel table of a decode step, then Nsight Compute "
+                             "(ncu) DRAM bytes of the LayerNorm and GeGLU kernels (what `make profile` runs)")
+    parser.add_argument("--tp-worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--ncu-target", action="store_true", help=argparse.SUPPRESS)
+
+
+if __name__ == "__main__":
+    if "--tp-worker" in sys.argv or "--ncu-target" in sys.argv:  # child processes: no banner, no lesson
+        hidden = argparse.ArgumentParser()
+        _add_arguments(hidden)
+        child = hidden.parse_known_args()[0]
+        _tp_worker(child.tp_worker) if child.tp_worker else _ncu_target()
+        sys.exit(0)
+    args = common.lesson_args(__doc__.strip().splitlines()[0], add_arguments=_add_arguments)
+    started = time.perf_counter()
+    if args.profile:
+        profile(args.quick)
+        sys.exit(0)
+    check(args.quick)
+    print(f"\n(checks done at {time.perf_counter() - started:.1f} s)")
+    tensor_parallel(args.quick)
+    print(f"(tensor parallel done at {time.perf_counter() - started:.1f} s)")
+    if common.HAS_GPU:
+        decode = benchmark_decode(args.quick)
+        section("Profile: torch.profiler, one decode step")
+        profile_step(lambda: decode["stack"](decode["x"]), "one eager decode step")
+        print("Measured DRAM bytes per kernel (Nsight Compute): python lessons/expert/12_production.py --profile")
+        benchmark_dpo(args.quick)
+        print(f"(benchmarks done at {time.perf_counter() - started:.1f} s)")
+    else:
+        print("\n" + common.require_gpu("Benchmarks (CUDA graphs, streams, torch.profiler, DPO loss timing)"))
+    capstone(args.quick)
+    print(f"\n(done at {time.perf_counter() - started:.1f} s)")
