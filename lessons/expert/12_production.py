@@ -1159,8 +1159,9 @@ def benchmark_decode(quick: bool) -> dict:
                             atol=1e-2, rtol=1e-2)
     serial, _ = capture_cuda_graph(lambda a, b: (stack_a(a), stack_b(b)), x_a, x_b)
 
+    side = torch.cuda.Stream()
+
     def two_streams(a, b):
-        side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())  # fork: the side stream starts after the inputs
         out_a = stack_a(a)
         with torch.cuda.stream(side):

@@ -1,0 +1,291 @@
+"""Lesson 12 (production systems): the lesson script's own functions.
+
+The registered LayerNorm op (forward, autograd, opcheck, torch.compile), the nn.Module's errors
+and fallbacks, the fused DPO loss against float64 autograd, the tensor-parallel MLP (gloo on the
+CPU everywhere, NCCL where two GPUs are visible), and the GPU-only CUDA-graph helper.
+The exercises' grader tests are in tests/test_12_production.py.
+"""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from common import CheckError, assert_close, poisoned_empty, randn
+from common.checks import check_guards
+from common.lessons import find, load_module
+
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if common.supports_bf16() else [])
+
+
+@pytest.fixture(scope="module")
+def lesson():
+    return load_module(find("12").script, name="lesson_12_production")
+
+
+def _grads64(fn, inputs, dy=None):
+    xs = [t.detach().double().requires_grad_() for t in inputs]
+    y = fn(*xs)
+    return y.detach(), torch.autograd.grad(y, xs, None if dy is None else dy.double())
+
+
+def _grads(fn, inputs, dy=None):
+    xs = [t.detach().clone().requires_grad_() for t in inputs]
+    y = fn(*xs)
+    return y.detach(), torch.autograd.grad(y, xs, dy)
+
+
+# --------------------------------------------------------------------------- the registered op
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_layer_norm_op_forward_and_backward(lesson, dtype):
+    for shape in ((int(torch.randint(3, 20, ()).item()), common.awkward_sizes(1, lo=100, hi=1500)[0]), (2, 3, 17)):
+        x = randn(*shape, dtype=dtype, scale=2.0) + 0.5
+        w, b, dy = randn(shape[-1], dtype=dtype), randn(shape[-1], dtype=dtype), randn(*shape, dtype=dtype)
+        y_ref, grads_ref = _grads64(lesson.layer_norm_reference, (x, w, b), dy)
+        y, grads = _grads(lesson.layer_norm, (x, w, b), dy)
+        assert_close(y, y_ref, name=f"layer_norm {shape} {dtype}")
+        for label, got, want in zip(("dx", "dw", "db"), grads, grads_ref):
+            assert_close(got, want, name=f"layer_norm {label} {shape} {dtype}")
+
+
+def test_layer_norm_op_strided_and_expanded_gradient(lesson):
+    base = randn(9, 40)
+    x = base[:, :33]  # padded rows: the op views them with their row stride
+    w, b = randn(33), randn(33)
+    _, grads_ref = _grads64(lambda *t: lesson.layer_norm_reference(*t).sum(), (x, w, b))
+    _, grads = _grads(lambda *t: lesson.layer_norm(*t).sum(), (x, w, b))  # dy expanded, stride 0
+    for label, got, want in zip(("dx", "dw", "db"), grads, grads_ref):
+        assert_close(got, want, name=f"layer_norm(padded rows).sum() {label}")
+    y, mean, rstd = lesson.layer_norm_fwd_op(x, w, b, 1e-5)
+    assert not mean.requires_grad and not rstd.requires_grad
+    assert_close(mean, x.double().mean(-1), name="saved mean")
+
+
+def test_opcheck_passes(lesson):
+    results = lesson.run_opcheck()
+    for op, tests in results.items():
+        assert tests and all(v == "SUCCESS" for v in tests.values()), f"{op}: {tests}"
+
+
+def test_fake_implementation_gives_shapes_without_running(lesson):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x, w, b = torch.empty(4, 7, 33), torch.empty(33), torch.empty(33)
+        y, mean, rstd = lesson.layer_norm_fwd_op(x, w, b, 1e-5)
+    assert y.shape == (4, 7, 33) and mean.shape == (28,) and rstd.dtype == torch.float32
+
+
+def test_torch_compile_fullgraph(lesson):
+    lesson.check_compile()  # raises CheckError (or a dynamo error on a graph break) when wrong
+
+
+def test_op_names_do_not_collide(lesson):
+    assert lesson._free_namespace(lesson.NAMESPACE) != lesson.NAMESPACE  # taken now: a second load moves on
+
+
+def test_layer_norm_bad_input(lesson):
+    x, w, b = randn(4, 32), randn(32), randn(32)
+    with pytest.raises(ValueError, match="shape"):
+        lesson.layer_norm(x, randn(31), b)
+    with pytest.raises(TypeError, match="dtype"):
+        lesson.layer_norm(x.to(torch.int32), w, b)
+    with pytest.raises(TypeError, match="dtype"):
+        lesson.layer_norm(x.double(), w.double(), b.double())
+    with pytest.raises(ValueError, match="at least one row"):
+        lesson.layer_norm(randn(0, 32), w, b)
+    with pytest.raises(ValueError, match="at most"):
+        n = lesson.L08.MAX_FUSED_COLS + 1
+        lesson.layer_norm(randn(1, n), randn(n), randn(n))
+
+
+# --------------------------------------------------------------------------- the module
+
+def test_module_errors_and_fallback(lesson):
+    rows = dict(lesson.check_module())
+    assert rows["a list"].startswith("TypeError")
+    assert rows["int64 (6, 48)"].startswith("TypeError")
+    assert rows["fp32 (6, 47)"].startswith("ValueError")
+    assert "fallback" in rows["float64 (6, 48)"]
+
+
+def test_module_warns_once_per_reason(lesson):
+    norm = lesson.TritonLayerNorm(20, device=common.DEVICE)
+    lesson.TritonLayerNorm._warned.discard("dtype float64 is not supported by the kernel")
+    x = randn(3, 20).double()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            out = norm(x)
+    ours = [w for w in caught if "falls back" in str(w.message)]
+    assert len(ours) == 1 and "float64" in str(ours[0].message)
+    assert_close(out, F.layer_norm(x, (20,)), name="fallback output")
+
+
+def test_module_constructor_validation(lesson):
+    with pytest.raises(TypeError, match="int"):
+        lesson.TritonLayerNorm(20.0)
+    with pytest.raises(ValueError, match="at least 1"):
+        lesson.TritonLayerNorm(0)
+
+
+def test_module_trains_like_nn_layernorm(lesson):
+    torch.manual_seed(0)
+    ref = nn.LayerNorm(24).to(common.DEVICE)
+    with torch.no_grad():
+        ref.weight.copy_(randn(24))
+        ref.bias.copy_(randn(24))
+    ours = lesson.TritonLayerNorm.from_torch(ref)
+    x, dy = randn(5, 24), randn(5, 24)
+    (ref(x) * dy).sum().backward()
+    (ours(x) * dy).sum().backward()
+    assert_close(ours.weight.grad, ref.weight.grad.double(), name="dweight", atol=1e-4, rtol=1e-4)
+    assert_close(ours.bias.grad, ref.bias.grad.double(), name="dbias", atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- the DPO loss
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dpo_loss_matches_float64(lesson, dtype):
+    n_vocab = common.awkward_sizes(1, lo=100, hi=700 if common.INTERPRETER else 20_000)[0]
+    n_pairs = int(torch.randint(2, 5, ()).item())
+    t_c, t_r = (int(t) for t in torch.randint(2, 8, (2,)))
+    case = lesson._dpo_case(n_pairs, t_c, t_r, n_vocab, dtype)
+    lesson.check_dpo_once(case, 0.1, f"B={n_pairs} Tc={t_c} Tr={t_r} V={n_vocab} {dtype}")
+
+
+def test_dpo_loss_extreme_values(lesson):
+    lesson.check_dpo_once(lesson._dpo_case(2, 4, 3, 257, torch.float32, shift=100.0), 0.1, "shift +100")
+    lesson.check_dpo_once(lesson._dpo_case(3, 3, 5, 33, torch.float32, scale=40.0), 10.0, "saturated")
+
+
+def test_dpo_loss_blocks_and_grad_output(lesson, monkeypatch):
+    case = lesson._dpo_case(3, 9, 6, 100, torch.float32)
+    logits_c, logits_r, targets_c, targets_r, mask_c, mask_r, ref_c, ref_r = case
+    ref = lambda lc, lr: 2.5 * lesson.dpo_loss_reference(lc, lr, targets_c, targets_r, mask_c, mask_r,  # noqa: E731
+                                                          ref_c.double(), ref_r.double(), 0.3)
+    loss_ref, grads_ref = _grads64(ref, (logits_c, logits_r))
+    for blocks in ((1, 16, 4), (4, 64, 4), (16, 512, 4)):  # one row per program ... whole sequences, one chunk
+        monkeypatch.setattr(lesson, "_dpo_blocks", lambda t, v, b=blocks: b)
+        loss, grads = _grads(lambda lc, lr: 2.5 * lesson.dpo_loss(lc, lr, targets_c, targets_r, mask_c, mask_r,
+                                                                  ref_c, ref_r, 0.3)[0], (logits_c, logits_r))
+        assert_close(loss, loss_ref, name=f"2.5 * loss, blocks {blocks}")
+        for label, got, want in zip(("chosen", "rejected"), grads, grads_ref):
+            assert_close(got * 10, want * 10, name=f"grad of 2.5 * loss, {label}, blocks {blocks}", atol=1e-5)
+
+
+def test_dpo_prompt_rows_get_exact_zero_gradient(lesson):
+    case = lesson._dpo_case(2, 6, 6, 40, torch.float32)
+    logits_c, logits_r, targets_c, targets_r, mask_c, mask_r, ref_c, ref_r = case
+    lc = logits_c.detach().clone().requires_grad_()
+    loss, _, _ = lesson.dpo_loss(lc, logits_r, targets_c, targets_r, mask_c, mask_r, ref_c, ref_r)
+    (grad,) = torch.autograd.grad(loss, lc)
+    assert torch.equal(grad[~mask_c], torch.zeros_like(grad[~mask_c]))
+    assert_close(grad[mask_c].sum(-1), torch.zeros(int(mask_c.sum()), dtype=torch.float64),
+                 name="each response row's gradient sums to 0 (onehot - softmax)", atol=1e-7)
+
+
+def test_token_logps_poisoned_outputs(lesson):
+    logits = randn(3, 7, 91, scale=3.0)
+    targets = torch.randint(0, 91, (3, 7), device=common.DEVICE)
+    mask = torch.rand(3, 7, device=common.DEVICE) < 0.7
+    out, lse = poisoned_empty(3, 7), poisoned_empty(3, 7)
+    lesson.token_logps(logits, targets, mask, out=out, lse=lse)
+    logp = torch.log_softmax(logits.double(), -1).gather(-1, targets[..., None])[..., 0]
+    assert_close(out, logp * mask, name="token_logps")
+    assert_close(lse, torch.logsumexp(logits.double(), -1) * mask, name="lse")
+    check_guards(lse, "lse")
+    assert_close(lesson.sequence_logps(logits, targets, mask),
+                 lesson.sequence_logps_reference(logits.double(), targets, mask), name="sequence_logps")
+
+
+def test_dpo_bad_input(lesson):
+    case = lesson._dpo_case(2, 4, 4, 30, torch.float32)
+    logits_c, logits_r, targets_c, targets_r, mask_c, mask_r, ref_c, ref_r = case
+    args = dict(logits_c=logits_c, logits_r=logits_r, targets_c=targets_c, targets_r=targets_r, mask_c=mask_c,
+                mask_r=mask_r, ref_c=ref_c, ref_r=ref_r)
+
+    def call(**changes):
+        return lesson.dpo_loss(**{**args, **changes})
+
+    bad = targets_c.clone()
+    bad[mask_c.nonzero()[0].tolist()[0], mask_c.nonzero()[0].tolist()[1]] = 30
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        call(targets_c=bad)
+    with pytest.raises(ValueError, match="same number of pairs"):
+        call(logits_r=logits_r[:1], targets_r=targets_r[:1], mask_r=mask_r[:1])
+    with pytest.raises(ValueError, match=r"\(B, T\)"):
+        call(mask_c=mask_c[:, :3])
+    with pytest.raises(TypeError, match="dtype"):
+        call(targets_c=targets_c.int())
+    with pytest.raises(ValueError, match="3 dimension"):
+        call(logits_c=logits_c[0])
+    with pytest.raises(ValueError, match="contiguous rows"):
+        call(logits_c=randn(2, 30, 4).transpose(1, 2))
+    with pytest.raises(ValueError, match="beta"):
+        call(beta=0.0)
+    with pytest.raises(ValueError, match="ref_"):
+        call(ref_c=ref_c[:1])
+    with pytest.raises(ValueError, match=r"reference log-probs must have shape \(2,\)"):
+        call(ref_c=ref_c[:1], ref_r=ref_r[:1])
+
+
+# --------------------------------------------------------------------------- tensor parallel
+
+def test_tensor_parallel_gloo_matches_one_process(lesson):
+    r = lesson.run_tensor_parallel("gloo", tokens=3, dim=8, hidden=12, timeout_s=240)
+    assert r["tp_vs_one"] < 1e-5, r
+    assert r["tp_vs_fp64"] < 1e-5 and r["one_vs_fp64"] < 1e-5, r
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or not common.HAS_GPU, reason="needs two CUDA GPUs for NCCL")
+def test_tensor_parallel_nccl_matches_one_process(lesson):
+    r = lesson.run_tensor_parallel("nccl", tokens=65, dim=256, hidden=512, timeout_s=300)
+    assert r["tp_vs_one"] < 1e-5, r
+
+
+def test_tensor_parallel_shards_add_up(lesson):
+    weights = lesson.mlp_weights(8, 12, seed=3)
+    x = torch.randn(3, 8)
+    full = lesson.geglu_mlp_reference(x.double(), *(w.double() for w in weights.values()))
+    parts = sum(lesson.geglu_mlp_reference(x.double(), *(w.double() for w in lesson.shard_mlp(weights, r, 3).values()))
+                for r in range(3))
+    assert torch.allclose(parts, full, atol=1e-12)
+    with pytest.raises(ValueError, match="divide"):
+        lesson.shard_mlp(weights, 0, 5)
+    with pytest.raises(ValueError, match="backend"):
+        lesson.run_tensor_parallel("mpi")
+
+
+# --------------------------------------------------------------------------- capstone, GPU parts
+
+def test_capstone_learns_the_preference(lesson):
+    h = lesson.train_dpo(steps=12, n_train=6, n_eval=6, batch=6, vocab=12, dim=8, hidden=16, lr=3e-2, eval_every=6)
+    assert abs(h["loss"][0] - 0.693147) < 1e-4, "policy = reference at step 0: the loss is log 2"
+    assert h["loss"][-1] < h["loss"][0] and h["eval_accuracy"][-1] > h["eval_accuracy"][0], h
+
+
+@pytest.mark.skipif(not common.HAS_GPU, reason="needs a CUDA GPU: CUDA graphs")
+def test_cuda_graph_replay_uses_new_inputs(lesson):
+    stack = lesson.DecodeStack(128, 256, 2, seed=5)
+    x = torch.randn(1, 128, device="cuda", dtype=torch.float16)
+    graph, out = lesson.capture_cuda_graph(stack, x)
+    for _ in range(3):
+        fresh = torch.randn(1, 128, device="cuda", dtype=torch.float16)
+        x.copy_(fresh)
+        graph.replay()
+        assert_close(out.clone(), stack(fresh).double(), name="replayed decode step", atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.skipif(not common.HAS_GPU, reason="needs a CUDA GPU: the interpreter has only cpu tensors")
+def test_wrong_device(lesson):
+    with pytest.raises(ValueError, match="CUDA device"):
+        lesson.layer_norm(torch.randn(4, 32), torch.randn(32, device="cuda"), torch.randn(32, device="cuda"))
+    norm = lesson.TritonLayerNorm(32, device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = norm.cpu()(torch.randn(4, 32))  # parameters and input on the CPU: the fallback
+    assert out.device.type == "cpu"
