@@ -680,15 +680,19 @@ def _timed_call(fn) -> float:
     return time.perf_counter() - start
 
 
-def _key_of(M, N, K, dtype) -> tuple:
-    name = str(dtype)
-    return (M, N, K, name, name, name)  # the key Triton builds: the key args, then each tensor's dtype
+def tuned_config(kernel, M: int, N: int, K: int, dtype: torch.dtype) -> triton.Config:
+    """The config an autotuner keeps for (M, N, K) and dtype. Triton's key is the key arguments'
+    values followed by the dtype of every tensor argument: (M, N, K, 'torch.float16', ...)."""
+    for key, config in kernel.cache.items():
+        if tuple(key[:3]) == (M, N, K) and str(dtype) in key[3:]:
+            return config
+    raise KeyError(f"{M}x{N}x{K} {dtype} has not been tuned yet")
 
 
-def autotune_mechanics(quick: bool) -> None:
+def autotune_mechanics(quick: bool, n: int | None = None) -> None:
     section("Autotuning: what each call costs, and what the tuner keeps")
     if common.HAS_GPU:
-        n = 2048 if quick else 4096
+        n = n or (2048 if quick else 4096)
         calls = [(n, n, n), (n, n, n), (n, n, n // 2)]
     else:
         calls = [(96, 80, 64), (96, 80, 64), (96, 80, 48)]
@@ -698,11 +702,10 @@ def autotune_mechanics(quick: bool) -> None:
     for i, (M, N, K) in enumerate(calls):
         a, b = random_problem(M, N, K, dtype)
         out = torch.empty(M, N, dtype=dtype, device=common.DEVICE)
-        key = _key_of(M, N, K, dtype)
-        before = key in matmul_tuned_kernel.cache
+        before = any(tuple(key[:3]) == (M, N, K) and str(dtype) in key[3:] for key in matmul_tuned_kernel.cache)
         survivors = prune_matmul_configs(MATMUL_CONFIGS, {"M": M, "N": N, "K": K, "a_ptr": a})
         seconds = _timed_call(lambda: matmul_tuned(a, b, out=out))
-        chosen = matmul_tuned_kernel.cache[key]
+        chosen = tuned_config(matmul_tuned_kernel, M, N, K, dtype)
         timed = 0 if before or len(survivors) == 1 else len(survivors)
         wall = (f"{seconds:.2f} s" if seconds >= 1 else f"{1e3 * seconds:.1f} ms" if seconds >= 1e-3
                 else f"{1e6 * seconds:.0f} us")
@@ -735,7 +738,7 @@ def autotune_mechanics(quick: bool) -> None:
         table.add(config_label(c), measured[c], model[c], by_model.index(c) + 1, by_time.index(c) + 1)
     table.print()
     model_pick_s = _timed_call(lambda: matmul_tuned(a, b, out=out, modelled=True))
-    picked = matmul_modelled_kernel.cache[_key_of(M, N, K, torch.float16)]
+    picked = tuned_config(matmul_modelled_kernel, M, N, K, dtype)
     print(f"matmul_modelled_kernel (perf_model + top_k={MODEL_TOP_K}) tuned the same shape in {model_pick_s:.2f} s, "
           f"timing {min(MODEL_TOP_K, len(measured))} of {len(measured)} configs, and picked {config_label(picked)} "
           f"(the full search picked {config_label(by_time[0])}).")
@@ -840,7 +843,8 @@ def roofline_cases(quick: bool, small: bool = False) -> list[RooflineCase]:
             w = torch.randn(n, device=dev, dtype=half)
             out = torch.empty_like(x)
             return lambda: l08.rmsnorm(x, w, out=out)
-        return RooflineCase("rmsnorm (08)", f"{m}x{n} {str(half)[6:]}", rmsnorm_cost(m, n, half.itemsize), setup)
+        return RooflineCase("rmsnorm (08)", f"{m}x{n} {'fp32' if half == torch.float32 else 'fp16'}",
+                            rmsnorm_cost(m, n, half.itemsize), setup)
 
     def matmul_case(M, N, K):
         def setup():
@@ -859,14 +863,14 @@ def launch_latency_us() -> float:
     return 1e3 * common.bench(lambda: empty_kernel[(1,)](x)).ms
 
 
-def roofline(quick: bool) -> None:
+def roofline(quick: bool, cases: list | None = None) -> None:
     section("Roofline: the time bytes and FLOPs allow, against the time measured")
     peak, bandwidth = ceilings()
     if common.HAS_GPU:
         launch = launch_latency_us()
         print(f"ceilings measured now: {peak:,.0f} TFLOP/s (cuBLAS fp16), {bandwidth:,.0f} GB/s (copy); "
               f"an empty kernel takes {launch:.1f} us; ridge at {peak * 1e3 / bandwidth:,.0f} FLOP/byte")
-        cases = roofline_cases(quick)
+        cases = cases or roofline_cases(quick)
     else:
         launch = 0.0
         print(f"No GPU: predictions only, from the cost formulas and {ASSUMED_GPU['name']}: {peak:,.0f} TFLOP/s, "
@@ -947,8 +951,8 @@ def _roofline_plot(points, peak: float, bandwidth: float) -> None:
 BAR_ROUNDS = 3
 
 
-def benchmark_bar(quick: bool) -> None:
-    n = 2048 if quick else 4096
+def benchmark_bar(quick: bool, n: int | None = None) -> None:
+    n = n or (2048 if quick else 4096)  # 4096^3: the perf bar's size
     section(f"Benchmark: the autotuned matmul against every hand-picked config, {n}^3 fp16")
     a, b = random_problem(n, n, n, torch.float16)
     out = torch.empty(n, n, device=common.DEVICE, dtype=torch.float16)
@@ -968,7 +972,7 @@ def benchmark_bar(quick: bool) -> None:
             runs[name].append(common.bench(fn))
     median = {name: statistics.median(t.ms for t in ts) for name, ts in runs.items()}
     flops = matmul_cost(n, n, n, 2).flops
-    picked = matmul_tuned_kernel.cache[_key_of(n, n, n, torch.float16)]
+    picked = tuned_config(matmul_tuned_kernel, n, n, n, torch.float16)
     hand_names = [config_label(c) for c in HAND_PICKED]
     best_hand = min(hand_names, key=median.get)
     table = Table(f"matmul {n}^3 fp16: median of {BAR_ROUNDS} alternating rounds",
@@ -998,32 +1002,34 @@ def _round_spread(timings) -> float:
     return (max(ms) - min(ms)) / statistics.median(ms)
 
 
-def benchmark_modelled(quick: bool) -> None:
-    n = 2048 if quick else 4096
+def benchmark_modelled(quick: bool, n: int | None = None) -> None:
+    n = n or (2048 if quick else 4096)
     section(f"Benchmark: the perf model's pick (top_k={MODEL_TOP_K}) against the full search's, {n}^3 fp16")
     a, b = random_problem(n, n, n, torch.float16)
     out = torch.empty(n, n, device=common.DEVICE, dtype=torch.float16)
     matmul_tuned(a, b, out=out, modelled=True)
-    full = matmul_tuned_kernel.cache[_key_of(n, n, n, torch.float16)]
-    model = matmul_modelled_kernel.cache[_key_of(n, n, n, torch.float16)]
+    full = tuned_config(matmul_tuned_kernel, n, n, n, torch.float16)
+    model = tuned_config(matmul_modelled_kernel, n, n, n, torch.float16)
     ratios = sorted(common.bench(lambda: matmul_tuned(a, b, out=out)).ms
                     / common.bench(lambda: matmul_tuned(a, b, out=out, modelled=True)).ms for _ in range(BAR_ROUNDS))
     print(f"full search: {config_label(full)}; model + top_k: {config_label(model)}; speed of the model's pick "
           f"relative to the full search's (median of {BAR_ROUNDS} pairs): {ratios[1]:.3f}x")
 
 
-def benchmark_persistent(quick: bool) -> None:
+def benchmark_persistent(quick: bool, shapes: list | None = None) -> None:
     section("Benchmark: persistent matmul (one program per SM) against one program per tile, fp16")
-    shapes = [(4096, 4096, 4096)] if quick else [(4096, 4096, 4096), (8192, 8192, 1024), (2048, 2048, 8192)]
+    shapes = shapes or ([(4096, 4096, 4096)] if quick else [(4096, 4096, 4096), (8192, 8192, 1024), (2048, 2048, 8192)])
     sms = sm_count()
-    table = Table(f"both with the config the tuner picked for the shape; {sms} SMs",
+    M, N, K = shapes[0]
+    a, b = random_problem(M, N, K, torch.float16)
+    matmul_tuned(a, b)  # a cache hit when the mechanics section tuned this shape already
+    config = config_dict(tuned_config(matmul_tuned_kernel, M, N, K, torch.float16))
+    table = Table(f"both with the config the tuner picked at {M}x{N}x{K}; {sms} SMs",
                   ["M x N x K", "config", "tiles", "waves (tiles / SMs)", "per tile", "persistent",
                    "persistent speedup"])
     for M, N, K in shapes:
         a, b = random_problem(M, N, K, torch.float16)
         out = torch.empty(M, N, device=common.DEVICE, dtype=torch.float16)
-        matmul_tuned(a, b, out=out)
-        config = config_dict(matmul_tuned_kernel.cache[_key_of(M, N, K, torch.float16)])
         ref = a.double() @ b.double()
         common.assert_close(matmul_persistent(a, b, config, out=common.poisoned_like(out)), ref,
                             name=f"matmul_persistent {M}x{N}x{K}")
@@ -1042,7 +1048,7 @@ def benchmark_even_k(n: int = 4096) -> None:
     section(f"Benchmark: what the EVEN_K heuristic saves at {n}^3 fp16")
     a, b = random_problem(n, n, n, torch.float16)
     out = torch.empty(n, n, device=common.DEVICE, dtype=torch.float16)
-    config = config_dict(matmul_tuned_kernel.cache[_key_of(n, n, n, torch.float16)])
+    config = config_dict(tuned_config(matmul_tuned_kernel, n, n, n, torch.float16))
     grid = (triton.cdiv(n, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
     args = (a, b, out, n, n, n, *_strides(a, b, out))
     masked = common.bench(lambda: matmul_kernel[grid](*args, EVEN_K=False, **config))
@@ -1061,16 +1067,22 @@ def benchmark_disk_cache(n: int = 4096) -> None:
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
     table = Table("two new tuners with cache_results=True, same configs and shape (binaries already compiled)",
                   ["tuner", "first call", "timed the configs?"])
+    reads = []
     for which in ("first", "second"):
         kernel = triton.autotune(configs=HAND_PICKED, key=["M", "N", "K"], cache_results=True,
                                  prune_configs_by={"early_config_prune": prune_matmul_configs})(matmul_heuristic_kernel)
         seconds = _timed_call(lambda: kernel[grid](a, b, out, n, n, n, *_strides(a, b, out)))
         timed = hasattr(kernel, "bench_time")  # set only when the tuner ran its benchmark
         table.add(which, f"{seconds:.2f} s", "yes" if timed else "no: read the timings from disk")
+        reads.append(not timed)
     table.print()
-    print("The second tuner (a new process would do the same) read the first one's timings from the cache "
-          "directory. The file is keyed by the Triton version, the GPU, the kernel's source, the configs and "
-          "the key: change any and it tunes again. On the script's next run both read from disk.")
+    if reads[1]:
+        print("The second tuner read the first one's timings from the cache directory, as a new process would. "
+              "The file is keyed by the Triton version, the GPU, the kernel's source, the configs and the key: "
+              "change any and it tunes again. (On a later run of this script both read from disk.)")
+    else:
+        print("The second tuner timed the configs again: it did not read the first one's timings from disk; "
+              "check that the cache directory (TRITON_CACHE_DIR) is writable.")
 
 
 # %% [markdown]

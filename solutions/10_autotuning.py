@@ -1,0 +1,216 @@
+"""
+Solutions for lesson 10: autotuning and performance models
+==========================================================
+
+The reference answers to exercises/10_autotuning.py. Check them with:
+
+    make check LESSON=10 IMPL=solutions
+"""
+
+import functools
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `common`
+import common  # noqa: E402  (first: picks the GPU, or Triton's CPU interpreter without one)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@functools.cache
+def shared_memory_limit() -> int:
+    """Bytes of shared memory one program may use on this GPU (the interpreter: H100's, assumed)."""
+    if common.HAS_GPU:
+        props = triton.runtime.driver.active.utils.get_device_properties(torch.cuda.current_device())
+        return int(props["max_shared_mem"])
+    return 232448  # 227 KiB: H100 / H200 (sm_90)
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise 10.1: a config space with a pruning function
+# The autotuner below times every config that prune_configs keeps, on the first call for each
+# new (M, N, K) and dtype. Write prune_configs so that it keeps only configs that can compile on
+# this GPU and can be the fastest for the problem.
+
+MAX_ACC_PER_THREAD = 128  # fp32 accumulator values per thread; beyond it, registers spill
+
+
+def prune_configs(configs: list, named_args: dict, smem_limit: int | None = None, **kwargs) -> list:
+    """early_config_prune for matmul_kernel: keep the configs that can compile here and can win.
+
+    named_args holds the kernel's arguments by name: M, N, K (ints) and a_ptr (a tensor: its
+    element_size() is the bytes per element). A config c (c.kwargs holds BLOCK_M, BLOCK_N,
+    BLOCK_K; c.num_warps and c.num_stages are attributes) is kept if all three rules hold:
+      1. shared memory: c.num_stages * (BLOCK_M + BLOCK_N) * BLOCK_K * element_size <= smem_limit
+         (smem_limit None means shared_memory_limit(), this device's)
+      2. registers: BLOCK_M * BLOCK_N / (32 * c.num_warps) <= MAX_ACC_PER_THREAD (the fp32
+         accumulator shared by the program's threads)
+      3. no tile dimension larger than the problem needs: BLOCK_M <= max(16, next_power_of_2(M)),
+         BLOCK_N <= max(16, next_power_of_2(N)), BLOCK_K <= max(16, next_power_of_2(K))
+    Return the kept configs (the same objects) in their given order. If none is kept, return a
+    list holding one config: the one with the smallest shared memory (rule 1's left side), the
+    first such on a tie. Never an empty list: the autotuner needs at least one config.
+    """
+    limit = shared_memory_limit() if smem_limit is None else smem_limit
+    M, N, K = named_args["M"], named_args["N"], named_args["K"]
+    element_size = named_args["a_ptr"].element_size()
+
+    def smem(c):
+        return c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * element_size
+
+    def keep(c):
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        return (smem(c) <= limit
+                and bm * bn / (32 * c.num_warps) <= MAX_ACC_PER_THREAD
+                and bm <= max(16, triton.next_power_of_2(M))
+                and bn <= max(16, triton.next_power_of_2(N))
+                and bk <= max(16, triton.next_power_of_2(K)))
+
+    kept = [c for c in configs if keep(c)]
+    return kept or [min(configs, key=smem)]  # min keeps the first of equal values
+
+
+@triton.jit
+def matmul_kernel(
+    a_ptr, b_ptr, c_ptr,  # A (M x K), B (K x N), C (M x N)
+    M, N, K,  # the sizes
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,  # strides, in elements
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # the tile (from the config)
+):
+    # Lesson 04's v2: one program per output tile, a K loop of tl.dot into an fp32 accumulator.
+    offs_m = tl.program_id(axis=0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(axis=1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + (k + offs_k)[None, :] * stride_ak,
+                    mask=(offs_m[:, None] < M) & (k + offs_k[None, :] < K), other=0.0)
+        b = tl.load(b_ptr + (k + offs_k)[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                    mask=(k + offs_k[:, None] < K) & (offs_n[None, :] < N), other=0.0)
+        acc = tl.dot(a, b, acc)
+    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def _config(bm, bn, bk, num_warps, num_stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=num_warps, num_stages=num_stages)
+
+
+CONFIGS = [  # the config space: prune_configs decides which of these are timed
+    _config(128, 256, 64, 8, 3), _config(128, 256, 64, 4, 3), _config(128, 256, 64, 8, 5),
+    _config(128, 128, 64, 4, 4), _config(64, 128, 64, 4, 4), _config(64, 64, 128, 4, 3),
+    _config(32, 32, 32, 2, 2), _config(16, 64, 32, 1, 2), _config(16, 16, 16, 1, 1),
+]
+
+
+def _interpreter_bench(kernel_call, quantiles=None):
+    kernel_call()  # the interpreter has no GPU timer: every config "takes" the same time
+    return [1.0, 1.0, 1.0]
+
+
+matmul_tuned_kernel = triton.autotune(
+    configs=CONFIGS, key=["M", "N", "K"], prune_configs_by={"early_config_prune": prune_configs},
+    do_bench=_interpreter_bench if common.INTERPRETER else None)(matmul_kernel)
+
+
+def matmul_tuned(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b with the config the autotuner picks among those prune_configs keeps."""
+    common.check_tensors(a=a, b=b, same_shape=False, contiguous=False, ndim=2,
+                         dtypes=(torch.float32, torch.float16, torch.bfloat16))
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)}: a.shape[1] must equal b.shape[0]")
+    (M, K), N = a.shape, b.shape[1]
+    out = torch.empty((M, N), dtype=a.dtype, device=a.device) if out is None else out
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+    matmul_tuned_kernel[grid](a, b, out, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                              out.stride(0), out.stride(1))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise 10.2: a roofline predictor for a tiled matmul
+# The lesson's roofline counts the minimum bytes. A tiled kernel moves more: each of its
+# cdiv(M, block_m) * cdiv(N, block_n) programs loads a block_m x K strip of A and a K x block_n
+# strip of B. Counted as if every load came from memory (no L2 reuse), this predicts which tiles
+# keep a matmul compute bound.
+
+
+def matmul_roofline(M: int, N: int, K: int, element_size: int, block_m: int, block_n: int,
+                    peak_tflops: float, bandwidth_gbps: float, launch_us: float = 0.0) -> tuple[float, str]:
+    """(seconds, bound) of C = A @ B (A: M x K, B: K x N) computed by block_m x block_n tiles.
+
+    flops   = 2 * M * N * K
+    bytes   = (tiles * (block_m + block_n) * K + M * N) * element_size,
+              tiles = cdiv(M, block_m) * cdiv(N, block_n)  (each tile loads its strips; C written once)
+    seconds = launch_us * 1e-6 + max(bytes / (bandwidth_gbps * 1e9), flops / (peak_tflops * 1e12))
+    bound   = "memory" if the bytes' time >= the FLOPs' time, else "compute"
+    """
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    nbytes = (tiles * (block_m + block_n) * K + M * N) * element_size
+    t_memory = nbytes / (bandwidth_gbps * 1e9)
+    t_math = 2 * M * N * K / (peak_tflops * 1e12)
+    return launch_us * 1e-6 + max(t_memory, t_math), ("memory" if t_memory >= t_math else "compute")
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise 10.3: a heuristic block-size chooser
+# row_absmax computes max |x[i, :]| per row (what an int8 or fp8 quantizer scales each row by),
+# one program per row, looping over the row in chunks of BLOCK_SIZE. BLOCK_SIZE and num_warps are
+# not tuned: triton.heuristics computes them from the arguments on every launch.
+
+MAX_CHUNK_BYTES = 16384  # a chunk of at most 16 KiB: 32 fp32 per thread at 4 warps, 8 at 16
+
+
+def choose_block_size(args: dict) -> int:
+    """BLOCK_SIZE for row_absmax_kernel, from its arguments (args["n_cols"], args["x_ptr"]).
+
+    The smallest power of 2 >= n_cols, at least 16, and at most MAX_CHUNK_BYTES // element_size
+    (4096 fp32, 8192 fp16 / bf16): a row that fits is one chunk, a longer row is looped over.
+    """
+    cap = MAX_CHUNK_BYTES // args["x_ptr"].element_size()
+    return min(max(16, triton.next_power_of_2(args["n_cols"])), cap)
+
+
+def choose_num_warps(args: dict) -> int:
+    """num_warps from the chunk's bytes: one warp per 512 bytes (32 threads x a 16-byte load),
+    between 1 and 16: min(16, max(1, args["BLOCK_SIZE"] * element_size // 512)).
+
+    triton.heuristics computes its values in order, so args["BLOCK_SIZE"] is already chosen.
+    """
+    return min(16, max(1, args["BLOCK_SIZE"] * args["x_ptr"].element_size() // 512))
+
+
+@triton.jit
+def row_absmax_kernel(
+    x_ptr,  # M x N input, rows stride_xm apart, columns contiguous
+    out_ptr,  # M fp32: max |x[i, :]|
+    n_cols,  # N
+    stride_xm,  # elements between x[i, 0] and x[i + 1, 0]
+    BLOCK_SIZE: tl.constexpr,  # chunk length (choose_block_size)
+):
+    """One program per row: out[row] = max over the row of |x|, in chunks of BLOCK_SIZE."""
+    row = tl.program_id(axis=0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_SIZE)
+    acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)  # |x| >= 0, so 0 is the identity of this max
+    for start in range(0, n_cols, BLOCK_SIZE):
+        x = tl.load(x_ptr + row * stride_xm + start + cols, mask=start + cols < n_cols, other=0.0)
+        acc = tl.maximum(acc, tl.abs(x.to(tl.float32)))
+    tl.store(out_ptr + row, tl.max(acc, axis=0))
+
+
+row_absmax_heuristic_kernel = triton.heuristics(
+    {"BLOCK_SIZE": choose_block_size, "num_warps": choose_num_warps})(row_absmax_kernel)
+
+
+def row_absmax(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """max |x[i, :]| of every row of a 2-D x (rows may be strided), as M fp32 values."""
+    common.check_tensors(x=x, contiguous=False, ndim=2, dtypes=(torch.float32, torch.float16, torch.bfloat16))
+    if x.stride(1) != 1:
+        raise ValueError(f"x must have contiguous rows (x.stride(1) == 1), got strides {x.stride()}")
+    n_rows, n_cols = x.shape
+    if out is None:
+        out = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    row_absmax_heuristic_kernel[(n_rows,)](x, out, n_cols, x.stride(0))  # BLOCK_SIZE, num_warps: the heuristics
+    return out
