@@ -296,4 +296,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # Run the imported module, not this __main__ copy: the tests raise common.grading.NeedsGPU and
+    # Todo, and `except NeedsGPU` here would name a different class.
+    from common.grading import main as _main
+
+    sys.exit(_main(sys.argv[1:]))
