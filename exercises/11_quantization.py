@@ -1,0 +1,201 @@
+"""
+Exercises for lesson 11: quantization and custom data types
+===========================================================
+
+Fill in the TODOs, then grade your answers with:
+
+    make check LESSON=11
+
+Each exercise is a variant of a kernel in lessons/expert/11_quantization.py: 11.1 of the per-row
+INT8 quantizer (rows of any length, a clipping ratio), 11.2 of the W8A16 GEMV (per-group
+scales), 11.3 of the per-tensor FP8 quantizer (one scale per row). Hints, from gentle to
+explicit, are in lessons/expert/11_quantization.md under "Exercises".
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `common`
+import common  # noqa: E402  (first: picks the GPU, or Triton's CPU interpreter without one)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ROW_BLOCK_SIZE = 1024  # 11.1: a row is read in chunks of this many elements
+GEMV_BLOCK_N = 16  # 11.2: output channels per program
+FP8_FORMATS = {"e4m3": (torch.float8_e4m3fn, 448.0), "e5m2": (torch.float8_e5m2, 57344.0)}
+MAX_FP8_ROW = 16384  # 11.3: a row is one block
+
+
+@triton.jit
+def round_half_to_even(y):
+    """Given (as in the lesson): round fp32 y to the nearest integer, ties to even, like torch.round.
+
+    x.to(tl.int8) would truncate toward zero; libdevice.rint does not run in the interpreter.
+    """
+    f = tl.floor(y)
+    d = y - f
+    r = tl.where(d > 0.5, f + 1.0, f)
+    odd = (f - 2.0 * tl.floor(f * 0.5)) == 1.0
+    return tl.where((d == 0.5) & odd, f + 1.0, r)
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise 11.1: per-row INT8 quantization of rows of any length, with a clipping ratio
+# For each row m of x (M, N):
+#   amax[m]  = max_j |x[m, j]|
+#   scale[m] = clip_ratio * amax[m] / 127        (1.0 if amax[m] == 0)
+#   q[m, j]  = clamp(round_half_to_even(x[m, j] / scale[m]), -127, 127)    as int8
+# clip_ratio < 1 trades the few largest values (they saturate at +-127) for a finer step for all
+# the others. Rows may be longer than one block: read each row in chunks, twice (the amax pass,
+# then the quantize pass), like lesson 06's online softmax for long rows. The wrapper is
+# written; write the kernel.
+
+
+@triton.jit
+def quantize_rows_int8_kernel(
+    x_ptr,  # input, M x N, row m at x_ptr + m * stride_xm, columns contiguous (fp32 / fp16 / bf16)
+    q_ptr,  # output int8, M x N contiguous
+    scale_ptr,  # output fp32, M: one scale per row
+    stride_xm,  # elements between x[m, 0] and x[m + 1, 0]
+    n_cols,  # N, any length
+    clip_ratio,  # in (0, 1]: the scale covers clip_ratio * amax
+    BLOCK_SIZE: tl.constexpr,  # elements per chunk
+):
+    """One program per row: pass 1 finds amax over the row chunk by chunk; pass 2 writes q."""
+    # TODO: this program's row (as int64), the chunk offsets, and a pointer to the row's start (about 3 lines)
+    # TODO: pass 1: for each chunk, load it (masked, other=0.0, as fp32) and keep the running max of |x| (about 4 lines)
+    # TODO: scale = clip_ratio * amax / 127, or 1.0 when amax is 0 (1 line)
+    # TODO: pass 2: for each chunk, load it again, q = round_half_to_even(x / scale) clamped to [-127, 127],
+    #       store it as int8 (the output is contiguous: row * n_cols) (about 5 lines)
+    # TODO: store the row's scale (1 line)
+    pass
+
+
+def quantize_rows_int8(x: torch.Tensor, clip_ratio: float = 1.0, q_out: torch.Tensor | None = None,
+                       scale_out: torch.Tensor | None = None):
+    """(q int8 (M, N), scale fp32 (M,)) for a 2-D x whose rows are contiguous (any row stride)."""
+    common.check_tensors(x=x, contiguous=False, ndim=2, dtypes=FLOAT_DTYPES)
+    if x.stride(1) != 1 and x.shape[1] > 1:
+        raise ValueError(f"x must have contiguous rows (x.stride(1) == 1), got strides {x.stride()}")
+    if not 0.0 < clip_ratio <= 1.0:
+        raise ValueError(f"clip_ratio must be in (0, 1], got {clip_ratio}")
+    n_rows, n_cols = x.shape
+    q = torch.empty(n_rows, n_cols, dtype=torch.int8, device=x.device) if q_out is None else q_out
+    scale = torch.empty(n_rows, dtype=torch.float32, device=x.device) if scale_out is None else scale_out
+    common.check_tensors(q_out=q, dtypes=(torch.int8,), ndim=2)
+    common.check_tensors(scale_out=scale, dtypes=(torch.float32,), ndim=1)
+    if q.shape != x.shape or scale.shape[0] != n_rows:
+        raise ValueError(f"q_out must be {tuple(x.shape)} and scale_out ({n_rows},), got "
+                         f"{tuple(q.shape)} and {tuple(scale.shape)}")
+    if n_rows and n_cols:
+        quantize_rows_int8_kernel[(n_rows,)](x, q, scale, x.stride(0), n_cols, float(clip_ratio),
+                                             BLOCK_SIZE=ROW_BLOCK_SIZE)
+    return q, scale
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise 11.2: W8A16 GEMV with per-group scales
+# x (K,) fp16 / fp32; w_q (N, K) int8, K contiguous, row stride stride_wn (rows may be padded);
+# scales (N, K / G) with scales[n, g] covering w_q[n, g*G : (g+1)*G]. Then
+#   out[n] = sum_g scales[n, g] * sum_{k in group g} x[k] * w_q[n, k]        (fp32 sums)
+# Unlike the lesson's per-channel scale, a group's scale changes along K, so it is applied
+# inside the loop, once per group: one K step = one group. The wrapper is written; write the kernel.
+
+
+@triton.jit
+def w8a16_gemv_grouped_kernel(
+    x_ptr,  # activations, K
+    w_ptr,  # int8 weight, N x K, row n at w_ptr + n * stride_wn
+    scale_ptr,  # scales, N x (K / GROUP_SIZE), row n at scale_ptr + n * stride_sn
+    out_ptr,  # output, N, in x's dtype
+    N, K,  # output channels, reduction length (a multiple of GROUP_SIZE)
+    stride_wn,  # elements between w[n, 0] and w[n + 1, 0]
+    stride_sn,  # elements between scales[n, 0] and scales[n + 1, 0]
+    GROUP_SIZE: tl.constexpr,  # G: K elements per scale, a power of 2
+    BLOCK_N: tl.constexpr,  # output channels per program
+):
+    """out[offs_n] for this program's BLOCK_N channels: per group, the (BLOCK_N, G) tile's sums
+    along K times that group's scales, accumulated in fp32."""
+    # TODO: this program's output channels, the K offsets of one group, the channel mask (about 3 lines)
+    # TODO: pointers to the (BLOCK_N, GROUP_SIZE) tile of w for group 0, using stride_wn (1 line)
+    # TODO: an fp32 accumulator of BLOCK_N sums (1 line)
+    # TODO: for each group g: load x's group, w's tile (masked rows, other=0) and the BLOCK_N scales of
+    #       group g; add (sum along K of w * x) * scale to the accumulator, all in fp32 (about 6 lines)
+    # TODO: store the accumulator in out's dtype, masked (1 line)
+    pass
+
+
+def w8a16_gemv_grouped(x: torch.Tensor, w_q: torch.Tensor, scales: torch.Tensor, group_size: int,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (K,) @ (w_q (N, K) dequantised with per-group scales (N, K / group_size)).T: (N,) in x's dtype."""
+    common.check_tensors(x=x, ndim=1, dtypes=FLOAT_DTYPES)
+    common.check_tensors(w_q=w_q, contiguous=False, ndim=2, dtypes=(torch.int8,))
+    common.check_tensors(scales=scales, contiguous=False, ndim=2, dtypes=(torch.float32, torch.float16))
+    k = x.shape[0]
+    n = w_q.shape[0]
+    if w_q.shape[1] != k or w_q.stride(1) != 1:
+        raise ValueError(f"w_q must be (N, K = {k}) with K contiguous, got shape {tuple(w_q.shape)} strides {w_q.stride()}")
+    if group_size < 16 or group_size & (group_size - 1) or k % group_size:
+        raise ValueError(f"group_size must be a power of 2 of at least 16 that divides K = {k}, got {group_size}")
+    if scales.shape != (n, k // group_size) or scales.stride(1) != 1:
+        raise ValueError(f"scales must be ({n}, {k // group_size}) with contiguous rows, got shape "
+                         f"{tuple(scales.shape)} strides {scales.stride()}")
+    if out is None:
+        out = torch.empty(n, dtype=x.dtype, device=x.device)
+    else:
+        common.check_tensors(out=out, ndim=1, dtypes=(x.dtype,))
+        if out.shape[0] != n:
+            raise ValueError(f"out must have shape ({n},), got {tuple(out.shape)}")
+    w8a16_gemv_grouped_kernel[(triton.cdiv(n, GEMV_BLOCK_N),)](
+        x, w_q, scales, out, n, k, w_q.stride(0), scales.stride(0), GROUP_SIZE=group_size, BLOCK_N=GEMV_BLOCK_N)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise 11.3: FP8 quantization per row (per token) with amax scaling
+# For each row m of x (M, N), with FP8_MAX = 448 (e4m3) or 57344 (e5m2):
+#   scale[m] = amax[m] / FP8_MAX      (1.0 if amax[m] == 0),   amax[m] = max_j |x[m, j]|
+#   q[m, j]  = clamp(x[m, j] / scale[m], -FP8_MAX, FP8_MAX), stored in q's dtype
+# q's dtype is the fp8 format (the store's cast rounds to nearest even: needs a GPU with fp8),
+# or fp32: then q holds the scaled, saturated values before the fp8 rounding (runs anywhere, and
+# is what the grader checks in the interpreter). This is how activations are quantized on the
+# fly before an FP8 matmul: one scale per token. Write the kernel and the wrapper.
+
+
+@triton.jit
+def fp8_quantize_rows_kernel(
+    x_ptr,  # input, M x N, row m at x_ptr + m * stride_xm, columns contiguous
+    q_ptr,  # output, M x N contiguous: float8_e4m3fn / float8_e5m2, or fp32
+    scale_ptr,  # output fp32, M
+    stride_xm,  # elements between x[m, 0] and x[m + 1, 0]
+    n_cols,  # N
+    FP8_MAX: tl.constexpr,  # the format's largest finite value
+    BLOCK_SIZE: tl.constexpr,  # a power of 2 >= N: the whole row is one block
+):
+    """One program per row: amax, scale, then the scaled and saturated row in q's dtype."""
+    # TODO: this program's row (as int64), the column offsets and their mask (about 3 lines)
+    # TODO: load the row as fp32 (other=0.0); amax and scale (1.0 when amax is 0) (about 3 lines)
+    # TODO: y = x / scale saturated to [-FP8_MAX, FP8_MAX]; store y.to(q's element type) and the scale
+    #       (about 3 lines)
+    pass
+
+
+def fp8_quantize_rows(x: torch.Tensor, fmt: str = "e4m3", out: torch.Tensor | None = None,
+                      scale_out: torch.Tensor | None = None):
+    """(q (M, N), scale fp32 (M,)) for a 2-D x with contiguous rows.
+
+    fmt is "e4m3" or "e5m2". out: None allocates the fp8 tensor of that format; an fp32 out
+    receives the scaled, saturated values instead. ValueError for an unknown fmt, rows longer
+    than MAX_FP8_ROW, or an out / scale_out of the wrong shape; TypeError for a wrong dtype.
+    """
+    # TODO: validate: fmt is a key of FP8_FORMATS (ValueError naming it); x is 2-D, float, with contiguous
+    #       rows (common.check_tensors(..., contiguous=False, ndim=2, dtypes=FLOAT_DTYPES) and a
+    #       stride check); rows no longer than MAX_FP8_ROW (about 8 lines)
+    # TODO: allocate out (the format's fp8 dtype) and scale_out (fp32) when they are None; check the
+    #       ones given (dtype: the format's or fp32; shapes) (about 8 lines)
+    # TODO: launch one program per row with FP8_MAX and BLOCK_SIZE (a power of 2 >= N, at least 16);
+    #       return (out, scale_out) (about 4 lines)
+    raise NotImplementedError("TODO: exercise 11.3 (fp8_quantize_rows)")
