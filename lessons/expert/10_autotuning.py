@@ -307,6 +307,9 @@ if common.INTERPRETER:
 else:
     HAND_PICKED, EXTRA_CONFIGS = GPU_HAND_PICKED, GPU_EXTRA_CONFIGS
 MATMUL_CONFIGS = HAND_PICKED + EXTRA_CONFIGS
+# The config of the checks: small enough that fp32 tiles fit in shared memory on any sm_80+ GPU
+# (64 x 64 x 64, 4 stages: 128 KiB in fp32), and fast in the interpreter.
+CHECK_CONFIG = HAND_PICKED[-1] if common.INTERPRETER else GPU_EXTRA_CONFIGS[2]
 
 
 def config_smem_bytes(config: triton.Config, element_size: int) -> int:
@@ -567,7 +570,7 @@ def check(quick: bool) -> None:
         shapes = [tuple(common.awkward_sizes(3, lo=100, hi=1000, include=()))]
         dtypes = [torch.float16] + ([torch.bfloat16] if common.supports_bf16() and not quick else [])
         small = (50, 60, 40)  # tiles up to 64: pruning leaves one config, so nothing is timed
-    hand = config_dict(HAND_PICKED[-1] if common.INTERPRETER else EXTRA_CONFIGS[2])
+    hand = config_dict(CHECK_CONFIG)
     for dtype in dtypes:
         for i, (M, N, K) in enumerate(shapes):
             _check_matmul(lambda a, b, o: matmul(a, b, hand, out=o), M, N, K, dtype,
@@ -1021,7 +1024,8 @@ def benchmark_modelled(quick: bool, n: int | None = None) -> None:
 
 def benchmark_persistent(quick: bool, shapes: list | None = None) -> None:
     section("Benchmark: persistent matmul (one program per SM) against one program per tile, fp16")
-    shapes = shapes or ([(4096, 4096, 4096)] if quick else [(4096, 4096, 4096), (8192, 8192, 1024), (2048, 2048, 8192)])
+    # the first shape is the one the mechanics section tuned, so its config is a cache hit
+    shapes = shapes or ([(2048, 2048, 2048)] if quick else [(4096, 4096, 4096), (8192, 8192, 1024), (2048, 2048, 8192)])
     sms = sm_count()
     M, N, K = shapes[0]
     a, b = random_problem(M, N, K, torch.float16)
