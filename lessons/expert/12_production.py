@@ -458,7 +458,8 @@ class TritonLayerNorm(nn.Module):
         if reason not in TritonLayerNorm._warned:
             TritonLayerNorm._warned.add(reason)
             warnings.warn(f"TritonLayerNorm falls back to F.layer_norm: {reason}", stacklevel=2)
-        return F.layer_norm(x, (self.dim,), self.weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+        weight, bias = self.weight.to(x.device, x.dtype), self.bias.to(x.device, x.dtype)  # a copy: it is a fallback
+        return F.layer_norm(x, (self.dim,), weight, bias, self.eps)
 
 
 def swap_layer_norms(model: nn.Module) -> int:
@@ -832,7 +833,7 @@ def greedy_rule_accuracy(model: nn.Module, data: dict, steps: int, vocab: int) -
 
 
 def train_dpo(steps: int, n_train: int, n_eval: int, batch: int, vocab: int, dim: int, hidden: int,
-              prompt_len: int = 3, response_len: int = 4, beta: float = 0.5, lr: float = 1e-2, seed: int = 0,
+              prompt_len: int = 3, response_len: int = 4, beta: float = 0.1, lr: float = 1e-3, seed: int = 0,
               eval_every: int = 5) -> dict:
     """DPO from a frozen copy of the initial model; the loss, margins and accuracy along the way."""
     torch.manual_seed(seed)
@@ -1033,6 +1034,11 @@ def check_dpo_once(case, beta: float, name: str) -> None:
                         name=f"dpo rejected log-probs {name}", atol=1e-3, rtol=1e-5)
     unit = n_pairs / beta
     tol = _dpo_grad_tolerance(logits_c.dtype)
+    # An fp32 logsumexp of logits of size L is off by a few L * eps, and p = exp(x - lse) inherits
+    # that error; at the target, 1 - p cancels when p is near 1 (large logits): the absolute error
+    # stays, the relative one does not. Seen on H200 with logits of scale 30: 3.6e-6 at p = 1 - 3.4e-5.
+    largest = max(float(logits_c.abs().max()), float(logits_r.abs().max()))
+    tol["atol"] += 2 * torch.finfo(torch.float32).eps * largest
     common.assert_close(gc * unit, gc_ref * unit, name=f"dpo dlogits chosen x B/beta {name}", **tol)
     common.assert_close(gr * unit, gr_ref * unit, name=f"dpo dlogits rejected x B/beta {name}", **tol)
 
@@ -1203,9 +1209,11 @@ def count_kernels(fn) -> int:
     from torch.profiler import ProfilerActivity, profile
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
@@ -1214,11 +1222,18 @@ def profile_step(fn, title: str) -> None:
     from torch.profiler import ProfilerActivity, profile
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    issue = []
+    for _ in range(20):  # outside the profiler, which slows the CPU side down many times
         start = time.perf_counter()
-        fn()
-        cpu_us = (time.perf_counter() - start) * 1e6
+        fn()  # returns once every launch is queued: the CPU's share of the step
+        issue.append((time.perf_counter() - start) * 1e6)
         torch.cuda.synchronize()
+    cpu_us = statistics.median(issue)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Profiler clears events at the end of each cycle": one cycle here
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
     kernels: dict[str, list] = {}
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
@@ -1230,8 +1245,9 @@ def profile_step(fn, title: str) -> None:
         table.add(name if len(name) <= 70 else name[:67] + "...", calls, us, us / calls)
     table.print()
     gpu_us = sum(us for _, us in kernels.values())
-    print(f"{sum(c for c, _ in kernels.values())} kernels, {gpu_us:.1f} us of GPU time; the CPU spent "
-          f"{cpu_us:.1f} us issuing them. When the CPU time is the larger, launches set the pace.")
+    print(f"{sum(c for c, _ in kernels.values())} kernels, {gpu_us:.1f} us of GPU time; the CPU takes "
+          f"{cpu_us:.1f} us to issue them (median of 20 calls, without the profiler). When the CPU time is the "
+          f"larger, launches set the pace.")
 
 
 def benchmark_dpo(quick: bool) -> None:
@@ -1283,13 +1299,13 @@ def ncu_dram_bytes() -> None:
     cmd = [ncu, "--metrics", "dram__bytes_read.sum,dram__bytes_write.sum", "--kernel-name",
            "regex:layernorm_fwd_kernel|geglu_fwd_kernel", "--launch-count", "2", "--csv", "--print-units", "base",
            sys.executable, str(Path(__file__).resolve()), "--ncu-target"]
-    print("running: " + " ".join(cmd[:9]) + " python 12_production.py --ncu-target")
+    print("running: ncu " + " ".join(cmd[1:-3]) + " python 12_production.py --ncu-target")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     modelled, measured = {}, {}
     for line in proc.stdout.splitlines():
         if line.startswith("@@min "):
-            _, kernel, nbytes, what = line.split(" ", 3)
-            modelled[kernel] = (int(nbytes), what)
+            _, kernel, read, write, what = line.split(" ", 4)
+            modelled[kernel] = (int(read), int(write), what)
     rows = [r for r in csv.reader(l for l in proc.stdout.splitlines() if l.startswith('"'))]
     if rows:
         head = rows[0]
@@ -1306,14 +1322,19 @@ def ncu_dram_bytes() -> None:
               f"need permission: ERR_NVGPUCTRPERM means run as root or allow profiling for all users)")
         return
     table = Table("DRAM traffic: Nsight Compute's counters vs common.min_bytes (each tensor moved once)",
-                  ["kernel", "what", "modelled", "measured read", "measured write", "measured / modelled"])
-    for kernel, (minimum, what) in modelled.items():
+                  ["kernel", "tensors", "modelled read", "measured read", "read ratio", "modelled write",
+                   "measured write", "write ratio"])
+    for kernel, (min_read, min_write, what) in modelled.items():
         got = measured.get(kernel, {})
         read, write = got.get("dram__bytes_read.sum", float("nan")), got.get("dram__bytes_write.sum", float("nan"))
-        table.add(kernel, what, fmt_bytes(minimum), fmt_bytes(read), fmt_bytes(write), (read + write) / minimum)
+        table.add(kernel, what, fmt_bytes(min_read), fmt_bytes(read), read / min_read, fmt_bytes(min_write),
+                  fmt_bytes(write), write / min_write)
     table.print()
-    print("ncu flushes the caches before each measured kernel (--cache-control all), so every byte comes from "
-          "DRAM. A ratio near 1.00 says the kernel moves each byte once, as the model assumes.")
+    l2 = torch.cuda.get_device_properties(common.DEVICE).L2_cache_size
+    print(f"ncu flushes the caches before each measured kernel (--cache-control all), so every byte read comes "
+          f"from DRAM: a read ratio near 1.00 says each input byte is read once, as the model assumes. Writes go "
+          f"to L2 first; what is still in L2 ({fmt_bytes(l2)} here) when the kernel ends reaches DRAM later and "
+          f"is not counted, so measured writes can fall short of the model by up to the L2 size.")
 
 
 def _ncu_target() -> None:
@@ -1323,11 +1344,12 @@ def _ncu_target() -> None:
     w = torch.randn(n, device="cuda", dtype=torch.float16)
     b = torch.randn(n, device="cuda", dtype=torch.float16)
     y, mean, rstd = layer_norm_fwd_op(x, w, b, 1e-5)
-    print(f"@@min layernorm_fwd_kernel {common.min_bytes(x, w, b, y, mean, rstd)} {m}x{n} fp16: read x, w, b; "
-          f"write y, mean, rstd", flush=True)
+    print(f"@@min layernorm_fwd_kernel {common.min_bytes(x, w, b)} {common.min_bytes(y, mean, rstd)} "
+          f"{m}x{n} fp16: read x, w, b; write y, mean, rstd", flush=True)
     a, g = torch.randn(2**25, device="cuda", dtype=torch.float16), torch.randn(2**25, device="cuda", dtype=torch.float16)
     h = L08.geglu_forward(a, g)
-    print(f"@@min geglu_fwd_kernel {common.min_bytes(a, g, h)} 2^25 fp16: read a, b; write h", flush=True)
+    print(f"@@min geglu_fwd_kernel {common.min_bytes(a, g)} {common.min_bytes(h)} 2^25 fp16: read a, b; write h",
+          flush=True)
     torch.cuda.synchronize()
 
 
@@ -1358,14 +1380,17 @@ def capstone(quick: bool) -> None:
         sizes = dict(steps=24, n_train=8, n_eval=8, batch=8, vocab=16, dim=16, hidden=32, lr=2e-2, eval_every=4)
     else:
         sizes = dict(steps=150 if quick else 300, n_train=1024, n_eval=256, batch=64, vocab=64, dim=64, hidden=128,
-                     lr=1e-2, eval_every=10)
+                     lr=1e-3, eval_every=10)
     section(f"Capstone: DPO, {sizes['steps']} steps, vocabulary {sizes['vocab']}, batch {sizes['batch']} pairs")
     start = time.perf_counter()
     history = train_dpo(**sizes)
     took = time.perf_counter() - start
     table = Table("DPO training: held-out pairs", ["step", "preference accuracy", "mean reward margin"])
-    for step, acc, margin in zip(history["eval_step"], history["eval_accuracy"], history["eval_margin"]):
-        table.add(step, acc, margin)
+    evals = list(zip(history["eval_step"], history["eval_accuracy"], history["eval_margin"]))
+    every = max(1, len(evals) // 8)  # about 8 rows; the plot has them all
+    for i, (step, acc, margin) in enumerate(evals):
+        if i % every == 0 or i == len(evals) - 1:
+            table.add(step, acc, margin)
     table.print()
     print(f"training loss: {history['loss'][0]:.4f} at step 0 (log 2 = 0.6931: policy = reference), "
           f"{statistics.mean(history['loss'][-5:]):.4f} over the last 5 steps ({took:.1f} s)")
@@ -1373,13 +1398,14 @@ def capstone(quick: bool) -> None:
           f"before, {100 * history['rule_after']:.0f}% after")
     print("preference accuracy: held-out pairs whose reward margin beta * ((pc - rc) - (pr - rr)) is > 0; at step "
           "0 every margin is exactly 0 (policy = reference), so it starts at 0.")
-    fig, ax = common.new_figure("DPO on a tiny bigram LM: loss and held-out accuracy", "step", "DPO loss")
+    fig, ax = common.new_figure("DPO on a tiny bigram LM: loss, held-out accuracy and reward margin", "step",
+                                "DPO loss / preference accuracy")
     ax.plot(history["step"], history["loss"], label="training loss", color="tab:blue")
-    ax2 = ax.twinx()
-    ax2.plot(history["eval_step"], history["eval_accuracy"], label="held-out preference accuracy",
-             color="tab:orange", marker="o", markersize=3)
+    ax.plot(history["eval_step"], history["eval_accuracy"], label="held-out preference accuracy",
+            color="tab:orange", marker="o", markersize=3)
+    ax2 = ax.twinx()  # the margin grows without bound: its own axis
     ax2.plot(history["eval_step"], history["eval_margin"], label="held-out mean reward margin", color="tab:green")
-    ax2.set_ylabel("accuracy / margin")
+    ax2.set_ylabel("reward margin")
     lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="center right")
     common.save_plot(fig, "12_production_dpo")
