@@ -4,6 +4,7 @@
 #   make progress              every lesson's exercises: passed / failed / TODO
 #   make test                  what CI runs: solutions, the grader's own tests, every lesson (quick)
 #   make bench                 every lesson's full benchmark on the GPU -> plots/bench/results.md
+#   make profile               lesson 12's profilers: torch.profiler, and Nsight Compute's DRAM bytes if ncu is installed
 
 PYTHON ?= python3
 VENV := .venv
@@ -23,11 +24,11 @@ else
   SETUP_STAMP := $(VENV)/.installed
 endif
 
-.PHONY: setup lesson check progress test bench help
+.PHONY: setup lesson check progress test bench profile help
 .DEFAULT_GOAL := help
 
 help:
-	@sed -n '1,7p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,8p' Makefile | sed 's/^# \{0,1\}//'
 
 setup: $(SETUP_STAMP)
 	@echo "using $(PY)"
@@ -62,3 +63,8 @@ bench: setup
 	  fi; \
 	done
 	@$(PY) -m common results plots/bench
+
+# Lesson 12's --profile: torch.profiler's kernel table, and Nsight Compute's measured DRAM bytes
+# next to the modelled bytes where `ncu` is on PATH (it says so and goes on where it is not).
+profile: setup
+	@$(PY) common/lessons.py run 12 --profile
