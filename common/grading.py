@@ -13,6 +13,7 @@ declarations serve three masters:
 
 import ast
 import inspect
+import itertools
 import json
 import os
 import subprocess
@@ -185,6 +186,49 @@ def expect_stubs_todo(stem: str, exercises: list[Exercise]) -> None:
         result = grade(module, exercise)
         assert result.status == "todo", (
             f"untouched stub {exercise} was graded {result.status}, not TODO: {result.detail}")
+
+
+def lesson_tests(stem: str, exercises: list[Exercise]):
+    """The tests every tests/test_NN_topic.py starts with, as (impl fixture, test_exercise,
+    test_untouched_stubs_are_todo). Bind them to those names at module level so pytest finds them:
+
+        impl, test_exercise, test_untouched_stubs_are_todo = lesson_tests(STEM, EXERCISES)
+    """
+    import pytest
+
+    @pytest.fixture(scope="module", name="impl")
+    def impl_fixture():
+        return load_impl(stem)
+
+    @pytest.mark.parametrize("exercise", exercises, ids=str)
+    def test_exercise(impl, exercise):
+        expect_pass(impl, exercise)
+
+    def test_untouched_stubs_are_todo():
+        expect_stubs_todo(stem, exercises)
+
+    return impl_fixture, test_exercise, test_untouched_stubs_are_todo
+
+
+_COPIES = itertools.count()
+
+
+def solution_with(stem: str, **replace):
+    """A private copy of solutions/<stem>.py with some of its functions or kernels replaced: a
+    known-wrong answer that differs from the reference in exactly one place."""
+    module = load_module(REPO / "solutions" / f"{stem}.py", name=f"known_wrong_{stem}_{next(_COPIES)}")
+    for name, value in replace.items():
+        setattr(module, name, value)
+    return module
+
+
+def with_flags(kernel, **flags):
+    """Stands in for a kernel: kernel[grid](...) as a wrapper calls it, with extra arguments added
+    (a known-wrong kernel's MISTAKE switch, say)."""
+    class Launcher:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: kernel[grid](*args, **kwargs, **flags)
+    return Launcher()
 
 
 # --------------------------------------------------------------------------- reports

@@ -11,7 +11,7 @@ import triton.language as tl
 import common
 from common import CheckError, assert_close, awkward_sizes, poisoned_empty, randn
 from common.checks import dot_tolerance
-from common.grading import Exercise, expect_pass, expect_rejected, expect_stubs_todo, grade_function, load_impl
+from common.grading import Exercise, expect_rejected, grade_function, lesson_tests
 from common.lessons import find, load_module
 
 STEM = "04_matmul"
@@ -134,21 +134,10 @@ EXERCISES = [
 BY_NAME = {e.name: e for e in EXERCISES}
 
 
-@pytest.fixture(scope="module")
-def impl():
-    return load_impl(STEM)
-
-
-@pytest.mark.parametrize("exercise", EXERCISES, ids=str)
-def test_exercise(impl, exercise):
-    expect_pass(impl, exercise)
+impl, test_exercise, test_untouched_stubs_are_todo = lesson_tests(STEM, EXERCISES)
 
 
 # --------------------------------------------------------------------------- the grader's own tests
-
-def test_untouched_stubs_are_todo():
-    expect_stubs_todo(STEM, EXERCISES)
-
 
 # Known-wrong answers: one kernel per exercise with the mistake picked by a constexpr
 # (MISTAKE="none" is a correct answer, tested below, so each rejection is the mistake's doing).

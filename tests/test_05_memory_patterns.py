@@ -13,7 +13,7 @@ import triton.language as tl
 
 import common
 from common import CheckError, assert_close, awkward_sizes, poisoned_empty, randn
-from common.grading import Exercise, expect_pass, expect_rejected, expect_stubs_todo, load_impl
+from common.grading import Exercise, expect_rejected, lesson_tests, load_impl
 from common.lessons import find, load_module
 
 # v3's block pointers are deprecated in Triton 3.8 (the lesson explains why it keeps them).
@@ -167,21 +167,10 @@ EXERCISES = [
 BY_NAME = {e.name: e for e in EXERCISES}
 
 
-@pytest.fixture(scope="module")
-def impl():
-    return load_impl(STEM)
-
-
-@pytest.mark.parametrize("exercise", EXERCISES, ids=str)
-def test_exercise(impl, exercise):
-    expect_pass(impl, exercise)
+impl, test_exercise, test_untouched_stubs_are_todo = lesson_tests(STEM, EXERCISES)
 
 
 # --------------------------------------------------------------------------- the grader's own tests
-
-def test_untouched_stubs_are_todo():
-    expect_stubs_todo(STEM, EXERCISES)
-
 
 # 5.1: each wrong kernel has the solution's signature and differs in one place.
 

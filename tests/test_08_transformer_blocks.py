@@ -4,7 +4,6 @@ IMPL=exercises (default) grades exercises/08_transformer_blocks.py; IMPL=solutio
 """
 
 import functools
-import itertools
 import math
 
 import pytest
@@ -17,8 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import common
 from common import CheckError, assert_close, awkward_sizes, poisoned_empty, randn
 from common.checks import check_guards
-from common.grading import Exercise, expect_pass, expect_rejected, expect_stubs_todo, load_impl
-from common.lessons import REPO, find, load_module
+from common.grading import Exercise, expect_rejected, lesson_tests, load_impl, solution_with, with_flags
+from common.lessons import find, load_module
 
 STEM = "08_transformer_blocks"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if common.supports_bf16() else [])
@@ -251,40 +250,10 @@ EXERCISES = [
 BY_NAME = {e.name: e for e in EXERCISES}
 
 
-@pytest.fixture(scope="module")
-def impl():
-    return load_impl(STEM)
-
-
-@pytest.mark.parametrize("exercise", EXERCISES, ids=str)
-def test_exercise(impl, exercise):
-    expect_pass(impl, exercise)
+impl, test_exercise, test_untouched_stubs_are_todo = lesson_tests(STEM, EXERCISES)
 
 
 # --------------------------------------------------------------------------- the grader's own tests
-
-def test_untouched_stubs_are_todo():
-    expect_stubs_todo(STEM, EXERCISES)
-
-
-_COPIES = itertools.count()
-
-
-def _solution_with(**replace):
-    """A private copy of the solutions module with some of its kernels or wrappers replaced."""
-    module = load_module(REPO / "solutions" / f"{STEM}.py", name=f"known_wrong_{STEM}_{next(_COPIES)}")
-    for name, value in replace.items():
-        setattr(module, name, value)
-    return module
-
-
-def _with_flags(kernel, **flags):
-    """Stands in for a kernel: kernel[grid](...) as the wrapper calls it, with the flags added."""
-    class Launcher:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: kernel[grid](*args, **kwargs, **flags)
-    return Launcher()
-
 
 @triton.jit
 def _rmsnorm_fwd_block_mean_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n_cols, eps, BLOCK_SIZE: tl.constexpr):
@@ -407,32 +376,32 @@ def _mse_wrong_kernel(pred_ptr, target_ptr, grad_ptr, partial_ptr, n_elements, B
 
 
 KNOWN_WRONG = [
-    ("rmsnorm", "mean over BLOCK_SIZE", lambda: _solution_with(rmsnorm_fwd_kernel=_rmsnorm_fwd_block_mean_kernel).rmsnorm,
+    ("rmsnorm", "mean over BLOCK_SIZE", lambda: solution_with(STEM, rmsnorm_fwd_kernel=_rmsnorm_fwd_block_mean_kernel).rmsnorm,
      "divide the sum by n_cols"),
     ("rmsnorm", "dx without the projection term",
-     lambda: _solution_with(rmsnorm_bwd_kernel=_with_flags(_rmsnorm_bwd_wrong_kernel, PROJECTION=False)).rmsnorm, "xhat * mean(g * xhat)"),
+     lambda: solution_with(STEM, rmsnorm_bwd_kernel=with_flags(_rmsnorm_bwd_wrong_kernel, PROJECTION=False)).rmsnorm, "xhat * mean(g * xhat)"),
     ("rmsnorm", "dw partial sums never stored",
-     lambda: _solution_with(rmsnorm_bwd_kernel=_with_flags(_rmsnorm_bwd_wrong_kernel, STORE_DW=False)).rmsnorm, "never written"),
+     lambda: solution_with(STEM, rmsnorm_bwd_kernel=with_flags(_rmsnorm_bwd_wrong_kernel, STORE_DW=False)).rmsnorm, "never written"),
     ("swiglu", "sigmoid instead of silu",
-     lambda: _solution_with(swiglu_fwd_kernel=_with_flags(_swiglu_fwd_wrong_kernel, SILU=False)).swiglu,
+     lambda: solution_with(STEM, swiglu_fwd_kernel=with_flags(_swiglu_fwd_wrong_kernel, SILU=False)).swiglu,
      "silu is a * sigmoid(a)"),
     ("swiglu", "tail store not masked",
-     lambda: _solution_with(swiglu_fwd_kernel=_with_flags(_swiglu_fwd_wrong_kernel, MASK_STORE=False)).swiglu,
+     lambda: solution_with(STEM, swiglu_fwd_kernel=with_flags(_swiglu_fwd_wrong_kernel, MASK_STORE=False)).swiglu,
      "past the end"),
     ("swiglu", "da misses the sigmoid derivative",
-     lambda: _solution_with(swiglu_bwd_kernel=_swiglu_bwd_no_sigmoid_derivative_kernel).swiglu,
+     lambda: solution_with(STEM, swiglu_bwd_kernel=_swiglu_bwd_no_sigmoid_derivative_kernel).swiglu,
      "derivative of sigmoid"),
-    ("rope", "rotation by -theta", lambda: _solution_with(rope_kernel=_with_flags(_rope_wrong_kernel, SIGN=-1.0)).rope,
+    ("rope", "rotation by -theta", lambda: solution_with(STEM, rope_kernel=with_flags(_rope_wrong_kernel, SIGN=-1.0)).rope,
      "rotated by -theta"),
-    ("rope", "interleaved pairs", lambda: _solution_with(rope_kernel=_with_flags(_rope_wrong_kernel, INTERLEAVED=True)).rope,
+    ("rope", "interleaved pairs", lambda: solution_with(STEM, rope_kernel=with_flags(_rope_wrong_kernel, INTERLEAVED=True)).rope,
      "not neighbours"),
     ("rope", "odd D accepted", lambda: _rope_without_validation, "D is even"),
-    ("mse_loss", "gradient without the 2", lambda: _solution_with(mse_kernel=_with_flags(_mse_wrong_kernel, FACTOR=1.0)).mse_loss,
+    ("mse_loss", "gradient without the 2", lambda: solution_with(STEM, mse_kernel=with_flags(_mse_wrong_kernel, FACTOR=1.0)).mse_loss,
      "factor 2"),
-    ("mse_loss", "gradient of the sum", lambda: _solution_with(mse_kernel=_with_flags(_mse_wrong_kernel, MEAN=False)).mse_loss,
+    ("mse_loss", "gradient of the sum", lambda: solution_with(STEM, mse_kernel=with_flags(_mse_wrong_kernel, MEAN=False)).mse_loss,
      "not divided by n_elements"),
     ("mse_loss", "partial sums never stored",
-     lambda: _solution_with(mse_kernel=_with_flags(_mse_wrong_kernel, STORE_PARTIAL=False)).mse_loss, "never written"),
+     lambda: solution_with(STEM, mse_kernel=with_flags(_mse_wrong_kernel, STORE_PARTIAL=False)).mse_loss, "never written"),
 ]
 
 

@@ -12,7 +12,7 @@ import triton.language as tl
 
 import common
 from common import CheckError, assert_close, poisoned_empty, randn
-from common.grading import Exercise, expect_pass, expect_rejected, expect_stubs_todo, load_impl
+from common.grading import Exercise, expect_rejected, lesson_tests, load_impl
 from common.lessons import find, load_module
 
 STEM = "09_mixture_of_experts"
@@ -171,14 +171,7 @@ EXERCISES = [
 BY_NAME = {e.name: e for e in EXERCISES}
 
 
-@pytest.fixture(scope="module")
-def impl():
-    return load_impl(STEM)
-
-
-@pytest.mark.parametrize("exercise", EXERCISES, ids=str)
-def test_exercise(impl, exercise):
-    expect_pass(impl, exercise)
+impl, test_exercise, test_untouched_stubs_are_todo = lesson_tests(STEM, EXERCISES)
 
 
 def test_tile_schedule_example(impl):
@@ -192,10 +185,6 @@ def test_tile_schedule_example(impl):
 
 
 # --------------------------------------------------------------------------- the grader's own tests
-
-def test_untouched_stubs_are_todo():
-    expect_stubs_todo(STEM, EXERCISES)
-
 
 def _solutions():
     return load_impl(STEM, "solutions")

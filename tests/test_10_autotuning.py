@@ -5,7 +5,6 @@ IMPL=exercises (default) grades exercises/10_autotuning.py; IMPL=solutions grade
 """
 
 import functools
-import itertools
 import math
 import random
 
@@ -16,8 +15,8 @@ import triton.language as tl
 
 import common
 from common import CheckError, assert_close, awkward_sizes, poisoned_empty, randn
-from common.grading import Exercise, expect_pass, expect_rejected, expect_stubs_todo, load_impl
-from common.lessons import REPO, find, load_module
+from common.grading import Exercise, expect_rejected, lesson_tests, load_impl, solution_with
+from common.lessons import find, load_module
 
 STEM = "10_autotuning"
 
@@ -355,32 +354,10 @@ EXERCISES = [
 BY_NAME = {e.name: e for e in EXERCISES}
 
 
-@pytest.fixture(scope="module")
-def impl():
-    return load_impl(STEM)
-
-
-@pytest.mark.parametrize("exercise", EXERCISES, ids=str)
-def test_exercise(impl, exercise):
-    expect_pass(impl, exercise)
+impl, test_exercise, test_untouched_stubs_are_todo = lesson_tests(STEM, EXERCISES)
 
 
 # --------------------------------------------------------------------------- the grader's own tests
-
-def test_untouched_stubs_are_todo():
-    expect_stubs_todo(STEM, EXERCISES)
-
-
-_COPIES = itertools.count()
-
-
-def _solution_with(**replace):
-    """A private copy of the solutions module with some of its functions or kernels replaced."""
-    module = load_module(REPO / "solutions" / f"{STEM}.py", name=f"known_wrong_{STEM}_{next(_COPIES)}")
-    for name, value in replace.items():
-        setattr(module, name, value)
-    return module
-
 
 def _wrong_prune(**switches):
     def prune_configs(configs, named_args, smem_limit=None, **kwargs):
@@ -420,7 +397,7 @@ def _absmax_with(mistake=None, choose_block_size=None, choose_num_warps=None):
     if mistake:
         heuristics["MISTAKE"] = lambda args: mistake
         kernel = _row_absmax_wrong_kernel
-    copy = _solution_with(choose_block_size=block, choose_num_warps=warps,
+    copy = solution_with(STEM, choose_block_size=block, choose_num_warps=warps,
                           row_absmax_heuristic_kernel=triton.heuristics(heuristics)(kernel))
     return copy.row_absmax
 

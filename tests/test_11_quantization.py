@@ -4,7 +4,6 @@ IMPL=exercises (default) grades exercises/11_quantization.py; IMPL=solutions gra
 """
 
 import functools
-import itertools
 
 import pytest
 import torch
@@ -14,8 +13,8 @@ import triton.language as tl
 import common
 from common import CheckError, assert_close, awkward_sizes, poisoned_empty, randn
 from common.checks import check_guards
-from common.grading import Exercise, expect_pass, expect_rejected, expect_stubs_todo, load_impl
-from common.lessons import REPO, find, load_module
+from common.grading import Exercise, expect_rejected, lesson_tests, load_impl, solution_with, with_flags
+from common.lessons import find, load_module
 
 STEM = "11_quantization"
 FP8 = {"e4m3": (torch.float8_e4m3fn, 448.0), "e5m2": (torch.float8_e5m2, 57344.0)}
@@ -239,40 +238,10 @@ EXERCISES = [
 BY_NAME = {e.name: e for e in EXERCISES}
 
 
-@pytest.fixture(scope="module")
-def impl():
-    return load_impl(STEM)
-
-
-@pytest.mark.parametrize("exercise", EXERCISES, ids=str)
-def test_exercise(impl, exercise):
-    expect_pass(impl, exercise)
+impl, test_exercise, test_untouched_stubs_are_todo = lesson_tests(STEM, EXERCISES)
 
 
 # --------------------------------------------------------------------------- the grader's own tests
-
-def test_untouched_stubs_are_todo():
-    expect_stubs_todo(STEM, EXERCISES)
-
-
-_COPIES = itertools.count()
-
-
-def _solution_with(**replace):
-    """A private copy of the solutions module with some of its kernels replaced."""
-    module = load_module(REPO / "solutions" / f"{STEM}.py", name=f"known_wrong_{STEM}_{next(_COPIES)}")
-    for name, value in replace.items():
-        setattr(module, name, value)
-    return module
-
-
-def _with_flags(kernel, **flags):
-    """Stands in for a kernel: kernel[grid](...) as the wrapper calls it, with the flags added."""
-    class Launcher:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: kernel[grid](*args, **kwargs, **flags)
-    return Launcher()
-
 
 @functools.cache
 def _solutions():
@@ -425,15 +394,15 @@ def _fp8_no_fmt_check(x, fmt="e4m3", out=None, scale_out=None):
 
 
 def _int8_wrong(**flags):
-    return _solution_with(quantize_rows_int8_kernel=_with_flags(_int8_rows_wrong_kernel, **flags)).quantize_rows_int8
+    return solution_with(STEM, quantize_rows_int8_kernel=with_flags(_int8_rows_wrong_kernel, **flags)).quantize_rows_int8
 
 
 def _gemv_wrong(**flags):
-    return _solution_with(w8a16_gemv_grouped_kernel=_with_flags(_gemv_grouped_wrong_kernel, **flags)).w8a16_gemv_grouped
+    return solution_with(STEM, w8a16_gemv_grouped_kernel=with_flags(_gemv_grouped_wrong_kernel, **flags)).w8a16_gemv_grouped
 
 
 def _fp8_wrong(**flags):
-    return _solution_with(fp8_quantize_rows_kernel=_with_flags(_fp8_rows_wrong_kernel, **flags)).fp8_quantize_rows
+    return solution_with(STEM, fp8_quantize_rows_kernel=with_flags(_fp8_rows_wrong_kernel, **flags)).fp8_quantize_rows
 
 
 KNOWN_WRONG = [
@@ -444,7 +413,7 @@ KNOWN_WRONG = [
     ("quantize_rows_int8", "clip_ratio ignored", lambda: _int8_wrong(CLIP=False), "clip_ratio was ignored"),
     ("quantize_rows_int8", "zero row divides by zero", lambda: _int8_wrong(ZERO_GUARD=False), "all-zero row"),
     ("quantize_rows_int8", "per-tensor scale",
-     lambda: _solution_with(quantize_rows_int8_kernel=_per_tensor_launcher()).quantize_rows_int8, "whole tensor"),
+     lambda: solution_with(STEM, quantize_rows_int8_kernel=_per_tensor_launcher()).quantize_rows_int8, "whole tensor"),
     ("w8a16_gemv_grouped", "scale not applied", lambda: _gemv_wrong(SCALE=False), "scales were not applied"),
     ("w8a16_gemv_grouped", "group 0's scale everywhere", lambda: _gemv_wrong(GROUP0_SCALE=True), "scale of group 0"),
     ("w8a16_gemv_grouped", "tail store not masked", lambda: _gemv_wrong(MASK_STORE=False), "past the end"),

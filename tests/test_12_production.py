@@ -18,8 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import common
 from common import CheckError, assert_close, awkward_sizes, poisoned_empty, randn
 from common.checks import check_guards
-from common.grading import Exercise, NeedsGPU, expect_pass, expect_rejected, expect_stubs_todo, load_impl
-from common.lessons import REPO, load_module
+from common.grading import Exercise, NeedsGPU, expect_rejected, lesson_tests, load_impl, solution_with, with_flags
 
 STEM = "12_production"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if common.supports_bf16() else [])
@@ -488,44 +487,14 @@ EXERCISES = [
 BY_NAME = {e.name: e for e in EXERCISES}
 
 
-@pytest.fixture(scope="module")
-def impl():
-    return load_impl(STEM)
-
-
-@pytest.mark.parametrize("exercise", EXERCISES, ids=str)
-def test_exercise(impl, exercise):
-    expect_pass(impl, exercise)
+impl, test_exercise, test_untouched_stubs_are_todo = lesson_tests(STEM, EXERCISES)
 
 
 # --------------------------------------------------------------------------- the grader's own tests
 
-def test_untouched_stubs_are_todo():
-    expect_stubs_todo(STEM, EXERCISES)
-
-
 @functools.cache
 def _solutions():
     return load_impl(STEM, "solutions")
-
-
-_COPIES = itertools.count()
-
-
-def _solution_with(**replace):
-    """A private copy of the solutions module with some of its kernels, functions or classes replaced."""
-    module = load_module(REPO / "solutions" / f"{STEM}.py", name=f"known_wrong_{STEM}_{next(_COPIES)}")
-    for name, value in replace.items():
-        setattr(module, name, value)
-    return module
-
-
-def _with_flags(kernel, **flags):
-    """Stands in for a kernel: kernel[grid](...) as the wrapper calls it, with the flags added."""
-    class Launcher:
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: kernel[grid](*args, **kwargs, **flags)
-    return Launcher()
 
 
 # 12.1: registrations with one mistake each.
@@ -739,32 +708,32 @@ KNOWN_WRONG = [
     ("register_softcap", "backward 1 - tanh", lambda: _register_wrong("backward 1 - t"), "1 - tanh(u)^2"),
     ("register_softcap", "backward without grad_y", lambda: _register_wrong("backward without grad_y"), "upstream gradient"),
     ("register_softcap", "backward divided by cap", lambda: _register_wrong("backward over cap"), "divided by cap"),
-    ("dpo_loss", "sum instead of mean", lambda: _solution_with(DPOLossFunction=_dpo_function_with("sum")).dpo_loss,
+    ("dpo_loss", "sum instead of mean", lambda: solution_with(STEM, DPOLossFunction=_dpo_function_with("sum")).dpo_loss,
      "MEAN"),
     ("dpo_loss", "prompt tokens counted",
-     lambda: _solution_with(DPOLossFunction=_dpo_function_with("prompt counted")).dpo_loss, "prompt and padding"),
-    ("dpo_loss", "eps ignored", lambda: _solution_with(DPOLossFunction=_dpo_function_with("eps ignored")).dpo_loss,
+     lambda: solution_with(STEM, DPOLossFunction=_dpo_function_with("prompt counted")).dpo_loss, "prompt and padding"),
+    ("dpo_loss", "eps ignored", lambda: solution_with(STEM, DPOLossFunction=_dpo_function_with("eps ignored")).dpo_loss,
      "eps was ignored"),
     ("dpo_loss", "no max subtraction",
-     lambda: _solution_with(dpo_logp_kernel=_with_flags(_dpo_logp_wrong_kernel, MISTAKE="no max")).dpo_loss,
+     lambda: solution_with(STEM, dpo_logp_kernel=with_flags(_dpo_logp_wrong_kernel, MISTAKE="no max")).dpo_loss,
      "running max"),
     ("dpo_loss", "prompt log-probs unwritten",
-     lambda: _solution_with(dpo_logp_kernel=_with_flags(_dpo_logp_wrong_kernel, MISTAKE="prompt rows unwritten")).dpo_loss,
+     lambda: solution_with(STEM, dpo_logp_kernel=with_flags(_dpo_logp_wrong_kernel, MISTAKE="prompt rows unwritten")).dpo_loss,
      "every row"),
     ("dpo_loss", "gradient sign flipped",
-     lambda: _solution_with(dpo_grad_kernel=_with_flags(_dpo_grad_wrong_kernel, MISTAKE="sign")).dpo_loss, "wrong sign"),
+     lambda: solution_with(STEM, dpo_grad_kernel=with_flags(_dpo_grad_wrong_kernel, MISTAKE="sign")).dpo_loss, "wrong sign"),
     ("dpo_loss", "gradient without the softmax term",
-     lambda: _solution_with(dpo_grad_kernel=_with_flags(_dpo_grad_wrong_kernel, MISTAKE="no softmax")).dpo_loss,
+     lambda: solution_with(STEM, dpo_grad_kernel=with_flags(_dpo_grad_wrong_kernel, MISTAKE="no softmax")).dpo_loss,
      "softmax term is missing"),
     ("dpo_loss", "prompt gradient rows unwritten",
-     lambda: _solution_with(dpo_grad_kernel=_with_flags(_dpo_grad_wrong_kernel, MISTAKE="prompt rows unwritten")).dpo_loss,
+     lambda: solution_with(STEM, dpo_grad_kernel=with_flags(_dpo_grad_wrong_kernel, MISTAKE="prompt rows unwritten")).dpo_loss,
      "never written"),
     ("dpo_loss", "grad_loss ignored",
-     lambda: _solution_with(DPOLossFunction=_dpo_function_with("grad_loss ignored")).dpo_loss, "grad_loss was ignored"),
+     lambda: solution_with(STEM, DPOLossFunction=_dpo_function_with("grad_loss ignored")).dpo_loss, "grad_loss was ignored"),
     ("dpo_loss", "rejected rows with the chosen sign",
-     lambda: _solution_with(DPOLossFunction=_dpo_function_with("rejected sign")).dpo_loss, "rejected rows"),
+     lambda: solution_with(STEM, DPOLossFunction=_dpo_function_with("rejected sign")).dpo_loss, "rejected rows"),
     ("dpo_loss", "backward not divided by the length",
-     lambda: _solution_with(DPOLossFunction=_dpo_function_with("backward sum")).dpo_loss, "response length"),
+     lambda: solution_with(STEM, DPOLossFunction=_dpo_function_with("backward sum")).dpo_loss, "response length"),
     ("dpo_loss", "empty response accepted", lambda: _dpo_loss_without_length_check, "at least one response token"),
     ("graph_decode_step", "no graph", lambda: _graph_with("eager"), "never ran step"),
     ("graph_decode_step", "captures on every call", lambda: _graph_with("recapture"), "capture the graph once"),

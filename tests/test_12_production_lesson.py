@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from common import CheckError, assert_close, poisoned_empty, randn
+from common import assert_close, poisoned_empty, randn
 from common.checks import check_guards
 from common.lessons import find, load_module
 

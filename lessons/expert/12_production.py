@@ -29,7 +29,6 @@ Run:  python lessons/expert/12_production.py [--quick] [--profile]
 import argparse
 import copy
 import csv
-import functools
 import itertools
 import json
 import os
