@@ -6,7 +6,7 @@ import torch
 import common
 from common import CheckError, assert_close, poisoned_empty
 from common.checks import GUARD_ELEMENTS, awkward_sizes
-from common.grading import Exercise, grade_function, is_untouched_stub
+from common.grading import Exercise, NeedsGPU, grade_function, is_untouched_stub, solution_with
 from common.report import Table
 from common.traffic import count_torch_traffic
 
@@ -154,6 +154,21 @@ def test_grader_reports_crashes_as_failures_not_crashes():
     assert result.status == "failed" and "ZeroDivisionError" in result.detail
     result = grade_function(Exercise("0.2", "todo", check), _raises)
     assert result.status == "todo"
+
+
+def test_a_check_that_needs_a_gpu_reports_skipped_never_passed():
+    def check(fn):
+        fn()
+        raise NeedsGPU("needs a CUDA GPU: CUDA graphs")
+
+    result = grade_function(Exercise("0.3", "graph", check), lambda: None)
+    assert result.status == "skipped" and "CUDA graphs" in result.detail
+
+
+def test_solution_with_replaces_in_a_private_copy():
+    wrong = solution_with("01_vector_add", axpy=lambda *args, **kwargs: "wrong")
+    again = solution_with("01_vector_add")
+    assert wrong.axpy() == "wrong" and again.axpy is not wrong.axpy
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int8, torch.float8_e4m3fn, torch.float8_e5m2],
