@@ -1067,7 +1067,7 @@ def benchmark_gemv(quick: bool) -> None:
             print(f"W8A16 GEMV {n} x {k}: autotuner picked {getattr(w8a16_gemv_kernel, 'best_config', '?')}")
             if not quick:
                 common.perf_bar(f"W8A16 GEMV batch 1, N x K = {n} x {k}: speed vs fp16 torch.matmul "
-                                f"({best_layout.split(', ')[1]}), median of 3 pairs", ratio, 1.5, "x")
+                                f"({best_layout.split(', ', 1)[1]}), median of 3 pairs", ratio, 1.5, "x")
             else:
                 print(f"W8A16 GEMV vs fp16 torch.matmul, median of 3 pairs: {ratio:.2f}x (the perf bar runs without --quick)")
         del w16, w16_kn, w_q
