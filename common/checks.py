@@ -95,11 +95,18 @@ def awkward_sizes(count: int = 3, lo: int = 1000, hi: int = 100_000, include=(1,
 # --------------------------------------------------------------------------- poisoned outputs
 
 def _poison_value(dtype: torch.dtype):
-    return float("nan") if dtype.is_floating_point else -_GUARD_VALUE
+    """NaN for floats; for integers the value least likely to be a right answer: the most negative
+    (int8 -128, which symmetric quantization never writes; a negative index is never valid)."""
+    if dtype.is_floating_point:
+        return float("nan")
+    if dtype == torch.bool:
+        return True
+    info = torch.iinfo(dtype)
+    return info.min if info.min < 0 else info.max
 
 
 def poisoned_empty(*shape, dtype=torch.float32, device=DEVICE) -> torch.Tensor:
-    """A contiguous output filled with NaN (ints: -96), with guard zones on both sides.
+    """A contiguous output filled with NaN (ints: their most negative value), with guard zones on both sides.
 
     `assert_close` checks the guards of an output made here: a store past the end (a missing
     mask) or before the start (a negative offset) is reported even when the output looks right.
@@ -184,7 +191,8 @@ def diagnose(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol:
     a = actual.detach().cpu().to(torch.float64)
     e = expected.detach().cpu().to(torch.float64)
     if not actual.dtype.is_floating_point:
-        unwritten = (a == -_GUARD_VALUE) & (e != -_GUARD_VALUE)
+        poison = float(_poison_value(actual.dtype))
+        unwritten = (a == poison) & (e != poison)
     else:
         unwritten = torch.isnan(a) & ~torch.isnan(e)
     close = torch.isclose(a, e, rtol=rtol, atol=atol, equal_nan=True)

@@ -171,6 +171,15 @@ def test_solution_with_replaces_in_a_private_copy():
     assert wrong.axpy() == "wrong" and again.axpy is not wrong.axpy
 
 
+def test_int_outputs_never_written_are_named():
+    for dtype in (torch.int8, torch.int32):
+        out = poisoned_empty(50, dtype=dtype)
+        out[:20] = 3
+        assert "never written" in _diagnosis(out, torch.full((50,), 3, dtype=torch.float64))
+        out[:] = -96  # written, wrong: an int8 kernel can write any value but -128 after a clamp to +-127
+        assert "never written" not in _diagnosis(out, torch.full((50,), 3, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int8, torch.float8_e4m3fn, torch.float8_e5m2],
                          ids=str)
 def test_untouched_guards_pass_in_every_dtype(dtype):

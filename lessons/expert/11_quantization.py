@@ -716,7 +716,7 @@ def logsumexp_fp16(x: torch.Tensor, stable: bool) -> torch.Tensor:
 
 # %% [markdown]
 # ## Check
-# Awkward sizes, outputs poisoned (NaN, or -96 for int8) between guard zones, float64
+# Awkward sizes, outputs poisoned (NaN, or -128 for int8: symmetric quantization never writes it) between guard zones, float64
 # references. An int8 value must equal round(x / scale) exactly, except within 1e-3 of a
 # rounding tie, where fp32 and float64 division may fall on different sides (there it may be
 # off by one). The dequantised value must be within half a step (scale / 2) of x.
