@@ -44,6 +44,15 @@ def test_diagnosis_store_past_the_end():
     assert "past the end" in _diagnosis(out, expected)
 
 
+def test_named_mistake_found_through_its_own_rounding():
+    expected = torch.randn(200, dtype=torch.float64)
+    unscaled = 3000 * expected  # a sum that forgot its scale: thousands, with fp32 rounding of its own
+    got = (unscaled * (1 + 2e-4 * torch.randn(200, dtype=torch.float64))).float()
+    message = _diagnosis(got, expected, mistakes={"the scale was not applied": unscaled})
+    assert "the scale was not applied" in message
+    assert "the scale was not applied" not in _diagnosis(got, expected, mistakes={"the scale was not applied": -unscaled})
+
+
 def test_diagnosis_transposed_and_misplaced_and_scaled():
     e = torch.randn(37, 37, dtype=torch.float64)
     assert "transpose" in _diagnosis(e.T.contiguous().float(), e)
