@@ -276,7 +276,10 @@ def _hints(a, e, wrong, unwritten, rtol, atol, dtype) -> list[str]:
     if _values_misplaced(a[written_wrong], e, dtype):
         return ["the values are right but in the wrong places: check the offsets and the "
                 "strides (a non-contiguous input needs x.stride(0), not 1)"]
-    rel = ((a - e).abs() / e.abs().clamp_min(atol))[written_wrong & torch.isfinite(a)]
+    # Relative to the element, but never to less than 1% of the output's largest value: rounding
+    # errors scale with the terms summed, so outputs near zero would otherwise look far off.
+    floor = max(atol, 1e-2 * float(e.abs().nan_to_num().max()))
+    rel = ((a - e).abs() / e.abs().clamp_min(floor))[written_wrong & torch.isfinite(a)]
     if len(rel) and float(rel.max()) < 50 * max(rtol, 1e-3):
         low = "fp16 / bf16" if dtype in (torch.float16, torch.bfloat16) else "low precision"
         return [f"small errors, just over tolerance: precision loss; is something accumulated "

@@ -53,6 +53,13 @@ def test_named_mistake_found_through_its_own_rounding():
     assert "the scale was not applied" not in _diagnosis(got, expected, mistakes={"the scale was not applied": -unscaled})
 
 
+def test_precision_loss_named_when_some_outputs_are_near_zero():
+    expected = torch.randn(1000, dtype=torch.float64) * 10
+    expected[::7] = 1e-4  # outputs near zero, as a dot product of random signs makes
+    got = (expected + 5e-3 * torch.randn(1000, dtype=torch.float64)).float()  # fp16-sized rounding errors
+    assert "precision loss" in _diagnosis(got, expected)
+
+
 def test_diagnosis_transposed_and_misplaced_and_scaled():
     e = torch.randn(37, 37, dtype=torch.float64)
     assert "transpose" in _diagnosis(e.T.contiguous().float(), e)
