@@ -49,6 +49,39 @@ def bench(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -> T
     return Timing(med, lo, hi)
 
 
+def bench_graphed(fns: list[Callable[[], object]], calls: int = 200, replays: int = 25) -> Timing:
+    """Time per call of kernels too short for their Python launch, the way a decode step runs them:
+    `calls` calls captured in one CUDA graph, replayed `replays` times (median and spread of the
+    replays, divided by `calls`). No Python runs between the kernels, so the host cannot starve the
+    GPU. There is no L2 flush inside a graph: pass several fns bound to copies of the data whose
+    total is well above the L2 size; the graph calls them in turn, so no call finds its inputs in
+    L2. Call each fn once before (an autotuner must not tune during the capture).
+    """
+    if not HAS_GPU:
+        raise RuntimeError("bench_graphed() needs a CUDA GPU; check common.HAS_GPU before timing")
+    side = torch.cuda.Stream()  # warm up on a side stream, as torch's CUDA-graph notes advise
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fns[i % len(fns)]()
+    graph.replay()  # warm-up
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    times.sort()
+    return Timing(times[len(times) // 2], times[len(times) // 5], times[(4 * len(times)) // 5])
+
+
 def compiled(fn: Callable, *example_args) -> Callable | None:
     """torch.compile(fn) as a peer provider, or None (printed why) where it cannot run.
 

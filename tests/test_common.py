@@ -201,3 +201,13 @@ def test_int_outputs_never_written_are_named():
 def test_untouched_guards_pass_in_every_dtype(dtype):
     from common.checks import check_guards
     check_guards(poisoned_empty(100, dtype=dtype))  # the guard value must be exact in the dtype
+
+
+@pytest.mark.skipif(not common.HAS_GPU, reason="needs a CUDA GPU: CUDA graphs")
+def test_bench_graphed_times_every_call():
+    xs = [torch.randn(1 << 20, device="cuda") for _ in range(3)]
+    calls = []
+    timing = common.bench_graphed([lambda x=x: calls.append(1) or x.mul_(1.0) for x in xs], calls=30, replays=5)
+    assert len(calls) == 3 + 30  # warm-up once each, then captured once: replays run no Python
+    assert 0 < timing.lo_ms <= timing.ms <= timing.hi_ms
+
