@@ -5,7 +5,7 @@ import torch
 
 import common
 from common import CheckError, assert_close, poisoned_empty
-from common.checks import GUARD_ELEMENTS, awkward_sizes
+from common.checks import GUARD_ELEMENTS, awkward_sizes, sum_tolerance
 from common.grading import Exercise, NeedsGPU, grade_function, is_untouched_stub, solution_with
 from common.report import Table
 from common.traffic import count_torch_traffic
@@ -58,6 +58,18 @@ def test_precision_loss_named_when_some_outputs_are_near_zero():
     expected[::7] = 1e-4  # outputs near zero, as a dot product of random signs makes
     got = (expected + 5e-3 * torch.randn(1000, dtype=torch.float64)).float()  # fp16-sized rounding errors
     assert "precision loss" in _diagnosis(got, expected)
+
+
+def test_sum_tolerance_grows_for_fp32_sums_only():
+    # A sum of 700 fp32 products added in another order than float64 (a weight gradient over the rows).
+    terms = torch.randn(700, 2000, dtype=torch.float64)
+    want = terms.sum(0)
+    got = terms.float().flip(0).cumsum(0)[-1]  # sequential fp32 sum, backwards
+    assert sum_tolerance(torch.float32, 700)["atol"] > common.checks.tolerance(torch.float32)["atol"]
+    assert sum_tolerance(torch.bfloat16, 700) == common.checks.tolerance(torch.bfloat16)
+    assert_close(got, want, **sum_tolerance(torch.float32, 700))
+    with pytest.raises(CheckError):  # one term dropped is still an error
+        assert_close(got - terms[0].float(), want, **sum_tolerance(torch.float32, 700))
 
 
 def test_diagnosis_transposed_and_misplaced_and_scaled():
