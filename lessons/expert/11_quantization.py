@@ -266,8 +266,9 @@ def gemv_configs() -> list:
     # A GEMV has no data reuse: what matters is bytes in flight. Few rows per program and a long K
     # step: every load of a step is issued before the first returns, and N / BLOCK_N (1792 to
     # 14336 programs at N = 14336) keeps many programs resident on each SM. Measured on H200
-    # (2026-11-22, 14336 x 4096): 32 x 256 steps ran at 42% of copy (latency-bound); 4 x 4096 at
-    # 1.64x the fp16 GEMV, 1.43x without evict_first on the weight loads.
+    # (2026-11-22, 14336 x 4096, per call in a CUDA graph, 60 configs): 4 x 4096 with 4 warps was
+    # best, 18.5-19.4 us = 1.56-1.62x the fp16 GEMV (3.0-3.2 TB/s); evict_first is worth 3% there;
+    # 32 x 256 steps (an earlier, eager sweep) ran at 42% of copy, latency-bound.
     return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=1)
             for bn, bk, w in ((4, 4096, 4), (8, 4096, 8), (2, 4096, 4), (1, 4096, 4), (4, 2048, 4),
                               (2, 2048, 8), (4, 1024, 4), (4, 1024, 8), (2, 1024, 4), (8, 1024, 8))]
