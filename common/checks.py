@@ -13,6 +13,7 @@ import os
 import random
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .device import DEVICE, INTERPRETER
 
@@ -322,3 +323,33 @@ def _values_misplaced(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dt
         return float((near <= eps * values.abs() + 1e-30).float().mean())
 
     return match_rate(got) > 0.9 and match_rate(got * 1.001 + 1e-3) < 0.3
+
+
+_ALLOCATORS = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_like.default,
+               torch.ops.aten.new_empty.default}
+
+
+class PoisonedAllocations(TorchDispatchMode):
+    """Every float tensor made by torch.empty / empty_like / new_empty inside this mode is filled
+    with NaN and sits between guard zones (poisoned_empty).
+
+    For wrappers that allocate their own outputs (autograd Functions: y, dx, partial sums, a
+    gradient buffer), where a grader cannot pass a poisoned out=: with this mode, an output a
+    kernel never writes reads NaN, and check_guards() reports a store past the end of any of them.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.made: list[torch.Tensor] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if (func in _ALLOCATORS and isinstance(out, torch.Tensor) and out.dtype.is_floating_point
+                and out.numel() and out.is_contiguous()):
+            out = poisoned_empty(*out.shape, dtype=out.dtype, device=out.device)
+            self.made.append(out)
+        return out
+
+    def check_guards(self) -> None:
+        for t in self.made:
+            check_guards(t, "an output allocated by the wrapper")

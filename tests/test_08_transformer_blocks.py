@@ -11,11 +11,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import common
 from common import CheckError, assert_close, awkward_sizes, poisoned_empty, randn
-from common.checks import check_guards, sum_tolerance, tolerance
+from common.checks import PoisonedAllocations, sum_tolerance, tolerance
 from common.grading import Exercise, expect_rejected, lesson_tests, load_impl, solution_with, with_flags
 from common.lessons import find, load_module
 
@@ -33,38 +32,7 @@ def _rows(hi_gpu: int = 300) -> int:
     return int(torch.randint(2, 12 if common.INTERPRETER else hi_gpu, ()).item())
 
 
-# --------------------------------------------------------------------------- poisoned allocations
-
-_ALLOCATORS = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_like.default,
-               torch.ops.aten.new_empty.default}
-
-
-class PoisonedAllocations(TorchDispatchMode):
-    """Every float tensor made by torch.empty / empty_like / new_empty inside this mode is filled
-    with NaN and sits between guard zones (common.poisoned_empty).
-
-    The exercises here are autograd Functions whose wrappers allocate their own outputs (y, dx,
-    dw partial sums, the gradient buffer), so the grader cannot pass a poisoned out=. With this
-    mode, an output a kernel never writes reads NaN, and `check_guards()` reports a store past the
-    end of any of them.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.made: list[torch.Tensor] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if (func in _ALLOCATORS and isinstance(out, torch.Tensor) and out.dtype.is_floating_point
-                and out.numel() and out.is_contiguous()):
-            out = poisoned_empty(*out.shape, dtype=out.dtype, device=out.device)
-            self.made.append(out)
-        return out
-
-    def check_guards(self) -> None:
-        for t in self.made:
-            check_guards(t, "an output allocated by the wrapper")
-
+# --------------------------------------------------------------------------- autograd under poisoned allocations
 
 def _run_with_grads(fn, inputs, dy=None, scale=None):
     """fn(*inputs) and d/d(inputs) through autograd, all allocations poisoned and guarded."""
@@ -409,17 +377,6 @@ KNOWN_WRONG = [
 @pytest.mark.parametrize("name,mistake,make_wrong,hint", KNOWN_WRONG, ids=[f"{k[0]}: {k[1]}" for k in KNOWN_WRONG])
 def test_grader_rejects_known_wrong(name, mistake, make_wrong, hint):
     expect_rejected(BY_NAME[name], make_wrong(), hint)
-
-
-def test_poisoned_allocations_catch_unwritten_outputs():
-    """The grader's own tool: a NaN-filled, guarded tensor from every torch.empty inside the mode."""
-    with PoisonedAllocations() as allocations:
-        t = torch.empty(10, device=common.DEVICE)
-        i = torch.empty(10, dtype=torch.int64, device=common.DEVICE)  # integers are left alone
-    assert torch.isnan(t).all() and len(allocations.made) == 1 and i.dtype == torch.int64
-    allocations.made[0]._course_guard[-1] = 0.0  # as if a kernel had stored past the end
-    with pytest.raises(CheckError, match="past the end"):
-        allocations.check_guards()
 
 
 # --------------------------------------------------------------------------- the lesson's kernels

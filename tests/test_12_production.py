@@ -13,11 +13,10 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import common
-from common import CheckError, assert_close, awkward_sizes, poisoned_empty, randn
-from common.checks import check_guards
+from common import CheckError, assert_close, awkward_sizes, randn
+from common.checks import PoisonedAllocations
 from common.grading import Exercise, NeedsGPU, expect_rejected, lesson_tests, load_impl, solution_with, with_flags
 
 STEM = "12_production"
@@ -26,38 +25,6 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if common.supports_b
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-# --------------------------------------------------------------------------- poisoned allocations
-
-_ALLOCATORS = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_like.default,
-               torch.ops.aten.new_empty.default}
-
-
-class PoisonedAllocations(TorchDispatchMode):
-    """Every float tensor made by torch.empty / empty_like / new_empty inside this mode is filled
-    with NaN and sits between guard zones (common.poisoned_empty); as in lesson 08's tests.
-
-    12.2's wrappers allocate their own outputs (token log-probs, lse, the gradient), so the
-    grader cannot hand them a poisoned out=: with this mode, a row a kernel never writes reads NaN,
-    and check_guards() reports a store past the end of any of them.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.made: list[torch.Tensor] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if (func in _ALLOCATORS and isinstance(out, torch.Tensor) and out.dtype.is_floating_point
-                and out.numel() and out.is_contiguous()):
-            out = poisoned_empty(*out.shape, dtype=out.dtype, device=out.device)
-            self.made.append(out)
-        return out
-
-    def check_guards(self) -> None:
-        for t in self.made:
-            check_guards(t, "an output allocated by the wrapper")
 
 
 # --------------------------------------------------------------------------- 12.1 custom op
@@ -341,7 +308,7 @@ def check_dpo_loss(dpo_loss):
                 f"loss {name}: {loss.tolist()} is not finite although the logits are small.\n  hint: logp and lse "
                 f"must be stored for every row, 0 for the prompt tokens (the buffers hold NaN before the "
                 f"kernel runs), and every response has at least one token")
-        lp, m, n_tok, loss_of = parts["lp"], parts["m"], parts["n_tok"], parts["loss_of"]
+        lp, m, loss_of = parts["lp"], parts["m"], parts["loss_of"]
         n_half = parts["n_pairs"]
         loss_mistakes = {
             "the log-probs were summed over the response: this variant uses their MEAN (divide by the number "

@@ -5,7 +5,7 @@ import torch
 
 import common
 from common import CheckError, assert_close, poisoned_empty
-from common.checks import GUARD_ELEMENTS, awkward_sizes, sum_tolerance
+from common.checks import GUARD_ELEMENTS, PoisonedAllocations, awkward_sizes, sum_tolerance
 from common.grading import Exercise, NeedsGPU, grade_function, is_untouched_stub, solution_with
 from common.report import Table
 from common.traffic import count_torch_traffic
@@ -223,3 +223,13 @@ def test_bench_graphed_times_every_call():
     assert len(calls) == 3 + 30  # warm-up once each, then captured once: replays run no Python
     assert 0 < timing.lo_ms <= timing.ms <= timing.hi_ms
 
+
+def test_poisoned_allocations_catch_unwritten_outputs():
+    """The grader's own tool: a NaN-filled, guarded tensor from every torch.empty inside the mode."""
+    with PoisonedAllocations() as allocations:
+        t = torch.empty(10, device=common.DEVICE)
+        i = torch.empty(10, dtype=torch.int64, device=common.DEVICE)  # integers are left alone
+    assert torch.isnan(t).all() and len(allocations.made) == 1 and i.dtype == torch.int64
+    allocations.made[0]._course_guard[-1] = 0.0  # as if a kernel had stored past the end
+    with pytest.raises(CheckError, match="past the end"):
+        allocations.check_guards()
