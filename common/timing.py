@@ -49,6 +49,18 @@ def bench(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -> T
     return Timing(med, lo, hi)
 
 
+def median_ratio(fn_base: Callable[[], object], fn_new: Callable[[], object], pairs: int = 3,
+                 rep_ms: int = 100) -> float:
+    """Base time / new time: the median over `pairs` pairs of bench() timings taken back to back.
+
+    Single timings of one kernel spread by several percent from call to call (on an H200, up to
+    +-6% for lesson 04's 4096^3 matmuls: 85% of cuBLAS in one run, 94% in the next). The two
+    timings of a pair see the same clocks and neighbours, and the median drops an odd pair.
+    """
+    ratios = sorted(bench(fn_base, rep_ms=rep_ms).ms / bench(fn_new, rep_ms=rep_ms).ms for _ in range(pairs))
+    return ratios[len(ratios) // 2]
+
+
 def bench_graphed(fns: list[Callable[[], object]], calls: int = 200, replays: int = 25) -> Timing:
     """Time per call of kernels too short for their Python launch, the way a decode step runs them:
     `calls` calls captured in one CUDA graph, replayed `replays` times (median and spread of the

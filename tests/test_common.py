@@ -233,3 +233,10 @@ def test_poisoned_allocations_catch_unwritten_outputs():
     allocations.made[0]._course_guard[-1] = 0.0  # as if a kernel had stored past the end
     with pytest.raises(CheckError, match="past the end"):
         allocations.check_guards()
+
+
+def test_median_ratio_takes_the_middle_pair(monkeypatch):
+    # bench() returns these times in turn: pairs (base, new) of (2, 1), (9, 1), (3, 1) -> ratios 2, 9, 3.
+    times = iter([2.0, 1.0, 9.0, 1.0, 3.0, 1.0])
+    monkeypatch.setattr(common.timing, "bench", lambda fn, rep_ms=100: common.Timing(next(times), 0.0, 0.0))
+    assert common.median_ratio(lambda: None, lambda: None, pairs=3) == 3.0

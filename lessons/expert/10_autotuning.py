@@ -1016,10 +1016,10 @@ def benchmark_modelled(quick: bool, n: int | None = None) -> None:
     matmul_tuned(a, b, out=out, modelled=True)
     full = tuned_config(matmul_tuned_kernel, n, n, n, torch.float16)
     model = tuned_config(matmul_modelled_kernel, n, n, n, torch.float16)
-    ratios = sorted(common.bench(lambda: matmul_tuned(a, b, out=out)).ms
-                    / common.bench(lambda: matmul_tuned(a, b, out=out, modelled=True)).ms for _ in range(BAR_ROUNDS))
+    ratio = common.median_ratio(lambda: matmul_tuned(a, b, out=out),
+                                lambda: matmul_tuned(a, b, out=out, modelled=True), pairs=BAR_ROUNDS)
     print(f"full search: {config_label(full)}; model + top_k: {config_label(model)}; speed of the model's pick "
-          f"relative to the full search's (median of {BAR_ROUNDS} pairs): {ratios[1]:.3f}x")
+          f"relative to the full search's (median of {BAR_ROUNDS} pairs): {ratio:.3f}x")
 
 
 def benchmark_persistent(quick: bool, shapes: list | None = None) -> None:

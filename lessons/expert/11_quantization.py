@@ -1027,12 +1027,6 @@ def benchmark_quantize(quick: bool) -> None:
           "can reach at most about 60% of copy.")
 
 
-def _median_ratio(fn_base, fn_new, pairs: int = 3) -> float:
-    """Median over alternating pairs of base time / new time (single timings of ~20 us kernels spread)."""
-    ratios = sorted(common.bench(fn_base, rep_ms=200).ms / common.bench(fn_new, rep_ms=200).ms for _ in range(pairs))
-    return ratios[len(ratios) // 2]
-
-
 GRAPH_WEIGHT_COPIES = 4  # 4 x 56 MiB of int8 (and 4 x 112 MiB of fp16): well above a 50-60 MiB L2
 
 
@@ -1099,7 +1093,7 @@ def benchmark_gemv(quick: bool) -> None:
             best_layout = min(("torch fp16, W (N, K): x @ W.t()", "torch fp16, W (K, N): x @ W"),
                               key=lambda key: times[key].ms)
             base = providers[best_layout][0]
-            eager = _median_ratio(base, lambda: w8a16_gemv(x, w_q, scale, out=out))
+            eager = common.median_ratio(base, lambda: w8a16_gemv(x, w_q, scale, out=out), rep_ms=200)
             print(f"W8A16 GEMV {n} x {k}: autotuner picked {getattr(w8a16_gemv_kernel, 'best_config', '?')}")
             print(f"eager, one Python call per kernel (median of 3 pairs): {eager:.2f}x the fp16 GEMV")
             weight16 = w16_kn if best_layout.endswith("x @ W") else w16
@@ -1200,7 +1194,8 @@ def benchmark_fp8(quick: bool) -> None:
                           (True, "torch._scaled_mm fp8, use_fast_accum=False")):
         if base not in times:
             continue
-        ratio = 100 * _median_ratio(providers[base], lambda: fp8_matmul(a, b, sa, sb, precise_acc=precise))
+        ratio = 100 * common.median_ratio(providers[base], lambda: fp8_matmul(a, b, sa, sb, precise_acc=precise),
+                                          rep_ms=200)
         label = (f"FP8 e4m3 matmul {n}^3, {'precise' if precise else 'fast'} accumulation: % of "
                  f"{base.split(' fp8, ')[0]}({base.split(', ')[1]}) TFLOP/s, median of 3 pairs")
         if precise:

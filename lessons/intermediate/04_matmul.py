@@ -530,11 +530,10 @@ def benchmark_versions(quick: bool, n: int | None = None) -> None:
             # Single timings of these two kernels spread by up to +-6% on an H200 (2026-11-22),
             # enough to read 85% in one run and 94% in the next: the bar takes the median of
             # three alternating cuBLAS / v4 pairs of 300 ms each (they agreed within 1.5%).
-            ratios = sorted(common.bench(lambda: torch.matmul(a, b, out=out), rep_ms=300).ms
-                            / common.bench(lambda: matmul(a, b, version=4, out=out), rep_ms=300).ms
-                            for _ in range(3))
+            ratio = common.median_ratio(lambda: torch.matmul(a, b, out=out),
+                                        lambda: matmul(a, b, version=4, out=out), pairs=3, rep_ms=300)
             common.perf_bar(f"v4 {name} {n}^3: % of torch.matmul (cuBLAS) TFLOP/s, median of 3 pairs",
-                            100 * ratios[1], 90, "%")
+                            100 * ratio, 90, "%")
         del a, b, out
     table.print()
     fig, ax = common.new_figure(f"matmul {n}^3: versions vs cuBLAS", "provider", "TFLOP/s")
