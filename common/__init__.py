@@ -5,7 +5,8 @@
 """
 
 from .device import DEVICE, HAS_GPU, INTERPRETER, banner, is_hopper, require_gpu, supports_bf16, supports_fp8
-from .checks import CheckError, assert_close, awkward_sizes, poisoned_empty, poisoned_like, randn
+from .checks import (CheckError, assert_close, awkward_sizes, grads_float64, grads_of, poisoned_empty,
+                     poisoned_like, randn)
 from .report import Table, new_figure, perf_bar, save_plot, section
 from .timing import (Timing, bench, bench_graphed, compiled, copy_bandwidth, matmul_rate, median_ratio,
                      pct_of_copy)
@@ -15,7 +16,8 @@ from .cli import lesson_args
 
 __all__ = [
     "DEVICE", "HAS_GPU", "INTERPRETER", "banner", "is_hopper", "require_gpu", "supports_bf16", "supports_fp8",
-    "CheckError", "assert_close", "awkward_sizes", "poisoned_empty", "poisoned_like", "randn",
+    "CheckError", "assert_close", "awkward_sizes", "grads_float64", "grads_of", "poisoned_empty", "poisoned_like",
+    "randn",
     "Table", "new_figure", "perf_bar", "save_plot", "section",
     "Timing", "bench", "bench_graphed", "compiled", "copy_bandwidth", "matmul_rate", "median_ratio", "pct_of_copy",
     "access_widths", "count_torch_traffic", "fmt_bytes", "min_bytes", "peak_extra_memory",

@@ -325,6 +325,22 @@ def _values_misplaced(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dt
     return match_rate(got) > 0.9 and match_rate(got * 1.001 + 1e-3) < 0.3
 
 
+def grads_float64(fn, inputs, dy=None):
+    """fn(*inputs) and its gradients w.r.t. every input, computed by autograd on float64 copies:
+    the reference a backward kernel is checked against (dy=None for a scalar output)."""
+    xs = [t.detach().double().requires_grad_() for t in inputs]
+    y = fn(*xs)
+    return y.detach(), torch.autograd.grad(y, xs, None if dy is None else dy.double())
+
+
+def grads_of(fn, inputs, dy=None):
+    """fn(*inputs) and its gradients w.r.t. every input, in the inputs' own dtype: the function
+    under test, on fresh leaf copies so that nothing accumulates into the caller's tensors."""
+    xs = [t.detach().clone().requires_grad_() for t in inputs]
+    y = fn(*xs)
+    return y.detach(), torch.autograd.grad(y, xs, dy)
+
+
 _ALLOCATORS = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_like.default,
                torch.ops.aten.new_empty.default}
 

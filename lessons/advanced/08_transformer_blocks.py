@@ -622,20 +622,6 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
 # copies of the same inputs.
 
 
-def grads_float64(fn, inputs, dy):
-    """fn(*inputs) and its gradients w.r.t. every input, computed by autograd in float64."""
-    xs = [t.detach().double().requires_grad_() for t in inputs]
-    y = fn(*xs)
-    return y.detach(), torch.autograd.grad(y, xs, dy.double() if dy is not None else None)
-
-
-def grads_of(fn, inputs, dy):
-    """fn(*inputs) and its gradients w.r.t. every input, for the function under test."""
-    xs = [t.detach().clone().requires_grad_() for t in inputs]
-    y = fn(*xs)
-    return y.detach(), torch.autograd.grad(y, xs, dy)
-
-
 def _dtypes(quick: bool) -> list[torch.dtype]:
     if common.HAS_GPU and quick:
         return [torch.float32, torch.bfloat16]  # fewer compiles; bf16 stands for the 16-bit types
@@ -662,8 +648,8 @@ def _check_norms(quick: bool, dtypes) -> None:
             common.assert_close(out, rmsnorm_reference(x.double(), w.double()), name=f"rmsnorm forward {name}")
             dy = common.randn(n_rows, n_cols, dtype=dtype)
             ln = lambda x_, w_, b_: F.layer_norm(x_, (n_cols,), w_, b_, 1e-5)  # noqa: E731
-            y_ref, grads_ref = grads_float64(ln, (x, w, b), dy)
-            y, grads = grads_of(layernorm, (x, w, b), dy)
+            y_ref, grads_ref = common.grads_float64(ln, (x, w, b), dy)
+            y, grads = common.grads_of(layernorm, (x, w, b), dy)
             common.assert_close(y, y_ref, name=f"layernorm (autograd) forward {name}")
             for label, got, want in zip(("dx", "dw", "db"), grads, grads_ref):  # dw, db: sums over the rows
                 tol = common.checks.tolerance(dtype) if label == "dx" else common.checks.sum_tolerance(dtype, n_rows)
@@ -683,8 +669,8 @@ def _check_geglu(dtypes) -> None:
             geglu_forward(a, b, out=out)
             common.assert_close(out, geglu_reference(a.double(), b.double()), name=f"geglu forward n={n}")
             dh = common.randn(n, dtype=dtype)
-            _, grads_ref = grads_float64(geglu_reference, (a, b), dh)
-            _, grads = grads_of(geglu, (a, b), dh)
+            _, grads_ref = common.grads_float64(geglu_reference, (a, b), dh)
+            _, grads = common.grads_of(geglu, (a, b), dh)
             for label, got, want in zip(("da", "db"), grads, grads_ref):
                 common.assert_close(got, want, name=f"geglu backward {label} n={n} {dtype}")
     print("geglu forward + backward match float64: OK")
@@ -701,7 +687,7 @@ def check_cross_entropy_once(logits: torch.Tensor, target: torch.Tensor, inplace
     """Loss and gradient of cross_entropy against F.cross_entropy run by autograd in float64."""
     n_valid = int((target != -100).sum())
     ce = lambda l_: F.cross_entropy(l_, target)  # noqa: E731
-    loss_ref, (grad_ref,) = grads_float64(ce, (logits,), None)
+    loss_ref, (grad_ref,) = common.grads_float64(ce, (logits,), None)
     work = logits.clone()  # in place destroys it
     work.requires_grad_()
     loss = cross_entropy(work, target, inplace=inplace)

@@ -880,18 +880,6 @@ def train_dpo(steps: int, n_train: int, n_eval: int, batch: int, vocab: int, dim
 # kernels against float64 autograd on awkward sizes with poisoned outputs.
 
 
-def grads_float64(fn, inputs, dy=None):
-    xs = [t.detach().double().requires_grad_() for t in inputs]
-    y = fn(*xs)
-    return y.detach(), torch.autograd.grad(y, xs, None if dy is None else dy.double())
-
-
-def grads_of(fn, inputs, dy=None):
-    xs = [t.detach().clone().requires_grad_() for t in inputs]
-    y = fn(*xs)
-    return y.detach(), torch.autograd.grad(y, xs, dy)
-
-
 def _dtypes(quick: bool) -> list[torch.dtype]:
     if common.HAS_GPU and quick:
         return [torch.float32, torch.bfloat16]
@@ -906,8 +894,8 @@ def check_layer_norm_op(quick: bool) -> None:
             w, b = common.randn(shape[-1], dtype=dtype), common.randn(shape[-1], dtype=dtype)
             dy = common.randn(*shape, dtype=dtype)
             name = f"{shape} {str(dtype).removeprefix('torch.')}"
-            y_ref, grads_ref = grads_float64(layer_norm_reference, (x, w, b), dy)
-            y, grads = grads_of(layer_norm, (x, w, b), dy)
+            y_ref, grads_ref = common.grads_float64(layer_norm_reference, (x, w, b), dy)
+            y, grads = common.grads_of(layer_norm, (x, w, b), dy)
             common.assert_close(y, y_ref, name=f"layer_norm op forward {name}")
             rows = x.numel() // shape[-1]
             for label, got, want in zip(("dx", "dw", "db"), grads, grads_ref):  # dw, db: sums over the rows
@@ -944,8 +932,8 @@ def check_compile() -> None:
     compiled = torch.compile(block, fullgraph=True, backend=compile_backend())
     x, w, b, dy = common.randn(7, 129), common.randn(129), common.randn(129), common.randn(7, 129)
     ref = lambda x_, w_, b_: torch.relu(layer_norm_reference(x_, w_, b_) * 2.0 + 1.0)  # noqa: E731
-    y_ref, grads_ref = grads_float64(ref, (x, w, b), dy)
-    y, grads = grads_of(compiled, (x, w, b), dy)
+    y_ref, grads_ref = common.grads_float64(ref, (x, w, b), dy)
+    y, grads = common.grads_of(compiled, (x, w, b), dy)
     common.assert_close(y, y_ref, name="torch.compile(fullgraph=True) forward")
     for label, got, want in zip(("dx", "dw", "db"), grads, grads_ref):
         common.assert_close(got, want, name=f"torch.compile(fullgraph=True) backward {label}")
@@ -1024,7 +1012,7 @@ def check_dpo_once(case, beta: float, name: str) -> None:
     n_pairs = logits_c.shape[0]
     ref = lambda lc, lr: dpo_loss_reference(lc, lr, targets_c, targets_r, mask_c, mask_r,  # noqa: E731
                                             ref_c.double(), ref_r.double(), beta)
-    loss_ref, (gc_ref, gr_ref) = grads_float64(ref, (logits_c, logits_r))
+    loss_ref, (gc_ref, gr_ref) = common.grads_float64(ref, (logits_c, logits_r))
     lc, lr = logits_c.detach().clone().requires_grad_(), logits_r.detach().clone().requires_grad_()
     loss, pc, pr = dpo_loss(lc, lr, targets_c, targets_r, mask_c, mask_r, ref_c, ref_r, beta)
     gc, gr = torch.autograd.grad(loss, (lc, lr))
