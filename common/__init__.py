@@ -8,8 +8,8 @@ from .device import DEVICE, HAS_GPU, INTERPRETER, banner, is_hopper, require_gpu
 from .checks import (CheckError, assert_close, awkward_sizes, grads_float64, grads_of, poisoned_empty,
                      poisoned_like, randn)
 from .report import Table, new_figure, perf_bar, save_plot, section
-from .timing import (Timing, bench, bench_graphed, compiled, copy_bandwidth, matmul_rate, median_ratio,
-                     pct_of_copy)
+from .timing import (Timing, bench, bench_graphed, compiled, copy_bandwidth, gpu_kernel_count, matmul_rate,
+                     median_ratio, pct_of_copy, wall_us_per_call)
 from .traffic import access_widths, count_torch_traffic, fmt_bytes, min_bytes, peak_extra_memory
 from .validate import check_tensors
 from .cli import lesson_args
@@ -19,7 +19,8 @@ __all__ = [
     "CheckError", "assert_close", "awkward_sizes", "grads_float64", "grads_of", "poisoned_empty", "poisoned_like",
     "randn",
     "Table", "new_figure", "perf_bar", "save_plot", "section",
-    "Timing", "bench", "bench_graphed", "compiled", "copy_bandwidth", "matmul_rate", "median_ratio", "pct_of_copy",
+    "Timing", "bench", "bench_graphed", "compiled", "copy_bandwidth", "gpu_kernel_count", "matmul_rate", "median_ratio",
+    "pct_of_copy", "wall_us_per_call",
     "access_widths", "count_torch_traffic", "fmt_bytes", "min_bytes", "peak_extra_memory",
     "check_tensors", "lesson_args",
 ]

@@ -6,6 +6,9 @@ lessons print "needs a GPU" instead of a number (see `device.require_gpu`).
 
 import functools
 import json
+import statistics
+import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -92,6 +95,49 @@ def bench_graphed(fns: list[Callable[[], object]], calls: int = 200, replays: in
         times.append(start.elapsed_time(end) / calls)
     times.sort()
     return Timing(times[len(times) // 2], times[len(times) // 5], times[(4 * len(times)) // 5])
+
+
+def wall_us_per_call(fn: Callable[[], object], calls: int = 200, repeats: int = 5) -> float:
+    """Wall-clock microseconds per call of `calls` back-to-back calls, the median of `repeats`.
+
+    What a tiny op really costs the host (Python, argument checks, the launch): CUDA events
+    (bench) time the GPU side, which only waits when launches are the bottleneck.
+    """
+    if not HAS_GPU:
+        raise RuntimeError("wall_us_per_call() needs a CUDA GPU; check common.HAS_GPU before timing")
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(times)
+
+
+def gpu_kernel_count(fn: Callable[[], object]) -> int | None:
+    """GPU kernels that one call of fn launches, counted with torch.profiler (memcpy and memset
+    not counted); None where the profiler fails or sees no GPU activity (no CUPTI in the install).
+    fn runs once before, so that compiling and autotuning are not counted."""
+    if not HAS_GPU:
+        raise RuntimeError("gpu_kernel_count() needs a CUDA GPU; check common.HAS_GPU first")
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the profiler warns about CUPTI settings it cannot change
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize()
+    except Exception as err:
+        print(f"kernel count skipped: torch.profiler failed ({type(err).__name__}: {err})")
+        return None
+    count = sum(1 for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA
+                and not ev.name.startswith(("Memcpy", "Memset")))
+    return count or None
 
 
 def compiled(fn: Callable, *example_args) -> Callable | None:

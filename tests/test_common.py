@@ -224,6 +224,15 @@ def test_bench_graphed_times_every_call():
     assert 0 < timing.lo_ms <= timing.ms <= timing.hi_ms
 
 
+@pytest.mark.skipif(not common.HAS_GPU, reason="needs a CUDA GPU: torch.profiler's kernel events")
+def test_gpu_kernel_count_and_wall_time():
+    x = torch.randn(1 << 16, device="cuda")
+    two_kernels = lambda: (x * 2).add_(1.0)  # noqa: E731  (one multiply, one in-place add)
+    assert common.gpu_kernel_count(two_kernels) == 2
+    assert common.gpu_kernel_count(lambda: x.clone()) in (1, None)  # a device copy may be a memcpy: not counted
+    assert 0 < common.wall_us_per_call(two_kernels, calls=20, repeats=3) < 1e5
+
+
 def test_poisoned_allocations_catch_unwritten_outputs():
     """The grader's own tool: a NaN-filled, guarded tensor from every torch.empty inside the mode."""
     with PoisonedAllocations() as allocations:

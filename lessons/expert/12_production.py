@@ -748,24 +748,6 @@ class DecodeStack(nn.Module):
         return x
 
 
-def wall_us_per_call(fn, calls: int = 200, repeats: int = 5) -> float:
-    """Median over `repeats` of wall-clock time per call for `calls` back-to-back calls.
-
-    Launch overhead is CPU time, so this is the number a decode loop sees; CUDA events
-    (common.bench) time the GPU side, which waits for the CPU when launches are the bottleneck.
-    """
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(times)
-
-
 # %% [markdown]
 # ### 6. The capstone's model and data
 # A bigram language model (the next token from the current one) over a toy vocabulary, with
@@ -1140,7 +1122,10 @@ def benchmark_decode(quick: bool) -> dict:
     stack_b = DecodeStack(dim, hidden, layers, seed=2)
     x_a = torch.randn(1, dim, device="cuda", dtype=torch.float16)
     x_b = torch.randn(1, dim, device="cuda", dtype=torch.float16)
-    launches = count_kernels(lambda: stack_a(x_a))
+    launches = common.gpu_kernel_count(lambda: stack_a(x_a))
+    if launches is None:
+        raise RuntimeError("the decode benchmark counts its launches with torch.profiler, which saw no GPU "
+                           "kernels here (a PyTorch build without CUPTI?)")
     graph, out = capture_cuda_graph(stack_a, x_a)
 
     def replay_with(new_x):
@@ -1178,7 +1163,7 @@ def benchmark_decode(quick: bool) -> dict:
                                            "us per kernel (wall)"])
     wall = {}
     for name, (fn, kernels) in rows.items():
-        wall[name] = wall_us_per_call(fn)
+        wall[name] = common.wall_us_per_call(fn)
         table.add(name, kernels, wall[name], common.bench(fn).ms * 1e3, wall[name] / kernels)
     table.print()
     saved = wall["eager, 1 step"] - wall["CUDA graph, 1 step"]
@@ -1192,18 +1177,6 @@ def benchmark_decode(quick: bool) -> dict:
         common.perf_bar(f"decode step ({layers} layers, batch 1): eager wall time / CUDA-graph wall time",
                         speedup, 2.0, "x")
     return {"stack": stack_a, "x": x_a, "launches": launches}
-
-
-def count_kernels(fn) -> int:
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
 def profile_step(fn, title: str) -> None:

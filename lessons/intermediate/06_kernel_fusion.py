@@ -18,7 +18,6 @@ Run:  python lessons/intermediate/06_kernel_fusion.py [--quick]
 """
 
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `common`
@@ -438,33 +437,8 @@ def traffic(n: int, m_rows: int, n_cols: int) -> None:
 # bytes than the minimum shows up as a lower rate. torch.compile is built once per shape.
 
 
-def _gpu_kernels(fn) -> int | str:
-    """GPU kernels that one call of fn launches, counted with torch.profiler ("-" if unavailable)."""
-    try:
-        from torch.profiler import ProfilerActivity, profile
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        count = sum(1 for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA
-                    and not ev.name.startswith(("Memcpy", "Memset")))
-    except Exception as err:  # no CUPTI in this install, say: the table shows "-"
-        print(f"kernel count skipped: torch.profiler failed ({type(err).__name__}: {err})")
-        return "-"
-    return count or "-"  # 0 means the profiler saw no GPU activity at all (no CUPTI), not 0 kernels
-
-
-def _host_us_per_call(fn, iters: int = 500) -> float:
-    """Wall-clock microseconds per call, many calls in a row: what a tiny op really costs the host
-    (Python, argument checks, the launch). do_bench's CUDA events time the GPU side only."""
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / iters * 1e6
+def _kernels(fn) -> int | str:
+    return common.gpu_kernel_count(fn) or "-"  # "-": the profiler could not count here
 
 
 ADD_MUL_PROVIDERS = ["torch two-step", "torch.compile", "triton v1 two kernels", "triton v2 fused"]
@@ -516,7 +490,7 @@ def benchmark_add_mul_sizes(quick: bool) -> None:
     for name, fn in last["providers"].items():
         if fn is None:
             continue
-        table.add(name, _gpu_kernels(lambda: fn(x, y, 2.0)), fmt_bytes(common.peak_extra_memory(fn, x, y, 2.0)),
+        table.add(name, _kernels(lambda: fn(x, y, 2.0)), fmt_bytes(common.peak_extra_memory(fn, x, y, 2.0)),
                   str(times[name]))
     table.print()
     print("Peak extra memory is the output plus, for two steps, the temporary x + y.")
@@ -618,7 +592,7 @@ def benchmark_softmax(quick: bool) -> None:
         else:
             moved = f"{fmt_bytes(common.count_torch_traffic(fn, x).total)} (counted)"
         t = times[name]
-        table.add(name, _gpu_kernels(lambda: fn(x)), moved, fmt_bytes(common.peak_extra_memory(fn, x)), str(t),
+        table.add(name, _kernels(lambda: fn(x)), moved, fmt_bytes(common.peak_extra_memory(fn, x)), str(t),
                   t.gbps(nbytes), common.pct_of_copy(t.gbps(nbytes)),
                   f"{times['torch.softmax'].ms / t.ms:.2f}x")
     table.print()
@@ -683,7 +657,7 @@ def benchmark_launch_overhead() -> None:
                 continue
             call = lambda: fn(x, y, 2.0)  # noqa: E731
             gpu_us = common.bench(call).ms * 1e3
-            table.add(n, name, _gpu_kernels(call), gpu_us, _host_us_per_call(call))
+            table.add(n, name, _kernels(call), gpu_us, common.wall_us_per_call(call))
     table.print()
     print("On tiny tensors the bytes are nothing: the host time per call is the launch cost "
           "(Python, argument checks, the driver), paid once per kernel. Fusing two kernels into "
