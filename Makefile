@@ -2,7 +2,8 @@
 #   make lesson LESSON=01      run a lesson script
 #   make check LESSON=01       grade your exercises (IMPL=solutions grades the reference answers)
 #   make progress              every lesson's exercises: passed / failed / TODO
-#   make test                  what CI runs: solutions, the grader's own tests, every lesson (quick)
+#   make test                  what CI runs: solutions, the grader's own tests, every lesson (quick);
+#                              PYTEST="tests/test_11_quantization.py -x" runs a part
 #   make bench                 every lesson's full benchmark on the GPU -> plots/bench/results.md
 #   make profile               lesson 12's profilers: torch.profiler, and Nsight Compute's DRAM bytes if ncu is installed
 
@@ -10,6 +11,7 @@ PYTHON ?= python3
 VENV := .venv
 LESSON ?=
 IMPL ?= exercises
+PYTEST ?=
 
 # Use .venv once it exists; else the current Python if it already has the packages (a GPU box,
 # Colab); else build .venv from requirements.txt.
@@ -28,7 +30,7 @@ endif
 .DEFAULT_GOAL := help
 
 help:
-	@sed -n '1,8p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,9p' Makefile | sed 's/^# \{0,1\}//'
 
 setup: $(SETUP_STAMP)
 	@echo "using $(PY)"
@@ -51,7 +53,7 @@ progress: setup
 # Solutions, the grader's own tests and every lesson script in quick mode. On a GPU the
 # GPU-only tests (bf16, fp8, wrong-device errors) run too; without one they skip with a reason.
 test: setup
-	IMPL=solutions $(PY) -m pytest
+	IMPL=solutions $(PY) -m pytest $(PYTEST)
 
 bench: setup
 	@$(PY) -c "import sys, common; sys.exit(0 if common.HAS_GPU else 'make bench times kernels and needs a CUDA GPU; without one, make lesson LESSON=NN runs the checks and the traffic analysis')"
