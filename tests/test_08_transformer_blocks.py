@@ -14,7 +14,7 @@ import triton.language as tl
 
 import common
 from common import CheckError, assert_close, awkward_sizes, poisoned_empty, randn
-from common.checks import PoisonedAllocations, sum_tolerance, tolerance
+from common.checks import PoisonedAllocations, grads_float64, sum_tolerance, tolerance
 from common.grading import Exercise, expect_rejected, lesson_tests, load_impl, solution_with, with_flags
 from common.lessons import find, load_module
 
@@ -35,7 +35,8 @@ def _rows(hi_gpu: int = 300) -> int:
 # --------------------------------------------------------------------------- autograd under poisoned allocations
 
 def _run_with_grads(fn, inputs, dy=None, scale=None):
-    """fn(*inputs) and d/d(inputs) through autograd, all allocations poisoned and guarded."""
+    """fn(*inputs) and d/d(inputs) through autograd, all allocations poisoned and guarded; the
+    reference is common.grads_float64 (a scale multiplies the output before the backward)."""
     xs = [t.detach().clone().requires_grad_() for t in inputs]
     with PoisonedAllocations() as allocations:
         y = fn(*xs)
@@ -45,14 +46,6 @@ def _run_with_grads(fn, inputs, dy=None, scale=None):
         grads = torch.autograd.grad(y if scale is None else y * scale, xs, dy)
     allocations.check_guards()
     return y.detach(), grads
-
-
-def _reference_grads(fn, inputs, dy=None, scale=None):
-    """The same in float64 through PyTorch's own autograd: the reference."""
-    xs = [t.detach().double().requires_grad_() for t in inputs]
-    y = fn(*xs)
-    return y.detach(), torch.autograd.grad(y if scale is None else y * scale, xs,
-                                           None if dy is None else dy.double())
 
 
 # --------------------------------------------------------------------------- 8.1 RMSNorm
@@ -72,7 +65,7 @@ def check_rmsnorm(rmsnorm):
             x = randn(*shape, dtype=dtype, scale=2.0) + 0.3
             w, dy = randn(n_cols, dtype=dtype), randn(*shape, dtype=dtype)
             name = f"{tuple(shape)} {str(dtype).removeprefix('torch.')}"
-            y_ref, (dx_ref, dw_ref) = _reference_grads(_rmsnorm64, (x, w), dy)
+            y_ref, (dx_ref, dw_ref) = grads_float64(_rmsnorm64, (x, w), dy)
             y, (dx, dw) = _run_with_grads(lambda x_, w_: rmsnorm(x_, w_, EPS), (x, w), dy)
             x64, w64, dy64 = x.double(), w.double(), dy.double()
             block = triton.next_power_of_2(n_cols)
@@ -102,7 +95,7 @@ def check_swiglu(swiglu):
             shape = (n,) if i % 2 == 0 else (3, n)
             a, b, dh = randn(*shape, dtype=dtype, scale=2.0), randn(*shape, dtype=dtype), randn(*shape, dtype=dtype)
             name = f"{tuple(shape)} {str(dtype).removeprefix('torch.')}"
-            h_ref, (da_ref, db_ref) = _reference_grads(_swiglu64, (a, b), dh)
+            h_ref, (da_ref, db_ref) = grads_float64(_swiglu64, (a, b), dh)
             h, (da, db) = _run_with_grads(swiglu, (a, b), dh)
             a64, b64, dh64 = a.double(), b.double(), dh.double()
             s = torch.sigmoid(a64)
@@ -190,7 +183,7 @@ def check_mse_loss(mse_loss):
             n_total = math.prod(shape)
             pred, target = randn(*shape, dtype=dtype), randn(*shape, dtype=dtype)
             name = f"{tuple(shape)} {str(dtype).removeprefix('torch.')}"
-            loss_ref, (gp_ref, gt_ref) = _reference_grads(_mse64, (pred, target))
+            loss_ref, (gp_ref, gt_ref) = grads_float64(_mse64, (pred, target))
             loss, (gp, gt) = _run_with_grads(mse_loss, (pred, target))
             d = pred.double() - target.double()
             assert_close(loss, loss_ref, name=f"mse loss {name}", mistakes={
@@ -205,7 +198,7 @@ def check_mse_loss(mse_loss):
                 "the gradient is not divided by n_elements: the loss is a mean": 2 * d * n_total})
             assert_close(gt * n_total, gt_ref * n_total, name=f"mse d loss / d target (x n) {name}")
     pred, target = randn(333), randn(333)
-    _, (gp_ref, _) = _reference_grads(_mse64, (pred, target), scale=3.0)
+    _, (gp_ref, _) = grads_float64(lambda p, t: _mse64(p, t) * 3.0, (pred, target))
     _, (gp, _) = _run_with_grads(mse_loss, (pred, target), scale=3.0)
     assert_close(gp * 333, gp_ref * 333, name="mse gradient of 3 * loss (backward must scale by grad_output)")
 
@@ -401,7 +394,7 @@ def test_lesson_layernorm(lesson, dtype):
         _same_output(lesson.layernorm_forward(x, w, b, out=out)[0], out, "layernorm_forward")
         ln = lambda x_, w_, b_: F.layer_norm(x_, (n_cols,), w_, b_, 1e-5)  # noqa: E731
         assert_close(out, ln(x.double(), w.double(), b.double()), name=f"layernorm forward {rows}x{n_cols}")
-        y_ref, grads_ref = _reference_grads(ln, (x, w, b), dy)
+        y_ref, grads_ref = grads_float64(ln, (x, w, b), dy)
         y, grads = _run_with_grads(lesson.layernorm, (x, w, b), dy)
         assert_close(y, y_ref, name="layernorm (autograd) forward")
         for label, got, want in zip(("dx", "dw", "db"), grads, grads_ref):  # dw, db: sums over the rows
@@ -412,7 +405,7 @@ def test_lesson_layernorm(lesson, dtype):
 def test_lesson_layernorm_3d_and_expanded_gradient(lesson):
     x, w, b = randn(2, 3, 33), randn(33), randn(33)
     ln = lambda x_, w_, b_: F.layer_norm(x_, (33,), w_, b_)  # noqa: E731
-    _, grads_ref = _reference_grads(lambda *t: ln(*t).sum(), (x, w, b))
+    _, grads_ref = grads_float64(lambda *t: ln(*t).sum(), (x, w, b))
     _, grads = _run_with_grads(lambda *t: lesson.layernorm(*t).sum(), (x, w, b))  # dy is expanded, stride 0
     for label, got, want in zip(("dx", "dw", "db"), grads, grads_ref):
         assert_close(got, want, name=f"layernorm(x 3-D).sum() backward {label}")
@@ -422,7 +415,7 @@ def test_lesson_layernorm_backward_groups_are_deterministic(lesson):
     rows, n_cols = 37, 129
     x, w, b, dy = randn(rows, n_cols), randn(n_cols), randn(n_cols), randn(rows, n_cols)
     _, mean, rstd = lesson.layernorm_forward(x, w, b)
-    _, (dx_ref, dw_ref, db_ref) = _reference_grads(lambda *t: F.layer_norm(t[0], (n_cols,), t[1], t[2]), (x, w, b), dy)
+    _, (dx_ref, dw_ref, db_ref) = grads_float64(lambda *t: F.layer_norm(t[0], (n_cols,), t[1], t[2]), (x, w, b), dy)
     for programs in (1, 5, rows):  # one program for every row, groups of 8 rows, one row each
         dx, dw, db = lesson.layernorm_backward(dy, x, w, mean, rstd, programs=programs)
         assert_close(dx, dx_ref, name=f"dx, {programs} programs")
@@ -452,7 +445,7 @@ def test_lesson_geglu(lesson, dtype):
     _same_output(lesson.geglu_forward(a, b, out=out), out, "geglu_forward")
     geglu64 = lambda a_, b_: F.gelu(a_, approximate="tanh") * b_  # noqa: E731
     assert_close(out, geglu64(a.double(), b.double()), name=f"geglu n={n}")
-    h_ref, grads_ref = _reference_grads(geglu64, (a, b), dh)
+    h_ref, grads_ref = grads_float64(geglu64, (a, b), dh)
     h, grads = _run_with_grads(lesson.geglu, (a, b), dh)
     assert_close(h, h_ref, name="geglu (autograd) forward")
     for label, got, want in zip(("da", "db"), grads, grads_ref):
@@ -475,7 +468,8 @@ def test_lesson_cross_entropy_chunks_and_grad_output(lesson):
     logits = randn(6, 1000, scale=3.0)
     target = torch.randint(0, 1000, (6,), device=common.DEVICE)
     ce = lambda l_: F.cross_entropy(l_, target)  # noqa: E731
-    loss_ref, (grad_ref,) = _reference_grads(ce, (logits,), scale=2.5)
+    loss_ref = ce(logits.double())
+    _, (grad_ref,) = grads_float64(lambda z: ce(z) * 2.5, (logits,))  # the gradient of 2.5 * loss
     for block_size in (16, 128, 4096):  # 63 chunks per row, 8, one
         loss, grad = lesson.cross_entropy_forward(logits, target, block_size=block_size)
         assert_close(loss, loss_ref, name=f"loss, BLOCK_SIZE={block_size}")
