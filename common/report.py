@@ -1,9 +1,12 @@
 """One table format for every lesson, plots under plots/, and the perf-bar record `make bench` reads.
 
 A lesson prints its tables with `Table`, saves figures with `save_plot`, and states each perf
-bar with `perf_bar`. When COURSE_RESULTS is set (make bench sets it), every table and bar of
-the run is also written to $COURSE_RESULTS/<lesson>.json, and `python -m common.report DIR`
-gathers those files into DIR/results.md (`python -m common results DIR`).
+bar with `perf_bar` (common.Benchmark does all three). When COURSE_RESULTS is set (make bench
+sets it to lessons/results), every table and bar of the run is also written to
+$COURSE_RESULTS/<lesson>.json, plots go there too, and `python -m common results DIR` gathers
+those files into DIR/results.md (tables, bars, plots) and DIR/results.json (every bar, one
+record each: lesson, name, kernel, baseline, shape, dtype, value, threshold, pass, GPU, versions,
+date).
 """
 
 import atexit
@@ -16,7 +19,12 @@ from pathlib import Path
 from .device import banner, gpu_name, versions
 
 REPO = Path(__file__).resolve().parents[1]
-PLOTS = REPO / "plots"
+
+
+def plots_dir() -> Path:
+    """plots/ for a lesson run; the results folder when make bench collects a run."""
+    out = os.environ.get("COURSE_RESULTS")
+    return Path(out).resolve() if out else REPO / "plots"
 
 _RUN = {"tables": [], "bars": [], "plots": []}
 
@@ -69,13 +77,19 @@ def section(title: str) -> None:
 
 def save_plot(fig, name: str) -> Path:
     """Save a matplotlib figure as plots/<name>.png and print where it went."""
-    PLOTS.mkdir(exist_ok=True)
-    path = PLOTS / f"{name}.png"
+    folder = plots_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a read-only checkout: the lesson goes on without its plot
+        print(f"plot not written ({name}): cannot create {folder} ({err.strerror})")
+        return folder / f"{name}.png"
+    path = folder / f"{name}.png"
     fig.savefig(path, dpi=120, bbox_inches="tight")
     import matplotlib.pyplot as plt
     plt.close(fig)
-    print(f"plot written: {path.relative_to(REPO)}")
-    _RUN["plots"].append(str(path.relative_to(REPO)))
+    shown = os.path.relpath(path, REPO)
+    print(f"plot written: {shown}")
+    _RUN["plots"].append(path.name)
     return path
 
 
@@ -94,13 +108,18 @@ def new_figure(title: str, xlabel: str, ylabel: str, logx: bool = False):
     return fig, ax
 
 
-def perf_bar(name: str, value: float, bar: float, unit: str, higher_is_better: bool = True) -> bool:
-    """Print one perf-bar line (PASS/MISS) and keep it for the bench results table."""
+def perf_bar(name: str, value: float, bar: float, unit: str, higher_is_better: bool = True,
+             record: dict | None = None, why: str = "") -> bool:
+    """Print one perf-bar line (PASS/MISS, with the measured reason of a miss) and keep it for
+    `make bench`'s results. `record` adds the fields of results.json (kernel, baseline, shape,
+    dtype, ...); common.Benchmark fills them."""
     ok = value >= bar if higher_is_better else value <= bar
     sign = ">=" if higher_is_better else "<="
-    print(f"perf bar: {name}: {value:.2f} {unit} (bar {sign} {bar:g} {unit}) -> {'PASS' if ok else 'MISS'}")
+    print(f"perf bar: {name}: {value:.2f} {unit} (bar {sign} {bar:g} {unit}) -> {'PASS' if ok else 'MISS'}"
+          + (f"\n  why: {why}" if why and not ok else ""))
     _RUN["bars"].append({"name": name, "value": round(value, 3), "bar": bar, "unit": unit,
-                         "higher_is_better": higher_is_better, "passed": ok})
+                         "higher_is_better": higher_is_better, "passed": ok, **(record or {}),
+                         **({"why": why} if why and not ok else {})})
     return ok
 
 
@@ -119,19 +138,36 @@ def _write_results() -> None:
 atexit.register(_write_results)
 
 
-def gather(results_dir: Path) -> str:
-    """All lesson JSON files of one `make bench` run as one markdown page."""
-    parts = []
+BAR_FIELDS = ("lesson", "name", "kernel", "baseline", "shape", "dtype", "value", "bar", "unit", "passed",
+              "gpu", "versions", "date")
+
+
+def gather(results_dir: Path) -> tuple[str, dict]:
+    """All lesson JSON files of one results folder: a markdown page, and every perf bar as one
+    record (the fields of BAR_FIELDS, plus the benchmark, op and the reason of a miss)."""
+    parts, bars = [], []
     for path in sorted(results_dir.glob("[0-9][0-9]_*.json")):
         run = json.loads(path.read_text())
         parts.append(f"## {run['lesson']}\n\n{run['date']}, {run['banner']}\n")
         if run["bars"]:
-            parts.append("| perf bar | measured | bar | result |\n|---|---|---|---|")
+            parts.append("| perf bar | strongest baseline | measured | bar | result |\n|---|---|---|---|---|")
             for b in run["bars"]:
                 sign = ">=" if b["higher_is_better"] else "<="
-                parts.append(f"| {b['name']} | {b['value']:.2f} {b['unit']} | {sign} {b['bar']:g} {b['unit']} | "
-                             f"{'PASS' if b['passed'] else 'MISS'} |")
+                result = "PASS" if b["passed"] else "MISS" + (f": {b['why']}" if b.get("why") else "")
+                parts.append(f"| {b['name']} | {b.get('baseline', '-')} | {b['value']:.2f} {b['unit']} | "
+                             f"{sign} {b['bar']:g} {b['unit']} | {result} |")
+                bars.append({"lesson": run["lesson"], **b, "gpu": run["gpu"], "versions": run["versions"],
+                             "date": run["date"]})
             parts.append("")
         parts += [t["markdown"] + "\n" for t in run["tables"]]
-        parts += [f"![{Path(p).stem}]({os.path.relpath(REPO / p, results_dir)})\n" for p in run["plots"]]
-    return "\n".join(parts)
+        parts += [f"![{Path(p).stem}]({Path(p).name})\n" for p in run["plots"]]
+    return "\n".join(parts), {"bars": bars}
+
+
+def write_results(results_dir: Path) -> tuple[Path, Path]:
+    """results.md and results.json of one results folder (python -m common results DIR)."""
+    page, record = gather(results_dir)
+    md, js = results_dir / "results.md", results_dir / "results.json"
+    md.write_text("# Benchmark results (make bench)\n\n" + page)
+    js.write_text(json.dumps(record, indent=2) + "\n")
+    return md, js

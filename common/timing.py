@@ -97,14 +97,15 @@ def bench_graphed(fns: list[Callable[[], object]], calls: int = 200, replays: in
     return Timing(times[len(times) // 2], times[len(times) // 5], times[(4 * len(times)) // 5])
 
 
-def wall_us_per_call(fn: Callable[[], object], calls: int = 200, repeats: int = 5) -> float:
-    """Wall-clock microseconds per call of `calls` back-to-back calls, the median of `repeats`.
+def wall_timing(fn: Callable[[], object], calls: int = 200, repeats: int = 5) -> Timing:
+    """Wall-clock time per call of `calls` back-to-back calls: the median of `repeats`, with the
+    20th and 80th percentiles of the repeats as its spread.
 
     What a tiny op really costs the host (Python, argument checks, the launch): CUDA events
     (bench) time the GPU side, which only waits when launches are the bottleneck.
     """
     if not HAS_GPU:
-        raise RuntimeError("wall_us_per_call() needs a CUDA GPU; check common.HAS_GPU before timing")
+        raise RuntimeError("wall_timing() needs a CUDA GPU; check common.HAS_GPU before timing")
     fn()
     torch.cuda.synchronize()
     times = []
@@ -113,8 +114,14 @@ def wall_us_per_call(fn: Callable[[], object], calls: int = 200, repeats: int = 
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(times)
+        times.append((time.perf_counter() - start) / calls * 1e3)
+    times.sort()
+    return Timing(statistics.median(times), times[len(times) // 5], times[(4 * len(times)) // 5])
+
+
+def wall_us_per_call(fn: Callable[[], object], calls: int = 200, repeats: int = 5) -> float:
+    """wall_timing's median in microseconds."""
+    return 1e3 * wall_timing(fn, calls, repeats).ms
 
 
 def gpu_kernel_count(fn: Callable[[], object]) -> int | None:
@@ -200,6 +207,23 @@ def matmul_rate(dtype: torch.dtype = torch.float16, n: int = 8192) -> float:
     tflops = bench(lambda: torch.matmul(a, b)).tflops(2 * n**3)
     _record_ceiling(f"matmul_{str(dtype).removeprefix('torch.')}_{n}_TFLOPs", tflops)
     return tflops
+
+
+@functools.cache
+def read_bandwidth() -> float:
+    """Read-only stream in GB/s (bytes read), measured once per process: torch.sum over 1 GiB.
+
+    The ceiling of a kernel that only reads (a decode over a KV cache, a GEMV over its weights,
+    a reduction): DRAM reads faster than it copies, because a copy also writes (on an H200, SDPA's
+    decode read its KV cache at 103-109% of the copy rate). Judging such a kernel against copy
+    flatters it; against this it does not.
+    """
+    if not HAS_GPU:
+        raise RuntimeError("read_bandwidth() needs a CUDA GPU")
+    src = torch.randn(2**28, device=DEVICE)
+    gbps = bench(lambda: src.sum()).gbps(src.numel() * src.element_size())
+    _record_ceiling("read_GBps", gbps)
+    return gbps
 
 
 def pct_of_copy(gbps: float) -> float:

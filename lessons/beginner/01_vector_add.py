@@ -14,6 +14,7 @@ You will learn:
 Run:  python lessons/beginner/01_vector_add.py [--quick]
 """
 
+import functools
 import sys
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from common import Table, section  # noqa: E402
+from common import section  # noqa: E402
 
 # %% [markdown]
 # ## Motivation
@@ -164,83 +165,68 @@ def traffic(n: int) -> None:
 
 # %% [markdown]
 # ## Benchmark
-# Medians of many runs (CUDA events, L2 flushed between runs), in GB/s counting bytes read plus
-# bytes written, and as a % of a device-to-device copy measured in the same run.
+# Declared once, run by common.Benchmark: every provider is timed on every size in alternating
+# rounds, in GB/s counting bytes read plus bytes written, as a % of a device-to-device copy
+# measured in the same run, and against the fastest baseline the registry names for an
+# elementwise op (torch eager, torch.compile).
 
 
-def benchmark_sizes(quick: bool) -> None:
-    section("Benchmark: Triton vs PyTorch over sizes (fp32)")
-    copy = common.copy_bandwidth()
-    print(f"copy bandwidth measured now: {copy:,.0f} GB/s (device-to-device, read + write)")
-    exponents = [12, 20, 24, 28] if quick else list(range(12, 29, 2))
-    table = Table("x + y, fp32: GB/s (read + write) and % of copy",
-                  ["n", "torch GB/s", "compile GB/s", "triton GB/s", "triton % copy", "triton vs torch"])
-    series = {"torch": [], "torch.compile": [], "triton": []}
-    for e in exponents:
-        n = 2**e
-        x, y = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
-        nbytes = 3 * n * 4  # read x and y, write out
-        compiled_add = common.compiled(add_reference)
-        t_torch = common.bench(lambda: add_reference(x, y))
-        t_compile = common.bench(lambda: compiled_add(x, y)) if compiled_add else None
-        t_triton = common.bench(lambda: add(x, y))
-        gbps = [t_torch.gbps(nbytes), t_compile.gbps(nbytes) if t_compile else float("nan"),
-                t_triton.gbps(nbytes)]
-        table.add(f"2^{e}", *gbps, common.pct_of_copy(gbps[2]), f"{t_torch.ms / t_triton.ms:.2f}x")
-        for key, value in zip(series, gbps):
-            series[key].append(value)
-        del x, y
-    table.print()
-    print("Small sizes are launch overhead (a few microseconds whatever n is); "
-          "large sizes show the bandwidth.")
-    fig, ax = common.new_figure("Vector add: achieved bandwidth vs size (fp32)", "elements", "GB/s", logx=True)
-    for key, values in series.items():
-        ax.plot([2**e for e in exponents], values, marker="o", label=key)
-    ax.axhline(copy, color="gray", linestyle="--", label="copy (measured)")
-    ax.legend()
-    common.save_plot(fig, "01_vector_add_sizes")
+def _pow2(n: int) -> str:
+    return f"2^{n.bit_length() - 1}" if n & (n - 1) == 0 else f"{n:,}"
 
 
-def benchmark_block_sizes(quick: bool) -> None:
-    n = 2**24 if quick else 2**28
-    section(f"Benchmark: BLOCK_SIZE sweep at n = 2^{n.bit_length() - 1} (fp32)")
-    x, y = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
-    out = torch.empty_like(x)
-    table = Table("add: BLOCK_SIZE sweep (num_warps = 4)", ["BLOCK_SIZE", "programs", "time", "GB/s", "% copy"])
-    blocks, rates = [2**k for k in range(6, 15)], []
-    for block in blocks:
-        t = common.bench(lambda: add(x, y, block, out=out))
-        rates.append(t.gbps(3 * n * 4))
-        table.add(block, triton.cdiv(n, block), str(t), rates[-1], common.pct_of_copy(rates[-1]))
-    table.print()
-    best = blocks[rates.index(max(rates))]
-    print(f"Best BLOCK_SIZE here: {best}. Small blocks launch many tiny programs and leave each "
-          f"thread one element; very large ones give each thread many registers' worth of data.")
-    fig, ax = common.new_figure(f"Vector add: BLOCK_SIZE sweep, n = 2^{n.bit_length() - 1} fp32",
-                                "BLOCK_SIZE", "GB/s", logx=True)
-    ax.plot(blocks, rates, marker="o", label="triton add")
-    ax.axhline(common.copy_bandwidth(), color="gray", linestyle="--", label="copy (measured)")
-    ax.legend()
-    common.save_plot(fig, "01_vector_add_block_size")
+def _two_vectors(n: int) -> tuple:
+    return torch.randn(n, device=common.DEVICE), torch.randn(n, device=common.DEVICE)
 
 
-def benchmark_add_vs_sub() -> float:
-    n = 2**28
-    section("Benchmark: addition vs subtraction, and the perf bar (n = 2^28 fp32)")
-    x, y = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
-    nbytes = 3 * n * 4
-    table = Table("same bytes, same time", ["op", "torch GB/s", "triton GB/s", "triton % copy"])
-    results = {}
-    for name, op, ref in (("add", add, add_reference), ("sub", sub, sub_reference)):
-        t_torch, t_triton = common.bench(lambda: ref(x, y)), common.bench(lambda: op(x, y))
-        results[name] = (t_torch, t_triton)
-        table.add(name, t_torch.gbps(nbytes), t_triton.gbps(nbytes), common.pct_of_copy(t_triton.gbps(nbytes)))
-    table.print()
-    t_torch, t_triton = results["add"]
-    common.perf_bar("add at 2^28: % of copy bandwidth", common.pct_of_copy(t_triton.gbps(nbytes)), 90, "%")
-    # "On par": within the 2% that repeated timings of one kernel differ by.
-    common.perf_bar("add at 2^28: speed vs torch (torch time / triton time)", t_torch.ms / t_triton.ms, 0.98, "x")
-    return t_triton.gbps(nbytes)
+def _add_bytes(x, y) -> int:
+    return 3 * x.numel() * x.element_size()  # read x and y, write out
+
+
+@functools.cache
+def _sweep_inputs(n: int) -> tuple:  # one pair of vectors for every BLOCK_SIZE of the sweep
+    return (*_two_vectors(n), torch.empty(n, device=common.DEVICE))
+
+
+BENCHMARKS = [
+    common.Benchmark(
+        "x + y over sizes, fp32: GPU time per call (in a CUDA graph)", op="elementwise",
+        cases=[2**e for e in range(12, 29, 2)], quick_cases=[2**12, 2**20, 2**24], cpu_cases=[1000],
+        setup=_two_vectors, kernels={"triton add": add}, reference=add_reference,
+        nbytes=_add_bytes, ceiling="copy", dtype=torch.float32, timer="graph", label=_pow2,
+        plot="01_vector_add_sizes", xlabel="elements", logx=True,
+        # Timed with CUDA events, small sizes measured the host instead: torch.compile's guards cost
+        # more than its kernel below 2^22 (1.20 GB/s at 2^12 and 1,151 at 2^22 on an H200, where torch
+        # read 10.4 and 2,789). Inside a graph no Python runs between calls: each number is GPU time.
+        note="GPU time only: no Python between calls. Small sizes fit in L2 (the 4 input copies of 2^20 "
+             "are 48 MiB), so they read faster than HBM; the launch cost the host adds is the next table."),
+    common.Benchmark(
+        "x + y on small tensors: host wall time per call (Python, checks, launch)", op="elementwise",
+        cases=[2**12, 2**16, 2**20], cpu_cases=[100], setup=_two_vectors, kernels={"triton add": add},
+        reference=add_reference, dtype=torch.float32, timer="wall", label=_pow2,
+        note="Below about 2^20 elements every provider costs its launch, whatever n is: what a call costs "
+             "the host, not what the GPU does. torch.compile adds its guard checks to each call."),
+    common.Benchmark(
+        "add: BLOCK_SIZE sweep at n = 2^28 fp32 (num_warps = 4)", op=None,
+        cases=[2**k for k in range(6, 15)], cpu_cases=[64],
+        setup=lambda block: (*_sweep_inputs(2**28 if common.HAS_GPU else 1000), block),
+        kernels={"triton add": lambda x, y, out, block: add(x, y, block, out=out)},
+        nbytes=lambda x, y, out, block: _add_bytes(x, y), ceiling="copy", dtype=torch.float32,
+        label=lambda block: f"BLOCK_SIZE={block}", plot="01_vector_add_block_size", xlabel="BLOCK_SIZE",
+        logx=True, note="Small blocks launch many tiny programs and leave each thread one element; very large "
+                        "ones give each thread many registers' worth of data."),
+    common.Benchmark(
+        "add at n = 2^28 fp32: the perf bar", op="elementwise", cases=[2**28], cpu_cases=[1000],
+        setup=_two_vectors, kernels={"triton add": add}, reference=add_reference, nbytes=_add_bytes,
+        ceiling="copy", dtype=torch.float32, label=_pow2,
+        bars=[common.Bar("triton add", 2**28, "ceiling", 90),
+              # "On par": within the 2% that repeated timings of one kernel differ by.
+              common.Bar("triton add", 2**28, "baseline", 0.98)]),
+    common.Benchmark(
+        "sub at n = 2^28 fp32: same bytes as add, same time", op="elementwise", cases=[2**28], cpu_cases=[1000],
+        setup=_two_vectors, kernels={"triton sub": sub}, reference=sub_reference, nbytes=_add_bytes,
+        ceiling="copy", dtype=torch.float32, label=_pow2),
+]
 
 
 # %% [markdown]
@@ -255,10 +241,4 @@ if __name__ == "__main__":
     args = common.lesson_args(__doc__.strip().splitlines()[0])
     check(args.quick)
     traffic(2**20 if common.INTERPRETER else 2**28)
-    if common.HAS_GPU:
-        benchmark_sizes(args.quick)
-        benchmark_block_sizes(args.quick)
-        if not args.quick:
-            benchmark_add_vs_sub()
-    else:
-        print("\n" + common.require_gpu("Benchmarks (GB/s, BLOCK_SIZE sweep, plots)"))
+    common.run_benchmarks(BENCHMARKS, args.quick)
