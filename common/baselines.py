@@ -156,9 +156,18 @@ _OPS = [
        (Baseline("F.cross_entropy(hidden @ weight.T)", lambda h, w, t: F.cross_entropy(h @ w.t(), t)),
         Baseline("Liger-Kernel", _liger_flce, peer="liger_kernel"))),
     Op("mse_loss", "x, y", (Baseline("F.mse_loss", F.mse_loss),)),
-    Op("attention", "q, k, v, causal", _SDPA,
+    Op("attention", "q, k, v, causal", _SDPA + (
+        # the flash-attn package (FlashAttention-2) takes (B, N, H, D): transposed views, no copy
+        Baseline("flash-attn", lambda q, k, v, causal=False: importlib.import_module("flash_attn").flash_attn_func(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal).transpose(1, 2),
+            peer="flash_attn", gpu_only=True),),
        what="softmax(q k^T / sqrt(D), causal mask) v on (B, H, N, D); SDPA on every backend this torch has"),
-    Op("decode_attention", "q, k_cache, v_cache", _SDPA_DECODE,
+    Op("decode_attention", "q, k_cache, v_cache", _SDPA_DECODE + (
+        # flash-attn's split-KV decode kernel; it takes q (B, 1, H, D) and caches (B, ctx, H, D)
+        Baseline("flash-attn with_kvcache", lambda q, k_cache, v_cache: importlib.import_module(
+            "flash_attn").flash_attn_with_kvcache(q.unsqueeze(1), k_cache.transpose(1, 2),
+                                                  v_cache.transpose(1, 2)).squeeze(1),
+            peer="flash_attn", gpu_only=True),),
        what="one query token (B, H, D) over a full KV cache (B, H, ctx, D)"),
     Op("moe", "the lesson's tensors", (Baseline("torch._grouped_mm"),),
        what="a routed MoE layer; eager is the PyTorch loop over experts"),
