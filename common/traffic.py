@@ -23,8 +23,20 @@ _NO_DATA_MOVED = {"empty", "empty_like", "empty_strided", "new_empty", "new_empt
                   "sym_numel", "sym_storage_offset", "is_same_size", "size", "stride"}
 
 
+# In-place ops that overwrite self without reading it: self is an output only. (add_, mul_ and
+# the other in-place arithmetic read self first, so they count it both ways.)
+_WRITE_ONLY_INPLACE = {"copy_", "zero_", "fill_", "normal_", "uniform_", "random_", "exponential_",
+                       "bernoulli_", "geometric_", "cauchy_", "log_normal_"}
+
+
 def nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+    """Bytes of memory a tensor covers: a stride-0 (expanded) dimension repeats the same elements,
+    so a bias expanded to (M, N) is N elements, not M * N."""
+    elements = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            elements *= size
+    return elements * t.element_size() if t.numel() else 0
 
 
 def min_bytes(*tensors: torch.Tensor) -> int:
@@ -79,12 +91,12 @@ class _TrafficCounter(TorchDispatchMode):
         if func.is_view or name in _NO_DATA_MOVED:
             return out
         # Tensors the op writes into (out=, or self for in-place ops) are outputs, not inputs,
-        # unless the op is in-place (add_), which reads self before writing it.
+        # unless the op is in-place arithmetic (add_), which reads self before writing it.
         written_args = set()
         for i, arg in enumerate(func._schema.arguments):
             if arg.alias_info is not None and arg.alias_info.is_write:
                 value = kwargs.get(arg.name, args[i] if i < len(args) and not arg.kwarg_only else None)
-                if isinstance(value, torch.Tensor) and not name.endswith("_"):
+                if isinstance(value, torch.Tensor) and (not name.endswith("_") or name in _WRITE_ONLY_INPLACE):
                     written_args.add(id(value))
         inputs = {id(t): t for t in tree_flatten((args, kwargs))[0]
                   if isinstance(t, torch.Tensor) and id(t) not in written_args}

@@ -129,6 +129,22 @@ def test_traffic_counter_counts_bytes_and_ops():
     assert (record.read, record.written) == (8000, 4000)  # out= is written, not read
 
 
+def test_traffic_counter_write_only_ops_and_broadcast_views():
+    x, out = torch.randn(1000), torch.empty(1000)
+    record = count_torch_traffic(lambda: out.copy_(x))
+    assert [(o.op, o.read, o.written) for o in record.ops] == [("copy_", 4000, 4000)]  # out is overwritten, not read
+    record = count_torch_traffic(lambda: out.zero_())
+    assert (record.read, record.written) == (0, 4000)
+    record = count_torch_traffic(lambda: out.fill_(2.0))
+    assert (record.read, record.written) == (0, 4000)
+    m, bias = torch.randn(50, 100), torch.randn(100)
+    # An expanded (stride-0) view holds 100 floats, not 5000: the kernel reads 400 bytes of it.
+    record = count_torch_traffic(lambda: m + bias.expand(50, 100))
+    assert (record.read, record.written) == (50 * 100 * 4 + 100 * 4, 50 * 100 * 4)
+    record = count_torch_traffic(lambda: m.add_(bias.expand(50, 100)))  # add_ still reads self
+    assert (record.read, record.written) == (50 * 100 * 4 + 100 * 4, 50 * 100 * 4)
+
+
 def test_check_tensors_names_the_problem():
     x = torch.randn(10, device=common.DEVICE)
     common.check_tensors(x=x, y=torch.randn(10, device=common.DEVICE))
