@@ -17,6 +17,7 @@ You will learn:
 Run:  python lessons/beginner/02_memory_and_dtypes.py [--quick]
 """
 
+import functools
 import sys
 import warnings
 from pathlib import Path
@@ -530,202 +531,199 @@ def rounding(quick: bool) -> None:
 
 
 # %% [markdown]
+# ## What the compiler could prove
+# The widest global load and store in the PTX of each variant the benchmarks time, read from the
+# compiled kernel a launch returns (128/128: 16-byte instructions; 32/32: one fp32 each). Triton
+# specializes on n % 16 and on 16-byte alignment, not on sizes: a small launch compiles the same
+# kernel as the timed ones.
+
+
+def access_widths() -> None:
+    section("What the compiler could prove: the widest global load/store in the PTX (bits)")
+    if not common.HAS_GPU:
+        print(common.require_gpu("PTX access widths (the interpreter compiles no PTX)"))
+        return
+    n, odd, grid = 2**16, 2**16 - 3, (1,)
+    src, out = torch.randn(32 * n + 64, device=common.DEVICE), torch.empty(n + 64, device=common.DEVICE)
+    start = torch.full((1,), 32, dtype=torch.int32, device=common.DEVICE)
+    rows = [("copy, n % 16 == 0", "n is a multiple of 16: whole vectors are in or out",
+             lambda: copy_kernel[grid](src, out, n, BLOCK_SIZE=1024)),
+            ("copy, n % 16 != 0", "nothing about n: the mask may change at any element",
+             lambda: copy_kernel[grid](src, out, odd, BLOCK_SIZE=1024)),
+            ("split-tail copy, n % 16 != 0", "full blocks need no mask",
+             lambda: copy_split_tail_kernel[grid](src, out, odd, BLOCK_SIZE=1024))]
+    rows += [(f"copy, both shifted {4 * s} bytes", "16-byte aligned" if s % 4 == 0 else "not 16-byte aligned",
+              lambda s=s: copy_kernel[grid](src[s:], out[s:], n, BLOCK_SIZE=1024)) for s in (1, 2, 4, 8)]
+    rows += [(f"copy_strided, stride {s}", "stride == 1: contiguous" if s == 1 else "a gather",
+              lambda s=s: copy_strided_kernel[grid](src[::s], out, n, s, BLOCK_SIZE=BLOCK_SIZE)) for s in (1, 2, 8)]
+    rows += [(f"copy, {_dtype_name(d)}", f"BLOCK_SIZE = {BLOCK_BYTES // d.itemsize}: 4096 bytes per program",
+              lambda d=d: copy_kernel[grid](src[:n].view(d), out[:n].view(d), n, BLOCK_SIZE=BLOCK_BYTES // d.itemsize))
+             for d in COPY_DTYPES]
+    rows.append(("slice at 32, arg", SLICE_HOWS["arg"],
+                 lambda: copy_slice_kernel[grid](src, out, 32, n, BLOCK_SIZE=BLOCK_SIZE)))
+    rows += [(f"slice at 32, {how}", knows, lambda hint=how.partition("+")[2] or "none": copy_slice_loaded_kernel[grid](
+        src, out, start, n, BLOCK_SIZE=BLOCK_SIZE, HINT=hint)) for how, knows in SLICE_HOWS.items() if how != "arg"]
+    table = Table("copy variants: widest global load/store", ["variant", "what the compiler knows", "load/store bits"])
+    for name, knows, launch in rows:
+        table.add(name, knows, common.access_widths(launch()))
+    table.print()
+    print("The bits say what the compiler could prove; the benchmarks below say whether it mattered.")
+
+
+# %% [markdown]
 # ## Benchmark
-# Medians of many runs (CUDA events, L2 flushed between runs), GB/s counting bytes read plus
-# bytes written, as a % of a device-to-device copy measured in the same run. Sizes are far
-# larger than L2 (50 MB on H100, 60 MB on H200), so every number is HBM traffic.
+# Declared once, run by common.Benchmark: every provider is timed in alternating rounds (CUDA
+# events, L2 flushed before each run), in GB/s of the bytes read plus the bytes written, as a %
+# of a device-to-device copy measured in the same run. A copy races torch's copy kernel
+# (`out.copy_(x)`), the lesson's reference (`x.clone()`) and torch.compile of it. Sizes are far
+# larger than L2 (50 MB on H100, 60 MB on H200): every number is HBM traffic.
 
 
-def _bench(fn, quick: bool) -> common.Timing:
-    return common.bench(fn, warmup_ms=10, rep_ms=30) if quick else common.bench(fn)
+def _size(n: int) -> int:
+    return n if common.HAS_GPU else 1000  # the interpreter runs each provider once, on tiny inputs
 
 
-def benchmark_copy(quick: bool) -> None:
-    n = 2**24 if quick else 2**28
-    section(f"Benchmark: contiguous copy, n = 2^{n.bit_length() - 1} fp32 ({fmt_bytes(4 * n)} each way)")
-    copy_gbps = common.copy_bandwidth()
-    print(f"copy bandwidth measured now: {copy_gbps:,.0f} GB/s (torch device-to-device, read + write)")
-    x = torch.randn(n, device="cuda")
-    out = torch.empty_like(x)
-    nbytes = 2 * n * 4  # read x, write out
-    compiled_copy = None if quick else common.compiled(copy_reference, x)
-    if quick:
-        print("torch.compile: skipped in --quick (compiling costs seconds)")
-    table = Table("copy, fp32: GB/s (read + write)", ["provider", "time", "GB/s", "% copy"])
-    providers = [("torch out.copy_(x)", lambda: out.copy_(x)), ("torch x.clone()", lambda: copy_reference(x))]
-    if compiled_copy:
-        providers.append(("torch.compile x.clone()", lambda: compiled_copy(x)))
-    providers.append(("triton copy", lambda: copy(x, out=out)))
-    rates = {}
-    for name, fn in providers:
-        t = _bench(fn, quick)
-        rates[name] = t.gbps(nbytes)
-        table.add(name, str(t), rates[name], common.pct_of_copy(rates[name]))
+def _draw(n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    if dtype.is_floating_point and dtype.itemsize >= 2:
+        return torch.randn(n, device=common.DEVICE, dtype=dtype)
+    # random bytes: int8 values, or fp8 bit patterns (a copy does not look at them)
+    return torch.randint(-128, 128, (n,), dtype=torch.int8, device=common.DEVICE).view(dtype)
+
+
+def _fresh(n: int, dtype: torch.dtype = torch.float32) -> tuple:
+    x = _draw(n, dtype)
+    return x, torch.empty_like(x)
+
+
+def _copy_bytes(x, out) -> int:
+    return 2 * x.numel() * x.element_size()  # useful bytes: n read (whatever x's stride), n written
+
+
+def _clone(x, out):
+    # The registry's copy signature is (x, out); clone allocates its own output. On a strided view
+    # it writes a contiguous one (x.contiguous() would return x itself at stride 1, copying nothing).
+    return copy_reference(x)
+
+
+@functools.cache
+def _strided_source(n: int) -> tuple:  # one buffer for the largest stride; each stride reads a view
+    return _draw(n * max(STRIDES)), torch.empty(n, device=common.DEVICE)
+
+
+def _strided(stride: int) -> tuple:
+    src, out = _strided_source(_size(2**24))
+    return src[::stride][:out.numel()], out
+
+
+@functools.cache
+def _shifted_buffers(n: int) -> tuple:
+    return _draw(n + 64), torch.empty(n + 64, device=common.DEVICE)
+
+
+def _shifted(shift: int) -> tuple:  # x = buf[shift : shift + n] and the output shifted the same
+    src, dst = _shifted_buffers(_size(2**28))
+    n = src.numel() - 64
+    return src[shift:shift + n], dst[shift:shift + n]
+
+
+def _copy_input_shifted(x, out):  # only the input shifted: the output at the start of its buffer
+    return copy(x, out=_shifted_buffers(_size(2**28))[1][:x.numel()])
+
+
+def _usable(dtype: torch.dtype) -> bool:
+    return (dtype != torch.bfloat16 or common.supports_bf16()) and (dtype not in FP8_DTYPES or common.supports_fp8())
+
+
+STRIDES = [1, 2, 4, 8, 16, 32]
+SHIFTS = [0, 1, 2, 4, 8, 32]  # elements: 0 to 128 bytes
+DTYPES = [d for d in (torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.float8_e4m3fn) if _usable(d)]
+CAST_TARGETS = [d for d in (torch.float16, torch.bfloat16, torch.float8_e4m3fn) if _usable(d)]
+SLICE_START = 32  # a multiple of 16 elements (128 bytes): the multiple_of hint is true
+STRIDE_TITLE = "x[::stride] -> contiguous, n = 2^24 fp32 gathered: useful GB/s"
+DTYPE_TITLE = "the same copy in each dtype, 1 GiB in and out"
+
+
+def _pow2(n: int) -> str:
+    return f"2^{n.bit_length() - 1}" if n & (n - 1) == 0 else f"{n:,}"
+
+
+def _shift_label(shift: int) -> str:
+    return f"{4 * shift} B" + (" (16-B aligned)" if shift % 4 == 0 else "")
+
+
+BENCHMARKS = [
+    common.Benchmark(
+        "contiguous copy, n = 2^28 fp32 (1 GiB each way): the perf bar", op="copy", cases=[2**28],
+        quick_cases=[2**24], cpu_cases=[1000], setup=lambda n: _fresh(n), kernels={"triton copy": copy},
+        reference=_clone, nbytes=_copy_bytes, ceiling="copy", dtype=torch.float32, label=_pow2,
+        bars=[common.Bar("triton copy", 2**28, "ceiling", 90),
+              # "On par": within the 2% that repeated timings of one kernel differ by.
+              common.Bar("triton copy", 2**28, "baseline", 0.98)]),
+    common.Benchmark(
+        STRIDE_TITLE, op="copy", cases=STRIDES, quick_cases=[1, 8, 32], cpu_cases=[1, 8],
+        setup=_strided, kernels={"triton copy_strided": copy_strided}, reference=_clone, nbytes=_copy_bytes,
+        ceiling="copy", dtype=torch.float32, label=lambda s: f"stride {s}", plot="02_memory_stride",
+        xlabel="stride (elements)", logx=True,
+        note="Useful bytes only: the sector model (the traffic table above) says how many bytes the hardware "
+             "really moves. The table after the benchmarks sets the measured curve against the model."),
+    common.Benchmark(
+        "copy of x = buf[shift : shift + n], n = 2^28 fp32: aligned vs misaligned start", op="copy",
+        cases=SHIFTS, quick_cases=[0, 1, 4], cpu_cases=[0, 1], setup=_shifted,
+        kernels={"triton copy, both shifted": copy, "triton copy, input shifted": _copy_input_shifted},
+        reference=_clone, nbytes=_copy_bytes, ceiling="copy", dtype=torch.float32, label=_shift_label,
+        note="Two effects mix: lost 16-byte instructions (shifts of 4, 8 bytes) and one more sector per warp "
+             "(any shift not a multiple of 32 bytes). torch copy_ writes the shifted output, x.clone() an aligned "
+             "one."),
+    common.Benchmark(
+        DTYPE_TITLE, op="copy", cases=DTYPES,
+        quick_cases=[torch.float32, torch.int8], cpu_cases=[torch.float32, torch.int8],
+        setup=lambda dtype: _fresh(_size(2**30 // dtype.itemsize), dtype), kernels={"triton copy": copy},
+        reference=_clone, nbytes=_copy_bytes, ceiling="copy", label=_dtype_name, plot="02_memory_dtypes",
+        xlabel="dtype", note="Every dtype moves the same bytes: at equal GB/s a narrower type moves more "
+                             "elements per second (the table after the benchmarks)."),
+    common.Benchmark(
+        "cast n = 2^28 fp32 to narrower types: GB/s of 4 bytes read + the output's bytes written",
+        op="elementwise", cases=CAST_TARGETS, quick_cases=[torch.float16], cpu_cases=[torch.float16],
+        setup=lambda dtype: (_draw(_size(2**28)), dtype), kernels={"triton cast": cast},
+        reference=cast_reference, nbytes=lambda x, dtype: x.numel() * (4 + dtype.itemsize), ceiling="copy",
+        dtype=torch.float32, label=lambda dtype: f"to {_dtype_name(dtype)}"),
+    common.Benchmark(
+        "the mask: copy of n fp32, n a multiple of 16 or not", op="copy", cases=[2**28, 2**28 - 3],
+        quick_cases=[2**24, 2**24 - 3], cpu_cases=[1024, 1021], setup=lambda n: _fresh(n),
+        kernels={"triton copy": copy, "triton split-tail copy": copy_split_tail}, reference=_clone,
+        nbytes=_copy_bytes, ceiling="copy", dtype=torch.float32,
+        label=lambda n: "n % 16 == 0" if n % 16 == 0 else "n % 16 != 0",
+        note="With n % 16 != 0 every masked load and store of copy is one element wide; split-tail masks "
+             "only the last block. A difference smaller than the spread (the +- after each time) is no effect."),
+    common.Benchmark(
+        f"copy of x[{SLICE_START} : {SLICE_START} + n], n = 2^28 fp32: how the kernel learns the start",
+        op=None, cases=[2**28], quick_cases=[2**24], cpu_cases=[1000],
+        setup=lambda n: (_shifted_buffers(n)[0], SLICE_START, n, torch.empty(n, device=common.DEVICE)),
+        kernels={f"start {how}": (lambda x, start, n, out, how=how: copy_slice(x, start, n, how, out=out))
+                 for how in SLICE_HOWS},
+        nbytes=lambda x, start, n, out: 8 * n, ceiling="copy", dtype=torch.float32,
+        label=_pow2, note="Nothing in PyTorch takes a start from device memory: a race of the lesson's own variants. "
+             + "; ".join(f"{how}: {knows}" for how, knows in SLICE_HOWS.items()) + "."),
+]
+
+
+def summarize(results: dict) -> None:
+    """What the tables above do not say: the stride curve against the model, elements per second."""
+    strides, dtypes = results.get(STRIDE_TITLE), results.get(DTYPE_TITLE)
+    if not strides or not dtypes:
+        return
+    first = strides[0].rate["triton copy_strided"]
+    table = Table("triton copy_strided against the 32-byte sector model", ["stride", "measured vs stride 1",
+                                                                            "model vs stride 1"])
+    for res in strides:
+        table.add(res.case, f"{100 * res.rate['triton copy_strided'] / first:.0f}%",
+                  f"{100 * strided_copy_model(res.case, 4):.0f}%")
     table.print()
-    if not quick:
-        common.perf_bar("triton contiguous copy at 2^28 fp32: % of copy bandwidth",
-                        common.pct_of_copy(rates["triton copy"]), 90, "%")
-
-
-def benchmark_strides(quick: bool) -> None:
-    n = 2**22 if quick else 2**24
-    strides = [1, 2, 4, 8, 16, 32] if quick else [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]
-    section(f"Benchmark: reading with a stride, n = 2^{n.bit_length() - 1} fp32 gathered, written contiguously")
-    # One buffer large enough for the largest stride; each stride reads a view of it.
-    # torch.compile is left out: it would compile once per stride.
-    src = torch.randn(n * max(strides), device="cuda")
-    out = torch.empty(n, device="cuda")
-    nbytes = 2 * n * 4  # useful bytes: n read, n written
-    table = Table("x[::stride] -> contiguous: useful GB/s", ["stride", "torch GB/s", "triton GB/s",
-                  "triton widest load/store (bits)", "triton vs stride 1", "model vs stride 1"])
-    series = {"torch": [], "triton": []}
-    for stride in strides:
-        x = src[::stride][:n]
-        t_torch = _bench(lambda: out.copy_(x), quick)
-        t_triton = _bench(lambda: copy_strided(x, out=out), quick)
-        widths = common.access_widths(copy_strided_kernel[(1,)](x, out, n, stride, BLOCK_SIZE=BLOCK_SIZE))
-        series["torch"].append(t_torch.gbps(nbytes))
-        series["triton"].append(t_triton.gbps(nbytes))
-        table.add(stride, series["torch"][-1], series["triton"][-1], widths,
-                  f"{100 * series['triton'][-1] / series['triton'][0]:.0f}%",
-                  f"{100 * strided_copy_model(stride, 4):.0f}%")
+    table = Table("triton copy by dtype: elements per second", ["dtype", "bytes/elem", "GB/s", "G elem/s"])
+    for res in dtypes:
+        gbps = res.rate["triton copy"]
+        table.add(res.label, res.case.itemsize, gbps, gbps / (2 * res.case.itemsize))
     table.print()
-    print("Stride 1 compiles to its own kernel: Triton specializes an int argument equal to 1, so the "
-          "compiler sees contiguous addresses and can use 16-byte loads.")
-    fig, ax = common.new_figure(f"Strided read, contiguous write: n = 2^{n.bit_length() - 1} fp32",
-                                "stride (elements)", "useful GB/s", logx=True)
-    for name, values in series.items():
-        ax.plot(strides, values, marker="o", label=name)
-    ax.plot(strides, [series["triton"][0] * strided_copy_model(s, 4) for s in strides], linestyle="--",
-            color="gray", label="32-byte sector model (from triton at stride 1)")
-    ax.set_ylim(bottom=0)
-    ax.legend()
-    common.save_plot(fig, "02_memory_stride")
-
-
-def benchmark_alignment(quick: bool) -> None:
-    n = 2**24 if quick else 2**28
-    shifts = [0, 1, 4] if quick else [0, 1, 2, 4, 8, 32]
-    section(f"Benchmark: aligned vs misaligned start, n = 2^{n.bit_length() - 1} fp32")
-    src = torch.randn(n + 64, device="cuda")
-    dst = torch.empty(n + 64, device="cuda")
-    nbytes = 2 * n * 4
-    table = Table("copy of x = buf[shift : shift + n]: GB/s", ["shift (bytes)", "16-B aligned", "torch GB/s",
-                  "triton GB/s (input shifted)", "triton GB/s (both shifted)", "widest load/store (both)",
-                  "both shifted vs shift 0"])
-    base_rate = None
-    for shift in shifts:
-        x, out_shifted, out_aligned = src[shift:shift + n], dst[shift:shift + n], dst[:n]
-        t_torch = _bench(lambda: out_shifted.copy_(x), quick)
-        t_in = _bench(lambda: copy(x, out=out_aligned), quick)
-        t_both = _bench(lambda: copy(x, out=out_shifted), quick)
-        widths = common.access_widths(copy_kernel[(1,)](x, out_shifted, n, BLOCK_SIZE=BLOCK_BYTES // 4))
-        base_rate = base_rate or t_both.gbps(nbytes)
-        table.add(4 * shift, "yes" if (4 * shift) % 16 == 0 else "no", t_torch.gbps(nbytes), t_in.gbps(nbytes),
-                  t_both.gbps(nbytes), widths, f"{100 * t_both.gbps(nbytes) / base_rate:.1f}%")
-    table.print()
-    print("Triton specializes a pointer argument on 16-byte alignment when the kernel is launched: "
-          "read the widest-access column to see which shifts lost their 16-byte instructions.")
-
-
-def benchmark_dtypes(quick: bool) -> None:
-    nbytes_each = 2**26 if quick else 2**30
-    section(f"Benchmark: the same copy in each dtype, {fmt_bytes(nbytes_each)} in and out")
-    dtypes = [torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.float8_e4m3fn]
-    table = Table("copy by dtype", ["dtype", "bytes/elem", "torch GB/s", "triton GB/s", "triton % copy",
-                                    "triton G elem/s", "widest load/store"])
-    names, elems, rates = [], [], []
-    for dtype in dtypes:
-        if dtype == torch.bfloat16 and not common.supports_bf16():
-            print("bfloat16: skipped, this GPU has no bfloat16")
-            continue
-        if dtype == torch.float8_e4m3fn and not common.supports_fp8():
-            print("float8_e4m3fn: skipped, needs an fp8-capable GPU (sm_89+)")
-            continue
-        size = torch.empty((), dtype=dtype).element_size()
-        n = nbytes_each // size
-        if dtype.is_floating_point and size >= 2:
-            x = torch.randn(n, device="cuda", dtype=dtype)
-        else:  # random bytes: int8 values, or fp8 bit patterns (a copy does not look at them)
-            x = torch.randint(-128, 128, (n,), dtype=torch.int8, device="cuda").view(dtype)
-        out = torch.empty_like(x)
-        t_torch = _bench(lambda: out.copy_(x), quick)
-        t_triton = _bench(lambda: copy(x, out=out), quick)
-        widths = common.access_widths(copy_kernel[(1,)](x, out, n, BLOCK_SIZE=BLOCK_BYTES // size))
-        gbps = t_triton.gbps(2 * n * size)
-        names.append(_dtype_name(dtype))
-        rates.append(gbps)
-        elems.append(n / (t_triton.ms * 1e-3) / 1e9)
-        table.add(names[-1], size, t_torch.gbps(2 * n * size), gbps, common.pct_of_copy(gbps), elems[-1], widths)
-        del x, out
-    table.print()
-    print("Every dtype moves the same bytes here: at equal GB/s, a narrower type moves more elements per second.")
-    fig, ax = common.new_figure(f"Copy of {fmt_bytes(nbytes_each)} by dtype (triton)", "dtype", "G elements/s")
-    ax.bar(names, elems)
-    for i, (e, g) in enumerate(zip(elems, rates)):
-        ax.text(i, e, f"{g:,.0f} GB/s", ha="center", va="bottom", fontsize=8)
-    common.save_plot(fig, "02_memory_dtypes")
-
-
-def benchmark_casts(quick: bool) -> None:
-    n = 2**24 if quick else 2**28
-    section(f"Benchmark: casting n = 2^{n.bit_length() - 1} fp32 to narrower types")
-    x = torch.randn(n, device="cuda")
-    table = Table("cast: GB/s (4 bytes read + the output's bytes written, per element)",
-                  ["to", "bytes moved", "torch GB/s", "compile GB/s", "triton GB/s", "triton % copy",
-                   "triton G elem/s", "triton vs torch"])
-    targets = [torch.float16] + ([torch.bfloat16] if common.supports_bf16() else []) + \
-        ([torch.float8_e4m3fn] if common.supports_fp8() else [])
-    if quick:
-        print("torch.compile: skipped in --quick (compiling costs seconds per dtype)")
-    for dtype in targets:
-        size = torch.empty((), dtype=dtype).element_size()
-        nbytes = n * (4 + size)
-        out = torch.empty(n, dtype=dtype, device="cuda")
-        compiled_cast = None if quick else common.compiled(cast_reference, x, dtype)
-        t_torch = _bench(lambda: cast_reference(x, dtype), quick)
-        t_compile = _bench(lambda: compiled_cast(x, dtype), quick) if compiled_cast else None
-        t_triton = _bench(lambda: cast(x, dtype, out=out), quick)
-        gbps = t_triton.gbps(nbytes)
-        table.add(_dtype_name(dtype), fmt_bytes(nbytes), t_torch.gbps(nbytes),
-                  t_compile.gbps(nbytes) if t_compile else float("nan"), gbps, common.pct_of_copy(gbps),
-                  n / (t_triton.ms * 1e-3) / 1e9, f"{t_torch.ms / t_triton.ms:.2f}x")
-        del out
-    table.print()
-
-
-def benchmark_hints(quick: bool) -> None:
-    n = 2**24 if quick else 2**28
-    section(f"Benchmark: what the compiler knows, and hints (copy of about 2^{n.bit_length() - 1} fp32)")
-    x = torch.randn(n + 64, device="cuda")
-    out = torch.empty(n, device="cuda")
-    odd = n - 3  # not a multiple of 16: Triton cannot specialize on it
-    start = 32  # a multiple of 16 elements (128 bytes): the hint below is true
-    start_t = torch.full((1,), start, dtype=torch.int32, device="cuda")
-    grid = (1,)  # for reading the PTX only: the same specialization as the timed launches
-    rows = [
-        ("copy, n % 16 == 0", "n is a multiple of 16: whole vectors are in or out",
-         n, lambda: copy(x[:n], out=out), lambda: copy_kernel[grid](x, out, n, BLOCK_SIZE=1024)),
-        ("copy, n % 16 != 0", "nothing about n: the mask may change at any element",
-         odd, lambda: copy(x[:odd], out=out[:odd]), lambda: copy_kernel[grid](x, out, odd, BLOCK_SIZE=1024)),
-        ("split-tail copy, n % 16 != 0", "full blocks need no mask",
-         odd, lambda: copy_split_tail(x[:odd], out=out[:odd]),
-         lambda: copy_split_tail_kernel[grid](x, out, odd, BLOCK_SIZE=1024)),
-    ]
-    for how, knows in SLICE_HOWS.items():
-        hint = how.partition("+")[2] or "none"
-        launch = (lambda: copy_slice_kernel[grid](x, out, start, n, BLOCK_SIZE=BLOCK_SIZE)) if how == "arg" else \
-            (lambda hint=hint: copy_slice_loaded_kernel[grid](x, out, start_t, n, BLOCK_SIZE=BLOCK_SIZE, HINT=hint))
-        rows.append((f"slice at {start}, {how}", knows, n, lambda how=how: copy_slice(x, start, n, how, out=out), launch))
-    table = Table("copy variants: widest global load/store in the PTX, and GB/s",
-                  ["variant", "what the compiler knows", "load/store bits", "time", "GB/s", "% copy"])
-    for name, knows, count, run, launch in rows:
-        t = _bench(run, quick)
-        gbps = t.gbps(2 * count * 4)
-        table.add(name, knows, common.access_widths(launch()), str(t), gbps, common.pct_of_copy(gbps))
-    table.print()
-    print("The bits column says what the compiler could prove; the GB/s column says whether it "
-          "mattered. A difference in time smaller than the spread (the +-% after each time) is no effect.")
 
 
 # %% [markdown]
@@ -747,13 +745,5 @@ if __name__ == "__main__":
     check(args.quick)
     traffic()
     rounding(args.quick)
-    if common.HAS_GPU:
-        benchmark_copy(args.quick)
-        benchmark_strides(args.quick)
-        benchmark_alignment(args.quick)
-        benchmark_dtypes(args.quick)
-        benchmark_casts(args.quick)
-        benchmark_hints(args.quick)
-    else:
-        print("\n" + common.require_gpu("Benchmarks (GB/s by stride, alignment, dtype, cast and hint; "
-                                        "PTX access widths; plots; the perf bar)"))
+    access_widths()
+    summarize(common.run_benchmarks(BENCHMARKS, args.quick))
