@@ -599,6 +599,19 @@ def test_lesson_roofline_cases_run(lesson):
         assert case.cost.flops > 0 and case.cost.nbytes > 0
 
 
+def test_lesson_benchmark_kernels(lesson):
+    """Every kernel the benchmarks race is right (the layer times outputs, it does not check them)."""
+    for bench in lesson.BENCHMARKS:
+        a, b = bench.setup(*lesson.CPU_SHAPE)
+        for name, fn in bench.kernels.items():
+            assert_close(fn(a, b), a.double() @ b.double(), name=f"{bench.title}: {name}",
+                         **common.checks.dot_tolerance(a.dtype))
+    names = [bar.vs for bar in lesson.BENCHMARKS[0].bars]
+    assert "baseline" in names and set(lesson.HAND) <= set(names), "a bar against cuBLAS and each hand-picked config"
+    with pytest.raises(ValueError, match="EVEN_K=True needs K a multiple of BLOCK_K"):
+        lesson.matmul_even_k(*lesson.random_problem(20, 24, 33, torch.float16), even_k=True)
+
+
 def test_lesson_bad_input(lesson):
     a, b = randn(8, 16), randn(16, 4)
     config = lesson.config_dict(lesson.HAND_PICKED[0])

@@ -24,7 +24,6 @@ import functools
 import inspect
 import math
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -253,8 +252,8 @@ def matmul_persistent_kernel(
     EVEN_K: tl.constexpr,
 ):
     # A persistent kernel launches one program per SM (num_programs = the SM count), and each
-    # program loops over tiles. No program waits to be scheduled after another finishes, and a
-    # program's setup (pointers, the grouped order arithmetic) is paid once per SM, not per tile.
+    # program loops over tiles: the hardware schedules num_programs programs, not one per tile.
+    # Each iteration still computes its tile's position and pointers, as the per-tile kernel does.
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile_id in range(tl.program_id(axis=0), num_tiles, num_programs):
         pid_m, pid_n = _tile_position(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
@@ -948,124 +947,108 @@ def _roofline_plot(points, peak: float, bandwidth: float) -> None:
 
 # %% [markdown]
 # ## Benchmark
-# The perf bar: the autotuned kernel against the hand-picked configs it was given (plus more),
-# timed in alternating rounds so that drift hits every contestant alike. Then the perf model's
-# cheaper tuning, a persistent kernel against one program per tile, EVEN_K's masks, and the
-# on-disk tuning cache.
+# Declared for common.run_benchmarks, which times every provider in alternating rounds and races
+# cuBLAS (the registry's baseline for "matmul") in the same run:
+#   - the autotuned kernel (full search, and the perf model's top_k) against every hand-picked
+#     config it was given and cuBLAS: the perf bars;
+#   - a persistent kernel against one program per tile, both with the config the tuner picked;
+#   - the tuned config with K masks on every load (EVEN_K=False) and without (EVEN_K=True).
+# The on-disk tuning cache is not a race: it is a small experiment after them.
 
-BAR_ROUNDS = 3
-
-
-def benchmark_bar(quick: bool, n: int | None = None) -> None:
-    n = n or (2048 if quick else 4096)  # 4096^3: the perf bar's size
-    section(f"Benchmark: the autotuned matmul against every hand-picked config, {n}^3 fp16")
-    a, b = random_problem(n, n, n, torch.float16)
-    out = torch.empty(n, n, device=common.DEVICE, dtype=torch.float16)
-    matmul_tuned(a, b, out=out)  # tuned already by the mechanics section; a cache hit here
-    ref = a.double() @ b.double()
-    common.assert_close(out, ref, name=f"matmul_tuned {n}^3")
-    contestants = {config_label(c): (lambda c=c: matmul(a, b, config_dict(c), out=out)) for c in HAND_PICKED}
-    contestants["autotuned"] = lambda: matmul_tuned(a, b, out=out)
-    contestants["torch.matmul (cuBLAS)"] = lambda: torch.matmul(a, b, out=out)
-    for name, fn in contestants.items():
-        fn()
-        if not torch.isclose(out.double(), ref, **common.checks.tolerance(out.dtype)).all():
-            common.assert_close(out, ref, name=f"{name} {n}^3")
-    runs = {name: [] for name in contestants}
-    for _ in range(BAR_ROUNDS):
-        for name, fn in contestants.items():
-            runs[name].append(common.bench(fn))
-    median = {name: statistics.median(t.ms for t in ts) for name, ts in runs.items()}
-    flops = matmul_cost(n, n, n, 2).flops
-    picked = tuned_config(matmul_tuned_kernel, n, n, n, torch.float16)
-    hand_names = [config_label(c) for c in HAND_PICKED]
-    best_hand = min(hand_names, key=median.get)
-    table = Table(f"matmul {n}^3 fp16: median of {BAR_ROUNDS} alternating rounds",
-                  ["provider", "ms (median of rounds)", "round-to-round spread", "within-run spread", "TFLOP/s",
-                   "% of cuBLAS", "vs best hand-picked"])
-    for name, ts in runs.items():
-        label = name + (" <- picked: " + config_label(picked) if name == "autotuned" else "")
-        table.add(label, median[name], f"{100 * _round_spread(ts):.1f}%", f"{100 * max(t.spread for t in ts):.1f}%",
-                  flops / median[name] / 1e9,
-                  100 * median["torch.matmul (cuBLAS)"] / median[name], f"{median[name] / median[best_hand]:.3f}x")
-    table.print()
-    spread_rounds = max(_round_spread(runs[k]) for k in (best_hand, "autotuned"))
-    spread_within = max(t.spread for k in (best_hand, "autotuned") for t in runs[k])
-    tolerance = max(spread_rounds, spread_within)
-    ratio = median["autotuned"] / median[best_hand]
-    among = "one of the hand-picked" if config_label(picked) in hand_names else "an extra config, not hand-picked"
-    print(f"The tuner picked {config_label(picked)} ({among}); the best hand-picked config here is {best_hand}.")
-    print(f"Timing spread: {100 * spread_rounds:.1f}% from round to round, {100 * spread_within:.1f}% within a run "
-          f"(half the 20-80 percentile range); the bar allows the larger, {100 * tolerance:.1f}%.")
-    if not quick:
-        common.perf_bar(f"autotuned matmul {n}^3 fp16: time / best hand-picked config's time (median of "
-                        f"{BAR_ROUNDS} alternating rounds; bar = 1 + measured spread)", ratio, round(1 + tolerance, 4),
-                        "x", higher_is_better=False)
+BAR_SHAPE = (4096, 4096, 4096)  # the perf bars' problem, fp16
+QUICK_SHAPE = (2048, 2048, 2048)  # --quick: the shape autotune_mechanics tuned
+CPU_SHAPE = (20, 24, 32)  # the interpreter: K a multiple of every BLOCK_K, so EVEN_K=True is valid
+PERSISTENT_SHAPES = [BAR_SHAPE, (8192, 8192, 1024), (2048, 2048, 8192)]
 
 
-def _round_spread(timings) -> float:
-    ms = [t.ms for t in timings]
-    return (max(ms) - min(ms)) / statistics.median(ms)
+def _inputs(M: int, N: int, K: int) -> tuple:
+    return random_problem(M, N, K, torch.float16)
 
 
-def benchmark_modelled(quick: bool, n: int | None = None) -> None:
-    n = n or (2048 if quick else 4096)
-    section(f"Benchmark: the perf model's pick (top_k={MODEL_TOP_K}) against the full search's, {n}^3 fp16")
-    a, b = random_problem(n, n, n, torch.float16)
-    out = torch.empty(n, n, device=common.DEVICE, dtype=torch.float16)
-    matmul_tuned(a, b, out=out, modelled=True)
-    full = tuned_config(matmul_tuned_kernel, n, n, n, torch.float16)
-    model = tuned_config(matmul_modelled_kernel, n, n, n, torch.float16)
-    ratio = common.median_ratio(lambda: matmul_tuned(a, b, out=out),
-                                lambda: matmul_tuned(a, b, out=out, modelled=True), pairs=BAR_ROUNDS)
-    print(f"full search: {config_label(full)}; model + top_k: {config_label(model)}; speed of the model's pick "
-          f"relative to the full search's (median of {BAR_ROUNDS} pairs): {ratio:.3f}x")
+def _mnk(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int, int]:
+    return a.shape[0], b.shape[1], a.shape[1]
 
 
-def benchmark_persistent(quick: bool, shapes: list | None = None) -> None:
-    section("Benchmark: persistent matmul (one program per SM) against one program per tile, fp16")
-    # the first shape is the one the mechanics section tuned, so its config is a cache hit
-    shapes = shapes or ([(2048, 2048, 2048)] if quick else [(4096, 4096, 4096), (8192, 8192, 1024), (2048, 2048, 8192)])
+def _flops(a: torch.Tensor, b: torch.Tensor) -> float:
+    return matmul_cost(*_mnk(a, b), a.element_size()).flops
+
+
+@functools.cache
+def picked_config(M: int, N: int, K: int, dtype: torch.dtype = torch.float16) -> dict:
+    """The config matmul_tuned_kernel keeps for this problem (tuned here first if it was not)."""
+    if not any(tuple(key[:3]) == (M, N, K) and str(dtype) in key[3:] for key in matmul_tuned_kernel.cache):
+        matmul_tuned(*random_problem(M, N, K, dtype))
+    return config_dict(tuned_config(matmul_tuned_kernel, M, N, K, dtype))
+
+
+def matmul_picked(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """One program per tile, with the tuner's config but without the tuner's dispatch."""
+    return matmul(a, b, picked_config(*_mnk(a, b), a.dtype))
+
+
+def matmul_persistent_picked(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The persistent kernel (one program per SM) with the same config as matmul_picked."""
+    return matmul_persistent(a, b, picked_config(*_mnk(a, b), a.dtype))
+
+
+def matmul_even_k(a: torch.Tensor, b: torch.Tensor, even_k: bool) -> torch.Tensor:
+    """The tuner's config with EVEN_K forced: False masks every K load, True masks none."""
+    M, N, K, out = _prepare(a, b, None)
+    config = picked_config(M, N, K, a.dtype)
+    if even_k and K % config["BLOCK_K"]:
+        raise ValueError(f"EVEN_K=True needs K a multiple of BLOCK_K={config['BLOCK_K']}, got K={K}")
+    grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
+    matmul_kernel[grid](a, b, out, M, N, K, *_strides(a, b, out), EVEN_K=even_k, **config)
+    return out
+
+
+TUNED = "autotuned (full search)"
+HAND = {f"hand-picked {config_label(c)}": functools.partial(matmul, config=config_dict(c)) for c in HAND_PICKED}
+MATMUL = dict(setup=_inputs, cpu_cases=[CPU_SHAPE], flops=_flops, ceiling="matmul", dtype=torch.float16)
+
+BENCHMARKS = [
+    common.Benchmark(
+        "matmul fp16: the autotuned kernel, every hand-picked config, cuBLAS", op="matmul", cases=[BAR_SHAPE],
+        quick_cases=[QUICK_SHAPE], reference=matmul_reference, **MATMUL,
+        kernels={TUNED: matmul_tuned, f"autotuned (perf model, top_k={MODEL_TOP_K})":
+                 functools.partial(matmul_tuned, modelled=True), **HAND},
+        # Against each hand-picked config in turn: together, the bar against the fastest of them.
+        bars=[common.Bar(TUNED, BAR_SHAPE, "baseline", 0.9),
+              *[common.Bar(TUNED, BAR_SHAPE, name, 0.95) for name in HAND]],
+        note="The hand-picked configs are among the full search's, so it loses to one only by timing noise "
+             "(one do_bench measurement of each config decided its pick) or by its dispatch on the host. The "
+             "tuners' picks are printed in the autotuning section above."),
+    common.Benchmark(
+        "matmul fp16: persistent (one program per SM) against one program per tile, same config", op="matmul",
+        cases=PERSISTENT_SHAPES, quick_cases=[QUICK_SHAPE], reference=matmul_reference, **MATMUL,
+        kernels={"one program per tile": matmul_picked, "persistent": matmul_persistent_picked},
+        note="Both run the config the tuner picked at each shape (the tiles and waves table above)."),
+    common.Benchmark(
+        "matmul fp16: what EVEN_K saves (the tuned config, K masks on every load or none)", op=None,
+        cases=[BAR_SHAPE], quick_cases=[QUICK_SHAPE], **MATMUL,
+        kernels={"EVEN_K=False (masked K loads)": functools.partial(matmul_even_k, even_k=False),
+                 "EVEN_K=True (no masks)": functools.partial(matmul_even_k, even_k=True)}),
+]
+
+
+def waves_table(shapes: list) -> None:
+    """Tiles and waves of the persistent benchmark's shapes, with the config both kernels run."""
+    section("Persistent benchmark: tiles and waves of each shape")
     sms = sm_count()
-    M, N, K = shapes[0]
-    a, b = random_problem(M, N, K, torch.float16)
-    matmul_tuned(a, b)  # a cache hit when the mechanics section tuned this shape already
-    config = config_dict(tuned_config(matmul_tuned_kernel, M, N, K, torch.float16))
-    table = Table(f"both with the config the tuner picked at {M}x{N}x{K}; {sms} SMs",
-                  ["M x N x K", "config", "tiles", "waves (tiles / SMs)", "per tile", "persistent",
-                   "persistent speedup"])
+    table = Table(f"the config the tuner picked at each shape; {sms} SMs" + ("" if common.HAS_GPU else " (assumed)"),
+                  ["M x N x K", "config", "tiles", "waves (tiles / SMs)", "tiles in the last wave"])
     for M, N, K in shapes:
-        a, b = random_problem(M, N, K, torch.float16)
-        out = torch.empty(M, N, device=common.DEVICE, dtype=torch.float16)
-        ref = a.double() @ b.double()
-        common.assert_close(matmul_persistent(a, b, config, out=common.poisoned_like(out)), ref,
-                            name=f"matmul_persistent {M}x{N}x{K}")
+        config = picked_config(M, N, K)
         tiles = triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"])
-        t_tile = common.bench(lambda: matmul(a, b, config, out=out))
-        t_persistent = common.bench(lambda: matmul_persistent(a, b, config, out=out))
-        table.add(f"{M}x{N}x{K}", config_label(config), tiles, tiles / sms, str(t_tile), str(t_persistent),
-                  f"{t_tile.ms / t_persistent.ms:.3f}x")
+        table.add(f"{M}x{N}x{K}", config_label(config), tiles, tiles / sms, tiles - (triton.cdiv(tiles, sms) - 1) * sms)
     table.print()
-    print("A fractional wave count means the last wave leaves SMs idle in both versions. The persistent kernel "
-          "saves program launches and per-program setup; what it cannot save is the tail, unless tiles are "
-          "split further (stream-K) or smaller.")
+    print("Waves count one program per SM. In the last wave of a fractional count some SMs have no tile left; "
+          "the persistent kernel has the same tail: program p computes tiles p, p + SMs, ..., so some programs "
+          "loop once more than the others.")
 
 
-def benchmark_even_k(n: int = 4096) -> None:
-    section(f"Benchmark: what the EVEN_K heuristic saves at {n}^3 fp16")
-    a, b = random_problem(n, n, n, torch.float16)
-    out = torch.empty(n, n, device=common.DEVICE, dtype=torch.float16)
-    config = config_dict(tuned_config(matmul_tuned_kernel, n, n, n, torch.float16))
-    grid = (triton.cdiv(n, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
-    args = (a, b, out, n, n, n, *_strides(a, b, out))
-    masked = common.bench(lambda: matmul_kernel[grid](*args, EVEN_K=False, **config))
-    even = common.bench(lambda: matmul_kernel[grid](*args, EVEN_K=True, **config))
-    print(f"{config_label(config)}: K masks on every load {masked}, EVEN_K (no masks) {even}: "
-          f"{masked.ms / even.ms:.3f}x")
-
-
-def benchmark_disk_cache(n: int = 4096) -> None:
-    section("Benchmark: keeping tuning results on disk (cache_results)")
+def disk_cache(n: int = 4096) -> None:
+    section("Tuning results on disk (cache_results)")
     if "cache_results" not in inspect.signature(triton.autotune).parameters:
         print(f"triton {triton.__version__} has no cache_results: skipped (every process tunes again)")
         return
@@ -1104,8 +1087,8 @@ def benchmark_disk_cache(n: int = 4096) -> None:
 #   accumulated into, `restore_value` for tensors updated in place.
 # - The roofline bound, max(bytes / bandwidth, FLOPs / peak) with ceilings measured on the same
 #   GPU, says how much is left to win; small problems are bound by launches, not by either roof.
-# - A persistent kernel launches one program per SM and loops over tiles: less launch and
-#   setup cost, the same tail.
+# - A persistent kernel launches one program per SM and loops over tiles: fewer programs to
+#   schedule, the same tail. Whether that is faster here is what its benchmark measures.
 
 
 if __name__ == "__main__":
@@ -1118,16 +1101,9 @@ if __name__ == "__main__":
     hooks_demo()
     print(f"\n(checks and tuning mechanics: {time.perf_counter() - started:.1f} s)")
     roofline(args.quick)
-    if common.HAS_GPU:
-        benches = [benchmark_bar, benchmark_modelled, benchmark_persistent]
-        for bench_fn in benches:
-            bench_fn(args.quick)
-            print(f"({bench_fn.__name__} done at {time.perf_counter() - started:.1f} s)")
-        if not args.quick:
-            benchmark_even_k()
-            benchmark_disk_cache()
-            print(f"(done at {time.perf_counter() - started:.1f} s)")
-    else:
-        print("\n" + common.require_gpu("Benchmarks (the autotuned matmul against hand-picked configs and the "
-                                        "perf bar, the perf model's pick, persistent vs one program per tile, "
-                                        "EVEN_K, the on-disk tuning cache)"))
+    waves_table([QUICK_SHAPE] if args.quick and common.HAS_GPU else PERSISTENT_SHAPES if common.HAS_GPU
+                else [CPU_SHAPE])
+    common.run_benchmarks(BENCHMARKS, args.quick)
+    if common.HAS_GPU and not args.quick:
+        disk_cache()
+    print(f"(done at {time.perf_counter() - started:.1f} s)")
