@@ -383,24 +383,24 @@ def test_lesson_add_mul(lesson, dtype):
     for n in awkward_sizes(2):
         x, y = randn(n, dtype=dtype), randn(n, dtype=dtype)
         for s in (1.0, 2.0, 10.0):
-            for name, op in lesson.ADD_MUL_VERSIONS.items():
+            for v in lesson.ADD_MUL_VERSIONS:
                 out = poisoned_empty(n, dtype=dtype)
-                assert op(x, y, s, out=out) is out
-                assert_close(out, (x.double() + y.double()) * s, name=f"add_mul {name} n={n} s={s}")
+                assert v.fn(x, y, s, out=out) is out
+                assert_close(out, (x.double() + y.double()) * s, name=f"add_mul {v.label} n={n} s={s}")
 
 
 @pytest.mark.parametrize("block_size", [256, 16384])
 def test_lesson_add_mul_block_sizes(lesson, block_size):
     x, y = randn(3001), randn(3001)
-    for op in lesson.ADD_MUL_VERSIONS.values():
-        assert_close(op(x, y, 2.0, block_size), (x.double() + y.double()) * 2.0)
+    for v in lesson.ADD_MUL_VERSIONS:
+        assert_close(v.fn(x, y, 2.0, block_size), (x.double() + y.double()) * 2.0)
 
 
-@pytest.mark.parametrize("version", ["v1 one block", "v2 three passes", "v3 online"])
+@pytest.mark.parametrize("version", ["v1", "v2", "v3"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_lesson_softmax(lesson, dtype, version):
-    op = lesson.SOFTMAX_VERSIONS[version]
-    kwargs = {} if version.startswith("v1") else {"block_size": 512}  # several chunks per row
+    op = lesson.SOFTMAX_VERSIONS.get(version).fn
+    kwargs = {} if version == "v1" else {"block_size": 512}  # several chunks per row
     for n in awkward_sizes(2, lo=1000, hi=MAX_FUSED_COLS, include=(17, 1)):
         m = 3 if common.INTERPRETER else _rows()
         base = randn(m, n + 3, dtype=dtype, scale=3.0)
@@ -414,8 +414,8 @@ def test_lesson_softmax(lesson, dtype, version):
 
 def test_lesson_softmax_shifted_rows(lesson):
     x = randn(3, 1001) + 100.0  # exp(100) overflows fp32: each version must subtract the max
-    for name, op in lesson.SOFTMAX_VERSIONS.items():
-        assert_close(op(x), torch.softmax(x.double(), dim=1), name=f"softmax {name}")
+    for v in lesson.SOFTMAX_VERSIONS:
+        assert_close(v.fn(x), torch.softmax(x.double(), dim=1), name=f"softmax {v.label}")
 
 
 def test_lesson_long_rows(lesson):
@@ -448,13 +448,13 @@ def test_lesson_bad_input(lesson):
         lesson.add_mul(torch.ones(10, dtype=torch.int32, device=common.DEVICE),
                        torch.ones(10, dtype=torch.int32, device=common.DEVICE), 2.0)
     x2 = randn(8, 40)
-    for op in lesson.SOFTMAX_VERSIONS.values():
+    for v in lesson.SOFTMAX_VERSIONS:
         with pytest.raises(ValueError, match="2 dimension"):
-            op(x)
+            v.fn(x)
         with pytest.raises(ValueError, match="stride"):
-            op(x2.t())
+            v.fn(x2.t())
         with pytest.raises(ValueError, match="shape"):
-            op(x2, out=randn(8, 41))
+            v.fn(x2, out=randn(8, 41))
     with pytest.raises(ValueError, match="power of 2"):
         lesson.softmax_online(x2, block_size=100)
 

@@ -17,6 +17,7 @@ You will learn:
 Run:  python lessons/intermediate/06_kernel_fusion.py [--quick]
 """
 
+import functools
 import sys
 from pathlib import Path
 
@@ -260,7 +261,9 @@ def add_mul(x: torch.Tensor, y: torch.Tensor, s: float, block_size: int = DEFAUL
     return out
 
 
-ADD_MUL_VERSIONS = {"v1 two kernels": add_mul_two_step, "v2 fused": add_mul}
+ADD_MUL_VERSIONS = common.Versions("add_mul")
+ADD_MUL_VERSIONS.add("v1", "two kernels", add_mul_two_step)
+ADD_MUL_VERSIONS.add("v2", "fused", add_mul)
 
 
 def _softmax_args(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -321,10 +324,12 @@ def softmax_online(x: torch.Tensor, out: torch.Tensor | None = None,
     return _softmax_chunked(softmax_online_kernel, x, out, block_size)
 
 
-SOFTMAX_VERSIONS = {"v1 one block": softmax, "v2 three passes": softmax_three_pass,
-                    "v3 online": softmax_online}
+SOFTMAX_VERSIONS = common.Versions("softmax")
+SOFTMAX_VERSIONS.add("v1", "one block", softmax)
+SOFTMAX_VERSIONS.add("v2", "three passes", softmax_three_pass)
+SOFTMAX_VERSIONS.add("v3", "online", softmax_online)
 # Bytes each version moves, in units of the M x N tensor: (reads, writes).
-SOFTMAX_PASSES = {"v1 one block": (1, 1), "v2 three passes": (3, 1), "v3 online": (2, 1)}
+SOFTMAX_PASSES = {"v1": (1, 1), "v2": (3, 1), "v3": (2, 1)}
 
 
 # %% [markdown]
@@ -353,15 +358,15 @@ def check(quick: bool) -> None:
         for n in sizes:
             x, y = common.randn(n, dtype=dtype), common.randn(n, dtype=dtype)
             for s in SCALARS:
-                for name, op in ADD_MUL_VERSIONS.items():
+                for v in ADD_MUL_VERSIONS:
                     out = common.poisoned_empty(n, dtype=dtype)
-                    op(x, y, s, out=out)
-                    common.assert_close(out, (x.double() + y.double()) * s, name=f"add_mul {name} n={n} s={s}")
+                    v.fn(x, y, s, out=out)
+                    common.assert_close(out, (x.double() + y.double()) * s, name=f"add_mul {v.label} n={n} s={s}")
     for block_size in (256, 16384):  # the ends of the BLOCK_SIZE sweep below
         x, y = common.randn(sizes[0]), common.randn(sizes[0])
-        for name, op in ADD_MUL_VERSIONS.items():
-            common.assert_close(op(x, y, 2.0, block_size), (x.double() + y.double()) * 2.0,
-                                name=f"add_mul {name} BLOCK_SIZE={block_size}")
+        for v in ADD_MUL_VERSIONS:
+            common.assert_close(v.fn(x, y, 2.0, block_size), (x.double() + y.double()) * 2.0,
+                                name=f"add_mul {v.label} BLOCK_SIZE={block_size}")
     print(f"add_mul (v1 two kernels, v2 fused) match for n in {sizes}, s in {SCALARS}: OK")
 
     shapes = _softmax_shapes(quick)
@@ -371,19 +376,19 @@ def check(quick: bool) -> None:
             base = common.randn(m, n + 7, dtype=dtype, scale=3.0)
             for x in (base[:, :n], base[:, :n].contiguous()):  # rows 7 elements apart, then packed
                 expected = torch.softmax(x.double(), dim=1)
-                for name, op in SOFTMAX_VERSIONS.items():
+                for v in SOFTMAX_VERSIONS:
                     out = common.poisoned_empty(m, n, dtype=dtype)
-                    if name.startswith("v1"):
-                        op(x, out=out)
+                    if v.key == "v1":
+                        v.fn(x, out=out)
                     else:
-                        op(x, out=out, block_size=chunk)
-                    common.assert_close(out, expected, name=f"softmax {name} {m}x{n} {dtype}")
+                        v.fn(x, out=out, block_size=chunk)
+                    common.assert_close(out, expected, name=f"softmax {v.label} {m}x{n} {dtype}")
                     sums = out.double().sum(dim=1)
                     common.assert_close(sums, torch.ones_like(sums), atol=1e-3 if dtype == torch.float32 else 2e-2,
-                                        rtol=0, name=f"softmax {name} {m}x{n}: row sums")
+                                        rtol=0, name=f"softmax {v.label} {m}x{n}: row sums")
     x = common.randn(5, 1001) + 100.0  # exp(100) overflows fp32: only a max-subtracting softmax survives
-    for name, op in SOFTMAX_VERSIONS.items():
-        common.assert_close(op(x), torch.softmax(x.double(), dim=1), name=f"softmax {name}, rows shifted by +100")
+    for v in SOFTMAX_VERSIONS:
+        common.assert_close(v.fn(x), torch.softmax(x.double(), dim=1), name=f"softmax {v.label}, rows shifted by +100")
     names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
     print(f"softmax v1, v2, v3 match for shapes {shapes} (strided and contiguous rows), dtypes {names}: OK")
     if not common.supports_bf16():
@@ -422,8 +427,8 @@ def traffic(n: int, m_rows: int, n_cols: int) -> None:
         counted = common.count_torch_traffic(fn, x2)
         table.add(name, counted.kernels, fmt_bytes(counted.read), fmt_bytes(counted.written),
                   fmt_bytes(counted.total), counted.total / (2 * mn))
-    for name, (reads, writes) in SOFTMAX_PASSES.items():
-        table.add(f"Triton {name}, modelled", 1, fmt_bytes(reads * mn), fmt_bytes(writes * mn),
+    for key, (reads, writes) in SOFTMAX_PASSES.items():
+        table.add(f"Triton {SOFTMAX_VERSIONS[key].label}, modelled", 1, fmt_bytes(reads * mn), fmt_bytes(writes * mn),
                   fmt_bytes((reads + writes) * mn), (reads + writes) / 2)
     table.print()
     print("The naive softmax writes z and exp(z) to memory and reads them back; the fused kernels "
@@ -432,236 +437,126 @@ def traffic(n: int, m_rows: int, n_cols: int) -> None:
 
 # %% [markdown]
 # ## Benchmark
-# Medians of many runs (CUDA events, L2 flushed between runs). GB/s counts the *minimum* bytes
-# (inputs read once, output written once) for every provider, so a provider that moves more
-# bytes than the minimum shows up as a lower rate. torch.compile is built once per shape.
+# Declared once, run by common.Benchmark: every provider is timed on every case in alternating
+# rounds. GB/s counts the *minimum* bytes (inputs read once, output written once) for every
+# provider, so one that moves more than the minimum shows a lower rate; % copy is against a
+# device-to-device copy measured in the same run. The registry races the fastest baselines:
+# for (x + y) * s eager PyTorch (two kernels) and torch.compile (which fuses it too), for
+# softmax torch.softmax, the naive op-by-op version and torch.compile of it.
+
+BAR_N = 2**28  # elements: 1 GiB per fp32 tensor, far beyond L2
+SCALARS_TITLE = "(x + y) * s at n = 2^28 fp32: does the value of s matter?"
 
 
-def _kernels(fn) -> int | str:
-    return common.gpu_kernel_count(fn) or "-"  # "-": the profiler could not count here
+def _pow2(n: int) -> str:
+    return f"2^{n.bit_length() - 1}" if n > 1 and n & (n - 1) == 0 else f"{n:,}"
 
 
-ADD_MUL_PROVIDERS = ["torch two-step", "torch.compile", "triton v1 two kernels", "triton v2 fused"]
+def _add_mul_inputs(n: int) -> tuple:  # fresh tensors: the graph timer binds several copies in turn
+    return torch.randn(n, device=common.DEVICE), torch.randn(n, device=common.DEVICE), 2.0
 
 
-def _providers_add_mul(x: torch.Tensor, y: torch.Tensor) -> dict:
-    """The providers, side by side; call once per shape: common.compiled builds a fresh
-    torch.compile from a clean dynamo cache and runs it once on x, y (None if that fails)."""
-    return dict(zip(ADD_MUL_PROVIDERS, (add_mul_reference, common.compiled(add_mul_reference, x, y, 2.0),
-                                        add_mul_two_step, add_mul)))
+@functools.cache
+def _pair(n: int) -> tuple:  # one pair at 2^28, shared by the benchmarks that race on it
+    return torch.randn(n, device=common.DEVICE), torch.randn(n, device=common.DEVICE)
 
 
-def benchmark_add_mul_sizes(quick: bool) -> None:
-    section("Benchmark: fused vs two-step (x + y) * s over sizes (fp32, s = 2.0)")
-    copy = common.copy_bandwidth()
-    print(f"copy bandwidth measured now: {copy:,.0f} GB/s (device-to-device, read + write)")
-    exponents = [16, 24] if quick else [12, 16, 20, 24, 26, 28]
-    names = ADD_MUL_PROVIDERS
-    table = Table("(x + y) * s, fp32: GB/s counting the minimum bytes (3n x 4)",
-                  ["n", *names, "fused % copy", "fused vs torch"])
-    series = {name: [] for name in names}
-    last = {}
-    for e in exponents:
-        n = 2**e
-        x, y = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
-        nbytes = 3 * n * 4  # read x and y, write the output
-        times = {}
-        providers = _providers_add_mul(x, y)
+@functools.cache
+def _rows(m: int, n: int) -> torch.Tensor:
+    return torch.randn(m, n, device=common.DEVICE)
+
+
+def _add_mul_bytes(x, y, *_) -> int:
+    return 3 * x.numel() * x.element_size()  # read x and y, write the output
+
+
+def _softmax_bytes(x, *_) -> int:
+    return 2 * x.numel() * x.element_size()  # read x, write the output
+
+
+_ADD_MUL = dict(op="elementwise", kernels=ADD_MUL_VERSIONS, reference=add_mul_reference, dtype=torch.float32)
+_SOFTMAX = dict(op="softmax", reference=softmax_naive, nbytes=_softmax_bytes, ceiling="copy", dtype=torch.float32,
+                cpu_cases=[(3, 300)], setup=lambda m, n: (_rows(m, n),))
+_N = BAR_N if common.HAS_GPU else 1000  # the interpreter runs the sweeps on a small pair
+
+BENCHMARKS = [
+    common.Benchmark(
+        "(x + y) * s over sizes, fp32, s = 2.0: GPU time per call (in a CUDA graph)", **_ADD_MUL,
+        cases=[2**e for e in range(12, 29, 4)], quick_cases=[2**16, 2**24], cpu_cases=[1000],
+        setup=_add_mul_inputs, nbytes=_add_mul_bytes, ceiling="copy", timer="graph", label=_pow2,
+        plot="06_kernel_fusion_add_mul_sizes", xlabel="elements", logx=True,
+        note="GPU time only (no Python between calls). At large sizes compare v2 vs v1 and torch eager with the "
+             "5/3 = 1.67x the byte count allows; small sizes fit in L2. The launch cost is the host table below."),
+    common.Benchmark(
+        "(x + y) * s at n = 2^28 fp32: the perf bars", **_ADD_MUL, cases=[BAR_N], cpu_cases=[1000],
+        setup=lambda n: (*_pair(n), 2.0), nbytes=_add_mul_bytes, ceiling="copy", memory=True, label=_pow2,
+        bars=[common.Bar("v2 fused", BAR_N, "baseline", 0.98),  # on par: within the 2% timings differ by
+              common.Bar("v2 fused", BAR_N, "v1 two kernels", 1.4)],  # what fusion buys over 5n -> 3n
+        note="Peak extra memory is the output plus, for the two-kernel versions, the temporary x + y."),
+    common.Benchmark(
+        "(x + y) * s on tiny tensors: host wall time per call (Python, checks, launch)", **_ADD_MUL,
+        cases=[1, 2**10, 2**14], cpu_cases=[100], setup=_add_mul_inputs, timer="wall", label=_pow2,
+        note="Host time per call of back-to-back calls: the launch cost (Python, argument checks, the driver), "
+             "paid once per kernel, so v1's two launches cost about twice v2's one. Not GPU time: that is the "
+             "graph-timed table above."),
+    common.Benchmark(
+        SCALARS_TITLE, **_ADD_MUL, cases=SCALARS, cpu_cases=[2.0], setup=lambda s: (*_pair(_N), s),
+        nbytes=_add_mul_bytes, label=lambda s: f"s = {s}", plot="06_kernel_fusion_add_mul_scalars", xlabel="s",
+        note="A memory-bound kernel does the same loads and stores whatever s is; Triton compiles one "
+             "kernel for every float s (it specialises ints equal to 1, never floats)."),
+    common.Benchmark(
+        "(x + y) * s: BLOCK_SIZE sweep at n = 2^28 fp32 (num_warps = 4)", op=None, kernels=ADD_MUL_VERSIONS,
+        cases=[2**k for k in range(8, 15)], quick_cases=[2**10], cpu_cases=[256],
+        setup=lambda block: (*_pair(_N), 2.0, block), nbytes=_add_mul_bytes, ceiling="copy", dtype=torch.float32,
+        label=lambda block: f"BLOCK_SIZE={block}", plot="06_kernel_fusion_add_mul_block_size",
+        xlabel="BLOCK_SIZE", logx=True),
+    common.Benchmark(
+        "softmax 4096 x 4096 fp32: fused vs op by op", **_SOFTMAX, kernels=SOFTMAX_VERSIONS,
+        cases=[(4096, 4096)], memory=True,
+        bars=[common.Bar("v1 one block", (4096, 4096), "ceiling", 85),
+              common.Bar("v1 one block", (4096, 4096), "baseline", 1.0)],
+        note="Peak extra memory: the output, plus every intermediate the op-by-op version keeps alive."),
+    common.Benchmark(
+        "softmax v1 at 4096 x 4096 fp32: num_warps sweep", op=None, cases=[4, 8, 16], cpu_cases=[4],
+        setup=lambda warps: (_rows(4096, 4096) if common.HAS_GPU else _rows(3, 300), warps),
+        kernels={"v1 one block": lambda x, warps: softmax(x, num_warps=warps)}, nbytes=_softmax_bytes,
+        ceiling="copy", dtype=torch.float32, label=lambda warps: f"num_warps={warps}",
+        note=f"The wrapper picks num_warps = {_softmax_num_warps(4096)} for rows of 4096."),
+    common.Benchmark(
+        # v1 stops at 16384 columns (a row in one block): the chunked versions race over every length.
+        "softmax over row lengths, M x N = 2^24 fp32", **_SOFTMAX,
+        kernels=SOFTMAX_VERSIONS.providers(only=["v2", "v3"]),
+        cases=[(2**24 >> e, 2**e) for e in range(12, 19, 2)], plot="06_kernel_fusion_softmax_rows",
+        xlabel="M x N",
+        note="v2 and v3 differ by one read of the row (4 vs 3 tensor-sized transfers). With few, long rows "
+             "there are fewer programs than SMs: exercise 6.3 splits each row over several programs."),
+]
+
+
+def launches() -> None:
+    """GPU kernels per call, counted by torch.profiler: the launches that fusion saves (GPU only)."""
+    section("Launches: GPU kernels per call (torch.profiler)")
+    x, y, rows = torch.randn(2**20, device=common.DEVICE), torch.randn(2**20, device=common.DEVICE), _rows(4096, 4096)
+    table = Table("GPU kernels per call (\"-\": the profiler could not count here)", ["op", "provider", "kernels"])
+    for op, args, providers in (
+            ("(x + y) * s", (x, y, 2.0), {"torch eager": add_mul_reference, **ADD_MUL_VERSIONS.providers(),
+                                          "torch.compile": common.compiled(add_mul_reference, x, y, 2.0)}),
+            ("softmax", (rows,), {"torch eager (naive)": softmax_naive, "torch.softmax": softmax_reference,
+                                  **SOFTMAX_VERSIONS.providers(),
+                                  "torch.compile (naive)": common.compiled(softmax_naive, rows)})):
         for name, fn in providers.items():
-            times[name] = common.bench(lambda: fn(x, y, 2.0)) if fn is not None else None
-        rates = [times[k].gbps(nbytes) if times[k] else float("nan") for k in names]
-        for k, r in zip(names, rates):
-            series[k].append(r)
-        fused, torch2 = times["triton v2 fused"], times["torch two-step"]
-        table.add(f"2^{e}", *rates, common.pct_of_copy(fused.gbps(nbytes)), f"{torch2.ms / fused.ms:.2f}x")
-        last = {"n": n, "x": x, "y": y, "times": times, "providers": providers}
+            if fn is not None:
+                table.add(op, name, common.gpu_kernel_count(lambda: fn(*args)) or "-")  # noqa: B023 (called now)
     table.print()
-    fig, ax = common.new_figure("(x + y) * s: fused vs two steps (fp32)", "elements", "GB/s (minimum bytes)", logx=True)
-    for name, values in series.items():
-        ax.plot([2**e for e in exponents], values, marker="o", label=name)
-    ax.axhline(copy, color="gray", linestyle="--", label="copy (measured)")
-    ax.legend()
-    common.save_plot(fig, "06_kernel_fusion_add_mul_sizes")
-
-    # Launches and memory at the largest size, with the providers (and compiled function) just timed.
-    n, x, y, times = last["n"], last["x"], last["y"], last["times"]
-    table = Table(f"(x + y) * s at n = 2^{n.bit_length() - 1}: launches and memory",
-                  ["provider", "GPU kernels (profiler)", "peak extra memory", "time"])
-    for name, fn in last["providers"].items():
-        if fn is None:
-            continue
-        table.add(name, _kernels(lambda: fn(x, y, 2.0)), fmt_bytes(common.peak_extra_memory(fn, x, y, 2.0)),
-                  str(times[name]))
-    table.print()
-    print("Peak extra memory is the output plus, for two steps, the temporary x + y.")
-    if not quick and n == 2**28:
-        ratio = times["torch two-step"].ms / times["triton v2 fused"].ms
-        common.perf_bar("fused add-multiply at 2^28 fp32: speed vs two-step PyTorch (torch time / fused time)",
-                        ratio, 1.4, "x")
+    print("torch.compile fuses these chains itself: count its kernels as well as timing it.")
 
 
-def benchmark_add_mul_scalars() -> None:
-    n = 2**28
-    section(f"Benchmark: does the value of s matter? (n = 2^28 fp32, s in {SCALARS})")
-    x, y = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
-    nbytes = 3 * n * 4
-    names = ADD_MUL_PROVIDERS
-    table = Table("(x + y) * s at 2^28: time per s value", ["s", *names])
-    ms = {name: [] for name in names}
-    providers = _providers_add_mul(x, y)  # one shape: one torch.compile for the three values
-    for s in SCALARS:
-        row = []
-        for name, fn in providers.items():
-            t = common.bench(lambda: fn(x, y, s)) if fn is not None else None
-            ms[name].append(t.ms if t else float("nan"))
-            row.append(str(t) if t else "-")
-        table.add(s, *row)
-    table.print()
-    for name in names:
-        values = [v for v in ms[name] if v == v]
-        if values:
-            print(f"{name}: slowest / fastest over s = {max(values) / min(values):.3f} "
-                  f"(at {nbytes / min(values) / 1e6:,.0f} GB/s best)")
-    print("Compare the ratios with the ± spread of one timing: a memory-bound kernel does the "
-          "same loads and stores whatever s is. Triton compiles one kernel for every float s.")
-    fig, ax = common.new_figure("(x + y) * s at 2^28 fp32: time for each s", "s", "ms")
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        ax.bar([j + i * width for j in range(len(SCALARS))], ms[name], width, label=name)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(SCALARS))], [str(s) for s in SCALARS])
-    ax.legend(fontsize=8)
-    common.save_plot(fig, "06_kernel_fusion_add_mul_scalars")
-
-
-def benchmark_add_mul_block_sizes() -> None:
-    n = 2**28
-    section("Benchmark: BLOCK_SIZE sweep at n = 2^28 (fp32)")
-    x, y = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
-    out = torch.empty_like(x)
-    nbytes = 3 * n * 4
-    blocks = [2**k for k in range(8, 15)]  # 256 .. 16384
-    table = Table("add_mul: BLOCK_SIZE sweep (num_warps = 4), GB/s of the minimum bytes",
-                  ["BLOCK_SIZE", "v1 two kernels GB/s", "v2 fused GB/s", "fused % copy"])
-    rates = {name: [] for name in ADD_MUL_VERSIONS}
-    for block in blocks:
-        for name, op in ADD_MUL_VERSIONS.items():
-            rates[name].append(common.bench(lambda: op(x, y, 2.0, block, out=out)).gbps(nbytes))
-        table.add(block, rates["v1 two kernels"][-1], rates["v2 fused"][-1], common.pct_of_copy(rates["v2 fused"][-1]))
-    table.print()
-    best = blocks[rates["v2 fused"].index(max(rates["v2 fused"]))]
-    print(f"Best BLOCK_SIZE for the fused kernel here: {best}.")
-    compiled = common.compiled(add_mul_reference, x, y, 2.0)
-    peers = {"torch two-step": common.bench(lambda: add_mul_reference(x, y, 2.0)).gbps(nbytes)}
-    if compiled is not None:
-        peers["torch.compile"] = common.bench(lambda: compiled(x, y, 2.0)).gbps(nbytes)
-    fig, ax = common.new_figure("(x + y) * s: BLOCK_SIZE sweep, n = 2^28 fp32", "BLOCK_SIZE", "GB/s (minimum bytes)",
-                                logx=True)
-    for name, values in rates.items():
-        ax.plot(blocks, values, marker="o", label=f"triton {name}")
-    for (name, value), style in zip(peers.items(), (":", "-.")):
-        ax.axhline(value, linestyle=style, color="black", label=f"{name} (measured)")
-    ax.axhline(common.copy_bandwidth(), color="gray", linestyle="--", label="copy (measured)")
-    ax.legend(fontsize=8)
-    common.save_plot(fig, "06_kernel_fusion_add_mul_block_size")
-
-
-def benchmark_softmax(quick: bool) -> None:
-    m_rows = n_cols = 4096
-    section(f"Benchmark: fused vs unfused softmax, {m_rows} x {n_cols} fp32")
-    x = torch.randn(m_rows, n_cols, device="cuda")
-    mn = x.numel() * 4
-    nbytes = 2 * mn  # read x once, write the output once
-    providers = {"torch naive (op by op)": softmax_naive, "torch.compile(naive)": common.compiled(softmax_naive, x),
-                 "torch.softmax": softmax_reference, **{f"triton {k}": v for k, v in SOFTMAX_VERSIONS.items()}}
-    table = Table(f"softmax {m_rows} x {n_cols} fp32: GB/s counting the minimum bytes (2 x M x N x 4)",
-                  ["provider", "GPU kernels (profiler)", "bytes moved", "peak extra memory", "time", "GB/s",
-                   "% copy", "vs torch.softmax"])
-    times = {}
-    for name, fn in providers.items():
-        if fn is None:
-            continue
-        times[name] = common.bench(lambda: fn(x))
-    for name, fn in providers.items():
-        if fn is None:
-            continue
-        if name.startswith("triton"):
-            reads, writes = SOFTMAX_PASSES[name.removeprefix("triton ")]
-            moved = f"{fmt_bytes((reads + writes) * mn)} (modelled)"
-        elif name.startswith("torch.compile"):
-            moved = "- (not aten ops)"  # Inductor's kernels bypass the dispatcher that counts bytes
-        else:
-            moved = f"{fmt_bytes(common.count_torch_traffic(fn, x).total)} (counted)"
-        t = times[name]
-        table.add(name, _kernels(lambda: fn(x)), moved, fmt_bytes(common.peak_extra_memory(fn, x)), str(t),
-                  t.gbps(nbytes), common.pct_of_copy(t.gbps(nbytes)),
-                  f"{times['torch.softmax'].ms / t.ms:.2f}x")
-    table.print()
-    print("Peak extra memory: the output, plus every intermediate the unfused version keeps alive.")
-    if not quick:
-        v1 = times["triton v1 one block"]
-        warps = Table("softmax v1 at 4096 x 4096: num_warps", ["num_warps", "time", "GB/s", "% copy"])
-        for num_warps in (4, 8, 16):
-            t = common.bench(lambda: softmax(x, num_warps=num_warps))
-            warps.add(num_warps, str(t), t.gbps(nbytes), common.pct_of_copy(t.gbps(nbytes)))
-        warps.print()
-        print(f"The wrapper picks num_warps = {_softmax_num_warps(n_cols)} for rows of {n_cols}.")
-        common.perf_bar("softmax v1 4096 x 4096 fp32: % of copy bandwidth", common.pct_of_copy(v1.gbps(nbytes)),
-                        85, "%")
-        common.perf_bar("softmax v1 4096 x 4096 fp32: speed vs torch.softmax (torch time / triton time)",
-                        times["torch.softmax"].ms / v1.ms, 1.0, "x")
-
-
-def benchmark_softmax_long_rows() -> None:
-    total = 2**24  # elements per tensor: 64 MiB of fp32, larger than L2
-    section("Benchmark: softmax over row lengths, M x N = 2^24 fp32 (rows longer than one block)")
-    exponents = [12, 14, 16, 18]  # 4096 x 4096 ... 64 x 262144; v1 stops at 16384 columns
-    names = ["torch.softmax", "torch.compile(naive)", *[f"triton {k}" for k in SOFTMAX_VERSIONS]]
-    table = Table("softmax, fp32: GB/s counting the minimum bytes", ["M x N", *names, "v3 % copy"])
-    series = {name: [] for name in names}
-    for e in exponents:
-        n_cols = 2**e
-        m_rows = total // n_cols
-        x = torch.randn(m_rows, n_cols, device="cuda")
-        nbytes = 2 * x.numel() * 4
-        providers = {"torch.softmax": softmax_reference, "torch.compile(naive)": common.compiled(softmax_naive, x),
-                     **{f"triton {k}": v for k, v in SOFTMAX_VERSIONS.items()}}
-        if n_cols > MAX_FUSED_COLS:
-            providers["triton v1 one block"] = None  # the row does not fit one block
-        rates = []
-        for name in names:
-            fn = providers[name]
-            rates.append(common.bench(lambda: fn(x)).gbps(nbytes) if fn is not None else float("nan"))
-            series[name].append(rates[-1])
-        table.add(f"{m_rows} x {n_cols}", *rates, common.pct_of_copy(rates[-1]))
-        del x
-    table.print()
-    print("v2 and v3 differ by one read of the row (4 vs 3 tensor-sized transfers). With few, long "
-          "rows there are fewer programs than SMs: exercise 6.3 splits each row over several programs.")
-    fig, ax = common.new_figure("Softmax over row lengths, M x N = 2^24 fp32", "N (columns)", "GB/s (minimum bytes)",
-                                logx=True)
-    for name, values in series.items():
-        ax.plot([2**e for e in exponents], values, marker="o", label=name)
-    ax.axhline(common.copy_bandwidth(), color="gray", linestyle="--", label="copy (measured)")
-    ax.legend(fontsize=8)
-    common.save_plot(fig, "06_kernel_fusion_softmax_rows")
-
-
-def benchmark_launch_overhead() -> None:
-    section("Benchmark: launch overhead on tiny tensors, (x + y) * s fp32")
-    table = Table("tiny tensors: GPU time (CUDA events) vs host time per call (wall clock, back to back)",
-                  ["n", "provider", "GPU kernels (profiler)", "GPU time us", "host us per call"])
-    for n in (1, 2**10, 2**14):
-        x, y = torch.randn(n, device="cuda"), torch.randn(n, device="cuda")
-        for name, fn in _providers_add_mul(x, y).items():
-            if fn is None:
-                continue
-            call = lambda: fn(x, y, 2.0)  # noqa: E731
-            gpu_us = common.bench(call).ms * 1e3
-            table.add(n, name, _kernels(call), gpu_us, common.wall_us_per_call(call))
-    table.print()
-    print("On tiny tensors the bytes are nothing: the host time per call is the launch cost "
-          "(Python, argument checks, the driver), paid once per kernel. Fusing two kernels into "
-          "one pays it once.")
+def scalar_spread(results) -> None:
+    """Slowest / fastest time over the s values, per provider: compare it with one timing's ± spread."""
+    for name in dict.fromkeys(n for r in results for n in r.times):
+        ms = [r.times[name].ms for r in results if name in r.times]
+        if len(ms) > 1:
+            print(f"{name}: slowest / fastest over s = {max(ms) / min(ms):.3f}")
 
 
 # %% [markdown]
@@ -685,12 +580,6 @@ if __name__ == "__main__":
     else:
         traffic(2**20, 256, 1000)
     if common.HAS_GPU:
-        benchmark_add_mul_sizes(args.quick)
-        benchmark_softmax(args.quick)
-        if not args.quick:
-            benchmark_add_mul_scalars()
-            benchmark_add_mul_block_sizes()
-            benchmark_softmax_long_rows()
-            benchmark_launch_overhead()
-    else:
-        print("\n" + common.require_gpu("Benchmarks (fused vs unfused timings, sweeps, launch overhead, plots)"))
+        launches()
+    results = common.run_benchmarks(BENCHMARKS, args.quick)
+    scalar_spread(results[SCALARS_TITLE])
