@@ -15,6 +15,7 @@ You will learn:
 Run:  python lessons/intermediate/04_matmul.py [--quick]
 """
 
+import functools
 import sys
 import time
 from pathlib import Path
@@ -283,28 +284,25 @@ def matmul_v4(a, b, out=None, input_precision="ieee"):
     return out
 
 
-VERSIONS = {
-    1: ("v1 naive: rank-1 updates, no tl.dot", matmul_v1),
-    2: ("v2 tiled tl.dot, fp32 accumulator", matmul_v2),
-    3: ("v3 + grouped program order", matmul_v3),
-    4: ("v4 + autotuned tiles/warps/stages", matmul_v4),
-}
+VERSIONS = common.Versions("matmul")
+VERSIONS.add("v1", "naive: rank-1 updates, no tl.dot", matmul_v1)
+VERSIONS.add("v2", "tiled tl.dot, fp32 accumulator", matmul_v2)
+VERSIONS.add("v3", "+ grouped program order", matmul_v3)
+VERSIONS.add("v4", "+ autotuned tiles/warps/stages", matmul_v4)
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, version: int | None = None, out: torch.Tensor | None = None,
+def matmul(a: torch.Tensor, b: torch.Tensor, version: int | str | None = None, out: torch.Tensor | None = None,
            input_precision: str = "ieee") -> torch.Tensor:
     """a @ b for 2-D a (M, K) and b (K, N) of one dtype (float32, float16, bfloat16 on a GPU).
 
-    version: 1 to 4 (see VERSIONS); None picks v4 for fp16/bf16 and v3 for fp32 (v4's configs
-    are chosen for 16-bit inputs). input_precision (fp32 only): "ieee" is exact fp32 like torch.matmul's default,
-    "tf32" rounds the inputs to 10 mantissa bits to use the tensor cores, "tf32x3" uses three
-    tf32 products to get close to fp32 again.
+    version: 1 to 4 or "v1" to "v4" (see VERSIONS); None picks v4 for fp16/bf16 and v3 for fp32
+    (v4's configs are chosen for 16-bit inputs). input_precision (fp32 only): "ieee" is exact fp32
+    like torch.matmul's default, "tf32" rounds the inputs to 10 mantissa bits to use the tensor
+    cores, "tf32x3" uses three tf32 products to get close to fp32 again.
     """
     if version is None:
         version = 3 if getattr(a, "dtype", None) == torch.float32 else 4
-    if version not in VERSIONS:
-        raise ValueError(f"version must be one of {sorted(VERSIONS)}, got {version!r}")
-    return VERSIONS[version][1](a, b, out=out, input_precision=input_precision)
+    return VERSIONS.get(version).fn(a, b, out=out, input_precision=input_precision)
 
 
 # %% [markdown]
@@ -332,18 +330,17 @@ def check(quick: bool) -> None:
         # here a few generic shapes; the tests add M = 1, K < BLOCK_K and transposed inputs.
         shapes = [tuple(common.awkward_sizes(3, lo=17, hi=1000, include=())) for _ in range(1 if quick else 2)]
         dtypes = (torch.float16,) if quick else DTYPES
-    for version, (label, fn) in VERSIONS.items():
+    for version in VERSIONS:
         for dtype in dtypes:
-            if version == 4 and dtype == torch.float32:
+            if version.key == "v4" and dtype == torch.float32:
                 continue  # v4 is the fp16/bf16 kernel
-            if common.HAS_GPU and dtype == torch.float32 and version != 3:
+            if common.HAS_GPU and dtype == torch.float32 and version.key != "v3":
                 continue  # fp32 on a GPU: v3 is the one benchmarked; the tests check v1 and v2 too
             for i, (M, N, K) in enumerate(shapes):
                 a, b = random_problem(M, N, K, dtype, transpose_b=common.INTERPRETER and i == 0)
                 out = common.poisoned_empty(M, N, dtype=dtype)
-                fn(a, b, out=out)
-                common.assert_close(out, a.double() @ b.double(),
-                                    name=f"{label.split()[0]} {M}x{N}x{K} {str(dtype)[6:]}")
+                version.fn(a, b, out=out)
+                common.assert_close(out, a.double() @ b.double(), name=f"{version.key} {M}x{N}x{K} {str(dtype)[6:]}")
     names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
     transposed = " (the first with a transposed b)" if common.INTERPRETER else ""
     fp32 = ("; fp32: v3 only" if common.HAS_GPU else "; fp32: v1 to v3") if torch.float32 in dtypes else ""
@@ -425,59 +422,36 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 FP32_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
 
 
-def _timed(fn):
-    """(Timing, output) of fn on the GPU; (None, None) with the reason printed if it fails."""
-    try:
-        return common.bench(fn), fn()
-    except Exception as err:  # e.g. OutOfResources: a config that does not fit in shared memory
-        print(f"  failed: {type(err).__name__}: {str(err).strip().splitlines()[0][:160] if str(err).strip() else ''}")
-        return None, None
-
-
-def _tflops(t, flops):
-    return t.tflops(flops) if t else float("nan")
-
-
 def precision(M: int, N: int, K: int) -> None:
     section(f"Precision: error against float64 of the same fp32 inputs ({M}x{N}x{K})")
     a, b = random_problem(M, N, K, torch.float32)
     ref = a.double() @ b.double()
-    flops = matmul_flops(M, N, K)
-    table = Table("relative error = ||C - C64|| / ||C64|| (Frobenius), and speed where measured",
-                  ["inputs", "mantissa bits multiplied", "how", "relative error", "TFLOP/s"])
+    table = Table("relative error = ||C - C64|| / ||C64|| (Frobenius)",
+                  ["inputs", "mantissa bits multiplied", "how", "relative error"])
     for name, bits, how, x, y in (("tf32", 10, "truncated", to_tf32(a), to_tf32(b)),
                                   ("fp16", 10, "rounded", a.half(), b.half()),
                                   ("bf16", 7, "rounded", a.bfloat16(), b.bfloat16())):
         # Inputs converted, products and sums in float64: the error the inputs alone bring.
-        table.add(name, bits, f"emulated: inputs {how}, float64 sums",
-                  relative_error(x.double() @ y.double(), ref), float("nan"))
+        table.add(name, bits, f"emulated: inputs {how}, float64 sums", relative_error(x.double() @ y.double(), ref))
     if common.INTERPRETER:  # fp32 inputs are exact: what is left is the rounding of the fp32 sums
-        table.add("fp32", 23, "torch.matmul in fp32 on the CPU", relative_error(a @ b, ref), float("nan"))
+        table.add("fp32", 23, "torch.matmul in fp32 on the CPU", relative_error(a @ b, ref))
     if common.HAS_GPU:
-        out = torch.empty(M, N, device=common.DEVICE, dtype=torch.float32)
         for prec, bits in (("ieee", "23"), ("tf32x3", "10 (x3)"), ("tf32", "10")):
-            t, c = _timed(lambda: matmul_v3(a, b, out=out, input_precision=prec, config=FP32_CONFIG))
-            table.add("fp32", bits, f"Triton v3, input_precision='{prec}'",
-                      relative_error(c, ref) if t else float("nan"), _tflops(t, flops))
+            c = matmul_v3(a, b, input_precision=prec, config=FP32_CONFIG)
+            table.add("fp32", bits, f"Triton v3, input_precision='{prec}'", relative_error(c, ref))
         before = torch.backends.cuda.matmul.allow_tf32
         for allow in (False, True):
             torch.backends.cuda.matmul.allow_tf32 = allow
-            t, c = _timed(lambda: torch.matmul(a, b, out=out))
-            table.add("fp32", 10 if allow else 23, f"torch.matmul, allow_tf32={allow}",
-                      relative_error(c, ref) if t else float("nan"), _tflops(t, flops))
+            table.add("fp32", 10 if allow else 23, f"torch.matmul, allow_tf32={allow}", relative_error(a @ b, ref))
         torch.backends.cuda.matmul.allow_tf32 = before
         for dtype in (torch.float16,) + ((torch.bfloat16,) if common.supports_bf16() else ()):
-            x, y = a.to(dtype), b.to(dtype)
-            out16 = torch.empty(M, N, device=common.DEVICE, dtype=dtype)
-            matmul(x, y, version=4, out=out16)  # tune outside the timed runs
-            t, c = _timed(lambda: matmul(x, y, version=4, out=out16))
             table.add("fp16" if dtype == torch.float16 else "bf16", 10 if dtype == torch.float16 else 7,
-                      "Triton v4 (output rounded too)",
-                      relative_error(c, ref) if t else float("nan"), _tflops(t, flops))
+                      "Triton v4 (output rounded too)", relative_error(matmul(a.to(dtype), b.to(dtype)), ref))
     table.print()
     print("tf32 has fp16's 10 mantissa bits with fp32's range; truncating (not rounding) to them "
-          "adds to the error. Digits traded for tensor-core speed: that is why torch.matmul keeps "
-          "fp32 inputs in full precision by default (torch.backends.cuda.matmul.allow_tf32 = False).")
+          "adds to the error. Digits traded for tensor-core speed (the fp32 benchmark times the "
+          "trade): that is why torch.matmul keeps fp32 inputs in full precision by default "
+          "(torch.backends.cuda.matmul.allow_tf32 = False).")
     if not common.HAS_GPU:
         print(common.require_gpu("Measured rows (Triton ieee / tf32x3 / tf32, torch, fp16 and bf16 on tensor cores)")
               + "; the interpreter computes tl.dot in full fp32 whatever input_precision says")
@@ -485,67 +459,50 @@ def precision(M: int, N: int, K: int) -> None:
 
 # %% [markdown]
 # ## Benchmark
-# Medians of many runs (CUDA events, L2 flushed between runs). TFLOP/s = 2*M*N*K / time,
-# compared with torch.matmul (cuBLAS) on the same inputs in the same run. torch.compile is not a
-# separate provider here: for a lone matmul it calls the same cuBLAS kernel (its own Triton
-# matmul templates run only under mode="max-autotune"). Each benchmark first checks its own
-# output at the benchmarked shape.
+# Declared below, run by common.run_benchmarks: every provider in alternating rounds (CUDA
+# events, L2 flushed), TFLOP/s = 2*M*N*K / time, against torch.matmul (cuBLAS) on the same
+# inputs in the same run. torch.compile is not raced here: for a lone matmul it calls the same
+# cuBLAS kernel (its own Triton matmul templates run only under mode="max-autotune").
+
+
+def _flops(a, b, *config) -> int:
+    return matmul_flops(a.shape[0], b.shape[1], a.shape[1])
 
 
 def _check_output(out, ref, name):
-    """Check a benchmark's output at its own shape: on the GPU, with the diagnosis only if wrong
+    """Check an output at a benchmarked shape: on the GPU, with the diagnosis only if wrong
     (assert_close copies both to the CPU, slow for 16M elements)."""
     if not torch.isclose(out.double(), ref, **common.checks.tolerance(out.dtype)).all():
         common.assert_close(out, ref, name=name)
 
 
-def benchmark_versions(quick: bool, n: int | None = None) -> None:
-    n = n or (2048 if quick else 4096)  # 4096^3: the size of the perf bars
-    dtypes = [torch.float16] + ([torch.bfloat16] if not quick and common.supports_bf16() else [])
-    section(f"Benchmark: v1..v4 against torch.matmul (cuBLAS) at {n}^3")
-    flops = matmul_flops(n, n, n)
-    table = Table(f"matmul {n}^3: TFLOP/s and % of torch.matmul (cuBLAS) in this run",
-                  ["provider", "dtype", "time", "TFLOP/s", "% of torch"])
-    rates = {}
+def tuning(n: int, dtypes) -> None:
+    """v4's first call at a new shape times every config (compiling those not in Triton's cache);
+    here, outside the benchmark, so that its cost is seen, and its output checked at the bar's shape."""
+    section(f"v4's first call at {n}^3: the autotuner at work")
     for dtype in dtypes:
-        name = str(dtype)[6:]
         a, b = random_problem(n, n, n, dtype)
-        out = torch.empty(n, n, device=common.DEVICE, dtype=dtype)
         start = time.perf_counter()
-        matmul(a, b, version=4, out=out)  # the first call for this (M, N, K, dtype) tunes
+        out = matmul(a, b, version=4)
         torch.cuda.synchronize()
         tuning_s = time.perf_counter() - start
-        _check_output(out, a.double() @ b.double(), f"v4 {n}^3 {name}")
-        print(f"{name}: v4's first call at {n}^3 timed {len(v4_configs())} configs (compiling those not in "
-              f"Triton's cache) in {tuning_s:.1f} s and picked {getattr(matmul_v4_kernel, 'best_config', '?')}")
-        t_torch = common.bench(lambda: torch.matmul(a, b, out=out))
-        rates[("torch", name)] = t_torch.tflops(flops)
-        table.add("torch.matmul (cuBLAS)", name, str(t_torch), t_torch.tflops(flops), 100.0)
-        for version, (label, fn) in VERSIONS.items():
-            t, _ = _timed(lambda: fn(a, b, out=out))
-            rates[(f"v{version}", name)] = _tflops(t, flops)
-            table.add(label, name, str(t) if t else "failed", rates[(f"v{version}", name)],
-                      100 * t_torch.ms / t.ms if t else float("nan"))
-        if not quick:
-            # Single timings of these two kernels spread by up to +-6% on an H200 (2026-11-22),
-            # enough to read 85% in one run and 94% in the next: the bar takes the median of
-            # three alternating cuBLAS / v4 pairs of 300 ms each (they agreed within 1.5%).
-            ratio = common.median_ratio(lambda: torch.matmul(a, b, out=out),
-                                        lambda: matmul(a, b, version=4, out=out), pairs=3, rep_ms=300)
-            common.perf_bar(f"v4 {name} {n}^3: % of torch.matmul (cuBLAS) TFLOP/s, median of 3 pairs",
-                            100 * ratio, 90, "%")
-        del a, b, out
-    table.print()
-    fig, ax = common.new_figure(f"matmul {n}^3: versions vs cuBLAS", "provider", "TFLOP/s")
-    providers = ["v1", "v2", "v3", "v4", "torch"]
-    width = 0.8 / len(dtypes)
-    for i, dtype in enumerate(dtypes):
-        xs = [p + i * width for p in range(len(providers))]
-        ax.bar(xs, [rates[(p, str(dtype)[6:])] for p in providers], width=width, label=str(dtype)[6:])
-    ax.set_xticks([p + width * (len(dtypes) - 1) / 2 for p in range(len(providers))])
-    ax.set_xticklabels(providers)
-    ax.legend()
-    common.save_plot(fig, "04_matmul_versions")
+        _check_output(out, a.double() @ b.double(), f"v4 {n}^3 {dtype}")
+        print(f"{str(dtype)[6:]}: timed {len(v4_configs())} configs in {tuning_s:.1f} s, picked "
+              f"{getattr(matmul_v4_kernel, 'best_config', '?')}; output checked against float64: OK")
+
+
+def _versus_cublas(dtype: torch.dtype) -> common.Benchmark:
+    name = str(dtype).removeprefix("torch.")
+    return common.Benchmark(
+        f"matmul v1..v4 vs torch.matmul (cuBLAS), {name}", op="matmul", cases=[4096], quick_cases=[2048],
+        cpu_cases=[64], setup=lambda n: random_problem(n, n, n, dtype), kernels=VERSIONS,
+        reference=matmul_reference, flops=_flops, ceiling="matmul", dtype=dtype, label=lambda n: f"{n}^3",
+        plot=f"04_matmul_versions_{name}",
+        # The layer adds rounds while the v4 / cuBLAS ratio spreads (single timings of the two
+        # spread by up to +-6% on an H200, 2026-11-22): the bar is the median of the rounds' pairs.
+        bars=[common.Bar(VERSIONS["v4"].label, 4096, "baseline", 0.9)],
+        note="Read it top to bottom: each version adds one idea. % matmul is of cuBLAS at 8192^3, "
+             "measured before the table.")
 
 
 TILE_SWEEP = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps), all with num_stages=3 and GROUP_M=8
@@ -553,76 +510,88 @@ TILE_SWEEP = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps), all with num_stages=3 
     (128, 128, 64, 8), (128, 256, 64, 8), (256, 128, 64, 8),
 ]
 STAGE_SWEEP = (1, 2, 3, 4)  # at 128 x 256 x 64, 8 warps
+SWEEP_N = 4096 if common.HAS_GPU else 64
 
 
-def benchmark_tiles(n: int = 4096) -> None:
-    section(f"Benchmark: tile sweep and num_stages sweep (v3, fp16, {n}^3)")
-    a, b = random_problem(n, n, n, torch.float16)
-    out = torch.empty(n, n, device=common.DEVICE, dtype=torch.float16)
-    flops = matmul_flops(n, n, n)
-    ref = a.double() @ b.double()
-    cublas = common.bench(lambda: torch.matmul(a, b, out=out)).tflops(flops)
-    table = Table(f"v3 tiles at {n}^3 fp16 (num_stages=3, GROUP_M=8)",
-                  ["BM x BN x BK", "warps", "flop / byte loaded", "time", "TFLOP/s", "% of torch"])
-    labels, rates = [], []
-    for bm, bn, bk, warps in TILE_SWEEP:
-        cfg = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=3)
-        t, c = _timed(lambda: matmul_v3(a, b, out=out, config=cfg))
-        if t:
-            _check_output(c, ref, f"v3 {bm}x{bn}x{bk}")
-        labels.append(f"{bm}x{bn}x{bk}\nw{warps}")
-        rates.append(_tflops(t, flops))
-        table.add(f"{bm} x {bn} x {bk}", warps, flops / tile_load_bytes(n, n, n, bm, bn, 2),
-                  str(t) if t else "failed", rates[-1], 100 * rates[-1] / cublas)
-    table.print()
-    fig, ax = common.new_figure(f"matmul {n}^3 fp16: tile sweep (v3, 3 stages)",
-                                "BLOCK_M x BLOCK_N x BLOCK_K, warps", "TFLOP/s")
-    ax.bar(range(len(rates)), rates, color="tab:blue", label="triton v3")
-    ax.axhline(cublas, color="gray", linestyle="--", label="torch.matmul (cuBLAS)")
-    ax.set_xticks(range(len(rates)))
-    ax.set_xticklabels(labels, fontsize=7)
-    ax.legend()
-    common.save_plot(fig, "04_matmul_tiles")
-
-    table = Table(f"num_stages at 128 x 256 x 64, 8 warps, {n}^3 fp16",
-                  ["num_stages", "shared memory for A, B tiles", "time", "TFLOP/s", "% of torch"])
-    for stages in STAGE_SWEEP:
-        cfg = dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=stages)
-        t, _ = _timed(lambda: matmul_v3(a, b, out=out, config=cfg))
-        rate = _tflops(t, flops)
-        table.add(stages, common.fmt_bytes(stages * (128 + 256) * 64 * 2), str(t) if t else "failed",
-                  rate, 100 * rate / cublas)
-    table.print()
-    print("One stage: every K step waits for its own loads. More stages keep more loads in flight "
-          "(in more shared memory); once the loads are hidden, more stages add nothing.")
+def _fits(bm: int, bn: int, bk: int, stages: int) -> bool:
+    """Whether `stages` A and B tiles (fp16) fit the shared memory one program may use on this GPU:
+    a config that does not fit fails to launch (OutOfResources), so the sweeps leave it out."""
+    if not common.HAS_GPU:
+        return True
+    smem = torch.cuda.get_device_properties(common.DEVICE).shared_memory_per_block_optin
+    return stages * (bm + bn) * bk * 2 <= smem
 
 
-def benchmark_roofline(shapes=SHAPES) -> None:
-    section("Benchmark: roofline over shapes (fp16; v4 and torch.matmul)")
-    peak = common.matmul_rate(torch.float16)  # TFLOP/s: cuBLAS at 8192^3, measured now
-    bandwidth = common.copy_bandwidth()  # GB/s, measured now
+def _v3_with(a, b, config):
+    return matmul_v3(a, b, config=config)
+
+
+def _tile_label(case) -> str:
+    bm, bn, bk, warps = case
+    loaded = tile_load_bytes(SWEEP_N, SWEEP_N, SWEEP_N, bm, bn, 2)
+    return f"{bm}x{bn}x{bk} w{warps} ({matmul_flops(SWEEP_N, SWEEP_N, SWEEP_N) / loaded:,.0f} flop/B loaded)"
+
+
+ROOFLINE = common.Benchmark(
+    "roofline shapes, fp16: v4 vs torch.matmul (cuBLAS)", op="matmul", cases=[s[1:] for s in SHAPES],
+    quick_cases=[(1024, 1024, 1024)], cpu_cases=[(33, 20, 47), (1, 64, 64)],
+    setup=lambda M, N, K: random_problem(M, N, K, torch.float16), kernels={VERSIONS["v4"].label: matmul_v4},
+    reference=matmul_reference, flops=_flops, ceiling="matmul", dtype=torch.float16,
+    # 1024^3 takes a few microseconds: per call inside a CUDA graph, not the host's launch cost.
+    timer="graph", label=lambda shape: next((s[0] for s in SHAPES if s[1:] == shape), "x".join(map(str, shape))))
+
+VERSUS_DTYPES = (torch.float16,) + ((torch.bfloat16,) if common.supports_bf16() else ())  # no bf16 in numpy
+BENCHMARKS = [
+    *(_versus_cublas(dtype) for dtype in VERSUS_DTYPES),
+    common.Benchmark(
+        f"v3 tile sweep at {SWEEP_N}^3 fp16 (num_stages=3, GROUP_M=8)", op=None,
+        cases=[c for c in TILE_SWEEP if _fits(*c[:3], 3)], quick_cases=[(128, 128, 64, 4)], cpu_cases=[(32, 32, 64, 4)],
+        setup=lambda bm, bn, bk, warps: (*random_problem(SWEEP_N, SWEEP_N, SWEEP_N, torch.float16), dict(
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=3)),
+        kernels={"v3": _v3_with}, flops=_flops, ceiling="matmul", dtype=torch.float16, label=_tile_label,
+        plot="04_matmul_tiles", note="Small tiles re-read A and B too often (flop/B loaded); the largest need 8 "
+                                     "warps to hold their accumulator. Configs this GPU's shared memory cannot "
+                                     "hold are left out."),
+    common.Benchmark(
+        f"v3 num_stages at 128 x 256 x 64, 8 warps, {SWEEP_N}^3 fp16", op=None,
+        cases=[s for s in STAGE_SWEEP if _fits(128, 256, 64, s)], quick_cases=[3], cpu_cases=[1],
+        setup=lambda stages: (*random_problem(SWEEP_N, SWEEP_N, SWEEP_N, torch.float16), dict(
+            BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=stages)),
+        kernels={"v3": _v3_with}, flops=_flops, ceiling="matmul", dtype=torch.float16,
+        label=lambda s: f"{s} stage(s): {common.fmt_bytes(s * (128 + 256) * 64 * 2)} of shared memory",
+        note="One stage: every K step waits for its own loads. More stages keep more loads in flight "
+             "(in more shared memory); once the loads are hidden, more stages add nothing."),
+    ROOFLINE,
+    common.Benchmark(
+        "fp32 matmul: v3's input_precision vs torch.matmul (fp32 inputs, allow_tf32=False)", op="matmul",
+        cases=[4096], quick_cases=[2048], cpu_cases=[32], setup=lambda n: random_problem(n, n, n, torch.float32),
+        kernels={f"v3 input_precision='{p}'": functools.partial(matmul_v3, input_precision=p, config=FP32_CONFIG)
+                 for p in PRECISIONS},
+        reference=matmul_reference, flops=_flops, dtype=torch.float32, label=lambda n: f"{n}^3",
+        note="The speed side of the precision table: 'tf32' and 'tf32x3' run on tensor cores and may beat "
+             "cuBLAS's exact fp32, at the error the precision table shows."),
+]
+
+
+def roofline(results) -> None:
+    """The roofline of the shapes ROOFLINE measured: attainable TFLOP/s = min(peak, flop/byte x bandwidth)."""
+    if not results:
+        return
+    section("Roofline: the shapes above against both ceilings (fp16)")
+    peak = common.matmul_rate(torch.float16)  # TFLOP/s: cuBLAS at 8192^3, measured in this run
+    bandwidth = common.copy_bandwidth()  # GB/s, measured in this run
     ridge = peak * 1e12 / (bandwidth * 1e9)
-    print(f"ceilings measured now: cuBLAS fp16 {peak:,.0f} TFLOP/s, copy {bandwidth:,.0f} GB/s: "
-          f"ridge at {ridge:,.0f} flop / byte")
+    print(f"ceilings: cuBLAS fp16 {peak:,.0f} TFLOP/s, copy {bandwidth:,.0f} GB/s: ridge at {ridge:,.0f} flop / byte")
     table = Table("roofline: attainable TFLOP/s = min(peak, flop/byte x bandwidth)",
-                  ["shape", "flop / byte", "bound", "roofline", "torch TFLOP/s", "v4 TFLOP/s",
-                   "v4 % of roofline", "v4 % of torch"])
-    points = []
-    for name, M, N, K in shapes:
-        a, b = random_problem(M, N, K, torch.float16)
-        out = torch.empty(M, N, device=common.DEVICE, dtype=torch.float16)
-        flops = matmul_flops(M, N, K)
-        intensity = flops / matmul_min_bytes(M, N, K, 2)
+                  ["shape", "flop / byte", "bound", "roofline", "v4 TFLOP/s", "v4 % of roofline"])
+    v4, points = VERSIONS["v4"].label, []
+    for res in results:
+        M, N, K = res.case
+        intensity = matmul_flops(M, N, K) / matmul_min_bytes(M, N, K, 2)
         roof = min(peak, intensity * bandwidth / 1e3)  # flop/byte x GB/s = GFLOP/s; / 1e3 = TFLOP/s
-        matmul(a, b, version=4, out=out)  # tune outside the timed runs
-        _check_output(out, a.double() @ b.double(), f"v4 {name}")
-        t_torch = common.bench(lambda: torch.matmul(a, b, out=out))
-        t_v4, _ = _timed(lambda: matmul(a, b, version=4, out=out))
-        v4 = _tflops(t_v4, flops)
-        table.add(name, intensity, "compute" if intensity > ridge else "memory", roof, t_torch.tflops(flops),
-                  v4, 100 * v4 / roof, 100 * v4 / t_torch.tflops(flops))
-        points.append((name, intensity, t_torch.tflops(flops), v4))
-        del a, b, out
+        table.add(res.label, intensity, "compute" if intensity > ridge else "memory", roof, res.rate[v4],
+                  100 * res.rate[v4] / roof)
+        points.append((res.label, intensity, res.rate[res.best_baseline], res.rate[v4]))
     table.print()
     print("Memory-bound shapes are judged by bandwidth: their roofline is flop/byte x copy GB/s, "
           "far below the peak. A tile of 128 rows for M = 1 wastes 127 of them: exercise 4.3 "
@@ -656,12 +625,9 @@ if __name__ == "__main__":
     check(args.quick)
     traffic()
     if common.HAS_GPU:
-        benchmark_versions(args.quick)
         if not args.quick:
-            benchmark_tiles()
-            benchmark_roofline()
             precision(4096, 4096, 4096)
+        tuning(2048 if args.quick else 4096, VERSUS_DTYPES)
     else:
         precision(256, 256, 4096)  # the emulated rows: rounding the inputs, on the CPU
-        print("\n" + common.require_gpu("Benchmarks (versions vs cuBLAS and the perf bars, tile and "
-                                        "stage sweeps, roofline, fp32 vs tf32 speed, plots)"))
+    roofline(common.run_benchmarks(BENCHMARKS, args.quick)[ROOFLINE.title])
