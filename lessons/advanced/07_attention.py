@@ -16,6 +16,7 @@ You will learn:
 Run:  python lessons/advanced/07_attention.py [--quick]
 """
 
+import functools
 import sys
 from pathlib import Path
 
@@ -23,10 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, f
 import common  # noqa: E402  (first: picks the GPU, or Triton's CPU interpreter without one)
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from common import Table, fmt_bytes, section  # noqa: E402
 
@@ -52,8 +51,10 @@ from common import Table, fmt_bytes, section  # noqa: E402
 
 # %% [markdown]
 # ## Reference (PyTorch)
-# q, k, v: (B, H, N, D). The naive reference is the formula written out; `sdpa` is PyTorch's
-# fused attention (FlashAttention-2 and others inside), the baseline the lesson races.
+# q, k, v: (B, H, N, D). The naive reference is the formula written out. The benchmarks race it
+# (as "torch eager"), torch.compile of it, and PyTorch's fused attention on every backend
+# (F.scaled_dot_product_attention: cuDNN, FlashAttention-2, memory-efficient), from the registry
+# in common/baselines.py.
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
@@ -74,14 +75,6 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
 def attention_flops(B: int, H: int, N: int, D: int, causal: bool) -> float:
     """Q K^T and P V are 2 * N * N * D flops each; causal attention needs half the blocks."""
     return 4 * B * H * N * N * D / (2 if causal else 1)
-
-
-def sdpa(q, k, v, causal: bool = False, backend: SDPBackend | None = None) -> torch.Tensor:
-    """torch's scaled_dot_product_attention, on one backend (SDPBackend.FLASH_ATTENTION) or its default."""
-    if backend is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    with sdpa_kernel(backend):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
 def decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -658,11 +651,12 @@ def flash_attention(q, k, v, causal: bool = False, sm_scale: float | None = None
     return FlashAttentionFunction.apply(q, k, v, bool(causal), sm_scale, autotune)
 
 
-VERSIONS = {
-    "v1": ("v1 naive (PyTorch, N x N in memory)", lambda q, k, v, causal: attention_reference(q, k, v, causal)),
-    "v2": ("v2 flash, plain (non-causal only)", lambda q, k, v, causal: attention_v2(q, k, v, causal)),
-    "v3": ("v3 flash, exp2 + split masks + tuned", lambda q, k, v, causal: attention_v3(q, k, v, causal)[0]),
-}
+# The forward's versions, each called as fn(q, k, v, causal). v1 is the reference itself: the
+# benchmarks race it as "torch eager", next to v2 and v3.
+VERSIONS = common.Versions("attention forward")
+VERSIONS.add("v1", "naive (PyTorch, N x N in memory)", lambda q, k, v, causal: attention_reference(q, k, v, causal))
+VERSIONS.add("v2", "flash, plain (non-causal only)", lambda q, k, v, causal: attention_v2(q, k, v, causal))
+VERSIONS.add("v3", "flash, exp2 + split masks + tuned", lambda q, k, v, causal: attention_v3(q, k, v, causal)[0])
 
 # Decoding: BLOCK_N cache rows per loop step, and splits sized so that a few waves of programs
 # fill the GPU (the split-K sweep in the benchmark shows what the split size changes).
@@ -864,228 +858,145 @@ def memory_model(B: int, H: int, D: int, element_size: int, lengths: list[int]) 
 
 # %% [markdown]
 # ## Benchmark
-# Medians of many runs (CUDA events, L2 flushed between runs). Attention is compute bound:
-# TFLOP/s with 4*B*H*N^2*D flops for the forward (half for causal) and 2.5x that for the
-# backward (the usual convention: 5 matmuls of the forward's size against 2), next to SDPA on
-# its FLASH_ATTENTION backend and on its default choice, and against torch.matmul's rate
-# (cuBLAS) measured in the same run. Decoding is memory bound: GB/s on the bytes of the KV
-# cache read, and % of the copy bandwidth measured in the same run.
-#
-# torch.compile is not a separate peer: compiling per shape costs more of the run than it
-# teaches, and its fused form of this pattern is a call to SDPA, which is in the table.
+# Declared once, run by common.Benchmark: every provider is timed on every case in alternating
+# rounds (CUDA events, L2 flushed), against every baseline the registry names for the op: the
+# naive reference as "torch eager" (that is v1), torch.compile of it, SDPA on its default choice
+# and forced onto each backend (cuDNN, FLASH_ATTENTION, EFFICIENT), and the flash-attn package
+# where it imports. Attention is compute bound: TFLOP/s with 4*B*H*N^2*D flops for the forward
+# (half for causal) and 2.5x that for the backward (the usual convention: 5 matmuls of the
+# forward's size against 2), as a % of torch.matmul (cuBLAS) measured in the same run. Decoding
+# is memory bound: GB/s on the KV cache (plus q and out), as a % of a read-only stream measured
+# in the same run, since the cache is only read.
 
-BENCH_SHAPE = (4, 32, 4096, 128)  # the perf bar's shape: B, H, N, D
-QUICK_SHAPE = (2, 16, 2048, 128)
-BENCH_DTYPE = torch.bfloat16
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-
-
-def device_randn(count: int, *shape, dtype: torch.dtype) -> list[torch.Tensor]:
-    """`count` random tensors drawn on the GPU itself: a 4 GiB KV cache drawn on the CPU (as
-    common.randn does, for reproducible checks) would take longer than the benchmark."""
-    return [torch.randn(*shape, device=common.DEVICE, dtype=dtype) for _ in range(count)]
-
-
-def _slice_check(out, q, k, v, causal, name):
-    """Check a benchmark-sized output on its first two heads against float64 (cheap, not N^2 * BH)."""
-    expected = attention_reference(q[:1, :2].double(), k[:1, :2].double(), v[:1, :2].double(), causal)
-    common.assert_close(out[:1, :2], expected, name=name)
+BENCH_DTYPE = torch.bfloat16 if common.supports_bf16() else torch.float32  # no bf16 in the interpreter
+BAR_CASE = (4, 32, 4096, 128)  # B, H, N, D of the perf bars
+DECODE_CASES = [(8, 32, 128, ctx) for ctx in (8192, 16384, 32768)]  # B, H, D, ctx
+SWEEP_CTX = 8192
+V3 = VERSIONS["v3"].label
+BACKWARD = "v3 backward: preprocess, dK/dV and dQ kernels"
+DECODE = "split-K + reduce"
+MEMORY_TITLE = "forward: peak extra memory over N, B1 H8 D128"
+# What the bars' fastest baselines do that these kernels do not (a known miss prints it):
+FORWARD_WHY = ("SDPA's fastest Hopper kernel (cuDNN) loads tiles with TMA and runs warp-specialized, persistent "
+               "programs; v3 is one program per query block, software-pipelined, with none of the three")
+BACKWARD_WHY = FORWARD_WHY + "; the backward is three kernels, two of which recompute P"
 
 
-def benchmark_forward(quick: bool, shape: tuple | None = None) -> None:
-    B, H, N, D = shape or (QUICK_SHAPE if quick else BENCH_SHAPE)
-    dtype, dt = BENCH_DTYPE, _dtype_name(BENCH_DTYPE)
-    section(f"Benchmark: forward, B={B} H={H} N={N} D={D} {dt}")
-    rate = common.matmul_rate(dtype)
-    print(f"torch.matmul (cuBLAS) {dt} measured now: {rate:,.0f} TFLOP/s")
-    q, k, v = device_randn(3, B, H, N, D, dtype=dtype)
-    v3_name = VERSIONS["v3"][0]
-    providers = {  # SDPA FLASH_ATTENTION first: every other row is compared with it
-        "SDPA FLASH_ATTENTION": lambda causal: sdpa(q, k, v, causal, SDPBackend.FLASH_ATTENTION),
-        "SDPA default": lambda causal: sdpa(q, k, v, causal),
-        VERSIONS["v1"][0]: lambda causal: attention_reference(q, k, v, causal),
-        VERSIONS["v2"][0]: lambda causal: attention_v2(q, k, v),
-        v3_name: lambda causal: attention_v3(q, k, v, causal, autotune=not quick)[0],
-    }
-    table = Table(f"attention forward, B={B} H={H} N={N} D={D} {dt}",
-                  ["provider", "causal", "time", "TFLOP/s", "% of matmul", "vs SDPA flash"])
-    times = {}
-    for causal in (False, True):
-        flops = attention_flops(B, H, N, D, causal)
-        _slice_check(providers[v3_name](causal), q, k, v, causal, f"v3 forward causal={causal}")
-        for name, fn in providers.items():
-            if name == VERSIONS["v2"][0] and causal:
-                continue  # v2 has no causal mask: that is exercise 7.1
-            t = common.bench(lambda: fn(causal))
-            times[name, causal] = t
-            flash = times["SDPA FLASH_ATTENTION", causal]
-            table.add(name, causal, str(t), t.tflops(flops), 100 * t.tflops(flops) / rate, f"{flash.ms / t.ms:.2f}x")
-    table.print()
-    print("TFLOP/s counts 4*B*H*N^2*D flops (half for causal) for every provider, so the naive one, which "
-          "computes the masked half too, is rated on the useful work.\nvs SDPA flash = SDPA FLASH_ATTENTION "
-          "time / this time (above 1 is faster). " + ("v3 runs one fixed config in --quick mode." if quick else
-                                                       "v3 was autotuned on its first call."))
-    if not quick:
-        for causal in (False, True):
-            speedup = times["SDPA FLASH_ATTENTION", causal].ms / times[v3_name, causal].ms
-            common.perf_bar(f"forward {dt} B={B} H={H} N={N} D={D} causal={causal}: speed vs SDPA "
-                            f"FLASH_ATTENTION (its time / v3 time)", speedup, 1.2, "x")
+def attention_inputs(B, H, N, D, causal, requires_grad=False) -> tuple:
+    """(q, k, v, causal), the op's signature; drawn on the device (a CPU draw of GiBs is slow)."""
+    def one():
+        return torch.randn(B, H, N, D, device=common.DEVICE, dtype=BENCH_DTYPE).requires_grad_(requires_grad)
+    return one(), one(), one(), causal
 
 
-def benchmark_backward(quick: bool, shape: tuple | None = None) -> None:
-    B, H, N, D = shape or (QUICK_SHAPE if quick else BENCH_SHAPE)
-    dtype, dt = BENCH_DTYPE, _dtype_name(BENCH_DTYPE)
-    section(f"Benchmark: backward, B={B} H={H} N={N} D={D} {dt} (dq, dk, dv from dO)")
-    rate = common.matmul_rate(dtype)
-    triton_name = "Triton (v3 forward + 3 backward kernels)"
-    providers = {
-        "SDPA FLASH_ATTENTION": lambda q, k, v, causal: sdpa(q, k, v, causal, SDPBackend.FLASH_ATTENTION),
-        "SDPA default": lambda q, k, v, causal: sdpa(q, k, v, causal),
-        triton_name: lambda q, k, v, causal: flash_attention(q, k, v, causal, autotune=not quick),
-    }
-    table = Table(f"attention backward, B={B} H={H} N={N} D={D} {dt}",
-                  ["provider", "causal", "time", "TFLOP/s", "% of matmul", "vs SDPA flash"])
-    times = {}
-    for causal in (False, True):
-        flops = 2.5 * attention_flops(B, H, N, D, causal)
-        q, k, v = (t.requires_grad_() for t in device_randn(3, B, H, N, D, dtype=dtype))
-        do = device_randn(1, B, H, N, D, dtype=dtype)[0]
-        for name, fn in providers.items():
-            out = fn(q, k, v, causal)
-            # retain_graph: the same graph is differentiated again on every timed run
-            t = common.bench(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
-            times[name, causal] = t
-            flash = times["SDPA FLASH_ATTENTION", causal]
-            table.add(name, causal, str(t), t.tflops(flops), 100 * t.tflops(flops) / rate, f"{flash.ms / t.ms:.2f}x")
-            if name == triton_name:  # check the benchmark-sized gradients on the first two heads
-                grads = torch.autograd.grad(out, (q, k, v), do)
-                heads = [x[:1, :2].detach() for x in (q, k, v)]
-                _, *expected = reference_grads(*heads, do[:1, :2], causal)
-                for got, ref, what in zip(grads, expected, ("dq", "dk", "dv")):
-                    common.assert_close(got[:1, :2], ref, name=f"backward {what} causal={causal}",
-                                        **grad_tolerance(dtype))
-            del out
-    table.print()
-    print("Backward time only: the forward ran once before timing and its graph is kept (retain_graph). "
-          "TFLOP/s counts 2.5x the forward's flops.")
-    if not quick:
-        for causal in (False, True):
-            speedup = times["SDPA FLASH_ATTENTION", causal].ms / times[triton_name, causal].ms
-            common.perf_bar(f"backward {dt} B={B} H={H} N={N} D={D} causal={causal}: speed vs SDPA "
-                            f"FLASH_ATTENTION backward (its time / Triton time)", speedup, 1.0, "x")
+def decode_inputs(B, H, D, ctx) -> tuple:
+    q = torch.randn(B, H, D, device=common.DEVICE, dtype=BENCH_DTYPE)
+    return q, *(torch.randn(B, H, ctx, D, device=common.DEVICE, dtype=BENCH_DTYPE) for _ in range(2))
 
 
-def benchmark_lengths(B: int = 4, H: int = 32, D: int = 128, lengths=(1024, 2048, 4096, 8192, 16384)) -> None:
-    dtype, dt = BENCH_DTYPE, _dtype_name(BENCH_DTYPE)
-    section(f"Benchmark: forward TFLOP/s over sequence length (B={B} H={H} D={D} {dt})")
-    table = Table("forward TFLOP/s over N", ["N", "causal", "SDPA flash", "v3 (tuned)", "v3 vs SDPA flash"])
-    series = {}
-    for causal in (False, True):
-        for n in lengths:
-            q, k, v = device_randn(3, B, H, n, D, dtype=dtype)
-            flops = attention_flops(B, H, n, D, causal)
-            t_sdpa = common.bench(lambda: sdpa(q, k, v, causal, SDPBackend.FLASH_ATTENTION))
-            t_v3 = common.bench(lambda: attention_v3(q, k, v, causal)[0])
-            table.add(n, causal, t_sdpa.tflops(flops), t_v3.tflops(flops), f"{t_sdpa.ms / t_v3.ms:.2f}x")
-            series.setdefault(f"SDPA flash{' causal' if causal else ''}", []).append(t_sdpa.tflops(flops))
-            series.setdefault(f"v3{' causal' if causal else ''}", []).append(t_v3.tflops(flops))
-            del q, k, v
-    table.print()
-    fig, ax = common.new_figure(f"Attention forward, B={B} H={H} D={D} {dt}", "sequence length N", "TFLOP/s",
-                                logx=True)
-    for name, values in series.items():
-        ax.plot(list(lengths), values, marker="o", linestyle="--" if "causal" in name else "-", label=name)
-    ax.axhline(common.matmul_rate(dtype), color="gray", linestyle=":", label="torch.matmul (measured)")
-    ax.legend()
-    common.save_plot(fig, "07_attention_tflops")
+def _attention_flops(q, k, v, causal) -> float:
+    return attention_flops(*q.shape, causal)
 
 
-def benchmark_memory(B: int = 1, H: int = 8, D: int = 128, lengths=(1024, 2048, 4096, 8192, 16384)) -> None:
-    dtype, dt = BENCH_DTYPE, _dtype_name(BENCH_DTYPE)
-    section(f"Measured: peak extra memory of one forward over N (B={B} H={H} D={D} {dt})")
-    table = Table("peak extra memory (torch.cuda.max_memory_allocated)",
-                  ["N", "naive", "v3 flash", "naive / flash"])
-    naive_mem, flash_mem = [], []
-    for n in lengths:
-        q, k, v = device_randn(3, B, H, n, D, dtype=dtype)
-        naive_mem.append(common.peak_extra_memory(attention_reference, q, k, v))
-        flash_mem.append(common.peak_extra_memory(lambda: attention_v3(q, k, v, autotune=False)))
-        table.add(n, fmt_bytes(naive_mem[-1]), fmt_bytes(flash_mem[-1]), f"{naive_mem[-1] / flash_mem[-1]:.0f}x")
-        del q, k, v
-    table.print()
-    fig, ax = common.new_figure(f"Attention forward: peak extra memory, B={B} H={H} D={D} {dt}",
+def _decode_bytes(q, k_cache, v_cache) -> int:
+    return (k_cache.numel() + v_cache.numel() + 2 * q.numel()) * q.element_size()  # caches and q read, out written
+
+
+def _shape(case) -> str:
+    B, H, N, D, causal = case
+    return f"B{B} H{H} N{N} D{D}" + (" causal" if causal else "")
+
+
+@functools.cache
+def _sweep_inputs() -> tuple:  # one cache for every split size of the sweep
+    return decode_inputs(8, 32, 128, SWEEP_CTX) if common.HAS_GPU else decode_inputs(1, 1, 16, 64)
+
+
+def _forward(causal: bool) -> common.Benchmark:
+    cases = [(4, 32, n, 128, causal) for n in (1024, 2048, 4096, 8192)]
+    return common.Benchmark(
+        f"forward over N, B4 H32 D128, {'causal' if causal else 'non-causal'}", op="attention", cases=cases,
+        quick_cases=[(2, 16, 2048, 128, causal)], cpu_cases=[(1, 1, 32, 16, causal)], setup=attention_inputs,
+        kernels=VERSIONS.providers(only=("v3",) if causal else ("v2", "v3")),  # v2 has no causal mask (exercise 7.1)
+        reference=attention_reference, flops=_attention_flops, ceiling="matmul", dtype=BENCH_DTYPE, label=_shape,
+        bars=[common.Bar(V3, (*BAR_CASE, causal), "baseline", 1.0, why=FORWARD_WHY)],
+        plot=f"07_attention_tflops{'_causal' if causal else ''}",
+        note="v1 (naive, N x N in memory) is the reference, raced as torch eager. TFLOP/s counts the useful "
+             "flops (half for causal) for every provider, so the naive one, which computes the masked half too, "
+             "is rated on them. v3 is autotuned on its first call at each N.")
+
+
+BENCHMARKS = [
+    _forward(causal=False),
+    _forward(causal=True),
+    common.Benchmark(
+        "backward alone (dq, dk, dv from dO; the forward's graph is kept)", op="attention",
+        cases=[(*BAR_CASE, False), (*BAR_CASE, True)], quick_cases=[(2, 16, 2048, 128, True)],
+        cpu_cases=[(1, 1, 32, 16, True)], setup=lambda *case: attention_inputs(*case, requires_grad=True),
+        kernels={BACKWARD: flash_attention}, reference=attention_reference, grad="bwd",
+        flops=lambda q, k, v, causal: 2.5 * _attention_flops(q, k, v, causal), ceiling="matmul",
+        dtype=BENCH_DTYPE, label=_shape,
+        bars=[common.Bar(BACKWARD, (*BAR_CASE, causal), "baseline", 0.9, why=BACKWARD_WHY) for causal in (False, True)],
+        note="Backward time only: each provider's forward ran once before timing, and autograd.grad runs on "
+             "its graph with retain_graph. TFLOP/s counts 2.5x the forward's flops."),
+    common.Benchmark(
+        MEMORY_TITLE, op="attention", cases=[(1, 8, n, 128, False) for n in (2048, 4096, 8192, 16384)],
+        quick_cases=[(1, 8, 2048, 128, False)], cpu_cases=[(1, 1, 32, 16, False)], setup=attention_inputs,
+        kernels=VERSIONS.providers(only=("v3",)), reference=attention_reference, flops=_attention_flops,
+        dtype=BENCH_DTYPE, memory=True, label=_shape,
+        note="peak extra memory: torch.cuda.max_memory_allocated above what was allocated before one call. "
+             "The naive reference (torch eager) grows 4x when N doubles; the flash kernels 2x (out and lse)."),
+    common.Benchmark(
+        "decode: one query token over the KV cache, B8 H32 D128", op="decode_attention", cases=DECODE_CASES,
+        quick_cases=DECODE_CASES[:1], cpu_cases=[(1, 1, 16, 64)], setup=decode_inputs,
+        kernels={DECODE: decode_attention}, reference=decode_reference, nbytes=_decode_bytes, ceiling="read",
+        dtype=BENCH_DTYPE, label=lambda case: f"B{case[0]} H{case[1]} D{case[2]} ctx {case[3]:,}",
+        bars=[common.Bar(DECODE, case, vs, at_least) for case in DECODE_CASES
+              for vs, at_least in (("ceiling", 75), ("baseline", 1.0))]),
+    common.Benchmark(
+        f"decode: keys per split at ctx {SWEEP_CTX:,}, B8 H32 D128", op=None,
+        cases=[SWEEP_CTX >> i for i in range(7)], cpu_cases=[32],
+        setup=lambda split: (*_sweep_inputs(), split),
+        kernels={DECODE: lambda q, k_cache, v_cache, split: decode_attention(q, k_cache, v_cache, split_size=split)},
+        nbytes=lambda q, k_cache, v_cache, split: _decode_bytes(q, k_cache, v_cache), ceiling="read",
+        dtype=BENCH_DTYPE, label=lambda split: f"{split} keys ({triton.cdiv(SWEEP_CTX, split)} splits)",
+        plot="07_attention_decode_splits", xlabel="keys per split", logx=True,
+        note=f"One split per head is B*H = 256 programs, each streaming the whole context alone; more splits put "
+             f"more programs (and loads) in flight, until the partials and the reduce start to cost. "
+             f"decode_attention's default here: {default_split_size(SWEEP_CTX, 8 * 32)} keys per split."),
+]
+
+
+def plot_memory(results) -> None:
+    """The memory benchmark's peak extra memory over N, on log axes: slope 2 for O(N^2), 1 for O(N)."""
+    if len(results) < 2:
+        return
+    fig, ax = common.new_figure(f"Attention forward: peak extra memory, B1 H8 D128 {str(BENCH_DTYPE)[6:]}",
                                 "sequence length N", "MiB", logx=True)
     ax.set_yscale("log", base=2)
-    ax.plot(list(lengths), [m / 2**20 for m in naive_mem], marker="o", label="naive: O(N^2)")
-    ax.plot(list(lengths), [m / 2**20 for m in flash_mem], marker="o", label="flash (v3): O(N)")
-    ax.legend()
+    for name in results[0].memory:
+        ax.plot([r.case[2] for r in results], [r.memory[name] / 2**20 for r in results], marker="o", label=name)
+    ax.legend(fontsize=7)
     common.save_plot(fig, "07_attention_memory")
 
 
-def benchmark_decode(quick: bool, B: int = 8, H: int = 32, D: int = 128, contexts=None) -> None:
-    contexts = contexts or ([8192] if quick else [8192, 16384, 32768])
-    dtype, dt = BENCH_DTYPE, _dtype_name(BENCH_DTYPE)
-    section(f"Benchmark: decode, one query token, B={B} H={H} D={D} {dt} (GB/s on the KV cache bytes)")
-    copy = common.copy_bandwidth()
-    print(f"copy bandwidth measured now: {copy:,.0f} GB/s (device-to-device, read + write)")
-    table = Table(f"decode attention, B={B} H={H} D={D} {dt}", ["ctx", "provider", "time", "KV GB/s", "% of copy"])
-    triton_pct = {}
-    for ctx in contexts:
-        q = device_randn(1, B, H, D, dtype=dtype)[0]
-        k_cache, v_cache = device_randn(2, B, H, ctx, D, dtype=dtype)
-        kv_bytes = 2 * B * H * ctx * D * k_cache.element_size()  # each cache byte read once
-        q4 = q.unsqueeze(2)  # SDPA's layout: (B, H, 1, D)
-        # the benchmark-sized output, checked on its first two heads against float64
-        common.assert_close(decode_attention(q, k_cache, v_cache)[:1, :2], decode_reference(
-            q[:1, :2].double(), k_cache[:1, :2].double(), v_cache[:1, :2].double()), name=f"decode ctx={ctx}")
-        providers = {
-            "naive PyTorch (einsum, softmax, einsum)": lambda: decode_reference(q, k_cache, v_cache),
-            "SDPA default": lambda: sdpa(q4, k_cache, v_cache),
-            "SDPA FLASH_ATTENTION": lambda: sdpa(q4, k_cache, v_cache, backend=SDPBackend.FLASH_ATTENTION),
-            "Triton split-K + reduce": lambda: decode_attention(q, k_cache, v_cache),
-        }
-        for name, fn in providers.items():
-            t = common.bench(fn)
-            table.add(ctx, name, str(t), t.gbps(kv_bytes), common.pct_of_copy(t.gbps(kv_bytes)))
-            if name.startswith("Triton"):
-                triton_pct[ctx] = common.pct_of_copy(t.gbps(kv_bytes))
-        del k_cache, v_cache
-    table.print()
-    if not quick:
-        for ctx, pct in triton_pct.items():
-            common.perf_bar(f"decode {dt} B={B} H={H} D={D} ctx={ctx}: % of copy bandwidth on KV bytes", pct, 75, "%")
-    split = default_split_size(contexts[0], B * H)
-    print(f"Default split at ctx={contexts[0]}: {split} keys per split, {triton.cdiv(contexts[0], split)} "
-          f"splits per (batch, head), {B * H * triton.cdiv(contexts[0], split)} programs.")
-
-
-def benchmark_splits(B: int = 8, H: int = 32, D: int = 128, ctx: int = 8192) -> None:
-    dtype, dt = BENCH_DTYPE, _dtype_name(BENCH_DTYPE)
-    section(f"Benchmark: split-K sweep for decode at ctx={ctx}, B={B} H={H} D={D} {dt}")
-    q = device_randn(1, B, H, D, dtype=dtype)[0]
-    k_cache, v_cache = device_randn(2, B, H, ctx, D, dtype=dtype)
-    kv_bytes = 2 * B * H * ctx * D * k_cache.element_size()
-    table = Table("keys per split vs bandwidth",
-                  ["split size", "splits per head", "programs", "time", "KV GB/s", "% of copy"])
-    splits, rates = [], []
-    for split in [ctx >> i for i in range(7)]:  # one split per head, then twice as many each step
-        t = common.bench(lambda: decode_attention(q, k_cache, v_cache, split_size=split))
-        n_split = triton.cdiv(ctx, split)
-        splits.append(n_split)
-        rates.append(t.gbps(kv_bytes))
-        table.add(split, n_split, B * H * n_split, str(t), rates[-1], common.pct_of_copy(rates[-1]))
-    table.print()
-    print("One split per head is B*H programs, each streaming the whole context alone; more splits put "
-          "more programs (and more loads) in flight, until the partials and the reduce start to cost.")
-    fig, ax = common.new_figure(f"Decode: split-K sweep, ctx={ctx} B={B} H={H} D={D} {dt}",
-                                "splits per (batch, head)", "GB/s on KV bytes", logx=True)
-    ax.plot(splits, rates, marker="o", label="Triton split-K + reduce")
-    ax.axhline(common.copy_bandwidth(), color="gray", linestyle="--", label="copy (measured)")
-    ax.legend()
-    common.save_plot(fig, "07_attention_decode_splits")
+def check_at_benchmark_size(quick: bool) -> None:
+    """The autotuned bf16 kernels at the benchmarks' sizes, on their first two heads against float64."""
+    B, H, N, D = (2, 16, 2048, 128) if quick else BAR_CASE
+    section(f"Check: autotuned kernels at B={B} H={H} N={N} D={D} {str(BENCH_DTYPE)[6:]} (first two heads)")
+    q, k, v, _ = attention_inputs(B, H, N, D, False, requires_grad=True)
+    do = torch.randn_like(q)
+    for causal in (False, True):
+        out = flash_attention(q, k, v, causal)
+        grads = torch.autograd.grad(out, (q, k, v), do)
+        ref_out, *ref_grads = reference_grads(*(t[:1, :2].detach() for t in (q, k, v)), do[:1, :2], causal)
+        common.assert_close(out[:1, :2], ref_out, name=f"forward causal={causal}")
+        for got, ref, what in zip(grads, ref_grads, ("dq", "dk", "dv")):
+            common.assert_close(got[:1, :2], ref, name=f"{what} causal={causal}", **grad_tolerance(BENCH_DTYPE))
+    q, k_cache, v_cache = decode_inputs(8, 32, 128, SWEEP_CTX)
+    common.assert_close(decode_attention(q, k_cache, v_cache)[:1, :2], decode_reference(
+        q[:1, :2].double(), k_cache[:1, :2].double(), v_cache[:1, :2].double()), name=f"decode ctx={SWEEP_CTX}")
+    print("forward, backward (causal and not) and decode at the benchmark sizes: OK")
 
 
 # %% [markdown]
@@ -1106,18 +1017,10 @@ if __name__ == "__main__":
     args = common.lesson_args(__doc__.strip().splitlines()[0])
     check(args.quick)
     if common.HAS_GPU:
-        traffic(*BENCH_SHAPE, torch.bfloat16)
-        memory_model(1, 8, 128, 2, [1024, 2048, 4096, 8192, 16384])
-        if not args.quick:
-            benchmark_memory()
-        benchmark_forward(args.quick)
-        benchmark_backward(args.quick)
-        benchmark_decode(args.quick)
-        if not args.quick:
-            benchmark_lengths()
-            benchmark_splits()
+        check_at_benchmark_size(args.quick)
+        traffic(*BAR_CASE, torch.bfloat16)
     else:
         traffic(1, 2, 256, 64, torch.float32)
-        memory_model(1, 8, 128, 2, [1024, 2048, 4096, 8192, 16384])
-        print("\n" + common.require_gpu("Benchmarks (TFLOP/s vs SDPA, backward, decode GB/s, measured "
-                                        "memory, plots, perf bars)"))
+    memory_model(1, 8, 128, 2, [1024, 2048, 4096, 8192, 16384])
+    results = common.run_benchmarks(BENCHMARKS, args.quick)
+    plot_memory(results[MEMORY_TITLE])
