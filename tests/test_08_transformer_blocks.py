@@ -471,7 +471,8 @@ def test_lesson_cross_entropy_chunks_and_grad_output(lesson):
     loss_ref = ce(logits.double())
     _, (grad_ref,) = grads_float64(lambda z: ce(z) * 2.5, (logits,))  # the gradient of 2.5 * loss
     for block_size in (16, 128, 4096):  # 63 chunks per row, 8, one
-        loss, grad = lesson.cross_entropy_forward(logits, target, block_size=block_size)
+        loss, lse, n_valid = lesson.cross_entropy_forward(logits, target, block_size=block_size)
+        grad = lesson.cross_entropy_backward(logits, target, lse, n_valid, block_size=block_size)
         assert_close(loss, loss_ref, name=f"loss, BLOCK_SIZE={block_size}")
         assert_close(grad * 6, grad_ref / 2.5 * 6, name=f"grad, BLOCK_SIZE={block_size}")
     loss, (grad,) = _run_with_grads(lambda l_: lesson.cross_entropy(l_, target), (logits,), scale=2.5)
@@ -482,9 +483,61 @@ def test_lesson_cross_entropy_chunks_and_grad_output(lesson):
 def test_lesson_cross_entropy_all_ignored_is_nan_like_pytorch(lesson):
     logits = randn(3, 50)
     target = torch.full((3,), -100, device=common.DEVICE)
-    loss, grad = lesson.cross_entropy_forward(logits, target)
+    loss, lse, n_valid = lesson.cross_entropy_forward(logits, target)
+    grad = lesson.cross_entropy_backward(logits, target, lse, n_valid)
     assert torch.isnan(loss) and torch.isnan(F.cross_entropy(logits, target))
     assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("loss_scale", [2.0**10, 2.0**16], ids=["loss x 2^10", "loss x 2^16 (GradScaler's first)"])
+def test_lesson_cross_entropy_fp16_gradient_survives_loss_scaling(lesson, loss_scale):
+    # fp16 training scales the loss so that small gradients stay above fp16's smallest number.
+    # grad_loss * (p - onehot) / n_valid must be rounded to fp16 once: rounding (p - onehot) /
+    # n_valid first flushes most of a large vocabulary's gradient to 0 before grad_loss can help.
+    rows, vocab = 4, 16384  # logits of std 4: most p / n_valid are below 2^-25, which fp16 rounds to 0
+    logits = randn(rows, vocab, dtype=torch.float16, scale=4.0)
+    target = torch.randint(0, vocab, (rows,), device=common.DEVICE)
+    _, (grad_ref,) = grads_float64(lambda z: F.cross_entropy(z, target) * loss_scale, (logits,))
+    work = logits.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(lesson.cross_entropy(work, target) * loss_scale, work)
+    zeros, zeros_ref = (grad == 0).double().mean().item(), (grad_ref.half() == 0).double().mean().item()
+    assert zeros <= zeros_ref + 1e-3, (f"{zeros:.1%} of the fp16 gradient is 0, where float64 rounded to fp16 "
+                                       f"has {zeros_ref:.1%}: scale by grad_loss / n_valid in fp32, cast once")
+    # Within 2 of fp16's smallest steps (2^-24) or its half ulp: one rounding of the fp32 value.
+    assert_close(grad, grad_ref, name=f"fp16 gradient of loss x {loss_scale:g}", atol=2 * 2**-24, rtol=2e-3)
+
+
+def test_lesson_cross_entropy_backward_does_not_sync(lesson, monkeypatch):
+    logits = randn(5, 300).requires_grad_()
+    target = torch.randint(0, 300, (5,), device=common.DEVICE)
+    loss = lesson.cross_entropy(logits, target) * 3.0  # grad_loss 3: the backward must scale by it
+
+    def item(self):
+        raise AssertionError("Tensor.item() in the cross-entropy backward: a host sync every training step")
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    (grad,) = torch.autograd.grad(loss, logits)
+    monkeypatch.undo()
+    _, (grad_ref,) = grads_float64(lambda z: F.cross_entropy(z, target) * 3.0, (logits.detach(),))
+    assert_close(grad, grad_ref, name="gradient of 3 x loss")
+
+
+def test_lesson_cross_entropy_in_place_is_seen_by_autograd(lesson):
+    z = randn(4, 200, scale=2.0).requires_grad_()
+    target = torch.randint(0, 200, (4,), device=common.DEVICE)
+    # tanh saves its output for its backward: overwriting it with the gradient behind autograd's
+    # back would make dz silently wrong. Autograd must see the write and refuse.
+    loss = lesson.cross_entropy(torch.tanh(z), target, inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, z)
+    # Where nothing else needs them, the logits are intact after the forward pass and hold the
+    # gradient after the backward pass, as the docstring says.
+    logits = z.detach().clone().requires_grad_()
+    loss = lesson.cross_entropy(logits, target, inplace=True)
+    assert torch.equal(logits.detach(), z.detach()), "the forward pass must leave the logits as they are"
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert grad.data_ptr() == logits.data_ptr() and torch.equal(grad, logits.detach())
+    _, (grad_ref,) = grads_float64(lambda l_: F.cross_entropy(l_, target), (z.detach(),))
+    assert_close(grad, grad_ref, name="in-place gradient")
 
 
 def test_lesson_traffic_counts(lesson):

@@ -295,37 +295,35 @@ def geglu_bwd_kernel(
 
 
 # %% [markdown]
-# Cross-entropy, one program per row of V logits, in two passes over the row in chunks:
-#   pass 1: online logsumexp. A running max m and a running sum d = sum(exp(x - m)); when a
-#           chunk raises the max, the sum so far is rescaled by exp(m_old - m_new). Then
-#           lse = m + log(d) and loss = lse - x[target].
-#   pass 2: read the chunk again, p = exp(x - lse) is the softmax, and (p - onehot) / n_valid is
-#           the gradient of the mean loss. It is written to grad_ptr, which may be the logits
-#           buffer itself: each chunk is read before the same addresses are written.
+# Cross-entropy, one program per row of V logits, one pass over the row (in chunks) per kernel:
+#   forward: online logsumexp. A running max m and a running sum d = sum(exp(x - m)); when a
+#            chunk raises the max, the sum so far is rescaled by exp(m_old - m_new). Then
+#            lse = m + log(d), loss = lse - x[target], and lse is kept (4 bytes per row).
+#   backward: read the row again, p = exp(x - lse) is the softmax, and
+#            (p - onehot) * grad_loss / n_valid is the gradient, scaled in fp32 and rounded to the
+#            logits' dtype once: under fp16 loss scaling, rounding (p - onehot) / n_valid first
+#            would flush most of a large vocabulary's gradient to 0. It is written to grad_ptr,
+#            which may be the logits buffer itself: each chunk is read before it is written.
 # The softmax lives only in registers. Reads 2 MV, writes MV; nothing else of size M x V.
 
 
 @triton.jit
-def cross_entropy_kernel(
+def cross_entropy_fwd_kernel(
     logits_ptr,  # M x V logits, row i at logits_ptr + i * stride_lm, columns contiguous
-    grad_ptr,  # M x V: where dL/dlogits goes; may be logits_ptr itself (in place)
     target_ptr,  # M class indices (int64)
     loss_ptr,  # M fp32: each row's loss (0 for ignored rows)
-    n_valid_ptr,  # one fp32: how many targets are not ignore_index (the mean divides by it)
+    lse_ptr,  # M fp32: each row's logsumexp, kept for the backward pass
     stride_lm,  # elements between logits[i, 0] and logits[i + 1, 0]
-    stride_gm,  # elements between grad[i, 0] and grad[i + 1, 0]
     n_cols,  # V
-    ignore_index,  # rows whose target equals this get loss 0 and gradient 0
+    ignore_index,  # rows whose target equals this get loss 0 (and gradient 0)
     BLOCK_SIZE: tl.constexpr,  # columns per chunk
 ):
     row = tl.program_id(axis=0).to(tl.int64)
     logits_row = logits_ptr + row * stride_lm
-    grad_row = grad_ptr + row * stride_gm
     cols = tl.arange(0, BLOCK_SIZE)
     target = tl.load(target_ptr + row)
     valid = target != ignore_index
-
-    # Pass 1: one running (max, sum) pair for the row; -inf in the lanes past V adds exp(-inf) = 0.
+    # One running (max, sum) pair for the row; -inf in the lanes past V adds exp(-inf) = 0.
     m = -float("inf")
     d = 0.0
     for start in range(0, n_cols, BLOCK_SIZE):
@@ -334,17 +332,40 @@ def cross_entropy_kernel(
         d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
         m = m_new
     lse = m + tl.log(d)
-    # The target's logit, read before pass 2 may overwrite it. An ignored row reads nothing.
+    # The target's logit; an ignored row reads nothing.
     x_target = tl.load(logits_row + tl.where(valid, target, 0), mask=valid, other=0.0).to(tl.float32)
     tl.store(loss_ptr + row, tl.where(valid, lse - x_target, 0.0))
+    tl.store(lse_ptr + row, lse)
 
-    # Pass 2: the gradient of mean(loss) is (softmax - onehot) / n_valid on valid rows, 0 on others.
-    scale = tl.where(valid, 1.0 / tl.maximum(tl.load(n_valid_ptr), 1.0), 0.0)  # max: no 1/0 when all are ignored
+
+@triton.jit
+def cross_entropy_bwd_kernel(
+    logits_ptr,  # M x V logits, row stride stride_lm
+    grad_ptr,  # M x V: where dL/dlogits goes; may be logits_ptr itself (in place)
+    target_ptr,  # M class indices (int64)
+    lse_ptr,  # M fp32, saved by the forward pass
+    n_valid_ptr,  # one fp32: how many targets are not ignore_index (the mean divides by it)
+    grad_loss_ptr,  # one fp32: dL/dloss from autograd, loaded here so the host never waits for it
+    stride_lm,  # elements between logits[i, 0] and logits[i + 1, 0]
+    stride_gm,  # elements between grad[i, 0] and grad[i + 1, 0]
+    n_cols,  # V
+    ignore_index,
+    BLOCK_SIZE: tl.constexpr,
+):
+    row = tl.program_id(axis=0).to(tl.int64)
+    logits_row = logits_ptr + row * stride_lm
+    grad_row = grad_ptr + row * stride_gm
+    cols = tl.arange(0, BLOCK_SIZE)
+    target = tl.load(target_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    # d mean(loss) = (softmax - onehot) / n_valid on valid rows, 0 on others; times grad_loss.
+    n_valid = tl.maximum(tl.load(n_valid_ptr), 1.0)  # max: no 1/0 when every row is ignored
+    scale = tl.where(target != ignore_index, tl.load(grad_loss_ptr).to(tl.float32) / n_valid, 0.0)
     for start in range(0, n_cols, BLOCK_SIZE):
         mask = start + cols < n_cols
         x = tl.load(logits_row + start + cols, mask=mask, other=0.0).to(tl.float32)
         p = tl.exp(x - lse)
-        grad = tl.where(start + cols == target, p - 1.0, p) * scale
+        grad = tl.where(start + cols == target, p - 1.0, p) * scale  # fp32, rounded once at the store
         tl.store(grad_row + start + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
@@ -558,12 +579,9 @@ def _check_target(target: torch.Tensor, n_rows: int) -> None:
 
 
 def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
-                          grad: torch.Tensor | None = None, block_size: int = CE_BLOCK_SIZE):
-    """Mean cross-entropy of M x V logits against M class indices, and its gradient, in one kernel.
-
-    Returns (loss, grad): loss is an fp32 scalar; grad (M x V, the logits' dtype) is
-    d(loss)/d(logits). Pass grad=logits to write the gradient over the logits (in place).
-    """
+                          block_size: int = CE_BLOCK_SIZE):
+    """Mean cross-entropy of M x V logits against M class indices: returns (loss, lse, n_valid),
+    loss an fp32 scalar, lse each row's fp32 logsumexp, n_valid the fp32 count of valid targets."""
     common.check_tensors(logits=logits, contiguous=False, ndim=2, dtypes=FLOAT_DTYPES)
     if logits.stride(1) != 1:
         raise ValueError(f"logits must have contiguous rows (logits.stride(1) == 1), got strides "
@@ -572,45 +590,67 @@ def cross_entropy_forward(logits: torch.Tensor, target: torch.Tensor, ignore_ind
     _check_target(target, n_rows)
     if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size must be a power of 2 of at least 16, got {block_size}")
+    loss_rows = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    # On the device, so no host sync: the kernels load it. 0 valid rows gives loss 0/0 = NaN, as PyTorch.
+    n_valid = (target != ignore_index).sum(dtype=torch.float32)
+    block = min(block_size, _row_block(n_cols))
+    cross_entropy_fwd_kernel[(n_rows,)](logits, target, loss_rows, lse, logits.stride(0), n_cols, ignore_index,
+                                        BLOCK_SIZE=block, num_warps=_row_num_warps(block))
+    return loss_rows.sum() / n_valid, lse, n_valid
+
+
+def cross_entropy_backward(logits: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, n_valid: torch.Tensor,
+                           grad_loss: torch.Tensor | None = None, ignore_index: int = -100,
+                           grad: torch.Tensor | None = None, block_size: int = CE_BLOCK_SIZE) -> torch.Tensor:
+    """grad_loss * d(loss)/d(logits), M x V in the logits' dtype (grad_loss None: 1). Pass
+    grad=logits to write it over the logits (in place)."""
+    n_rows, n_cols = logits.shape
     if grad is None:
         grad = torch.empty(n_rows, n_cols, dtype=logits.dtype, device=logits.device)
     else:
         common.check_tensors(logits=logits, grad=grad, contiguous=False)
         if grad.stride(1) != 1:
             raise ValueError(f"grad must have contiguous rows (grad.stride(1) == 1), got strides {grad.stride()}")
-    loss_rows = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    # On the device, so no host sync: the kernel loads it. 0 valid rows gives loss 0/0 = NaN, as PyTorch.
-    n_valid = (target != ignore_index).sum(dtype=torch.float32)
+    if grad_loss is None:
+        grad_loss = torch.ones((), dtype=torch.float32, device=logits.device)
     block = min(block_size, _row_block(n_cols))
-    cross_entropy_kernel[(n_rows,)](logits, grad, target, loss_rows, n_valid, logits.stride(0), grad.stride(0),
-                                    n_cols, ignore_index, BLOCK_SIZE=block, num_warps=_row_num_warps(block))
-    return loss_rows.sum() / n_valid, grad
+    cross_entropy_bwd_kernel[(n_rows,)](logits, grad, target, lse, n_valid, grad_loss, logits.stride(0),
+                                        grad.stride(0), n_cols, ignore_index,
+                                        BLOCK_SIZE=block, num_warps=_row_num_warps(block))
+    return grad
 
 
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, ignore_index, inplace):
-        loss, grad = cross_entropy_forward(logits, target, ignore_index, grad=logits if inplace else None)
-        ctx.save_for_backward(grad.detach())  # detached: in place, it is the logits' storage
+        loss, lse, n_valid = cross_entropy_forward(logits, target, ignore_index)
+        ctx.save_for_backward(logits, target, lse, n_valid)
+        ctx.ignore_index, ctx.inplace = ignore_index, inplace
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        # loss.backward() passes 1.0, and the gradient is already final. Checking costs one host
-        # sync per step; multiplying anyway would cost a pass over the whole M x V gradient.
-        if grad_loss.item() != 1.0:
-            grad.mul_(grad_loss.to(grad.dtype))
+        logits, target, lse, n_valid = ctx.saved_tensors
+        grad = cross_entropy_backward(logits, target, lse, n_valid, grad_loss, ctx.ignore_index,
+                                      grad=logits if ctx.inplace else None)
+        if ctx.inplace:
+            # The kernel wrote behind autograd's back: bump the logits' version, so that any other
+            # op that saved them for its backward (tanh's output, say) raises instead of reading
+            # gradients as if they were logits.
+            torch.autograd.graph.increment_version(logits)
         return grad, None, None, None
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
                   inplace: bool = False) -> torch.Tensor:
-    """Mean cross-entropy, differentiable in logits. The gradient is computed in the forward pass.
+    """Mean cross-entropy, differentiable in logits.
 
-    inplace=True writes the gradient over `logits` (their values are gone after the call): no
-    M x V memory at all beyond the logits. Use it when nothing else needs the logits, as in a
-    training step whose next use of them is this loss. Call backward once.
+    inplace=True: the backward pass writes the gradient over `logits` (intact until then; they
+    hold the gradient after it): no M x V memory at all beyond the logits. Use it when nothing
+    else needs the logits, as in a training step whose next use of them is this loss; an op
+    that saved them for its own backward raises "modified by an inplace operation". Call
+    backward once.
     """
     return CrossEntropyFunction.apply(logits, target, ignore_index, inplace)
 
@@ -1002,7 +1042,7 @@ def benchmark_cross_entropy(quick: bool) -> None:
     sweep = Table(f"cross-entropy in place {shape}: chunk size (BLOCK_SIZE)",
                   ["BLOCK_SIZE", "num_warps", "time", "GB/s (read 2x, write 1x)", "% copy"])
     for block in (2048, 4096, 8192, 16384):
-        t = common.bench(lambda: cross_entropy_forward(logits.detach(), target, grad=logits.detach(), block_size=block))
+        t = common.bench(lambda: cross_entropy_backward(logits.detach(), target, *cross_entropy_forward(logits.detach(), target, block_size=block)[1:], grad=logits.detach(), block_size=block))
         sweep.add(block, _row_num_warps(block), *_gbps_row(t, 3 * mv))
     sweep.print()
     print(f"The wrapper uses BLOCK_SIZE = {CE_BLOCK_SIZE}. Each chunk costs two reductions (max, sum) "
