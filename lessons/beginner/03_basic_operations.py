@@ -22,6 +22,7 @@ Run:  python lessons/beginner/03_basic_operations.py [--quick]
       TRITON_INTERPRET=1 python lessons/beginner/03_basic_operations.py   (the interpreter, on any machine)
 """
 
+import functools
 import os
 import subprocess
 import sys
@@ -366,35 +367,45 @@ def row_sum_v3_config(n_cols: int) -> dict:
     return dict(BLOCK_M=max(1, 4096 // block_n), BLOCK_N=block_n, num_warps=8)
 
 
-def _row_sum_v1(x, out):
+def _row_output(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    _check_rows(x)
+    return _output(out, (x.shape[0],), x.dtype, x.device)
+
+
+def row_sum_v1(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    out = _row_output(x, out)
     block_n = triton.next_power_of_2(x.shape[1])
     if block_n > V1_MAX_COLS:
         raise ValueError(f"row_sum version 1 keeps a whole row in one block, so rows may have at "
                          f"most {V1_MAX_COLS} columns, got {x.shape[1]}; use version 2 or 3")
     row_sum_v1_kernel[(x.shape[0],)](x, out, x.shape[1], x.stride(0), BLOCK_N=block_n)
+    return out
 
 
-def _row_sum_v2(x, out):
+def row_sum_v2(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    out = _row_output(x, out)
     row_sum_v2_kernel[(x.shape[0],)](x, out, x.shape[1], x.stride(0), BLOCK_N=V2_BLOCK_N)
+    return out
 
 
-def _row_sum_v3(x, out, config=None):
+def row_sum_v3(x: torch.Tensor, out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    out = _row_output(x, out)
     config = config or row_sum_v3_config(x.shape[1])
     grid = (triton.cdiv(x.shape[0], config["BLOCK_M"]),)
     row_sum_v3_kernel[grid](x, out, x.shape[0], x.shape[1], x.stride(0), **config)
-
-
-ROW_SUM_VERSIONS = {1: _row_sum_v1, 2: _row_sum_v2, 3: _row_sum_v3}
-
-
-def row_sum(x: torch.Tensor, version: int = 3, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x.sum(dim=1) for x (M, N) with contiguous rows; added in fp32, returned in x's dtype."""
-    _check_rows(x)
-    if version not in ROW_SUM_VERSIONS:
-        raise ValueError(f"version must be one of {sorted(ROW_SUM_VERSIONS)}, got {version}")
-    out = _output(out, (x.shape[0],), x.dtype, x.device)
-    ROW_SUM_VERSIONS[version](x, out)
     return out
+
+
+ROW_SUM_VERSIONS = common.Versions("row_sum")
+ROW_SUM_VERSIONS.add("v1", "one block per row", row_sum_v1)
+ROW_SUM_VERSIONS.add("v2", "loop over columns", row_sum_v2)
+ROW_SUM_VERSIONS.add("v3", "rows x columns tiles", row_sum_v3)
+
+
+def row_sum(x: torch.Tensor, version=3, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x.sum(dim=1) for x (M, N) with contiguous rows; added in fp32, returned in x's dtype.
+    version: 1, 2, 3 or "v1", "v2", "v3" (ROW_SUM_VERSIONS)."""
+    return ROW_SUM_VERSIONS.get(version).fn(x, out=out)
 
 
 def row_max(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -493,9 +504,9 @@ def check(quick: bool) -> None:
             atol = sum_atol(x, dim=1) if dtype == torch.float32 else None
             for version in ROW_SUM_VERSIONS:
                 out = common.poisoned_empty(x.shape[0], dtype=dtype)
-                row_sum(x, version, out=out)
+                version.fn(x, out=out)
                 common.assert_close(out, row_sum_reference(x.double()), atol=atol,
-                                    name=f"row_sum v{version} {name} {_dtype_name(dtype)}")
+                                    name=f"row_sum {version.key} {name} {_dtype_name(dtype)}")
             out = common.poisoned_empty(x.shape[0], dtype=dtype)
             row_max(x, out=out)
             common.assert_close(out, row_max_reference(x.double()), name=f"row_max {name} {_dtype_name(dtype)}")
@@ -827,141 +838,97 @@ def debugging(quick: bool) -> None:
 
 # %% [markdown]
 # ## Benchmark
-# Medians of many runs (CUDA events, L2 flushed between runs). Bandwidth counts the modelled
-# minimum bytes (each input read once, each output written once), as a % of a device-to-device
-# copy measured in the same run.
+# Declared once, run by common.Benchmark: every provider is timed in alternating rounds (CUDA
+# events, L2 flushed before each run), in GB/s of the modelled minimum bytes (each input read
+# once, each output written once), and against the fastest baseline the registry names: the
+# lesson's reference ("torch eager") and torch.compile of it. Elementwise kernels read and write:
+# % of the copy bandwidth. Reductions only read: % of a read-only stream (torch.sum over 1 GiB),
+# which runs faster than a copy, measured in the same run.
 
 
-def _compiled(fn, *args):
-    """torch.compile(fn) bound to its arguments, as a provider; None (with the reason printed)
-    when it cannot compile, so that the provider is skipped, not the lesson."""
-    compiled_fn = common.compiled(fn, *args)
-    return None if compiled_fn is None else (lambda: compiled_fn(*args))
+def _elementwise_bytes(x) -> int:
+    return 2 * x.numel() * x.element_size()  # read x, write out
 
 
-def _bench_rows(table: Table, label: str, providers: list, nbytes: int) -> dict:
-    """Time each (name, fn) and add a row per provider; returns name -> Timing."""
-    timings = {}
-    for name, fn in providers:
-        if fn is None:
-            continue
-        t = common.bench(fn)
-        timings[name] = t
-        table.add(label, name, str(t), t.gbps(nbytes), common.pct_of_copy(t.gbps(nbytes)))
-    return timings
+def _reduction_bytes(x, *_) -> int:  # read x, write one value per row (a row sum) or one in all
+    return (x.numel() + (x.shape[0] if x.dim() == 2 else 1)) * x.element_size()
 
 
-def benchmark_elementwise(quick: bool) -> None:
-    n = 2**24 if quick else 2**26
-    section(f"Benchmark: elementwise GELU and sigmoid, n = 2^{n.bit_length() - 1} fp32")
-    x = torch.randn(n, device="cuda")
-    nbytes = 2 * n * 4  # read x, write out
-    table = Table("elementwise: GB/s of the minimum traffic (read n + write n)",
-                  ["op", "provider", "time", "GB/s", "% copy"])
-    _bench_rows(table, "gelu", [
-        ("torch F.gelu", lambda: gelu_reference(x)),
-        ("torch by hand (5 kernels)", lambda: gelu_by_hand(x)),
-        ("torch.compile by hand", None if quick else _compiled(gelu_by_hand, x)),
-        ("triton", lambda: gelu(x)),
-    ], nbytes)
-    _bench_rows(table, "sigmoid", [("torch", lambda: sigmoid_reference(x)), ("triton", lambda: sigmoid(x))], nbytes)
-    table.print()
-    print("Every provider that makes one pass reads and writes the minimum; gelu by hand makes 5.")
+def _vector(n: int) -> tuple:
+    return (torch.randn(n, device=common.DEVICE),)
 
 
-def benchmark_bias_add(quick: bool) -> None:
-    m, n = (4096, 4096) if quick else (8192, 8192)
-    section(f"Benchmark: broadcast bias add, {m} x {n} fp32")
-    x, bias = torch.randn(m, n, device="cuda"), torch.randn(n, device="cuda")
-    table = Table("x + bias[None, :]: GB/s of (2 M N + N) * 4 bytes", ["op", "provider", "time", "GB/s", "% copy"])
-    _bench_rows(table, "bias add", [
-        ("torch", lambda: bias_add_reference(x, bias)),
-        ("torch.compile", None if quick else _compiled(bias_add_reference, x, bias)),
-        ("triton", lambda: bias_add(x, bias)),
-    ], (2 * m * n + n) * 4)
-    table.print()
+def _matrix(m: int, n: int) -> tuple:
+    return (torch.randn(m, n, device=common.DEVICE),)
 
 
-def benchmark_row_sums(quick: bool) -> None:
-    shapes = [(8192, 4096)] if quick else [(32768, 4096), (8192, 8192)]
-    for m, n in shapes:
-        section(f"Benchmark: row reductions of {m} x {n} fp32 (v1, v2, v3 vs torch)")
-        x = torch.randn(m, n, device="cuda")
-        nbytes = (m * n + m) * 4  # read x, write one value per row
-        table = Table(f"row sum / row max, {m} x {n} fp32: GB/s of (M N + M) * 4 bytes",
-                      ["op", "provider", "time", "GB/s", "% copy"])
-        sums = _bench_rows(table, "row sum", [
-            ("torch.sum(dim=1)", lambda: row_sum_reference(x)),
-            ("torch.compile", None if quick else _compiled(row_sum_reference, x)),
-            ("triton v1 (one block per row)", (lambda: row_sum(x, 1)) if n <= V1_MAX_COLS else None),
-            ("triton v2 (loop over columns)", lambda: row_sum(x, 2)),
-            ("triton v3 (rows x columns tiles)", lambda: row_sum(x, 3)),
-        ], nbytes)
-        _bench_rows(table, "row max", [("torch.amax(dim=1)", lambda: row_max_reference(x)),
-                                       ("triton (v2 loop)", lambda: row_max(x))], nbytes)
-        table.print()
-        v3, torch_sum = sums["triton v3 (rows x columns tiles)"], sums["torch.sum(dim=1)"]
-        print(f"v3 vs torch.sum(dim=1): {torch_sum.ms / v3.ms:.2f}x (torch time / triton time)")
-        if not quick:
-            common.perf_bar(f"row sum v3, {m} x {n} fp32: % of copy bandwidth",
-                            common.pct_of_copy(v3.gbps(nbytes)), 80, "%")
-        del x
+def _rows_of_length(n: int) -> tuple:  # 2^26 elements (2^12 in the interpreter) cut into rows of n
+    return _matrix((2**26 if common.HAS_GPU else 2**12) // n, n)
 
 
-def benchmark_row_lengths() -> None:
-    total = 2**26
-    section("Benchmark: row sum over row lengths, M x N = 2^26 fp32 (plot)")
-    lengths = [256, 1024, 8192, 65536]
-    series = {"torch.sum(dim=1)": [], "triton v1": [], "triton v2": [], "triton v3": []}
-    table = Table("row sum GB/s by row length (M = 2^26 / N)", ["N", "M"] + list(series))
-    for n in lengths:
-        m = total // n
-        x = torch.randn(m, n, device="cuda")
-        nbytes = (m * n + m) * 4
-        fns = [lambda: row_sum_reference(x), (lambda: row_sum(x, 1)) if n <= V1_MAX_COLS else None,
-               lambda: row_sum(x, 2), lambda: row_sum(x, 3)]
-        rates = [common.bench(fn).gbps(nbytes) if fn else float("nan") for fn in fns]
-        for key, rate in zip(series, rates):
-            series[key].append(rate)
-        table.add(n, m, *rates)
-        del x
-    table.print()
-    print("v1 needs a block as long as the row (it stops at 8192 columns); v2 runs one row per program,\n"
-          "which leaves most lanes idle on short rows; v3 packs several short rows into one program.")
-    fig, ax = common.new_figure("Row sum: bandwidth vs row length (M x N = 2^26 fp32)", "N (row length)",
-                                "GB/s", logx=True)
-    for key, values in series.items():
-        ax.plot(lengths, values, marker="o", label=key)
-    ax.axhline(common.copy_bandwidth(), color="gray", linestyle="--", label="copy (measured)")
-    ax.legend()
-    common.save_plot(fig, "03_row_sum_lengths")
+@functools.cache
+def _sweep_rows() -> tuple:  # one input for every config of the v3 sweep
+    m, n = (32768, 4096) if common.HAS_GPU else (37, 300)
+    return torch.randn(m, n, device=common.DEVICE), torch.empty(m, device=common.DEVICE)
 
 
-def benchmark_v3_configs() -> None:
-    m, n = 32768, 4096
-    section(f"Benchmark: row sum v3 tile sweep at {m} x {n} fp32")
-    x = torch.randn(m, n, device="cuda")
-    out = torch.empty(m, device="cuda")
-    nbytes = (m * n + m) * 4
-    configs = [(1, 1024, 4), (1, 2048, 8), (2, 2048, 8), (4, 1024, 8), (8, 512, 8)]
-    table = Table("v3 configs", ["BLOCK_M", "BLOCK_N", "num_warps", "time", "GB/s", "% copy"])
-    for block_m, block_n, warps in configs:
-        config = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps)
-        t = common.bench(lambda: _row_sum_v3(x, out, config))
-        table.add(block_m, block_n, warps, str(t), t.gbps(nbytes), common.pct_of_copy(t.gbps(nbytes)))
-    table.print()
-    print(f"row_sum_v3_config({n}) picks {row_sum_v3_config(n)}")
+def _pow2(n: int) -> str:
+    return f"2^{n.bit_length() - 1}" if n & (n - 1) == 0 else f"{n:,}"
 
 
-def benchmark_total_sum(quick: bool) -> None:
-    n = 2**24 if quick else 2**26
-    section(f"Benchmark: whole-tensor sum, n = 2^{n.bit_length() - 1} fp32")
-    x = torch.randn(n, device="cuda")
-    table = Table("sum of all elements: GB/s of n * 4 bytes", ["op", "provider", "time", "GB/s", "% copy"])
-    _bench_rows(table, "sum", [("torch.sum", lambda: total_sum_reference(x)),
-                               ("triton atomic_add", lambda: total_sum_atomic(x)),
-                               ("triton two passes", lambda: total_sum_two_pass(x))], n * 4)
-    table.print()
+V3 = ROW_SUM_VERSIONS["v3"].label
+ELEMENTWISE = dict(op="elementwise", cases=[2**26], quick_cases=[2**24], cpu_cases=[1000], setup=_vector,
+                   nbytes=_elementwise_bytes, ceiling="copy", dtype=torch.float32, label=_pow2)
+REDUCTION = dict(op="reduction", nbytes=_reduction_bytes, ceiling="read", dtype=torch.float32)
+
+BENCHMARKS = [
+    common.Benchmark("GELU, fp32", kernels={"triton gelu": gelu}, reference=gelu_reference, **ELEMENTWISE),
+    common.Benchmark(
+        "GELU written op by op (torch eager: 5 kernels) and fused", kernels={"triton gelu": gelu},
+        reference=gelu_by_hand, **ELEMENTWISE,
+        note="torch eager here is gelu_by_hand, credited with the minimum bytes only: its GB/s is what it "
+             "achieves, not what it moves (6n read + 5n written). torch.compile fuses its 5 kernels into one."),
+    common.Benchmark("sigmoid, fp32", kernels={"triton sigmoid": sigmoid}, reference=sigmoid_reference,
+                     **ELEMENTWISE),
+    common.Benchmark(
+        "broadcast bias add x + bias[None, :], fp32: GB/s of (2 M N + N) * 4 bytes", op="elementwise",
+        cases=[(8192, 8192)], quick_cases=[(4096, 4096)], cpu_cases=[(37, 300)],
+        setup=lambda m, n: (*_matrix(m, n), torch.randn(n, device=common.DEVICE)),
+        kernels={"triton bias_add": bias_add}, reference=bias_add_reference,
+        nbytes=lambda x, bias: (2 * x.numel() + bias.numel()) * x.element_size(), ceiling="copy",
+        dtype=torch.float32),
+    common.Benchmark(
+        "row sum, fp32: v1, v2, v3 (the perf bars)", cases=[(32768, 4096), (8192, 8192)],
+        quick_cases=[(8192, 4096)], cpu_cases=[(37, 300)], setup=_matrix, kernels=ROW_SUM_VERSIONS,
+        reference=row_sum_reference, **REDUCTION,
+        bars=[bar for shape in ((32768, 4096), (8192, 8192))
+              for bar in (common.Bar(V3, shape, "ceiling", 80),
+                          # "On par": within the 2% that repeated timings of one kernel differ by.
+                          common.Bar(V3, shape, "baseline", 0.98))]),
+    common.Benchmark(
+        "row max, fp32", cases=[(32768, 4096)], quick_cases=[(8192, 4096)], cpu_cases=[(37, 300)],
+        setup=_matrix, kernels={"triton row_max (v2's loop)": row_max}, reference=row_max_reference, **REDUCTION),
+    common.Benchmark(
+        "row sum over row lengths, M x N = 2^26 fp32", cases=[256, 1024, 8192, 65536], cpu_cases=[256],
+        setup=_rows_of_length, kernels=ROW_SUM_VERSIONS.providers(only=["v2", "v3"]),
+        reference=row_sum_reference, **REDUCTION, label=lambda n: f"N = {n:,}", plot="03_row_sum_lengths",
+        xlabel="N (row length)", logx=True,
+        note="v1 keeps a whole row in one block and stops at 8192 columns: it is raced in the row sum table "
+             "above. v2 runs one row per program, which leaves most lanes idle on short rows; v3 packs several "
+             "short rows into one program. Long rows mean few rows, so few programs."),
+    common.Benchmark(
+        "row sum v3 tile sweep at 32768 x 4096 fp32", op=None,
+        cases=[(1, 1024, 4), (1, 2048, 8), (2, 2048, 8), (4, 1024, 8), (8, 512, 8)], cpu_cases=[(2, 256, 4)],
+        setup=lambda block_m, block_n, warps: (*_sweep_rows(), dict(BLOCK_M=block_m, BLOCK_N=block_n,
+                                                                     num_warps=warps)),
+        kernels={"triton row_sum_v3": row_sum_v3}, nbytes=_reduction_bytes, ceiling="read", dtype=torch.float32,
+        label=lambda c: "BLOCK_M={}, BLOCK_N={}, num_warps={}".format(*c),
+        note=f"row_sum_v3_config(4096) picks {row_sum_v3_config(4096)}."),
+    common.Benchmark(
+        "whole-tensor sum, fp32", cases=[2**26], quick_cases=[2**24], cpu_cases=[1000],
+        setup=_vector, kernels={"triton atomic_add": total_sum_atomic, "triton two passes": total_sum_two_pass},
+        reference=total_sum_reference, label=_pow2, **REDUCTION),
+]
 
 
 # %% [markdown]
@@ -984,14 +951,4 @@ if __name__ == "__main__":
     determinism(args.quick)
     traffic(*((8192, 8192) if common.HAS_GPU else (256, 1000)))
     debugging(args.quick)
-    if common.HAS_GPU:
-        print(f"\ncopy bandwidth measured now: {common.copy_bandwidth():,.0f} GB/s (device-to-device, read + write)")
-        benchmark_elementwise(args.quick)
-        benchmark_bias_add(args.quick)
-        benchmark_row_sums(args.quick)
-        if not args.quick:
-            benchmark_row_lengths()
-            benchmark_v3_configs()
-        benchmark_total_sum(args.quick)
-    else:
-        print("\n" + common.require_gpu("Benchmarks (GB/s vs torch and torch.compile, perf bar, plots)"))
+    common.run_benchmarks(BENCHMARKS, args.quick)
