@@ -384,10 +384,10 @@ def test_lesson_transpose_versions(lesson, dtype):
         if dtype != torch.float32:  # strides do not depend on the dtype
             views = {"contiguous": views["contiguous"]}
         for view, x in views.items():
-            for name, fn in lesson.VERSIONS.items():
+            for version in lesson.VERSIONS:
                 out = poisoned_empty(N, M, dtype=dtype)
-                assert fn(x, out=out) is out
-                assert_close(out, x.double().t(), name=f"{name} {M}x{N} {view}")
+                assert version.fn(x, out=out) is out
+                assert_close(out, x.double().t(), name=f"{version.label} {M}x{N} {view}")
     x = randn(70, 90, dtype=dtype)
     assert_close(lesson.transpose(x), x.double().t(), name="transpose (out=None)")
 
