@@ -52,6 +52,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from common import Table, fmt_bytes, section  # noqa: E402
+from common.baselines import EAGER  # noqa: E402
 from common.checks import check_guards  # noqa: E402
 from common.lessons import find, load_module  # noqa: E402
 
@@ -1105,78 +1106,117 @@ def tensor_parallel(quick: bool) -> None:
 
 # %% [markdown]
 # ## Benchmark
-# GPU only. (1) A decode step at batch 1: eager, CUDA-graph replay, and two independent steps
-# on one stream vs two streams inside one graph. (2) The profiler's kernel table of that step.
-# (3) The fused DPO loss against eager PyTorch: time and peak memory.
+# Declared for common.bench (timings on a GPU): a decode step at batch 1, eager launches against
+# the CUDA-graph replay of the same kernels (host wall time, which is what the graph saves); two
+# independent steps on one stream vs two; the DPO loss against its eager reference and torch.compile.
+
+DECODE_DIM, DECODE_HIDDEN = 1024, 2816
 
 
-def _decode_setup(quick: bool):
-    dim, hidden, layers = 1024, 2816, 4 if quick else 8
-    return dim, hidden, layers
+class DecodeSteps:
+    """The decode benchmarks' input: two stacks (seeds 1 and 2) with their static inputs, and three
+    CUDA graphs captured once: one step, two steps on one stream, two steps on two streams."""
 
+    def __init__(self, layers: int):
+        self.a = DecodeStack(DECODE_DIM, DECODE_HIDDEN, layers, seed=1)
+        self.b = DecodeStack(DECODE_DIM, DECODE_HIDDEN, layers, seed=2)
+        self.x_a, self.x_b = (torch.randn(1, DECODE_DIM, device="cuda", dtype=torch.float16) for _ in range(2))
+        self.side = torch.cuda.Stream()
+        self.graph, out = capture_cuda_graph(self.step)
+        for trial in range(2):  # a replay must follow its new input (copied into the static one)
+            self.x_a.copy_(torch.randn_like(self.x_a))
+            self.graph.replay()
+            common.assert_close(out.clone(), self.step().double(), name=f"graph replay {trial}", atol=1e-2, rtol=1e-2)
+        self.serial, _ = capture_cuda_graph(self.two_steps)
+        self.parallel, _ = capture_cuda_graph(self.two_streams)
 
-def benchmark_decode(quick: bool) -> dict:
-    dim, hidden, layers = _decode_setup(quick)
-    section(f"Benchmark: a decode step at batch 1 ({layers} layers, dim {dim}, hidden {hidden}, fp16)")
-    stack_a = DecodeStack(dim, hidden, layers, seed=1)
-    stack_b = DecodeStack(dim, hidden, layers, seed=2)
-    x_a = torch.randn(1, dim, device="cuda", dtype=torch.float16)
-    x_b = torch.randn(1, dim, device="cuda", dtype=torch.float16)
-    launches = common.gpu_kernel_count(lambda: stack_a(x_a))
-    if launches is None:
-        raise RuntimeError("the decode benchmark counts its launches with torch.profiler, which saw no GPU "
-                           "kernels here (a PyTorch build without CUPTI?)")
-    graph, out = capture_cuda_graph(stack_a, x_a)
+    def step(self):
+        return self.a(self.x_a)
 
-    def replay_with(new_x):
-        x_a.copy_(new_x)  # new data into the static input, then one call for all the launches
-        graph.replay()
-        return out
+    def two_steps(self):
+        return self.a(self.x_a), self.b(self.x_b)
 
-    for trial in range(2):  # a replay must follow its new input: a stale buffer shows here
-        fresh = torch.randn(1, dim, device="cuda", dtype=torch.float16)
-        common.assert_close(replay_with(fresh).clone(), stack_a(fresh).double(), name=f"graph replay {trial}",
-                            atol=1e-2, rtol=1e-2)
-    serial, _ = capture_cuda_graph(lambda a, b: (stack_a(a), stack_b(b)), x_a, x_b)
-
-    side = torch.cuda.Stream()
-
-    def two_streams(a, b):
-        side.wait_stream(torch.cuda.current_stream())  # fork: the side stream starts after the inputs
-        out_a = stack_a(a)
-        with torch.cuda.stream(side):
-            out_b = stack_b(b)
-        torch.cuda.current_stream().wait_stream(side)  # join: the step ends when both have
+    def two_streams(self):
+        self.side.wait_stream(torch.cuda.current_stream())  # fork: the side stream starts after the inputs
+        out_a = self.a(self.x_a)
+        with torch.cuda.stream(self.side):
+            out_b = self.b(self.x_b)
+        torch.cuda.current_stream().wait_stream(self.side)  # join: the step ends when both have
         return out_a, out_b
 
-    parallel, _ = capture_cuda_graph(two_streams, x_a, x_b)
-    rows = {
-        "eager, 1 step": (lambda: stack_a(x_a), launches),
-        "CUDA graph, 1 step": (graph.replay, launches),
-        "eager, 2 independent steps": (lambda: (stack_a(x_a), stack_b(x_b)), 2 * launches),
-        "eager, 2 steps on 2 streams": (lambda: two_streams(x_a, x_b), 2 * launches),
-        "CUDA graph, 2 steps, 1 stream": (serial.replay, 2 * launches),
-        "CUDA graph, 2 steps, 2 streams": (parallel.replay, 2 * launches),
-    }
-    table = Table(f"decode step, batch 1, {layers} layers: wall clock per call (200 calls back to back) and GPU "
-                  f"time (common.bench)", ["provider", "kernels", "wall us / call", "GPU us (bench)",
-                                           "us per kernel (wall)"])
-    wall = {}
-    for name, (fn, kernels) in rows.items():
-        wall[name] = common.wall_us_per_call(fn)
-        table.add(name, kernels, wall[name], common.bench(fn).ms * 1e3, wall[name] / kernels)
-    table.print()
-    saved = wall["eager, 1 step"] - wall["CUDA graph, 1 step"]
-    print(f"launch overhead saved by the graph: {saved:.1f} us per step, {saved / launches:.2f} us per kernel "
-          f"launch ({launches} kernels per step, measured by the profiler).")
-    overlap = wall["CUDA graph, 2 steps, 1 stream"] - wall["CUDA graph, 2 steps, 2 streams"]
-    print(f"two streams inside the graph: {overlap:.1f} us less per pair of steps than one stream (batch-1 "
-          f"kernels leave most SMs idle, so two independent ones can run side by side).")
-    speedup = wall["eager, 1 step"] / wall["CUDA graph, 1 step"]
-    if not quick:
-        common.perf_bar(f"decode step ({layers} layers, batch 1): eager wall time / CUDA-graph wall time",
-                        speedup, 2.0, "x")
-    return {"stack": stack_a, "x": x_a, "launches": launches}
+
+def _dpo_inputs(n_pairs: int, n_tokens: int, n_vocab: int) -> tuple:
+    """dpo_loss's arguments: the logits are the leaves of the backward; the first eighth of every
+    sequence is prompt (masked out, never read by the kernels)."""
+    dtype = torch.bfloat16 if common.supports_bf16() else torch.float32  # the interpreter has no bfloat16
+    logits_c, logits_r = (torch.randn(n_pairs, n_tokens, n_vocab, device=common.DEVICE, dtype=dtype,
+                                      requires_grad=True) for _ in range(2))
+    targets_c, targets_r = (torch.randint(0, n_vocab, (n_pairs, n_tokens), device=common.DEVICE) for _ in range(2))
+    mask = torch.ones(n_pairs, n_tokens, dtype=torch.bool, device=common.DEVICE)
+    mask[:, :n_tokens // 8] = False
+    ref_c, ref_r = (torch.randn(n_pairs, device=common.DEVICE) - 300.0 for _ in range(2))
+    return logits_c, logits_r, targets_c, targets_r, mask, mask, ref_c, ref_r, 0.1
+
+
+def _dpo_bytes(logits_c, logits_r, targets_c, targets_r, mask_c, mask_r, *_) -> int:
+    # The minimum: read the response rows of both logits once, write both gradients (every row) once.
+    return sum(lg.element_size() * lg.shape[-1] * (int(m.sum()) + m.numel())
+               for lg, m in ((logits_c, mask_c), (logits_r, mask_r)))
+
+
+DECODE = "decode step at batch 1 (dim 1024, hidden 2816, fp16): host wall time per step"
+DECODE_PAIR = "two independent decode steps at batch 1 (fp16): one stream vs two, host wall time per pair"
+DPO_BAR = (8, 512, 32000)
+# CUDA graphs and streams need a GPU: the decode benchmarks have nothing to run in the interpreter.
+BENCHMARKS = [
+    common.Benchmark(
+        DECODE, op="decode_step", cases=[1, 2, 4, 8], quick_cases=[4], setup=lambda layers: (DecodeSteps(layers),),
+        kernels={"CUDA graph replay": lambda s: s.graph.replay()}, reference=lambda s: s.step(), timer="wall",
+        label=lambda layers: f"{layers} layers",
+        bars=[common.Bar("CUDA graph replay", 8, "baseline", 2.0)],
+        note="Per layer: TritonLayerNorm, two GEMVs, GeGLU, a GEMV, the residual add. Tiny tensors: what a step "
+             "costs is the launches, which the graph issues with one call."),
+    common.Benchmark(
+        DECODE_PAIR, op="decode_step", cases=[8], quick_cases=[4], setup=lambda layers: (DecodeSteps(layers),),
+        kernels={"eager, 2 streams": lambda s: s.two_streams(), "CUDA graph, 1 stream": lambda s: s.serial.replay(),
+                 "CUDA graph, 2 streams": lambda s: s.parallel.replay()},
+        reference=lambda s: s.two_steps(), timer="wall", label=lambda layers: f"{layers} layers",
+        note="torch eager: both steps on one stream. Batch-1 kernels leave most SMs idle, so two independent "
+             "ones can run side by side; once the graph removes the launch cost, that shows."),
+    common.Benchmark(
+        "DPO loss forward + backward, bf16: pairs x tokens x vocabulary", op="dpo_loss",
+        cases=[(4, 256, 32000), DPO_BAR], quick_cases=[(4, 256, 32000)], cpu_cases=[(2, 8, 64)],
+        setup=_dpo_inputs, kernels={"triton DPOLossFunction": lambda *args: dpo_loss(*args)[0]},
+        reference=dpo_loss_reference, grad="fwd+bwd", nbytes=_dpo_bytes, ceiling="copy", dtype=torch.bfloat16,
+        memory=True, bars=[common.Bar("triton DPOLossFunction", DPO_BAR, "baseline", 1.0)],
+        note="GB/s of the minimum bytes: the response rows of both logits read once, both gradients (every row) "
+             "written once. Peak extra memory includes the two gradients every provider returns."),
+]
+
+
+def profile_decode(layers: int) -> int | None:
+    """torch.profiler's kernel table of one eager decode step; the kernels it launches."""
+    stack = DecodeStack(DECODE_DIM, DECODE_HIDDEN, layers, seed=1)
+    x = torch.randn(1, DECODE_DIM, device="cuda", dtype=torch.float16)
+    section("Profile: torch.profiler, one decode step")
+    profile_step(lambda: stack(x), f"one eager decode step ({layers} layers, batch 1)")
+    return common.gpu_kernel_count(lambda: stack(x))
+
+
+def profile_benchmarks(results: dict, quick: bool) -> None:
+    """What the graph saved per launch and two streams per pair, then the profiler on the DPO loss."""
+    res, pair = results[DECODE][-1], results[DECODE_PAIR][-1]
+    launches = profile_decode(res.case)
+    saved = 1e3 * (res.times[EAGER].ms - res.times["CUDA graph replay"].ms)
+    print(f"launch overhead the graph saved at {res.label}: {saved:.1f} us per step" + (
+        f", {saved / launches:.2f} us per kernel launch ({launches} kernels per step, counted by the profiler)"
+        if launches else ""))
+    overlap = 1e3 * (pair.times["CUDA graph, 1 stream"].ms - pair.times["CUDA graph, 2 streams"].ms)
+    print(f"two streams inside the graph: {overlap:.1f} us less per pair of steps than one stream.")
+    print("Measured DRAM bytes per kernel (Nsight Compute): python lessons/expert/12_production.py --profile")
+    inputs = _dpo_inputs(*((4, 256, 32000) if quick else DPO_BAR))
+    profile_step(lambda: torch.autograd.grad(dpo_loss(*inputs)[0], inputs[:2]),
+                 "the Triton DPO loss, forward + backward")
 
 
 def profile_step(fn, title: str) -> None:
@@ -1210,43 +1250,6 @@ def profile_step(fn, title: str) -> None:
     print(f"{sum(c for c, _ in kernels.values())} kernels, {gpu_us:.1f} us of GPU time; the CPU takes "
           f"{cpu_us:.1f} us to issue them (median of 20 calls, without the profiler). When the CPU time is the "
           f"larger, launches set the pace.")
-
-
-def benchmark_dpo(quick: bool) -> None:
-    n_pairs, n_tokens, n_vocab = (4, 256, 32000) if quick else (8, 512, 32000)
-    prompt = n_tokens // 8  # the first tokens are the prompt: masked out, never read by the kernels
-    section(f"Benchmark: DPO loss forward + backward, {n_pairs} pairs x {n_tokens} tokens ({prompt} of them prompt) "
-            f"x V {n_vocab} bf16")
-    logits_c, logits_r = (torch.randn(n_pairs, n_tokens, n_vocab, device="cuda", dtype=torch.bfloat16,
-                                      requires_grad=True) for _ in range(2))
-    targets_c, targets_r = (torch.randint(0, n_vocab, (n_pairs, n_tokens), device="cuda") for _ in range(2))
-    mask = torch.ones(n_pairs, n_tokens, dtype=torch.bool, device="cuda")
-    mask[:, :prompt] = False
-    ref_c, ref_r = (torch.randn(n_pairs, device="cuda") - 300.0 for _ in range(2))
-    args = (logits_c, logits_r, targets_c, targets_r, mask, mask, ref_c, ref_r, 0.1)
-    providers = {
-        "torch eager (fp32 log_softmax)": lambda: torch.autograd.grad(dpo_loss_reference(*args), args[:2]),
-        "triton (DPOLossFunction)": lambda: torch.autograd.grad(dpo_loss(*args)[0], args[:2]),
-    }
-    # The minimum: read the response rows of both logits once, write both gradients (all rows) once.
-    nbytes = 2 * n_pairs * n_vocab * 2 * ((n_tokens - prompt) + n_tokens)
-    table = Table(f"DPO fwd+bwd: GB/s of the minimum bytes (read the response rows of 2 x logits, write 2 x "
-                  f"grads = {fmt_bytes(nbytes)})", ["provider", "time", "GB/s", "% copy", "peak extra memory"])
-    times, mems = {}, {}
-    for name, fn in providers.items():
-        times[name] = common.bench(fn)
-        mems[name] = common.peak_extra_memory(fn)
-        table.add(name, str(times[name]), times[name].gbps(nbytes), common.pct_of_copy(times[name].gbps(nbytes)),
-                  fmt_bytes(mems[name]))
-    table.print()
-    eager, ours = times["torch eager (fp32 log_softmax)"], times["triton (DPOLossFunction)"]
-    print(f"triton is {eager.ms / ours.ms:.2f}x faster and allocates "
-          f"{mems['torch eager (fp32 log_softmax)'] / max(mems['triton (DPOLossFunction)'], 1):.1f}x less beyond "
-          f"the logits (the gradients it returns are most of that).")
-    profile_step(providers["triton (DPOLossFunction)"], "the Triton DPO loss, forward + backward")
-    if not quick:
-        common.perf_bar(f"DPO loss fwd+bwd {n_pairs}x{n_tokens}x{n_vocab} bf16: speed vs eager (torch time / "
-                        f"triton time)", eager.ms / ours.ms, 2.0, "x")
 
 
 def ncu_dram_bytes() -> None:
@@ -1320,16 +1323,13 @@ def _ncu_target() -> None:
 
 def profile(quick: bool) -> None:
     """What --profile (make profile LESSON=12) runs: the profiler table, then Nsight Compute."""
-    section("Profile: torch.profiler, one decode step")
     if not common.HAS_GPU:
+        section("Profile: torch.profiler, one decode step")
         print(common.require_gpu("torch.profiler kernel times"))
         print("Nsight Compute (ncu) " + ("is on PATH" if shutil.which("ncu") else "is not on PATH")
               + "; measured DRAM bytes need a CUDA GPU too.")
         return
-    dim, hidden, layers = _decode_setup(quick)
-    stack = DecodeStack(dim, hidden, layers, seed=1)
-    x = torch.randn(1, dim, device="cuda", dtype=torch.float16)
-    profile_step(lambda: stack(x), f"one eager decode step ({layers} layers, batch 1)")
+    profile_decode(4 if quick else 8)
     ncu_dram_bytes()
 
 
@@ -1417,14 +1417,9 @@ if __name__ == "__main__":
     print(f"\n(checks done at {time.perf_counter() - started:.1f} s)")
     tensor_parallel(args.quick)
     print(f"(tensor parallel done at {time.perf_counter() - started:.1f} s)")
+    results = common.run_benchmarks(BENCHMARKS, args.quick)
     if common.HAS_GPU:
-        decode = benchmark_decode(args.quick)
-        section("Profile: torch.profiler, one decode step")
-        profile_step(lambda: decode["stack"](decode["x"]), "one eager decode step")
-        print("Measured DRAM bytes per kernel (Nsight Compute): python lessons/expert/12_production.py --profile")
-        benchmark_dpo(args.quick)
-        print(f"(benchmarks done at {time.perf_counter() - started:.1f} s)")
-    else:
-        print("\n" + common.require_gpu("Benchmarks (CUDA graphs, streams, torch.profiler, DPO loss timing)"))
+        profile_benchmarks(results, args.quick)
+    print(f"(benchmarks done at {time.perf_counter() - started:.1f} s)")
     capstone(args.quick)
     print(f"\n(done at {time.perf_counter() - started:.1f} s)")
