@@ -3,8 +3,8 @@ Lesson 08: transformer blocks
 =============================
 
 Build the memory-bound kernels of a transformer layer and its loss, forward and backward:
-LayerNorm, RMSNorm, a fused gated GELU, and a cross-entropy that computes its loss and its
-gradient in one kernel without ever writing the softmax to memory.
+LayerNorm, RMSNorm, a fused gated GELU, and a cross-entropy whose forward and backward are
+one pass over the logits each, without ever writing the softmax to memory.
 
 You will learn:
 - one program per row: how LayerNorm and RMSNorm normalise a row held in registers, and why
@@ -15,15 +15,14 @@ You will learn:
 - fused activations: GeGLU forward and backward, recomputing GELU instead of storing it
 - RoPE as a rotation of pairs, whose backward is the inverse rotation
 - fused cross-entropy: online logsumexp over the vocabulary in chunks, and the gradient
-  softmax - onehot written in place into the logits buffer (Liger-kernel style): time and peak
-  memory against PyTorch
+  softmax - onehot written in place into the logits buffer (Liger-kernel style), scaled by
+  grad_loss in fp32 without a host sync: time and peak memory against PyTorch
 
 Run:  python lessons/advanced/08_transformer_blocks.py [--quick]
 """
 
 import functools
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `common`
@@ -47,8 +46,8 @@ from common import Table, fmt_bytes, section  # noqa: E402
 # The loss is the extreme case: 8192 tokens x 128,256 classes (Llama 3's vocabulary) is one
 # billion logits, 2 GiB in bf16. F.cross_entropy on float-upcast logits writes an fp32 copy,
 # fp32 log-probabilities, an fp32 gradient and a bf16 gradient: several times the logits
-# themselves in extra memory. One kernel can read the logits, compute the loss, and overwrite
-# them with the gradient.
+# themselves in extra memory. Two kernels can read the logits for the loss, then read them again
+# and overwrite them with the gradient.
 
 # %% [markdown]
 # ## Reference (PyTorch)
@@ -814,7 +813,7 @@ def traffic() -> None:
         ("RoPE fwd (exercise 8.3)", lambda: rope_reference(q, cos, sin), 2 * q.numel() * e, 2 * q.numel() * e, 1),
         ("MSE loss fwd+bwd (exercise 8.4)", _fwd_bwd(mse_reference, (pred, tgt)), 3 * mn, 3 * mn, 1),
         ("cross-entropy fwd+bwd, fp32 upcast", _fwd_bwd(lambda l_: cross_entropy_reference(l_, target), (logits,)),
-         2 * m * v * e, 3 * m * v * e, 1),
+         2 * m * v * e, 3 * m * v * e, 2),
     ]
     table = Table("bytes moved: PyTorch counted per aten op vs the Triton kernels' loads and stores (modelled)",
                   ["op", "torch ops", "torch bytes", "minimum", "triton bytes", "triton kernels",
@@ -826,227 +825,159 @@ def traffic() -> None:
     table.print()
     print("minimum: every input read once and every output written once. LayerNorm fwd+bwd: the Triton "
           "backward reads x and dy and writes dx (plus P x N fp32 partial sums, small); the forward writes "
-          "y. Cross-entropy: the minimum reads the logits and writes the gradient; the kernel reads the "
-          "logits twice (pass 1 for the logsumexp, pass 2 for the gradient).")
+          "y. Cross-entropy: the minimum reads the logits and writes the gradient; the kernels read the "
+          "logits twice (the forward for the logsumexp, the backward for the gradient).")
     print(f"Scale: at M = 8192, V = 128,256 the logits are {fmt_bytes(8192 * 128256 * e)} in bf16, and every "
           f"bf16 M x V pass above costs that much again; every fp32 one twice that.")
 
 
 # %% [markdown]
 # ## Benchmark
-# Medians of many runs (CUDA events, L2 flushed between runs). GB/s counts the *minimum* bytes
-# for every provider (norms: read x, write y), so a provider that moves more bytes shows a lower
-# rate. torch.compile is built once per shape (common.compiled).
+# Declared once, run by common.Benchmark: each provider timed in alternating rounds (CUDA
+# events, L2 flushed), GB/s of the *minimum* bytes for every provider (so one that moves more
+# shows a lower rate), % of the copy bandwidth measured in the same run, and the ratio to the
+# fastest baseline the registry names for the op (eager, torch.compile, F.rms_norm /
+# F.layer_norm / F.cross_entropy, Liger-Kernel where it imports). bf16 on a GPU; the
+# interpreter runs each provider once on tiny fp32 inputs.
+
+BF16 = torch.bfloat16 if common.HAS_GPU else torch.float32
+NORM_CASES = [(65536, 1024), (16384, 4096), (16384, 8192), (4096, 16384)]  # bars at 16384 x 8192
+NORM_BAR = (16384, 8192)
+CE_CASE = (8192, 128256)  # Llama 3's vocabulary: 2 GiB of bf16 logits
 
 
-def _gbps_row(t: "common.Timing", nbytes: int) -> tuple:
-    return str(t), t.gbps(nbytes), common.pct_of_copy(t.gbps(nbytes))
+def _rows_cols(m: int, n: int, grad: bool = False, params: int = 2) -> tuple:
+    """x (M x N) and `params` weight-like vectors (N), bf16 on the device."""
+    made = [torch.randn(m, n, device=common.DEVICE, dtype=BF16)] + [
+        torch.randn(n, device=common.DEVICE, dtype=BF16) for _ in range(params)]
+    return tuple(t.requires_grad_() for t in made) if grad else tuple(made)
 
 
-def benchmark_norms(quick: bool) -> None:
-    m, n = (4096, 4096) if quick else (16384, 8192)
-    dtype = torch.bfloat16
-    section(f"Benchmark: norms forward, {m} x {n} bf16")
-    copy = common.copy_bandwidth()
-    print(f"copy bandwidth measured now: {copy:,.0f} GB/s (device-to-device, read + write)")
-    x = torch.randn(m, n, device="cuda", dtype=dtype)
-    w = torch.randn(n, device="cuda", dtype=dtype)
-    b = torch.randn(n, device="cuda", dtype=dtype)
-    nbytes = 2 * x.numel() * x.element_size()  # read x, write y (w, b and per-row stats are tiny)
-    providers = {
-        "RMSNorm: torch eager (op by op)": lambda: rmsnorm_reference(x, w),
-        "RMSNorm: F.rms_norm": (lambda: F.rms_norm(x, (n,), w, 1e-6)) if hasattr(F, "rms_norm") else None,
-        "RMSNorm: torch.compile(op by op)": None,
-        "RMSNorm: triton": lambda: rmsnorm(x, w),
-        "LayerNorm: torch eager (op by op)": lambda: layernorm_reference(x, w, b),
-        "LayerNorm: F.layer_norm": lambda: F.layer_norm(x, (n,), w, b),
-        "LayerNorm: torch.compile(op by op)": None,
-        "LayerNorm: triton": lambda: layernorm_forward(x, w, b)[0],
-    }
-    if not quick:  # a compile each: tens of seconds the quick run does not spend
-        rms_c, ln_c = common.compiled(rmsnorm_reference), common.compiled(layernorm_reference)
-        if rms_c is not None:
-            providers["RMSNorm: torch.compile(op by op)"] = lambda: rms_c(x, w)
-        if ln_c is not None:
-            providers["LayerNorm: torch.compile(op by op)"] = lambda: ln_c(x, w, b)
-    times = {k: common.bench(fn) for k, fn in providers.items() if fn is not None}
-    table = Table(f"norms forward {m} x {n} bf16: GB/s of the minimum bytes (read x, write y)",
-                  ["provider", "time", "GB/s", "% copy", "triton speedup"])
-    for name, t in times.items():
-        triton_t = times[name.split(":")[0] + ": triton"]
-        table.add(name, *_gbps_row(t, nbytes), f"{t.ms / triton_t.ms:.2f}x")
-    table.print()
-    print("triton speedup: this provider's time / the Triton kernel's time (above 1: Triton is faster).")
-    if not quick:
-        rms, ln = times["RMSNorm: triton"], times["LayerNorm: triton"]
-        shape = f"{m} x {n} bf16"
-        common.perf_bar(f"RMSNorm forward {shape}: % of copy bandwidth", common.pct_of_copy(rms.gbps(nbytes)), 80, "%")
-        common.perf_bar(f"RMSNorm forward {shape}: speed vs eager op by op (torch time / triton time)",
-                        times["RMSNorm: torch eager (op by op)"].ms / rms.ms, 1.5, "x")
-        common.perf_bar(f"LayerNorm forward {shape}: % of copy bandwidth", common.pct_of_copy(ln.gbps(nbytes)), 80, "%")
-        common.perf_bar(f"LayerNorm forward {shape}: speed vs F.layer_norm (torch time / triton time)",
-                        times["LayerNorm: F.layer_norm"].ms / ln.ms, 1.5, "x")
-        common.perf_bar(f"LayerNorm forward {shape}: speed vs eager op by op (torch time / triton time)",
-                        times["LayerNorm: torch eager (op by op)"].ms / ln.ms, 1.5, "x")
-        print("F.layer_norm is already one fused kernel that moves the minimum bytes: 1.5x over it would "
-              "need it to run below 67% of the bandwidth Triton reaches. The op-by-op bar is the fusion win.")
-        warps = Table(f"num_warps for the norms at {shape}", ["num_warps", "RMSNorm GB/s", "LayerNorm GB/s"])
-        block = _row_block(n)
-        rows = x.reshape(-1, n)
-        y = torch.empty_like(x)
-        mean = torch.empty(m, device="cuda")
-        rstd = torch.empty(m, device="cuda")
-        for nw in (8, 16, 32):
-            t_rms = common.bench(lambda: rmsnorm_fwd_kernel[(m,)](rows, w, y, n, n, 1e-6, BLOCK_SIZE=block,
-                                                                  num_warps=nw))
-            t_ln = common.bench(lambda: layernorm_fwd_kernel[(m,)](rows, w, b, y, mean, rstd, n, n, 1e-5,
-                                                                   BLOCK_SIZE=block, num_warps=nw))
-            warps.add(nw, t_rms.gbps(nbytes), t_ln.gbps(nbytes))
-        warps.print()
-        print(f"The wrappers pick num_warps = {_row_num_warps(block)} for rows of {n}.")
+def _read_write(x, *rest) -> int:
+    return 2 * x.numel() * x.element_size()  # read x, write y (w, b and per-row stats are tiny)
 
 
-def benchmark_norm_widths() -> None:
-    total = 2**26  # elements per tensor: 128 MiB of bf16, larger than L2
-    section("Benchmark: norms forward over hidden sizes, M x N = 2^26 bf16")
-    names = ["RMSNorm eager (op by op)", "RMSNorm triton", "LayerNorm F.layer_norm", "LayerNorm eager (op by op)",
-             "LayerNorm triton"]
-    table = Table("norms forward, bf16: GB/s of the minimum bytes", ["M x N", *names, "RMSNorm triton % copy"])
-    widths = [1024, 2048, 4096, 8192, 16384]
-    series = {k: [] for k in names}
-    for n in widths:
-        m = total // n
-        x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-        b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-        nbytes = 2 * x.numel() * 2
-        fns = [lambda: rmsnorm_reference(x, w), lambda: rmsnorm(x, w), lambda: F.layer_norm(x, (n,), w, b),
-               lambda: layernorm_reference(x, w, b), lambda: layernorm_forward(x, w, b)[0]]
-        rates = [common.bench(fn).gbps(nbytes) for fn in fns]
-        for k, r in zip(names, rates):
-            series[k].append(r)
-        table.add(f"{m} x {n}", *rates, common.pct_of_copy(rates[1]))
-        del x
-    table.print()
-    fig, ax = common.new_figure("Norms forward over hidden sizes, M x N = 2^26 bf16", "N (hidden size)",
-                                "GB/s (minimum bytes)", logx=True)
-    for k, values in series.items():
-        ax.plot(widths, values, marker="o", label=k)
-    ax.axhline(common.copy_bandwidth(), color="gray", linestyle="--", label="copy (measured)")
-    ax.legend(fontsize=8)
-    common.save_plot(fig, "08_transformer_blocks_norms")
+@functools.cache
+def _norm_sweep_inputs() -> tuple:  # one set of tensors for every num_warps of the sweep
+    m, n = NORM_BAR if common.HAS_GPU else (5, 33)
+    x, w, b = _rows_cols(m, n)
+    return x, w, b, torch.empty_like(x), torch.empty(m, device=common.DEVICE), torch.empty(m, device=common.DEVICE)
 
 
-def benchmark_layernorm_backward(quick: bool) -> None:
-    m, n = (4096, 4096) if quick else (8192, 4096)
-    section(f"Benchmark: LayerNorm forward + backward, {m} x {n} bf16")
-    x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = torch.randn(n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    b = torch.randn(n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-    nbytes = 5 * m * n * 2  # forward: read x, write y; backward: read x and dy, write dx
-    providers = {"F.layer_norm + autograd": lambda: torch.autograd.grad(F.layer_norm(x, (n,), w, b), (x, w, b), dy),
-                 "eager op by op + autograd": lambda: torch.autograd.grad(layernorm_reference(x, w, b), (x, w, b), dy),
-                 "triton (LayerNormFunction)": lambda: torch.autograd.grad(layernorm(x, w, b), (x, w, b), dy)}
-    table = Table(f"LayerNorm fwd+bwd {m} x {n} bf16: GB/s of the minimum bytes (5 x M x N x 2)",
-                  ["provider", "time", "GB/s", "% copy", "peak extra memory"])
-    for name, fn in providers.items():
-        table.add(name, *_gbps_row(common.bench(fn), nbytes), fmt_bytes(common.peak_extra_memory(fn)))
-    table.print()
-    if quick:
-        return
-    xd = x.detach()
-    sweep = Table(f"LayerNorm backward {m} x {n} bf16: programs (partial rows) for the dW / dB reduction",
-                  ["programs", "per SM", "rows each", "partials", "time", "GB/s (read x, dy; write dx)"])
-    _, mean, rstd = layernorm_forward(xd, w.detach(), b.detach())
-    for per_sm in (1, 2, 4, 8):
-        programs = per_sm * _sm_count()
-        p, rows_each = _bwd_grid(m, programs)
-        t = common.bench(lambda: layernorm_backward(dy, xd, w.detach(), mean, rstd, programs=programs))
-        sweep.add(p, per_sm, rows_each, fmt_bytes(2 * p * n * 4), str(t), t.gbps(3 * m * n * 2))
-    sweep.print()
-    print(f"The wrapper uses {BWD_PROGRAMS_PER_SM} programs per SM. More programs: more rows in flight, "
-          f"but more partial rows to write and add up.")
+def _norm_warps(kernel: str):
+    def run(x, w, b, y, mean, rstd, num_warps):
+        m, n = x.shape
+        if kernel == "rms":
+            rmsnorm_fwd_kernel[(m,)](x, w, y, n, n, 1e-6, BLOCK_SIZE=_row_block(n), num_warps=num_warps)
+        else:
+            layernorm_fwd_kernel[(m,)](x, w, b, y, mean, rstd, n, n, 1e-5, BLOCK_SIZE=_row_block(n),
+                                       num_warps=num_warps)
+    return run
 
 
-def benchmark_geglu(quick: bool) -> None:
-    m, n = (4096, 4096) if quick else (8192, 14336)  # Llama-3-8B's MLP width
-    section(f"Benchmark: GeGLU, {m} x {n} bf16")
-    a = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    b = torch.randn(m, n, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    dh = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
-    e = m * n * 2
-    compiled = None if quick else common.compiled(geglu_reference)
-    rows = [("torch eager", "fwd", lambda: geglu_reference(a.detach(), b.detach()), 3 * e),
-            ("torch.compile", "fwd", (lambda: compiled(a.detach(), b.detach())) if compiled else None, 3 * e),
-            ("triton", "fwd", lambda: geglu_forward(a.detach(), b.detach()), 3 * e),
-            ("torch eager", "fwd+bwd", lambda: torch.autograd.grad(geglu_reference(a, b), (a, b), dh), 8 * e),
-            ("triton", "fwd+bwd", lambda: torch.autograd.grad(geglu(a, b), (a, b), dh), 8 * e)]
-    table = Table(f"GeGLU {m} x {n} bf16: GB/s of the minimum bytes (fwd: read a, b, write h; "
-                  f"bwd: read dh, a, b, write da, db)", ["provider", "pass", "time", "GB/s", "% copy"])
-    for name, which, fn, nbytes in rows:
-        if fn is not None:
-            table.add(name, which, *_gbps_row(common.bench(fn), nbytes))
-    table.print()
+@functools.cache
+def _bwd_sweep_inputs() -> tuple:
+    m, n = NORM_BAR if common.HAS_GPU else (37, 33)
+    x, w, b = _rows_cols(m, n)
+    _, mean, rstd = layernorm_forward(x, w, b)
+    return torch.randn_like(x), x, w, mean, rstd
 
 
-def benchmark_cross_entropy(quick: bool) -> None:
-    m, v = (4096, 32000) if quick else (8192, 128256)
-    section(f"Benchmark: cross-entropy forward + backward, {m} x {v} bf16 logits")
-    logits = torch.randn(m, v, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    target = torch.randint(0, v, (m,), device="cuda")
-    mv = m * v * 2
-    eager = lambda: torch.autograd.grad(cross_entropy_reference(logits, target), logits)  # noqa: E731
-    triton_buffer = lambda: torch.autograd.grad(cross_entropy(logits, target), logits)  # noqa: E731
-    # In place overwrites the logits every call: later calls read gradients, not logits. The work
-    # and the bytes are the same (the values only need to be finite), so the timing holds.
-    triton_inplace = lambda: torch.autograd.grad(cross_entropy(logits, target, inplace=True), logits)  # noqa: E731
-    providers = {"torch eager (fp32 upcast)": eager, "torch.compile (fp32 upcast)": None,
-                 "triton, bf16 grad buffer": triton_buffer, "triton, in place": triton_inplace}
-    if not quick:  # compiling forward + backward takes a while: the full run only
-        compiled_ce = common.compiled(cross_entropy_reference)
-        if compiled_ce is not None:
-            start = time.perf_counter()
-            torch.autograd.grad(compiled_ce(logits, target), logits)
-            print(f"torch.compile of the loss, forward + backward: {time.perf_counter() - start:.1f} s")
-            providers["torch.compile (fp32 upcast)"] = lambda: torch.autograd.grad(compiled_ce(logits, target), logits)
-    results = {}
-    table = Table(f"cross-entropy fwd+bwd {m} x {v} bf16: GB/s of the minimum bytes (read logits, write grad)",
-                  ["provider", "time", "GB/s", "% copy", "peak extra memory", "speedup vs eager",
-                   "memory: eager / this"])
-    for name, fn in providers.items():
-        if fn is None:
-            continue
-        results[name] = (common.bench(fn), common.peak_extra_memory(fn))
-    t_eager, mem_eager = results["torch eager (fp32 upcast)"]
-    for name, (t, mem) in results.items():
-        table.add(name, *_gbps_row(t, 2 * mv), fmt_bytes(mem), f"{t_eager.ms / t.ms:.2f}x",
-                  f"{mem_eager / max(mem, 1):.1f}x")
-    table.print()
-    print(f"The logits themselves are {fmt_bytes(mv)}; peak extra memory is what each provider allocates "
-          f"beyond them (the gradient included).")
-    fig, ax = common.new_figure(f"Cross-entropy fwd+bwd, {m} x {v} bf16: peak extra memory", "",
-                                "GiB allocated beyond the logits")
-    names = list(results)
-    ax.bar(range(len(names)), [results[k][1] / 2**30 for k in names])
-    ax.set_xticks(range(len(names)), [f"{k}\n{results[k][0].ms:.2f} ms" for k in names], fontsize=7)
-    common.save_plot(fig, "08_transformer_blocks_cross_entropy")
-    if quick:
-        return
-    t_in, mem_in = results["triton, in place"]
-    shape = f"{m} x {v} bf16"
-    common.perf_bar(f"cross-entropy fwd+bwd {shape}: speed vs eager fp32 upcast (torch time / triton time)",
-                    t_eager.ms / t_in.ms, 2.0, "x")
-    common.perf_bar(f"cross-entropy fwd+bwd {shape}: peak extra memory, eager / triton in place",
-                    mem_eager / max(mem_in, 1), 4.0, "x")
-    sweep = Table(f"cross-entropy in place {shape}: chunk size (BLOCK_SIZE)",
-                  ["BLOCK_SIZE", "num_warps", "time", "GB/s (read 2x, write 1x)", "% copy"])
-    for block in (2048, 4096, 8192, 16384):
-        t = common.bench(lambda: cross_entropy_backward(logits.detach(), target, *cross_entropy_forward(logits.detach(), target, block_size=block)[1:], grad=logits.detach(), block_size=block))
-        sweep.add(block, _row_num_warps(block), *_gbps_row(t, 3 * mv))
-    sweep.print()
-    print(f"The wrapper uses BLOCK_SIZE = {CE_BLOCK_SIZE}. Each chunk costs two reductions (max, sum) "
-          f"across the program's threads: longer chunks, fewer of them.")
+@functools.cache
+def _ce_sweep_inputs() -> tuple:
+    m, v = CE_CASE if common.HAS_GPU else (4, 300)
+    return (torch.randn(m, v, device=common.DEVICE, dtype=BF16), torch.randint(0, v, (m,), device=common.DEVICE))
+
+
+def _ce_in_place(logits, target, block):  # both kernels, the gradient written over the logits
+    _, lse, n_valid = cross_entropy_forward(logits, target, block_size=block)
+    return cross_entropy_backward(logits, target, lse, n_valid, grad=logits, block_size=block)
+
+
+def _ce_inputs(m: int, v: int) -> tuple:
+    logits = torch.randn(m, v, device=common.DEVICE, dtype=BF16, requires_grad=True)
+    return logits, torch.randint(0, v, (m,), device=common.DEVICE)
+
+
+_norms = dict(cases=NORM_CASES, quick_cases=[(4096, 4096)], cpu_cases=[(5, 33)], nbytes=_read_write,
+              ceiling="copy", dtype=torch.bfloat16, xlabel="M x N")
+# In place, every timed call overwrites the logits with its gradient, so later calls read
+# gradients: the loads, exponentials and stores are the same for any finite values.
+CE_KERNELS = {"triton, in place": lambda logits, target: cross_entropy(logits, target, inplace=True),
+              "triton, separate grad buffer": lambda logits, target: cross_entropy(logits, target)}
+
+BENCHMARKS = [
+    common.Benchmark(
+        "RMSNorm forward, bf16", op="rms_norm", setup=lambda m, n: _rows_cols(m, n, params=1),
+        kernels={"triton rmsnorm": rmsnorm}, reference=rmsnorm_reference, plot="08_transformer_blocks_rmsnorm",
+        bars=[common.Bar("triton rmsnorm", NORM_BAR, "ceiling", 80),
+              common.Bar("triton rmsnorm", NORM_BAR, "baseline", 1.0)], **_norms),
+    common.Benchmark(
+        "LayerNorm forward, bf16", op="layer_norm", setup=_rows_cols,
+        kernels={"triton layernorm": lambda x, w, b: layernorm_forward(x, w, b)[0]}, reference=layernorm_reference,
+        plot="08_transformer_blocks_layernorm",
+        bars=[common.Bar("triton layernorm", NORM_BAR, "ceiling", 80),
+              common.Bar("triton layernorm", NORM_BAR, "baseline", 1.0)],
+        note="F.layer_norm is already one fused kernel that moves the minimum bytes: the bar is parity with it.",
+        **_norms),
+    common.Benchmark(
+        "norms forward at 16384 x 8192 bf16: num_warps", op=None, cases=[8, 16, 32], cpu_cases=[4],
+        setup=lambda nw: (*_norm_sweep_inputs(), nw),
+        kernels={"RMSNorm": _norm_warps("rms"), "LayerNorm": _norm_warps("ln")},
+        nbytes=lambda x, *rest: _read_write(x), ceiling="copy", dtype=torch.bfloat16,
+        label=lambda nw: f"num_warps={nw}", note=f"The wrappers pick num_warps = {_row_num_warps(8192)} for rows "
+                                                 f"of 8192."),
+    common.Benchmark(
+        "LayerNorm forward + backward, bf16", op="layer_norm", grad="fwd+bwd", cases=[NORM_BAR],
+        quick_cases=[(4096, 4096)], cpu_cases=[(5, 33)], setup=lambda m, n: _rows_cols(m, n, grad=True),
+        kernels={"triton LayerNormFunction": layernorm}, reference=layernorm_reference,
+        nbytes=lambda x, w, b: 5 * x.numel() * x.element_size(),  # fwd: read x, write y; bwd: read x, dy, write dx
+        ceiling="copy", dtype=torch.bfloat16,
+        bars=[common.Bar("triton LayerNormFunction", NORM_BAR, "baseline", 1.0, why=(
+            "measured 2026-11-22: 0.438 ms vs F.layer_norm + autograd 0.183 ms; the backward runs "
+            f"{BWD_PROGRAMS_PER_SM} programs per SM, each looping over its rows one at a time, then two "
+            "sum_rows launches for dw and db"))]),
+    common.Benchmark(
+        "LayerNorm backward at 16384 x 8192 bf16: programs per SM (partial rows for dW / dB)", op=None,
+        cases=[1, 2, 4, 8], cpu_cases=[1], setup=lambda per_sm: (*_bwd_sweep_inputs(), per_sm * _sm_count()),
+        kernels={"layernorm_backward": lambda dy, x, w, mean, rstd, programs: layernorm_backward(
+            dy, x, w, mean, rstd, programs=programs)},
+        nbytes=lambda dy, *rest: 3 * dy.numel() * dy.element_size(), ceiling="copy", dtype=torch.bfloat16,
+        label=lambda per_sm: f"{per_sm} per SM",
+        note=f"The wrapper uses {BWD_PROGRAMS_PER_SM} per SM. More programs: more rows in flight, but more "
+             f"partial rows to write and add up."),
+    common.Benchmark(
+        "GeGLU forward, bf16 (Llama-3-8B's MLP width)", op="geglu", cases=[(8192, 14336)],
+        quick_cases=[(4096, 4096)], cpu_cases=[(3, 100)],
+        setup=lambda m, n: (*_rows_cols(m, n, params=0), *_rows_cols(m, n, params=0)),
+        kernels={"triton geglu_forward": geglu_forward}, reference=geglu_reference,
+        nbytes=lambda a, b: 3 * a.numel() * a.element_size(), ceiling="copy", dtype=torch.bfloat16),
+    common.Benchmark(
+        "GeGLU forward + backward, bf16", op="geglu", grad="fwd+bwd", cases=[(8192, 14336)],
+        quick_cases=[(4096, 4096)], cpu_cases=[(3, 100)],
+        setup=lambda m, n: (*_rows_cols(m, n, grad=True, params=0), *_rows_cols(m, n, grad=True, params=0)),
+        kernels={"triton geglu": geglu}, reference=geglu_reference,
+        nbytes=lambda a, b: 8 * a.numel() * a.element_size(),  # fwd: read a, b, write h; bwd: read dh, a, b, write da, db
+        ceiling="copy", dtype=torch.bfloat16),
+    common.Benchmark(
+        "cross-entropy forward + backward, bf16 logits", op="cross_entropy", grad="fwd+bwd", cases=[CE_CASE],
+        quick_cases=[(4096, 32000)], cpu_cases=[(4, 300)], setup=_ce_inputs, kernels=CE_KERNELS,
+        reference=cross_entropy_reference, memory=True,
+        nbytes=lambda logits, target: 2 * logits.numel() * logits.element_size(),  # read logits, write grad
+        ceiling="copy", dtype=torch.bfloat16,
+        bars=[common.Bar("triton, in place", CE_CASE, "baseline", 1.0),
+              common.Bar("triton, in place", CE_CASE, "baseline memory", 1.0)],
+        note="peak extra memory: what one forward + backward allocates beyond the logits, the gradient "
+             "included. The same variant is timed and measured for memory."),
+    common.Benchmark(
+        "cross-entropy in place at 8192 x 128256 bf16: chunk size (BLOCK_SIZE)", op=None,
+        cases=[2048, 4096, 8192, 16384], cpu_cases=[128], setup=lambda block: (*_ce_sweep_inputs(), block),
+        kernels={"forward + backward kernels": _ce_in_place},
+        nbytes=lambda logits, *rest: 3 * logits.numel() * logits.element_size(),  # read twice, write once
+        ceiling="copy", dtype=torch.bfloat16, label=lambda block: f"BLOCK_SIZE={block}",
+        note=f"The wrapper uses BLOCK_SIZE = {CE_BLOCK_SIZE}. Each chunk costs two reductions (max, sum) across "
+             f"the program's threads: longer chunks, fewer of them."),
+]
 
 
 # %% [markdown]
@@ -1059,22 +990,13 @@ def benchmark_cross_entropy(quick: bool) -> None:
 #   small second reduction. Deterministic, no locks, and the partial rows are a few MiB.
 # - Fuse an activation with its gate and recompute it in the backward pass: the bytes, not the
 #   arithmetic, set the time.
-# - A loss over a large vocabulary never needs the softmax in memory: online logsumexp in one
-#   pass, the gradient in the second, written over the logits. Measure time and peak memory.
+# - A loss over a large vocabulary never needs the softmax in memory: online logsumexp in the
+#   forward pass, the gradient in the backward, written over the logits and scaled by grad_loss
+#   in fp32 before its one rounding. Measure time and peak memory.
 
 
 if __name__ == "__main__":
     args = common.lesson_args(__doc__.strip().splitlines()[0])
-    started = time.perf_counter()
     check(args.quick)
     traffic()
-    print(f"\n(checks and traffic: {time.perf_counter() - started:.1f} s)")
-    if common.HAS_GPU:
-        for bench_fn in (benchmark_norms, benchmark_layernorm_backward, benchmark_geglu, benchmark_cross_entropy):
-            bench_fn(args.quick)
-            print(f"({bench_fn.__name__} done at {time.perf_counter() - started:.1f} s)")
-        if not args.quick:
-            benchmark_norm_widths()
-            print(f"(benchmark_norm_widths done at {time.perf_counter() - started:.1f} s)")
-    else:
-        print("\n" + common.require_gpu("Benchmarks (GB/s, speedups, peak memory, sweeps, plots)"))
+    common.run_benchmarks(BENCHMARKS, args.quick)
