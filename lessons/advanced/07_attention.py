@@ -912,6 +912,10 @@ def _sweep_inputs() -> tuple:  # one cache for every split size of the sweep
     return decode_inputs(8, 32, 128, SWEEP_CTX) if common.HAS_GPU else decode_inputs(1, 1, 16, 64)
 
 
+def _split_label(split: int) -> str:
+    return f"{split} keys ({triton.cdiv(_sweep_inputs()[1].shape[2], split)} splits)"
+
+
 def _forward(causal: bool) -> common.Benchmark:
     cases = [(4, 32, n, 128, causal) for n in (1024, 2048, 4096, 8192)]
     return common.Benchmark(
@@ -959,7 +963,7 @@ BENCHMARKS = [
         setup=lambda split: (*_sweep_inputs(), split),
         kernels={DECODE: lambda q, k_cache, v_cache, split: decode_attention(q, k_cache, v_cache, split_size=split)},
         nbytes=lambda q, k_cache, v_cache, split: _decode_bytes(q, k_cache, v_cache), ceiling="read",
-        dtype=BENCH_DTYPE, label=lambda split: f"{split} keys ({triton.cdiv(SWEEP_CTX, split)} splits)",
+        dtype=BENCH_DTYPE, label=_split_label,
         plot="07_attention_decode_splits", xlabel="keys per split", logx=True,
         note=f"One split per head is B*H = 256 programs, each streaming the whole context alone; more splits put "
              f"more programs (and loads) in flight, until the partials and the reduce start to cost. "
