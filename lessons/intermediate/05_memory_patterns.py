@@ -607,7 +607,8 @@ BENCHMARKS = [
              "order moves either beyond the spread, L2 holds what they reuse in any order."),
     common.Benchmark(
         "cache hints on transpose v2, fp32", op=None, cases=[8192], cpu_cases=[100], setup=_square,
-        kernels={"no hint": transpose_v2, **{name: functools.partial(transpose_v2, **hint) for name, hint in HINTS.items()}},
+        kernels={"no hint": transpose_v2,
+                 **{name: functools.partial(transpose_v2, **hint) for name, hint in HINTS.items()}},
         nbytes=_copy_bytes, ceiling="copy", dtype=torch.float32, label=lambda n: f"{n} x {n}"),
     common.Benchmark(
         "cache hints on the stencil, fp32", op=None, cases=[8192], cpu_cases=[100], setup=_square,
