@@ -4,7 +4,8 @@
 #   make progress              every lesson's exercises: passed / failed / TODO
 #   make test                  what CI runs: solutions, the grader's own tests, every lesson (quick);
 #                              PYTEST="tests/test_11_quantization.py -x" runs a part
-#   make bench                 every lesson's full benchmark on the GPU -> plots/bench/results.md
+#   make bench                 every lesson's full benchmark on the GPU -> lessons/results/results.md, .json
+#                              (LESSON=07 re-runs one lesson)
 #   make profile               lesson 12's profilers: torch.profiler, and Nsight Compute's DRAM bytes if ncu is installed
 
 PYTHON ?= python3
@@ -30,7 +31,7 @@ endif
 .DEFAULT_GOAL := help
 
 help:
-	@sed -n '1,9p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,10p' Makefile | sed 's/^# \{0,1\}//'
 
 setup: $(SETUP_STAMP)
 	@echo "using $(PY)"
@@ -55,16 +56,19 @@ progress: setup
 test: setup
 	IMPL=solutions $(PY) -m pytest $(PYTEST)
 
+# LESSON=07 (or LESSON="07 08") re-runs those lessons only; the others' results stay. A lesson
+# that fails is named at the end, after the others ran, and the target exits non-zero.
+BENCH_DIR := lessons/results
 bench: setup
 	@$(PY) -c "import sys, common; sys.exit(0 if common.HAS_GPU else 'make bench times kernels and needs a CUDA GPU; without one, make lesson LESSON=NN runs the checks and the traffic analysis')"
-	@rm -rf plots/bench
-	@set -e; for n in 01 02 03 04 05 06 07 08 09 10 11 12; do \
-	  if $(PY) common/lessons.py written $$n; then \
-	    echo "=== lesson $$n ==="; \
-	    COURSE_RESULTS=plots/bench $(PY) common/lessons.py run $$n; \
-	  fi; \
-	done
-	@$(PY) -m common results plots/bench
+	@failed=""; for n in $(if $(LESSON),$(LESSON),$$($(PY) common/lessons.py numbers)); do \
+	  stem=$$($(PY) common/lessons.py stem $$n) || exit 2; \
+	  rm -f $(BENCH_DIR)/$${stem%%_*}_*; \
+	  echo "=== lesson $$n ==="; \
+	  COURSE_RESULTS=$(BENCH_DIR) $(PY) common/lessons.py run $$n || failed="$$failed $$n"; \
+	done; \
+	$(PY) -m common results $(BENCH_DIR); \
+	if [ -n "$$failed" ]; then echo "make bench: lesson(s)$$failed failed (see above)"; exit 1; fi
 
 # Lesson 12's --profile: torch.profiler's kernel table, and Nsight Compute's measured DRAM bytes
 # next to the modelled bytes where `ncu` is on PATH (it says so and goes on where it is not).

@@ -1,7 +1,7 @@
 """The lesson map: number, level, file stem, title. Used by the Makefile targets and the README.
 
 `python common/lessons.py run 01 [--quick]` runs a lesson script, `python common/lessons.py list`
-prints the map. A bad or missing lesson number prints the valid ones and exits with status 2.
+prints the map, `python common/lessons.py numbers` the written lessons' numbers (for make bench). A bad or missing lesson number prints the valid ones and exits with status 2.
 Run as a plain script (not -m, which would import torch through common/__init__), so a
 typo gets its answer at once.
 """
@@ -100,13 +100,19 @@ def load_module(path: Path, name: str | None = None):
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("run", "list", "written"):
-        print("usage: python common/lessons.py run NN [--quick] | list | written NN", file=sys.stderr)
+    if not argv or argv[0] not in ("run", "list", "numbers", "stem", "written"):
+        print("usage: python common/lessons.py run NN [--quick] | list | numbers | stem NN | written NN", file=sys.stderr)
         return 2
     if argv[0] == "list":
         print(lesson_map())
         return 0
+    if argv[0] == "numbers":
+        print(" ".join(lesson.number for lesson in LESSONS if lesson.written))
+        return 0
     lesson = find(argv[1] if len(argv) > 1 else None)
+    if argv[0] == "stem":
+        print(lesson.stem)
+        return 0
     if argv[0] == "written":
         return 0 if lesson.written else 1
     require_written(lesson)
