@@ -142,6 +142,7 @@ class CaseResult:
     rate: dict[str, float] = field(default_factory=dict)  # GB/s or TFLOP/s
     baselines: list[str] = field(default_factory=list)  # the providers above that are baselines
     rounds: int = 0
+    round_ms: dict[str, list[float]] = field(default_factory=dict)  # every round's time, per provider
 
 
 class _GpuClock:
@@ -415,7 +416,7 @@ class Benchmark:
                     target = min(self.max_rounds, target + 2)
         result.rounds, result.baselines = len(rounds), base
         for name in steps:
-            ms = [r[name].ms for r in rounds]
+            ms = result.round_ms[name] = [r[name].ms for r in rounds]
             result.times[name] = Timing(statistics.median(ms), statistics.median(r[name].lo_ms for r in rounds),
                                         statistics.median(r[name].hi_ms for r in rounds))
         if base:
@@ -507,11 +508,16 @@ class Benchmark:
                 value, unit, against = 100 * res.rate[bar.kernel] / ceiling, "%", f"{self.ceiling} ceiling"
                 what = f"% of the measured {self.ceiling} {self._unit()}"
             else:
-                value, unit, against = res.times[bar.vs].ms / res.times[bar.kernel].ms, "x", bar.vs
+                # paired like the baseline ratio: each round's two times saw the same clocks
+                value = statistics.median(a / b for a, b in zip(res.round_ms[bar.vs], res.round_ms[bar.kernel]))
+                unit, against = "x", bar.vs
                 what = f"vs {bar.vs}, its time / this time"
             name = bar.name or f"{self.title}, {kernel_label} at {res.label}: {what}"
             reason = bar.why
-            if not reason and value < bar.at_least and bar.vs.startswith("baseline"):
+            if not reason and value < bar.at_least and bar.vs == "baseline memory":
+                reason = (f"measured: {bar.kernel} {fmt_bytes(res.memory[bar.kernel])} of extra memory vs "
+                          f"{against} {fmt_bytes(res.memory[against])}")
+            elif not reason and value < bar.at_least and bar.vs != "ceiling":
                 reason = self._measured_reason(res, bar.kernel, against, ceiling)
             perf_bar(name, value, bar.at_least, unit, record=dict(
                 kernel=bar.kernel, baseline=against, shape=res.label, dtype=_dtype(self.dtype), vs=bar.vs,

@@ -257,3 +257,26 @@ def test_registry_ops_are_well_formed():
         assert names, f"{name}: an op with nothing to race"
         for b in op.baselines:
             assert b.fn is not None or b.peer is None, f"{name}: peer {b.name} has no code to call"
+
+
+def test_a_bar_between_kernels_is_the_median_of_paired_rounds(fake_op):
+    # Round by round "other" takes 2x, 0.67x, 2x mine's time: the paired median is 2x, where the
+    # ratio of each kernel's median time (2.0 / 3.0) would say 0.67x.
+    clock = StubClock({"mine": [1.0, 3.0, 3.0], "other": [2.0, 2.0, 6.0], registry.EAGER: [9.0],
+                       registry.COMPILE: [9.0], "lib": [9.0]})
+    b = _benchmark(kernels={"mine": _provider("mine"), "other": _provider("other")}, rounds=3, max_rounds=3,
+                   bars=[common.Bar("mine", 8, "other", 1.5), common.Bar("other", 8, "mine", 1.0)])
+    [res] = b.run(quick=False, _clock=clock)
+    mine_vs_other, other_vs_mine = report._RUN["bars"]
+    assert mine_vs_other["value"] == pytest.approx(2.0) and mine_vs_other["baseline"] == "other"
+    assert other_vs_mine["value"] == pytest.approx(0.5) and not other_vs_mine["passed"]  # 1/2, 1.5, 1/2
+    assert "other" in other_vs_mine["why"] and "mine" in other_vs_mine["why"]
+
+
+def test_a_memory_miss_names_the_bytes(fake_op):
+    clock = StubClock({"mine": [1.0], registry.EAGER: [3.0], registry.COMPILE: [2.0], "lib": [1.5]},
+                      memory={"mine": 4 << 20, registry.EAGER: 8 << 20, registry.COMPILE: 2 << 20, "lib": 8 << 20})
+    _benchmark(memory=True, bars=[common.Bar("mine", 8, "baseline memory", 1.0)]).run(quick=False, _clock=clock)
+    [bar] = report._RUN["bars"]
+    assert bar["baseline"] == registry.COMPILE and bar["value"] == pytest.approx(0.5)
+    assert "extra memory" in bar["why"] and "MiB" in bar["why"]
