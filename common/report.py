@@ -168,6 +168,19 @@ def gather(results_dir: Path) -> tuple[str, dict]:
     return "\n".join(parts), {"bars": bars}
 
 
+def bars_table(bars: list[dict]) -> str:
+    """The README's results table: one row per perf bar of results.json, its baseline named."""
+    rows = ["| lesson | perf bar | strongest baseline (raced in the same run) | measured | bar | |",
+            "|---|---|---|---|---|---|"]
+    for b in bars:
+        sign = ">=" if b["higher_is_better"] else "<="
+        unit = b["unit"]
+        result = "PASS" if b["passed"] else "MISS" + (f": {b['why']}" if b.get("why") else "")
+        rows.append(f"| {b['lesson'][:2]} | {b['name']} | {b.get('baseline', '-')} | {b['value']:.2f} {unit} | "
+                    f"{sign} {b['bar']:g} {unit} | {result} |")
+    return "\n".join(rows)
+
+
 def write_results(results_dir: Path) -> tuple[Path, Path]:
     """results.md and results.json of one results folder (python -m common results DIR)."""
     page, record = gather(results_dir)

@@ -210,6 +210,8 @@ def test_results_json_is_written_and_parses(fake_op, tmp_path, monkeypatch):
         assert not missing, f"results.json bar lacks {missing}"
         assert record["lesson"] == "01_vector_add" and record["baseline"] in ("lib", "copy ceiling")
     assert "strongest baseline" in md.read_text() and "| lib |" in md.read_text()
+    table = report.bars_table(bars)
+    assert table.count("\n| 01 |") == 2 and "| lib | 1.50 x | >= 1 x | PASS |" in table
 
 
 # -- every lesson's declarations --------------------------------------------------------------------
