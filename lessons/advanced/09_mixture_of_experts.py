@@ -16,10 +16,12 @@ You will learn:
 Run:  python lessons/advanced/09_mixture_of_experts.py [--quick]
 """
 
+import functools
 import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `common`
 import common  # noqa: E402  (first: picks the GPU, or Triton's CPU interpreter without one)
@@ -608,18 +610,16 @@ def moe_v3(x, logits, w_gate, w_up, w_down, top_k, renormalize=True, out=None):
     return moe_v2(x, logits, w_gate, w_up, w_down, top_k, renormalize, out=out, tuned=True)
 
 
-MOE_VERSIONS = {
-    1: ("v1 grouped GEMMs, torch gather + SwiGLU", moe_v1),
-    2: ("v2 + fused gather and SwiGLU epilogue", moe_v2),
-    3: ("v3 v2 autotuned", moe_v3),
-}
+MOE_VERSIONS = common.Versions("moe")
+MOE_VERSIONS.add("v1", "grouped GEMMs, torch gather + SwiGLU", moe_v1)
+MOE_VERSIONS.add("v2", "+ fused gather and SwiGLU epilogue", moe_v2)
+MOE_VERSIONS.add("v3", "v2 autotuned", moe_v3)
 
 
 def moe(x, logits, w_gate, w_up, w_down, top_k, renormalize=True, version=3, out=None):
-    """The MoE layer (routing from precomputed logits) with Triton version 1, 2 or 3."""
-    if version not in MOE_VERSIONS:
-        raise ValueError(f"version must be one of {sorted(MOE_VERSIONS)}, got {version!r}")
-    return MOE_VERSIONS[version][1](x, logits, w_gate, w_up, w_down, top_k, renormalize, out=out)
+    """The MoE layer (routing from precomputed logits) with Triton version 1, 2 or 3 (or "v1".."v3")."""
+    fn = MOE_VERSIONS.get(version).fn  # a ValueError that lists the versions for any other value
+    return fn(x, logits, w_gate, w_up, w_down, top_k, renormalize, out=out)
 
 
 # %% [markdown]
@@ -661,6 +661,26 @@ def check_permutation(perm: Permutation, ids: torch.Tensor, block_m: int) -> Non
     if int(perm.num_tiles) != len(tiles) or list(zip(perm.tile_expert[:len(tiles)].tolist(),
                                                       perm.tile_start[:len(tiles)].tolist())) != tiles:
         raise common.CheckError("the tile table does not list each expert's cdiv(rows, BLOCK_M) tiles in order")
+
+
+def check_grouped_mm_baseline() -> None:
+    """The benchmark races moe_torch_grouped without comparing outputs: a baseline that computed a
+    different layer would set the bar, so it is checked here against the float64 loop first."""
+    if not common.supports_bf16() or not hasattr(torch, "_grouped_mm"):
+        print("moe_torch_grouped (a baseline): not checked here: torch._grouped_mm needs bf16 on a CUDA GPU")
+        return
+    x, logits, w_gate, w_up, w_down = random_moe(300, 256, 512, 8, torch.bfloat16, idle_expert=True)
+    try:
+        theirs = moe_torch_grouped(x, logits, w_gate, w_up, w_down, 2)
+    except Exception as err:  # private API: layouts, dtypes and GPUs vary by release
+        print(f"moe_torch_grouped (a baseline): fails here, so the benchmark skips it: {type(err).__name__}: "
+              f"{str(err).strip().splitlines()[0][:160]}")
+        return
+    expected = moe_loop_reference(x.double(), logits.double(), w_gate.double(), w_up.double(), w_down.double(), 2)
+    # bf16 rounds the gate and up outputs before the SwiGLU (v1 does too); the tolerance of the old benchmark
+    common.assert_close(theirs, expected, name="moe_torch_grouped (the torch._grouped_mm baseline)",
+                        atol=0.1, rtol=0.05)
+    print("moe_torch_grouped (the torch._grouped_mm baseline) matches the float64 loop (an idle expert included): OK")
 
 
 def check(quick: bool) -> None:
@@ -715,6 +735,7 @@ def check(quick: bool) -> None:
           f"dtypes {names}: OK (an idle expert included)")
     if common.INTERPRETER:
         print("moe v3: not checked separately here: without a GPU it runs v2's kernels with v2's config")
+    check_grouped_mm_baseline()
     if not common.supports_bf16():
         print("bfloat16: skipped, the interpreter has no bfloat16 (numpy lacks it); runs on a GPU")
 
@@ -838,176 +859,161 @@ def load_balancing(n_tokens: int, hidden: int, n_experts: int = 8, top_k: int = 
 
 # %% [markdown]
 # ## Benchmark
-# Providers side by side on the same routed inputs (the router GEMM is inside every timing):
-# the PyTorch loop, torch._grouped_mm where this torch has it, and Triton v1..v3. FLOPs are
-# 2 * T * k * 3 * H * F; the rate is compared with cuBLAS on a square bf16 matmul measured now.
+# Declared once, run by common.Benchmark. Every provider gets the same routed inputs (x, the
+# router's logits, the expert weights, k) and is timed in alternating rounds with every baseline
+# the registry names for "moe": the PyTorch expert loop (the reference, raced as "torch eager"),
+# torch.compile of it (full runs), and torch._grouped_mm (PyTorch's own grouped GEMM, where this
+# torch and GPU have it). The router GEMM is outside the timings: it is the same cuBLAS call for
+# every provider, and the stage table times it alone. FLOPs are 2 * T * k * 3 * H * F.
 
-MIXTRAL = dict(n_tokens=4096, hidden=4096, ffn=14336, n_experts=8, top_k=2)
-
-
-def bench_inputs(n_tokens, hidden, ffn, n_experts, dtype=torch.bfloat16):
-    """x, router weights and expert weights, drawn on the device (common.randn draws on the CPU,
-    which for Mixtral's 2.8 GB of weights would take longer than the benchmark)."""
-    def draw(*shape, scale=1.0, dtype=dtype):
-        return (torch.randn(*shape, device=common.DEVICE, dtype=torch.float32) * scale).to(dtype)
-    return (draw(n_tokens, hidden), draw(hidden, n_experts, scale=hidden ** -0.5, dtype=torch.float32),
-            draw(n_experts, hidden, ffn, scale=hidden ** -0.5), draw(n_experts, hidden, ffn, scale=hidden ** -0.5),
-            draw(n_experts, ffn, hidden, scale=ffn ** -0.5))
+MIXTRAL = (4096, 4096, 14336, 8, 2)  # tokens T, hidden H, FFN size F, experts E, top-k: Mixtral 8x7B's layer
+QUICK = (512, *MIXTRAL[1:])  # --quick: fewer tokens, the same weights
+DECODE = (64, *MIXTRAL[1:])  # a decode batch: every expert gets a few tokens, so all weights are read
+TINY = (40, 32, 48, 4, 2)  # the interpreter's case: every provider runs once on it
+BENCH_DTYPE = torch.bfloat16 if common.supports_bf16() else torch.float16  # the interpreter has no bfloat16
 
 
-def providers(top_k: int, quick: bool) -> dict:
-    """name -> fn(x, router_w, w_gate, w_up, w_down): the whole layer, router GEMM included."""
-    def layer(fn):
-        return lambda x, rw, wg, wu, wd: fn(x, router_logits(x, rw), wg, wu, wd, top_k)
-    table = {"torch loop": layer(moe_loop_reference)}
-    if hasattr(torch, "_grouped_mm"):
-        table["torch._grouped_mm"] = layer(moe_torch_grouped)
-    for version, (name, fn) in MOE_VERSIONS.items():
-        if version == 3 and quick:
-            continue  # autotuning takes longer than --quick allows
-        table[f"triton {name.split()[0]}"] = layer(fn)
-    return table
+def _draw(*shape, scale=1.0, dtype=BENCH_DTYPE):
+    # On the device: common.randn draws on the CPU, which for Mixtral's 2.8 GB of weights would take
+    # longer than the benchmark.
+    return (torch.randn(*shape, device=common.DEVICE) * scale).to(dtype)
 
 
-def _try_bench(name, fn, args, reference):
-    """Time fn(*args) after checking it against `reference`; None (printed why) if it fails."""
-    try:
-        out = fn(*args)
-        common.assert_close(out, reference, name=name, atol=0.1, rtol=0.05)  # two bf16 results, not a float64 ref
-        return common.bench(lambda: fn(*args))
-    except Exception as err:  # torch._grouped_mm is private: layouts, dtypes and GPUs vary by release
-        if name.startswith("triton"):
-            raise
-        print(f"{name}: skipped: {type(err).__name__}: {str(err).strip().splitlines()[0][:200]}")
-        return None
+def _expert_weights(hidden, ffn, n_experts):
+    return (_draw(n_experts, hidden, ffn, scale=hidden ** -0.5), _draw(n_experts, hidden, ffn, scale=hidden ** -0.5),
+            _draw(n_experts, ffn, hidden, scale=ffn ** -0.5))
 
 
-def benchmark_shape(quick: bool) -> dict:
-    return dict(MIXTRAL) if not quick else dict(n_tokens=2048, hidden=2048, ffn=7168, n_experts=8, top_k=2)
+def moe_inputs(n_tokens, hidden, ffn, n_experts, top_k) -> tuple:
+    """(x, logits, w_gate, w_up, w_down, top_k): the arguments of moe_v1..v3, of the loop and of
+    moe_torch_grouped. A random router: every expert gets about T * k / E assignments."""
+    x = _draw(n_tokens, hidden)
+    logits = router_logits(x, _draw(hidden, n_experts, scale=hidden ** -0.5, dtype=torch.float32))
+    return (x, logits, *_expert_weights(hidden, ffn, n_experts), top_k)
 
 
-def benchmark_layer(inputs, top_k: int, quick: bool) -> None:
-    x, router_w, w_gate, w_up, w_down = inputs
-    n_tokens, hidden = x.shape
-    n_experts, _, ffn = w_gate.shape
-    section(f"Benchmark: the whole MoE layer, T={n_tokens}, H={hidden}, F={ffn}, E={n_experts}, k={top_k}, bf16"
-            + (" (Mixtral 8x7B's layer)" if not quick else ""))
-    print("torch.compile: not timed: the loop's shapes depend on the routing (torch.where per expert), "
-          "which breaks the graph at every expert")
-    flops = moe_flops(n_tokens, hidden, ffn, top_k)
-    cublas = common.matmul_rate(torch.bfloat16)
-    print(f"cuBLAS bf16 matmul measured now: {cublas:,.0f} TFLOP/s (8192^3)")
-    fns = providers(top_k, quick)
-    reference = fns["torch loop"](*inputs)
-    times = {name: _try_bench(name, fn, inputs, reference) for name, fn in fns.items()}
-    loop = times["torch loop"]
-    table = Table(f"MoE layer forward, bf16: {flops / 1e12:.2f} TFLOP per call",
-                  ["provider", "time", "TFLOP/s", "% of cuBLAS", "speedup vs loop"])
-    for name, t in times.items():
-        if t is not None:
-            table.add(name, str(t), t.tflops(flops), 100 * t.tflops(flops) / cublas, f"{loop.ms / t.ms:.2f}x")
-    table.print()
-    if not quick:
-        for label, tuner in (("gate/up", grouped_swiglu_tuned), ("down", grouped_gemm_tuned)):
-            best = getattr(tuner, "best_config", None)
-            if best is not None:
-                print(f"v3 autotuner picked {best} for the {label} GEMM")
-    best_name = "triton v3" if not quick else "triton v2"
-    if "torch._grouped_mm" not in times:
-        print("torch._grouped_mm: skipped: this torch has no torch._grouped_mm")
-    elif times["torch._grouped_mm"] is not None:
-        print(f"{best_name} vs torch._grouped_mm: {times['torch._grouped_mm'].ms / times[best_name].ms:.2f}x "
-              f"(above 1: Triton is faster)")
-    if not quick:
-        common.perf_bar("MoE layer at the Mixtral shape: speed vs the PyTorch expert loop (loop time / v3 time)",
-                        loop.ms / times["triton v3"].ms, 2.0, "x")
-        speedup_ceiling(inputs, top_k, loop)
-    stage_breakdown(inputs, top_k, tuned=not quick)
+def _moe_label(case) -> str:
+    n_tokens, *shape = case
+    return f"T={n_tokens}" if tuple(shape) == MIXTRAL[1:] else "T={} H={} F={} E={} k={}".format(*case)
 
 
-def speedup_ceiling(inputs, top_k: int, loop: common.Timing) -> None:
-    """The most any implementation could gain over the loop here: the layer's three GEMMs as dense
-    cuBLAS matmuls of the same total size (no routing, no ragged tiles), timed now."""
-    x, _, w_gate, _, w_down = inputs
-    n_tokens, hidden = x.shape
-    ffn = w_gate.shape[2]
+def _layer_flops(x, logits, w_gate, w_up, w_down, top_k) -> int:
+    return moe_flops(x.shape[0], x.shape[1], w_gate.shape[2], top_k)
+
+
+def _layer_bytes(x, logits, w_gate, w_up, w_down, top_k) -> int:
+    # read x, the logits and the three weight matrices of every expert that got a token; write out.
+    # Softmax keeps the logits' order, so their top k are the router's choices.
+    used = int(torch.topk(logits, top_k, dim=-1).indices.unique().numel())
+    per_expert = (w_gate[0].numel() + w_up[0].numel() + w_down[0].numel()) * w_gate.element_size()
+    return 2 * x.numel() * x.element_size() + logits.numel() * logits.element_size() + used * per_expert
+
+
+def dense_gemm_inputs(n_tokens, hidden, ffn, n_experts, top_k) -> tuple:
+    """The layer's GEMM operands at their total size: R = T * k rows against one expert's weights."""
     rows = n_tokens * top_k
-    a = torch.randn(rows, hidden, device=x.device, dtype=x.dtype)
-    h = torch.randn(rows, ffn, device=x.device, dtype=x.dtype)
-    up_ms = common.bench(lambda: a @ w_gate[0]).ms  # (R, H) x (H, F): the gate GEMM; the up GEMM is the same
-    down_ms = common.bench(lambda: h @ w_down[0]).ms  # (R, F) x (F, H)
-    ideal_ms = 2 * up_ms + down_ms
-    table = Table("Ceiling: the layer's GEMMs as dense cuBLAS matmuls (no routing, no ragged tiles)",
-                  ["what", "time ms", "loop time / this"])
-    table.add("torch loop (the baseline)", loop.ms, "1.00x")
-    table.add("dense cuBLAS: gate + up + down GEMMs", ideal_ms, f"{loop.ms / ideal_ms:.2f}x")
-    table.print()
-    print(f"No bf16 implementation of this layer can beat the loop by much more than {loop.ms / ideal_ms:.2f}x at "
-          f"this shape: the loop's per-expert GEMMs ({rows // w_gate.shape[0]} rows each) already run at "
-          f"{100 * ideal_ms / loop.ms:.0f}% of the dense rate. A 2x gain needs a loop that wastes time: "
-          f"few tokens per expert (the tokens table below).")
+    w_gate, w_up, w_down = (w[0] for w in _expert_weights(hidden, ffn, 1))
+    return _draw(rows, hidden), _draw(rows, ffn), w_gate, w_up, w_down
 
 
-def stage_breakdown(inputs, top_k: int, tuned: bool) -> None:
-    """Each launch of Triton v2 (v3 when tuned) timed on its own: where the layer's time goes."""
-    x, router_w, w_gate, w_up, w_down = inputs
-    n_tokens, hidden = x.shape
-    n_experts, _, ffn = w_gate.shape
+def dense_gemms(a, h, w_gate, w_up, w_down):
+    # reads R*H + 2*H*F, writes 2*R*F; reads R*F + F*H, writes R*H: no routing, no ragged tiles
+    return a @ w_gate, a @ w_up, h @ w_down
+
+
+# Each launch of Triton v3 alone: the stage is the case, so that each gets its own modelled bytes.
+STAGES = ("router (torch: cast + fp32 GEMM)", "route", "permute (memset + 3 kernels)", "gate/up GEMM + SwiGLU",
+          "down GEMM", "combine")
+_STAGE_FNS = dict(zip(STAGES, (
+    lambda s: router_logits(s.x, s.router_w),
+    lambda s: route(s.logits, s.top_k),
+    lambda s: permute(s.ids, s.n_experts),
+    lambda s: grouped_gemm(s.x, s.w_gate, s.perm, w_up=s.w_up, gather=True, tuned=True),
+    lambda s: grouped_gemm(s.h, s.w_down, s.perm, tuned=True),
+    lambda s: combine(s.y, s.perm, s.weights),
+)))
+
+
+@functools.cache  # one set of inputs and intermediates for every stage (2.8 GB of weights at Mixtral's shape)
+def _stage_state(n_tokens, hidden, ffn, n_experts, top_k) -> SimpleNamespace:
+    x = _draw(n_tokens, hidden)
+    router_w = _draw(hidden, n_experts, scale=hidden ** -0.5, dtype=torch.float32)
+    w_gate, w_up, w_down = _expert_weights(hidden, ffn, n_experts)
     logits = router_logits(x, router_w)
     weights, ids = route(logits, top_k)
     perm = permute(ids, n_experts)
-    h = grouped_gemm(x, w_gate, perm, w_up=w_up, gather=True, tuned=tuned)
-    y = grouped_gemm(h, w_down, perm, tuned=tuned)
-    r = n_tokens * top_k
-    modelled = [b for _, b in moe_stage_traffic(n_tokens, hidden, ffn, n_experts, top_k, x.element_size())]
-    stages = [  # name, fn, FLOPs, modelled bytes
-        ("router (torch: cast + fp32 GEMM)", lambda: router_logits(x, router_w), 2 * n_tokens * hidden * n_experts,
-         n_tokens * hidden * x.element_size() + n_tokens * n_experts * 4),
-        ("route", lambda: route(logits, top_k), 0, modelled[0]),
-        ("permute (memset + 3 kernels)", lambda: permute(ids, n_experts), 0, modelled[1]),
-        ("gate/up GEMM + SwiGLU", lambda: grouped_gemm(x, w_gate, perm, w_up=w_up, gather=True, tuned=tuned),
-         2 * 2 * r * hidden * ffn, modelled[2]),
-        ("down GEMM", lambda: grouped_gemm(h, w_down, perm, tuned=tuned), 2 * r * ffn * hidden, modelled[3]),
-        ("combine", lambda: combine(y, perm, weights), 0, modelled[4]),
-    ]
-    table = Table(f"Triton {'v3' if tuned else 'v2'}, each launch timed alone",
-                  ["stage", "time", "TFLOP/s", "GB/s (modelled bytes)", "% of copy"])
-    for name, fn, flops, nbytes in stages:
-        t = common.bench(fn)
-        table.add(name, str(t), t.tflops(flops) if flops else float("nan"), t.gbps(nbytes),
-                  common.pct_of_copy(t.gbps(nbytes)))
-    table.print()
+    h = grouped_gemm(x, w_gate, perm, w_up=w_up, gather=True, tuned=True)
+    y = grouped_gemm(h, w_down, perm, tuned=True)
+    return SimpleNamespace(x=x, router_w=router_w, w_gate=w_gate, w_up=w_up, w_down=w_down, logits=logits,
+                           weights=weights, ids=ids, perm=perm, h=h, y=y, n_experts=n_experts, top_k=top_k)
 
 
-def benchmark_tokens(inputs, top_k: int, quick: bool) -> None:
-    _, _, w_gate, w_up, w_down = inputs
-    n_experts, hidden, ffn = w_gate.shape
-    token_counts = [64, 512, 4096] if not quick else [64, 1024]
-    section(f"Benchmark: time vs tokens per batch, H={hidden}, F={ffn}, E={n_experts}, k={top_k}, bf16")
-    best = "triton v3" if not quick else "triton v2"
-    names = ["torch loop"] + (["torch._grouped_mm"] if hasattr(torch, "_grouped_mm") else []) + [best]
-    fns = {name: fn for name, fn in providers(top_k, quick).items() if name in names}
-    table = Table("MoE layer time (ms) vs tokens", ["tokens"] + [f"{n} ms" for n in fns] + [f"{best} vs loop"])
-    series = {name: [] for name in fns}
-    for n_tokens in token_counts:
-        x, router_w = bench_inputs(n_tokens, hidden, 1, n_experts)[:2]
-        args = (x, router_w, w_gate, w_up, w_down)
-        reference = fns["torch loop"](*args)
-        row = []
-        for name, fn in fns.items():
-            t = _try_bench(name, fn, args, reference)
-            row.append(t.ms if t else float("nan"))
-            series[name].append(row[-1])
-        table.add(n_tokens, *row, f"{row[0] / row[-1]:.2f}x")
-    table.print()
-    print("Few tokens: each expert still gets some, so every provider reads all the weights: the time is "
-          "weight bandwidth plus launches. Many tokens: the GEMMs' FLOPs.")
-    fig, ax = common.new_figure(f"MoE layer: time vs tokens (H={hidden}, F={ffn}, E={n_experts}, k={top_k}, bf16)",
-                                "tokens", "ms", logx=True)
-    for name, values in series.items():
-        ax.plot(token_counts, values, marker="o", label=name)
-    ax.legend()
-    common.save_plot(fig, "09_moe_tokens")
+def _stage_bytes(s, stage: str) -> int:
+    if stage == STAGES[0]:  # read x and the router weights, write the fp32 logits
+        return s.x.numel() * s.x.element_size() + s.router_w.numel() * 4 + s.logits.numel() * 4
+    n_tokens, hidden = s.x.shape
+    modelled = moe_stage_traffic(n_tokens, hidden, s.w_gate.shape[2], s.n_experts, s.top_k, s.x.element_size())
+    return dict(zip(STAGES[1:], (nbytes for _, nbytes in modelled)))[stage]
+
+
+V3 = MOE_VERSIONS["v3"].label
+_MOE_PROVIDERS = dict(setup=moe_inputs, kernels=MOE_VERSIONS, reference=moe_loop_reference,
+                      baselines={"torch._grouped_mm": moe_torch_grouped}, dtype=torch.bfloat16, label=_moe_label)
+
+LAYER = common.Benchmark(
+    "MoE layer forward at Mixtral 8x7B's shape, bf16 (T=4096 tokens, H 4096, F 14336, 8 experts, top-2)",
+    op="moe", cases=[MIXTRAL], quick_cases=[QUICK], cpu_cases=[TINY], flops=_layer_flops, ceiling="matmul",
+    bars=[common.Bar(V3, MIXTRAL, "baseline", 1.05)], **_MOE_PROVIDERS,
+    note="About 1024 rows per expert: the loop's per-expert GEMMs are large enough for cuBLAS, so the layer is "
+         "compute bound and its launches and syncs weigh little. The dense-GEMM table below bounds what any "
+         "layer can gain here.")
+FEW_TOKENS = common.Benchmark(
+    "MoE layer forward on few tokens, bf16, Mixtral's layer: GB/s of the expert weights read",
+    op="moe", cases=[(1, *MIXTRAL[1:]), DECODE, QUICK], quick_cases=[DECODE], cpu_cases=[(3, *TINY[1:])],
+    nbytes=_layer_bytes, ceiling="read", bars=[common.Bar(V3, DECODE, "baseline", 2.0)],
+    plot="09_moe_tokens", xlabel="tokens", **_MOE_PROVIDERS,
+    note="GB/s of the minimum: x, the logits and the weights of every expert that got a token (2 of 8 at T=1, all "
+         "8 at T=64 and 512), read once; out written once. With few tokens the weights' bandwidth sets the time, "
+         "and the loop pays per expert: about 10 launches and a host sync (torch.where) each.")
+DENSE = common.Benchmark(
+    "Ceiling: the layer's GEMMs as dense cuBLAS matmuls (R = T * k rows, one expert's weights), bf16",
+    op=None, cases=[MIXTRAL], quick_cases=[QUICK], cpu_cases=[TINY], setup=dense_gemm_inputs,
+    kernels={"dense cuBLAS: gate + up + down GEMMs": dense_gemms},
+    flops=lambda a, h, w_gate, w_up, w_down: 6 * a.shape[0] * a.shape[1] * w_gate.shape[1],  # = moe_flops
+    ceiling="matmul", dtype=torch.bfloat16, label=_moe_label,
+    note="The same FLOPs as the layer with no routing, no permutation and no ragged expert tiles: no bf16 layer "
+         "runs much faster than this. The line below compares it with the layer table.")
+STAGE_TIMES = common.Benchmark(
+    "Triton v3, each launch timed alone (Mixtral's layer, bf16)", op=None,
+    cases=[(stage, *MIXTRAL) for stage in STAGES], quick_cases=[(stage, *QUICK) for stage in STAGES],
+    cpu_cases=[(stage, *TINY) for stage in STAGES], setup=lambda stage, *shape: (_stage_state(*shape), stage),
+    kernels={"v3, one stage": lambda s, stage: _STAGE_FNS[stage](s)}, nbytes=_stage_bytes, ceiling="copy",
+    dtype=torch.bfloat16, label=lambda case: f"{case[0]}, {_moe_label(case[1:])}",
+    note="GB/s of each stage's modelled bytes (the traffic table above). The two GEMMs are compute bound, so "
+         "their GB/s is far below copy by nature; route, permute and combine are so small that their time is "
+         "mostly launch cost.")
+# LAYER first: v3's autotuner keys on (N, K), not on the number of rows, so the config it picks
+# on its first call at Mixtral's N and K (T=4096 in a full run) serves every later case.
+BENCHMARKS = [LAYER, FEW_TOKENS, DENSE, STAGE_TIMES]
+
+
+def dense_bound(results: dict) -> None:
+    """The layer table against the dense GEMMs of the same case: the most any bf16 layer can gain."""
+    dense = {r.case: r for r in results.get(DENSE.title, [])}
+    for res in results.get(LAYER.title, []):
+        ideal = dense.get(res.case)
+        if ideal is None or res.best_baseline is None or V3 not in res.times:
+            continue
+        ideal_ms, best_ms = next(iter(ideal.times.values())).ms, res.times[res.best_baseline].ms
+        print(f"{res.label}: the fastest baseline ({res.best_baseline}) takes {best_ms:.3f} ms, the same GEMMs dense "
+              f"{ideal_ms:.3f} ms: no bf16 layer beats that baseline by much more than {best_ms / ideal_ms:.2f}x "
+              f"here; {V3} ran at {best_ms / res.times[V3].ms:.2f}x.")
+
+
+def print_tuned_configs() -> None:
+    for what, tuner in (("gate/up + SwiGLU", grouped_swiglu_tuned), ("down", grouped_gemm_tuned)):
+        for key, config in getattr(tuner, "cache", {}).items():
+            print(f"v3 autotuner, {what} GEMM, key (N, K, dtypes) {key}: {config}")
 
 
 # %% [markdown]
@@ -1030,13 +1036,13 @@ if __name__ == "__main__":
         x, logits, w_gate, w_up, w_down = random_moe(256, 64, 128, 8, torch.float32)
         traffic(x, logits, w_gate, w_up, w_down, top_k=2)
         load_balancing(1024, 64)
-        print("\n" + common.require_gpu("Benchmarks (the layer vs the PyTorch loop and torch._grouped_mm, "
-                                        "stage times, tokens sweep, plots)"))
     else:
-        shape = benchmark_shape(args.quick)
-        inputs = bench_inputs(shape["n_tokens"], shape["hidden"], shape["ffn"], shape["n_experts"])
-        x, router_w, w_gate, w_up, w_down = inputs
-        traffic(x, router_logits(x, router_w), w_gate, w_up, w_down, shape["top_k"])
-        load_balancing(shape["n_tokens"], shape["hidden"])
-        benchmark_layer(inputs, shape["top_k"], args.quick)
-        benchmark_tokens(inputs, shape["top_k"], args.quick)
+        n_tokens, hidden, ffn, n_experts, top_k = QUICK if args.quick else MIXTRAL
+        x, logits, w_gate, w_up, w_down, _ = moe_inputs(n_tokens, hidden, ffn, n_experts, top_k)
+        traffic(x, logits, w_gate, w_up, w_down, top_k)
+        del x, logits, w_gate, w_up, w_down  # 2.8 GB at Mixtral's shape: each benchmark draws its own
+        load_balancing(n_tokens, hidden)
+    results = common.run_benchmarks(BENCHMARKS, args.quick)
+    dense_bound(results)
+    if common.HAS_GPU:
+        print_tuned_configs()
