@@ -10,7 +10,7 @@ from .checks import (CheckError, assert_close, awkward_sizes, grads_float64, gra
 from .report import Table, new_figure, perf_bar, save_plot, section
 from .timing import (Timing, bench, bench_graphed, compiled, copy_bandwidth, gpu_kernel_count, matmul_rate,
                      median_ratio, pct_of_copy, read_bandwidth, wall_timing, wall_us_per_call)
-from .bench import Bar, Benchmark, Version, Versions, run_benchmarks
+from .benchmark import Bar, Benchmark, Version, Versions, run_benchmarks
 from .traffic import access_widths, count_torch_traffic, fmt_bytes, min_bytes, peak_extra_memory
 from .validate import check_tensors
 from .cli import lesson_args

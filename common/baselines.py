@@ -1,6 +1,6 @@
 """The registry of baselines: for every operation the course benchmarks, what it must race.
 
-A benchmark (common.bench.Benchmark) names its operation, and the layer races every baseline
+A benchmark (common.benchmark.Benchmark) names its operation, and the layer races every baseline
 registered for it, in the same run, on the same inputs: the lesson cannot leave one out, and a
 perf bar against "baseline" is against the fastest of them as measured. What each op's inputs are
 (`signature`) is fixed here, so a library function can be called the same way by every lesson.

@@ -108,6 +108,11 @@ def new_figure(title: str, xlabel: str, ylabel: str, logx: bool = False):
     return fig, ax
 
 
+def fmt_value(value: float) -> str:
+    """A bar's value: two decimals, or three significant digits below 0.1 (0.0052 %, not 0.01 %)."""
+    return f"{value:.2f}" if abs(value) >= 0.1 else f"{value:.3g}"
+
+
 def perf_bar(name: str, value: float, bar: float, unit: str, higher_is_better: bool = True,
              record: dict | None = None, why: str = "") -> bool:
     """Print one perf-bar line (PASS/MISS, with the measured reason of a miss) and keep it for
@@ -115,9 +120,9 @@ def perf_bar(name: str, value: float, bar: float, unit: str, higher_is_better: b
     dtype, ...); common.Benchmark fills them."""
     ok = value >= bar if higher_is_better else value <= bar
     sign = ">=" if higher_is_better else "<="
-    print(f"perf bar: {name}: {value:.2f} {unit} (bar {sign} {bar:g} {unit}) -> {'PASS' if ok else 'MISS'}"
+    print(f"perf bar: {name}: {fmt_value(value)} {unit} (bar {sign} {bar:g} {unit}) -> {'PASS' if ok else 'MISS'}"
           + (f"\n  why: {why}" if why and not ok else ""))
-    _RUN["bars"].append({"name": name, "value": round(value, 3), "bar": bar, "unit": unit,
+    _RUN["bars"].append({"name": name, "value": float(f"{value:.4g}"), "bar": bar, "unit": unit,
                          "higher_is_better": higher_is_better, "passed": ok, **(record or {}),
                          **({"why": why} if why and not ok else {})})
     return ok
@@ -158,7 +163,7 @@ def gather(results_dir: Path) -> tuple[str, dict]:
             for b in run["bars"]:
                 sign = ">=" if b["higher_is_better"] else "<="
                 result = "PASS" if b["passed"] else "MISS" + (f": {b['why']}" if b.get("why") else "")
-                parts.append(f"| {b['name']} | {b.get('baseline', '-')} | {b['value']:.2f} {b['unit']} | "
+                parts.append(f"| {b['name']} | {b.get('baseline', '-')} | {fmt_value(b['value'])} {b['unit']} | "
                              f"{sign} {b['bar']:g} {b['unit']} | {result} |")
                 bars.append({"lesson": run["lesson"], **b, "gpu": run["gpu"], "versions": run["versions"],
                              "date": run["date"]})
@@ -176,7 +181,7 @@ def bars_table(bars: list[dict]) -> str:
         sign = ">=" if b["higher_is_better"] else "<="
         unit = b["unit"]
         result = "PASS" if b["passed"] else "MISS" + (f": {b['why']}" if b.get("why") else "")
-        rows.append(f"| {b['lesson'][:2]} | {b['name']} | {b.get('baseline', '-')} | {b['value']:.2f} {unit} | "
+        rows.append(f"| {b['lesson'][:2]} | {b['name']} | {b.get('baseline', '-')} | {fmt_value(b['value'])} {unit} | "
                     f"{sign} {b['bar']:g} {unit} | {result} |")
     return "\n".join(rows)
 

@@ -1,4 +1,4 @@
-"""The benchmark layer (common.bench) and the baseline registry (common.baselines), on the CPU.
+"""The benchmark layer (common.benchmark) and the baseline registry (common.baselines), on the CPU.
 
 The GPU clock is replaced by a stub that hands out scripted times, so the layer's own logic is
 checked here: the order providers are timed in, extra rounds when a ratio is noisy, every bar
@@ -14,7 +14,7 @@ import torch
 
 import common
 from common import baselines as registry
-from common import bench, report
+from common import benchmark, report
 from common.lessons import LESSONS, load_module
 from common.timing import Timing
 
@@ -80,7 +80,7 @@ def _benchmark(**overrides):
                 kernels={"mine": _provider("mine")}, reference=_provider(registry.EAGER),
                 nbytes=lambda x: 1e9, ceiling="copy")
     spec.update(overrides)
-    return bench.Benchmark(**spec)
+    return benchmark.Benchmark(**spec)
 
 
 def test_providers_alternate_and_every_registered_baseline_races(fake_op):
@@ -110,12 +110,14 @@ def test_bars_race_the_fastest_baseline_and_record_it(fake_op):
     clock = StubClock({"mine": [1.0], registry.EAGER: [3.0], registry.COMPILE: [2.0], "lib": [1.5]},
                       memory={"mine": 100, registry.EAGER: 400, registry.COMPILE: 300, "lib": 50})
     b = _benchmark(cases=[8], memory=True, bars=[
-        common.Bar("mine", 8, "baseline", 1.4), common.Bar("mine", 8, "baseline memory", 1.0),
+        common.Bar("mine", 8, "baseline", 1.4), common.Bar("mine", 8, "baseline memory", 100.0),
         common.Bar("mine", 8, "ceiling", 90.0)])
     b.run(quick=False, _clock=clock)
     speed, memory, ceiling = report._RUN["bars"]
     assert speed["baseline"] == "lib" and speed["value"] == pytest.approx(1.5) and speed["passed"]
-    assert memory["baseline"] == "lib" and memory["value"] == pytest.approx(0.5) and not memory["passed"]
+    # 100 B against lib's 50 B: 200% of the leanest baseline's memory, over the 100% bar
+    assert memory["baseline"] == "lib" and memory["value"] == pytest.approx(200.0) and not memory["passed"]
+    assert memory["unit"] == "%" and not memory["higher_is_better"]
     assert ceiling["value"] == pytest.approx(100.0) and ceiling["unit"] == "%"  # 1e9 B in 1 ms = 1000 GB/s
     for record in report._RUN["bars"]:
         assert {"kernel", "baseline", "shape", "dtype", "op", "benchmark"} <= set(record)
@@ -138,7 +140,7 @@ def test_quick_runs_state_no_bars_and_skip_compile(fake_op, capsys):
 
 
 def test_interpreter_smoke_runs_every_provider_once(fake_op, capsys, monkeypatch):
-    monkeypatch.setattr(bench, "HAS_GPU", False)
+    monkeypatch.setattr(benchmark, "HAS_GPU", False)
     b = _benchmark(cpu_cases=[3])
     assert b.run(quick=True) == []  # no GPU clock here: the smoke path
     assert sorted(CALLS) == sorted(["mine", registry.EAGER, "lib"])
@@ -146,7 +148,7 @@ def test_interpreter_smoke_runs_every_provider_once(fake_op, capsys, monkeypatch
 
 
 def test_a_kernel_that_fails_in_the_smoke_run_is_an_error(fake_op, monkeypatch):
-    monkeypatch.setattr(bench, "HAS_GPU", False)
+    monkeypatch.setattr(benchmark, "HAS_GPU", False)
 
     def broken(x):
         raise RuntimeError("wrong")
@@ -177,7 +179,7 @@ def test_wrong_declarations_are_refused(fake_op, overrides, message):
 
 def test_a_lesson_supplied_baseline_cannot_be_left_out():
     with pytest.raises(ValueError, match="torch._grouped_mm"):
-        bench.Benchmark("moe", op="moe", cases=[1], setup=lambda n: (n,), kernels={"mine": _provider("m")},
+        benchmark.Benchmark("moe", op="moe", cases=[1], setup=lambda n: (n,), kernels={"mine": _provider("m")},
                         reference=_provider(registry.EAGER))
 
 
@@ -245,10 +247,10 @@ def test_lesson_bars_race_the_registry_strongest(lesson, lesson_modules):
         assert set(b.baselines) <= set(op.baseline_names)
         assert all(name in b.baselines for name in op.lesson_supplied)
         assert b.reference is not None or not (op.eager or op.compile)
-        assert bar.vs in bench.BASELINE_VS
+        assert bar.vs in benchmark.BASELINE_VS
     for b in declared:
         for bar in b.bars:
-            assert bar.vs in bench.BASELINE_VS or bar.vs in b.kernel_names, (b.title, bar)
+            assert bar.vs in benchmark.BASELINE_VS or bar.vs in b.kernel_names, (b.title, bar)
 
 
 def test_registry_ops_are_well_formed():
@@ -278,7 +280,23 @@ def test_a_bar_between_kernels_is_the_median_of_paired_rounds(fake_op):
 def test_a_memory_miss_names_the_bytes(fake_op):
     clock = StubClock({"mine": [1.0], registry.EAGER: [3.0], registry.COMPILE: [2.0], "lib": [1.5]},
                       memory={"mine": 4 << 20, registry.EAGER: 8 << 20, registry.COMPILE: 2 << 20, "lib": 8 << 20})
-    _benchmark(memory=True, bars=[common.Bar("mine", 8, "baseline memory", 1.0)]).run(quick=False, _clock=clock)
+    _benchmark(memory=True, bars=[common.Bar("mine", 8, "baseline memory", 100.0)]).run(quick=False, _clock=clock)
     [bar] = report._RUN["bars"]
-    assert bar["baseline"] == registry.COMPILE and bar["value"] == pytest.approx(0.5)
+    assert bar["baseline"] == registry.COMPILE and bar["value"] == pytest.approx(200.0) and not bar["passed"]
     assert "extra memory" in bar["why"] and "MiB" in bar["why"]
+
+
+def test_a_small_bar_value_keeps_its_digits(capsys):
+    # 104 KiB of extra memory against 1.96 GiB is 0.0052%: two decimals would print 0.01 %.
+    report.perf_bar("memory", 0.0052, 100.0, "%", higher_is_better=False)
+    assert "0.0052 % (bar <= 100 %) -> PASS" in capsys.readouterr().out
+    assert report._RUN["bars"][-1]["value"] == 0.0052
+
+
+def test_common_bench_is_the_timer_not_a_module():
+    # common/bench.py, the layer's old module name, replaced the function common.bench on import
+    # (a submodule import sets the package attribute): lesson 10's roofline crashed on the GPU
+    # with "'module' object is not callable". The layer lives in common/benchmark.py.
+    import common
+    from common.timing import bench
+    assert common.bench is bench and callable(common.bench)

@@ -613,7 +613,7 @@ def moe_v3(x, logits, w_gate, w_up, w_down, top_k, renormalize=True, out=None):
 MOE_VERSIONS = common.Versions("moe")
 MOE_VERSIONS.add("v1", "grouped GEMMs, torch gather + SwiGLU", moe_v1)
 MOE_VERSIONS.add("v2", "+ fused gather and SwiGLU epilogue", moe_v2)
-MOE_VERSIONS.add("v3", "v2 autotuned", moe_v3)
+MOE_VERSIONS.add("v3", "+ autotuned GEMM tiles", moe_v3)
 
 
 def moe(x, logits, w_gate, w_up, w_down, top_k, renormalize=True, version=3, out=None):

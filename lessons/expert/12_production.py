@@ -1106,7 +1106,7 @@ def tensor_parallel(quick: bool) -> None:
 
 # %% [markdown]
 # ## Benchmark
-# Declared for common.bench (timings on a GPU): a decode step at batch 1, eager launches against
+# Declared for common.Benchmark (timings on a GPU): a decode step at batch 1, eager launches against
 # the CUDA-graph replay of the same kernels (host wall time, which is what the graph saves); two
 # independent steps on one stream vs two; the DPO loss against its eager reference and torch.compile.
 

@@ -108,7 +108,10 @@ class Bar:
     """One perf bar: `kernel` at `case`, measured against `vs`, must reach `at_least`.
 
     vs = "baseline": fastest registered baseline time / kernel time (x);
-         "baseline memory": smallest baseline peak extra memory / the kernel's (x; needs memory=True);
+         "baseline memory": the kernel's peak extra memory as % of the leanest baseline's; the bar
+         is met at or below `at_least`, read as "at most" (needs memory=True). A percentage, not
+         a ratio of bytes: an in-place kernel that allocates 100 KiB against 2 GiB would print
+         20,000x, a number that says nothing; 0.005% says "next to nothing";
          "ceiling": the kernel's GB/s or TFLOP/s as % of the benchmark's ceiling (%);
          a kernel of the same benchmark: that kernel's time / this one's (x; a comparison of the
          lesson's own versions, e.g. autotuned vs the best hand-picked config).
@@ -502,8 +505,9 @@ class Benchmark:
                 if not mems or not res.memory.get(bar.kernel):
                     continue
                 against = min(mems, key=mems.get)
-                value, unit = mems[against] / max(res.memory[bar.kernel], 1), "x"
-                what = f"peak extra memory vs the leanest baseline ({against}), its bytes / this kernel's"
+                value, unit = 100 * res.memory[bar.kernel] / max(mems[against], 1), "%"
+                what = (f"peak extra memory, % of the leanest baseline's ({against}: "
+                        f"{fmt_bytes(mems[against])}; this kernel: {fmt_bytes(res.memory[bar.kernel])})")
             elif bar.vs == "ceiling":
                 value, unit, against = 100 * res.rate[bar.kernel] / ceiling, "%", f"{self.ceiling} ceiling"
                 what = f"% of the measured {self.ceiling} {self._unit()}"
@@ -514,12 +518,13 @@ class Benchmark:
                 what = f"vs {bar.vs}, its time / this time"
             name = bar.name or f"{self.title}, {kernel_label} at {res.label}: {what}"
             reason = bar.why
-            if not reason and value < bar.at_least and bar.vs == "baseline memory":
+            lower_is_better = bar.vs == "baseline memory"
+            if not reason and value > bar.at_least and lower_is_better:
                 reason = (f"measured: {bar.kernel} {fmt_bytes(res.memory[bar.kernel])} of extra memory vs "
                           f"{against} {fmt_bytes(res.memory[against])}")
             elif not reason and value < bar.at_least and bar.vs != "ceiling":
                 reason = self._measured_reason(res, bar.kernel, against, ceiling)
-            perf_bar(name, value, bar.at_least, unit, record=dict(
+            perf_bar(name, value, bar.at_least, unit, higher_is_better=not lower_is_better, record=dict(
                 kernel=bar.kernel, baseline=against, shape=res.label, dtype=_dtype(self.dtype), vs=bar.vs,
                 op=self.op, benchmark=self.title), why=reason)
 
