@@ -127,8 +127,9 @@ _OPS = [
        what="out <- x (any strides): torch's copy kernel"),
     Op("reduction", "the lesson's tensors", what="a row or whole-tensor reduction whose library form is the "
        "eager reference (torch.sum, torch.amax, torch.argmax)"),
-    Op("matmul", "a, b", (Baseline("torch.matmul (cuBLAS)", torch.matmul),), compile=False,
-       what="C = A @ B; torch.compile of a matmul calls the same cuBLAS (or a slower template)"),
+    Op("matmul", "a, b", (Baseline("torch.matmul (cuBLAS)", torch.matmul),), compile=False, eager=False,
+       what="C = A @ B; the lesson's reference is this same call (raced twice, cuBLAS won as 'torch eager' in "
+            "lesson 04's fp16 run), and torch.compile of a matmul calls the same cuBLAS (or a slower template)"),
     Op("transpose", "x", (Baseline("torch .t().contiguous()", lambda x: x.t().contiguous()),), eager=False),
     Op("conv2d", "x, weight", (Baseline("F.conv2d (cuDNN)", lambda x, w: F.conv2d(x, w, padding=w.shape[-1] // 2)),)),
     Op("embedding", "table, ids", (Baseline("F.embedding", lambda table, ids: F.embedding(ids, table)),)),

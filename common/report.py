@@ -108,9 +108,15 @@ def new_figure(title: str, xlabel: str, ylabel: str, logx: bool = False):
     return fig, ax
 
 
-def fmt_value(value: float) -> str:
-    """A bar's value: two decimals, or three significant digits below 0.1 (0.0052 %, not 0.01 %)."""
-    return f"{value:.2f}" if abs(value) >= 0.1 else f"{value:.3g}"
+def fmt_value(value: float, bar: float | None = None) -> str:
+    """A bar's value: two decimals, or three significant digits below 0.1 (0.0052 %, not 0.01 %).
+    Next to its bar, more decimals where two would print a miss as the bar itself (0.977, not 0.98)."""
+    if abs(value) < 0.1:
+        return f"{value:.3g}"
+    digits = 2
+    while bar is not None and value != bar and digits < 4 and f"{value:.{digits}f}" == f"{bar:.{digits}f}":
+        digits += 1
+    return f"{value:.{digits}f}"
 
 
 def perf_bar(name: str, value: float, bar: float, unit: str, higher_is_better: bool = True,
@@ -120,9 +126,9 @@ def perf_bar(name: str, value: float, bar: float, unit: str, higher_is_better: b
     dtype, ...); common.Benchmark fills them."""
     ok = value >= bar if higher_is_better else value <= bar
     sign = ">=" if higher_is_better else "<="
-    print(f"perf bar: {name}: {fmt_value(value)} {unit} (bar {sign} {bar:g} {unit}) -> {'PASS' if ok else 'MISS'}"
+    print(f"perf bar: {name}: {fmt_value(value, bar)} {unit} (bar {sign} {bar:g} {unit}) -> {'PASS' if ok else 'MISS'}"
           + (f"\n  why: {why}" if why and not ok else ""))
-    _RUN["bars"].append({"name": name, "value": float(f"{value:.4g}"), "bar": bar, "unit": unit,
+    _RUN["bars"].append({"name": name, "value": float(f"{value:.6g}"), "bar": bar, "unit": unit,
                          "higher_is_better": higher_is_better, "passed": ok, **(record or {}),
                          **({"why": why} if why and not ok else {})})
     return ok
@@ -163,7 +169,7 @@ def gather(results_dir: Path) -> tuple[str, dict]:
             for b in run["bars"]:
                 sign = ">=" if b["higher_is_better"] else "<="
                 result = "PASS" if b["passed"] else "MISS" + (f": {b['why']}" if b.get("why") else "")
-                parts.append(f"| {b['name']} | {b.get('baseline', '-')} | {fmt_value(b['value'])} {b['unit']} | "
+                parts.append(f"| {b['name']} | {b.get('baseline', '-')} | {fmt_value(b['value'], b['bar'])} {b['unit']} | "
                              f"{sign} {b['bar']:g} {b['unit']} | {result} |")
                 bars.append({"lesson": run["lesson"], **b, "gpu": run["gpu"], "versions": run["versions"],
                              "date": run["date"]})
@@ -173,16 +179,36 @@ def gather(results_dir: Path) -> tuple[str, dict]:
     return "\n".join(parts), {"bars": bars}
 
 
+def _against(b: dict) -> str:
+    """What a bar's value is measured against, in a few words."""
+    vs, baseline = b.get("vs"), b.get("baseline")
+    if vs == "ceiling":
+        return f"% of the {baseline}"
+    if vs == "baseline":
+        return f"the fastest baseline: {baseline}"
+    if vs == "baseline memory":
+        return f"% of the leanest baseline's peak memory: {baseline}"
+    return baseline or "-"
+
+
 def bars_table(bars: list[dict]) -> str:
-    """The README's results table: one row per perf bar of results.json, its baseline named."""
-    rows = ["| lesson | perf bar | strongest baseline (raced in the same run) | measured | bar | |",
-            "|---|---|---|---|---|---|"]
+    """The README's results table: one row per perf bar of results.json, what it races named.
+    One line above names the GPU, versions and date where every bar shares them; else a column does."""
+    machines = {(b["gpu"], b["versions"], b["date"]) for b in bars}
+    one = len(machines) == 1
+    head = "| lesson | benchmark | kernel at case | against | measured | bar | |"
+    rows = ([f"Measured on {b['gpu']}, {b['versions']}, {b['date']}.", ""] if one and (b := bars[0]) else []) + [
+        head if one else head.replace("| lesson |", "| lesson | GPU, date |"),
+        "|---" * (7 if one else 8) + "|"]
     for b in bars:
         sign = ">=" if b["higher_is_better"] else "<="
         unit = b["unit"]
         result = "PASS" if b["passed"] else "MISS" + (f": {b['why']}" if b.get("why") else "")
-        rows.append(f"| {b['lesson'][:2]} | {b['name']} | {b.get('baseline', '-')} | {fmt_value(b['value'])} {unit} | "
-                    f"{sign} {b['bar']:g} {unit} | {result} |")
+        cells = ([b["benchmark"], f"{b['kernel']} at {b['shape']}", _against(b)] if b.get("kernel")
+                 else [b["name"], "-", "-"])
+        cells = [b["lesson"][:2]] + ([] if one else [f"{b['gpu']}, {b['date']}"]) + cells + [
+            f"{fmt_value(b['value'], b['bar'])} {unit}", f"{sign} {b['bar']:g} {unit}", result]
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")  # a | in a name ends a cell
     return "\n".join(rows)
 
 

@@ -213,7 +213,11 @@ def test_results_json_is_written_and_parses(fake_op, tmp_path, monkeypatch):
         assert record["lesson"] == "01_vector_add" and record["baseline"] in ("lib", "copy ceiling")
     assert "strongest baseline" in md.read_text() and "| lib |" in md.read_text()
     table = report.bars_table(bars)
-    assert table.count("\n| 01 |") == 2 and "| lib | 1.50 x | >= 1 x | PASS |" in table
+    assert table.count("\n| 01 |") == 2 and "| the fastest baseline: lib | 1.50 x | >= 1 x | PASS |" in table
+    assert table.startswith(f"Measured on {bars[0]['gpu']}") and "| GPU, date |" not in table
+    mixed = [dict(bars[0]), dict(bars[1], gpu="another GPU")]
+    table = report.bars_table(mixed)
+    assert "| GPU, date |" in table and "| another GPU, " in table and not table.startswith("Measured")
 
 
 # -- every lesson's declarations --------------------------------------------------------------------
@@ -291,6 +295,17 @@ def test_a_small_bar_value_keeps_its_digits(capsys):
     report.perf_bar("memory", 0.0052, 100.0, "%", higher_is_better=False)
     assert "0.0052 % (bar <= 100 %) -> PASS" in capsys.readouterr().out
     assert report._RUN["bars"][-1]["value"] == 0.0052
+
+
+def test_a_miss_never_prints_as_its_bar(capsys):
+    # 0.9774x against a 0.98x bar printed "0.98 x (bar >= 0.98 x) -> MISS" on the GPU (lesson 03):
+    # a miss gets the digits that show it. The json keeps 6 digits, so the table prints the same.
+    report.perf_bar("ratio", 0.9774, 0.98, "x")
+    assert "0.977 x (bar >= 0.98 x) -> MISS" in capsys.readouterr().out
+    assert report._RUN["bars"][-1]["value"] == 0.9774
+    report.perf_bar("ratio", 1.2345, 1.0, "x")
+    assert "1.23 x (bar >= 1 x) -> PASS" in capsys.readouterr().out
+    assert report.fmt_value(0.9952) == report.fmt_value(0.9952, 0.98) == "1.00"
 
 
 def test_common_bench_is_the_timer_not_a_module():
