@@ -84,9 +84,14 @@ def save_plot(fig, name: str) -> Path:
         print(f"plot not written ({name}): cannot create {folder} ({err.strerror})")
         return folder / f"{name}.png"
     path = folder / f"{name}.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
     import matplotlib.pyplot as plt
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    except OSError as err:  # a folder that exists but is read-only
+        print(f"plot not written ({name}): cannot write {path} ({err.strerror})")
+        return path
+    finally:
+        plt.close(fig)
     shown = os.path.relpath(path, REPO)
     print(f"plot written: {shown}")
     _RUN["plots"].append(path.name)

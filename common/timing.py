@@ -6,6 +6,7 @@ lessons print "needs a GPU" instead of a number (see `device.require_gpu`).
 
 import functools
 import json
+import os
 import statistics
 import time
 import warnings
@@ -170,14 +171,24 @@ def compiled(fn: Callable, *example_args) -> Callable | None:
 
 
 def _record_ceiling(key: str, value: float) -> None:
-    """Keep what was measured in plots/ceilings.json, keyed by GPU, for `make bench`'s table."""
+    """Keep what was measured in plots/ceilings.json, keyed by GPU, for `make bench`'s table.
+    Written to a temporary file and renamed: two lessons measuring at once never leave half a
+    file; an unreadable file is started again, an unwritable folder only skips the record."""
     path = REPO / "plots" / "ceilings.json"
-    path.parent.mkdir(exist_ok=True)
-    known = json.loads(path.read_text()) if path.exists() else {}
-    entry = known.setdefault(gpu_name(), {})
-    entry[key] = round(value, 1)
-    entry["versions"] = versions()
-    path.write_text(json.dumps(known, indent=2))
+    try:
+        path.parent.mkdir(exist_ok=True)
+        try:
+            known = json.loads(path.read_text()) if path.exists() else {}
+        except ValueError:  # a file cut short by an older, non-atomic writer
+            known = {}
+        entry = known.setdefault(gpu_name(), {})
+        entry[key] = round(value, 1)
+        entry["versions"] = versions()
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(known, indent=2))
+        os.replace(tmp, path)
+    except OSError as err:
+        print(f"ceiling not recorded in {path}: {err.strerror}")
 
 
 @functools.cache
