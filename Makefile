@@ -13,6 +13,9 @@ VENV := .venv
 LESSON ?=
 IMPL ?= exercises
 PYTEST ?=
+# Recipes read these from the environment ("$$LESSON"), never pasted into the shell line by make:
+# a value with quotes, backticks or $(...) in it stays a value and runs nothing.
+export LESSON IMPL PYTEST
 
 # Use .venv once it exists; else the current Python if it already has the packages (a GPU box,
 # Colab); else build .venv from requirements.txt.
@@ -43,25 +46,25 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 lesson: setup
-	@$(PY) common/lessons.py run "$(LESSON)"
+	@$(PY) common/lessons.py run "$$LESSON"
 
 check: setup
-	@$(PY) -m common.grading check "$(LESSON)" --impl "$(IMPL)"
+	@$(PY) -m common.grading check "$$LESSON" --impl "$$IMPL"
 
 progress: setup
-	@$(PY) -m common.grading progress --impl "$(IMPL)"
+	@$(PY) -m common.grading progress --impl "$$IMPL"
 
 # Solutions, the grader's own tests and every lesson script in quick mode. On a GPU the
 # GPU-only tests (bf16, fp8, wrong-device errors) run too; without one they skip with a reason.
 test: setup
-	IMPL=solutions $(PY) -m pytest $(PYTEST)
+	IMPL=solutions $(PY) -m pytest $$PYTEST
 
 # LESSON=07 (or LESSON="07 08") re-runs those lessons only; the others' results stay. A lesson
 # that fails is named at the end, after the others ran, and the target exits non-zero.
 BENCH_DIR := lessons/results
 bench: setup
 	@$(PY) -c "import sys, common; sys.exit(0 if common.HAS_GPU else 'make bench times kernels and needs a CUDA GPU; without one, make lesson LESSON=NN runs the checks and the traffic analysis')"
-	@failed=""; for n in $(if $(LESSON),$(LESSON),$$($(PY) common/lessons.py numbers)); do \
+	@failed=""; for n in $${LESSON:-$$($(PY) common/lessons.py numbers)}; do \
 	  stem=$$($(PY) common/lessons.py stem $$n) || exit 2; \
 	  rm -f $(BENCH_DIR)/$${stem%%_*}_*; \
 	  echo "=== lesson $$n ==="; \

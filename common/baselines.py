@@ -179,6 +179,11 @@ _OPS = [
        (Baseline("fp16 torch.matmul (cuBLAS)", lambda x, w_q, scale, w: x @ w.t()),),
        what="x (M, K) fp16 times int8 weights (N, K) with per-row scales; the fp16 GEMV on the same "
        "weights in fp16 is the library op"),
+    Op("gemv_w4a16", "x, w_packed, scales, w_fp16",
+       # gemlite packs int4 in its own layout (and needs its own install): not raced yet.
+       (Baseline("fp16 torch.matmul (cuBLAS)", lambda x, w_packed, scales, w: x @ w.t()),),
+       what="x (M, K) fp16 times int4 weights (N, K) packed two per byte (N, K // 2) with fp16 scales per "
+       "group of 128 along K (N, K // 128); the fp16 GEMV on the same weights in fp16 is the library op"),
     Op("fp8_matmul", "a, b, scale_a, scale_b",
        (Baseline("torch._scaled_mm (fast accum)", _scaled_mm, gpu_only=True),), eager=False, compile=False,
        what="fp8 e4m3 (M, K) x (N, K)^T with per-tensor scales, bf16 out"),

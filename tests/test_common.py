@@ -7,6 +7,7 @@ import common
 from common import CheckError, assert_close, poisoned_empty
 from common.checks import GUARD_ELEMENTS, PoisonedAllocations, awkward_sizes, sum_tolerance
 from common.grading import Exercise, NeedsGPU, grade_function, is_untouched_stub, solution_with
+from common.lessons import REPO
 from common.report import Table
 from common.traffic import count_torch_traffic
 
@@ -293,3 +294,18 @@ def test_ceilings_json_survives_a_cut_short_file_and_leaves_no_temporary(tmp_pat
     known = json.loads((tmp_path / "plots" / "ceilings.json").read_text())
     assert next(iter(known.values()))["copy GB/s"] == 3001.2
     assert [p.name for p in (tmp_path / "plots").iterdir()] == ["ceilings.json"]
+
+
+@pytest.mark.parametrize("value", ['01"; touch {mark}; echo "', "$(touch {mark})", "`touch {mark}`"])
+def test_make_variables_are_values_not_shell_commands(tmp_path, value):
+    """make pastes $(LESSON) into the recipe's shell line; the recipes read "$$LESSON" from the
+    environment instead, so a value with quotes or $(...) is an unknown lesson, not a command."""
+    import shutil
+    import subprocess
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    mark = tmp_path / "ran"
+    done = subprocess.run(["make", "-s", "lesson", f"LESSON={value.format(mark=mark)}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert not mark.exists(), f"LESSON={value!r} ran a shell command"
+    assert done.returncode != 0, "an unknown lesson must fail"
