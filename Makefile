@@ -1,21 +1,26 @@
 # The course's commands. Every target depends on `setup`, so a fresh clone needs nothing else:
 #   make lesson LESSON=01      run a lesson script
 #   make check LESSON=01       grade your exercises (IMPL=solutions grades the reference answers)
-#   make progress              every lesson's exercises: passed / failed / TODO
+#   make progress              every lesson's exercises: passed / failed / TODO (re-graded when a file changed)
+#   make try EX=1.2            one exercise: its first input, the expected and your output, the first difference
+#   make hint EX=1.2           the next hint for that exercise (LEVEL=2: hints 1 and 2); make list: every exercise
 #   make test                  what CI runs: solutions, the grader's own tests, every lesson (quick);
 #                              PYTEST="tests/test_11_quantization.py -x" runs a part
 #   make bench                 every lesson's full benchmark on the GPU -> lessons/results/results.md, .json
 #                              (LESSON=07 re-runs one lesson)
 #   make profile               lesson 12's profilers: torch.profiler, and Nsight Compute's DRAM bytes if ncu is installed
+#   make clean                 remove plots, caches and hint counters (not .venv, not your exercises)
 
 PYTHON ?= python3
 VENV := .venv
 LESSON ?=
 IMPL ?= exercises
 PYTEST ?=
+EX ?=
+LEVEL ?=
 # Recipes read these from the environment ("$$LESSON"), never pasted into the shell line by make:
 # a value with quotes, backticks or $(...) in it stays a value and runs nothing.
-export LESSON IMPL PYTEST
+export LESSON IMPL PYTEST EX LEVEL
 
 # Use .venv once it exists; else the current Python if it already has the packages (a GPU box,
 # Colab); else build .venv from requirements.txt.
@@ -30,11 +35,11 @@ else
   SETUP_STAMP := $(VENV)/.installed
 endif
 
-.PHONY: setup lesson check progress test bench profile help
+.PHONY: setup lesson check progress try hint list clean test bench profile help
 .DEFAULT_GOAL := help
 
 help:
-	@sed -n '1,10p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,13p' Makefile | sed 's/^# \{0,1\}//'
 
 setup: $(SETUP_STAMP)
 	@echo "using $(PY)"
@@ -53,6 +58,19 @@ check: setup
 
 progress: setup
 	@$(PY) -m common.grading progress --impl "$$IMPL"
+
+try: setup
+	@$(PY) -m common.grading try "$$EX" --impl "$$IMPL"
+
+hint: setup
+	@$(PY) -m common.grading hint "$$EX" $${LEVEL:+"$$LEVEL"}
+
+list: setup
+	@$(PY) -m common.grading list
+
+clean:
+	rm -rf plots .grading_cache.json .hints_seen.json .pytest_cache
+	find . -name __pycache__ -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
 
 # Solutions, the grader's own tests and every lesson script in quick mode. On a GPU the
 # GPU-only tests (bf16, fp8, wrong-device errors) run too; without one they skip with a reason.

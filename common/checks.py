@@ -56,10 +56,23 @@ class CheckError(AssertionError):
 _SEED = None
 
 
+def seed_from_env() -> int | None:
+    """COURSE_SEED (the seed a failed check printed, to reproduce it), or None when unset."""
+    value = os.environ.get("COURSE_SEED", "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise SystemExit(f"COURSE_SEED must be a whole number (the seed a failed check printed), "
+                         f"got '{value}'") from None
+
+
 def fresh_seed() -> int:
     """Seed torch for one check: COURSE_SEED if set (to reproduce a failure), else a new one."""
     global _SEED
-    _SEED = int(os.environ.get("COURSE_SEED") or random.SystemRandom().randrange(2**31))
+    seed = seed_from_env()
+    _SEED = seed if seed is not None else random.SystemRandom().randrange(2**31)
     torch.manual_seed(_SEED)
     return _SEED
 
@@ -168,6 +181,41 @@ def sum_tolerance(dtype: torch.dtype, n_terms: int) -> dict:
     return tol
 
 
+# `make try EX=1.2`: the first call of the exercise and its first comparison are printed.
+TRY_MODE = os.environ.get("COURSE_TRY") == "1"
+_SHOWN: dict[str, bool] = {}
+
+
+def _values(t: torch.Tensor, count: int = 8) -> str:
+    flat = t.detach().reshape(-1)[:count].cpu()
+    more = " ..." if t.numel() > count else ""
+    if flat.dtype.is_floating_point:
+        return "[" + ", ".join(f"{v:.5g}" for v in flat.double().tolist()) + more + "]"
+    return "[" + ", ".join(str(v) for v in flat.tolist()) + more + "]"
+
+
+def describe(value) -> str:
+    """One line for an argument: a tensor's shape, dtype, strides and first values; else repr."""
+    if isinstance(value, torch.Tensor):
+        return (f"tensor {tuple(value.shape)} {str(value.dtype).removeprefix('torch.')} strides "
+                f"{value.stride()} {_values(value)}")
+    return repr(value)
+
+
+def show_comparison(actual: torch.Tensor, expected: torch.Tensor, name: str, *, atol: float, rtol: float) -> None:
+    print(f"  expected {name}: {describe(expected)}")
+    print(f"  got      {name}: {describe(actual)}")
+    wrong = ~torch.isclose(actual.detach().cpu().to(torch.float64) if actual.dtype.is_floating_point
+                           else actual.detach().cpu().double(), expected.detach().cpu().double(),
+                           rtol=rtol, atol=atol, equal_nan=True)
+    if wrong.any():
+        first = tuple(int(i) for i in wrong.nonzero()[0])
+        print(f"  first difference at index {first}: expected {expected[first].item():.6g}, "
+              f"got {actual[first].item():.6g} ({int(wrong.sum())} of {wrong.numel()} elements differ)")
+    else:
+        print(f"  every element within atol={atol:g}, rtol={rtol:g}")
+
+
 def assert_close(actual, expected, *, name: str = "output", atol: float | None = None,
                  rtol: float | None = None, mistakes: dict | None = None) -> None:
     """Compare a kernel's output with a reference; raise CheckError with a diagnosis if wrong.
@@ -189,6 +237,9 @@ def assert_close(actual, expected, *, name: str = "output", atol: float | None =
     tol = tolerance(actual.dtype)
     atol = tol["atol"] if atol is None else atol
     rtol = tol["rtol"] if rtol is None else rtol
+    if TRY_MODE and not _SHOWN.get("compare"):
+        _SHOWN["compare"] = True
+        show_comparison(actual, expected, name, atol=atol, rtol=rtol)
     if actual.device == expected.device and torch.isclose(
             actual.to(expected.dtype), expected, rtol=rtol, atol=atol, equal_nan=True).all():
         return  # the common case, decided where the data lives; the diagnosis copies to the CPU

@@ -7,29 +7,42 @@ declarations serve three masters:
   - `make check LESSON=NN`: a short report per exercise instead of pytest's output;
   - the grader's own tests: untouched stubs are TODO, known-wrong answers are rejected.
 
-    python -m common.grading check 01 [--impl solutions]
+    python -m common.grading check 01 [--impl solutions | --impl FOLDER]
     python -m common.grading progress [--impl solutions]
+    python -m common.grading try 1.2      one exercise: its first input, expected and received output
+    python -m common.grading hint 1.2 [N] the next hint (or hints 1..N) from the lesson's markdown
+    python -m common.grading list         every exercise
 """
 
 import ast
+import contextlib
+import functools
 import inspect
 import itertools
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .checks import CheckError, fresh_seed
+from . import checks
+from .checks import CheckError, fresh_seed, seed_from_env
 from .device import banner
 from .lessons import LESSONS, REPO, Lesson, find, load_module, require_written
 
 IMPLS = ("exercises", "solutions")
-GRADE_TIMEOUT_S = 900
+# One exercise's check, in seconds; the slowest solution takes about 20 s in the CPU interpreter.
+# COURSE_TIMEOUT=300 make check ... gives a slow machine more.
+DEFAULT_EXERCISE_TIMEOUT_S = 60
+IMPORT_TIMEOUT_S = 120  # the grading child imports torch, triton and the learner's file first
 
 
 @dataclass(frozen=True)
@@ -59,17 +72,28 @@ class NeedsGPU(Exception):
     exercise is reported as skipped with this reason, never as passed."""
 
 
+def _valid_impl(impl: str) -> bool:
+    return impl in IMPLS or Path(impl).is_dir()
+
+
 def current_impl() -> str:
     impl = os.environ.get("IMPL") or "exercises"
-    if impl not in IMPLS:
-        raise SystemExit(f"IMPL must be one of {', '.join(IMPLS)}, got '{impl}'")
-    return impl
+    if not _valid_impl(impl):
+        raise SystemExit(f"IMPL must be one of {', '.join(IMPLS)} or a folder of exercise files, got '{impl}'")
+    return impl if impl in IMPLS else str(Path(impl).resolve())
+
+
+def impl_path(stem: str, impl: str) -> Path:
+    """exercises/<stem>.py, solutions/<stem>.py, or <stem>.py in any folder (a learner's copy that
+    a teacher grades: `make check LESSON=01 IMPL=/path/to/their/exercises`)."""
+    return REPO / impl / f"{stem}.py" if impl in IMPLS else Path(impl).resolve() / f"{stem}.py"
 
 
 def load_impl(stem: str, impl: str | None = None):
-    """The module under test: exercises/<stem>.py (default) or solutions/<stem>.py (IMPL)."""
+    """The module under test: exercises/<stem>.py (default), solutions/<stem>.py, or a folder's."""
     impl = impl or current_impl()
-    return load_module(REPO / impl / f"{stem}.py", name=f"{impl}_{stem}")
+    name = impl if impl in IMPLS else "folder"
+    return load_module(impl_path(stem, impl), name=f"{name}_{stem}")
 
 
 # --------------------------------------------------------------------------- one exercise
@@ -98,13 +122,44 @@ def is_untouched_stub(obj) -> bool:
 
 
 def _short_error(err: BaseException, module_file: str | None) -> str:
-    """The error's last line, and where in the learner's file it was raised."""
+    """The error's last line, and where in the learner's file it was raised: the deepest frame in
+    that file along the exception chain (a kernel's error is re-raised by Triton from the launch;
+    its cause holds the kernel's line)."""
     lines = [f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"]
     if module_file:
-        frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename == module_file]
+        frames, seen, cause = [], set(), err
+        while cause is not None and id(cause) not in seen:
+            seen.add(id(cause))
+            frames += [f for f in traceback.extract_tb(cause.__traceback__) if f.filename == module_file]
+            cause = cause.__cause__ or cause.__context__
         if frames:
             lines.append(f"raised at {Path(module_file).name}:{frames[-1].lineno}: {frames[-1].line}")
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def kernel_launches():
+    """Records the source file of every Triton kernel launched inside the block (GPU JITFunction
+    and the interpreter alike; autotuned kernels end in the same run method)."""
+    from triton.runtime import interpreter, jit
+
+    files: list[str] = []
+    originals = {cls: cls.run for cls in (jit.JITFunction, interpreter.InterpretedFunction)}
+
+    def counted(run):
+        def wrapper(self, *args, **kwargs):
+            code = getattr(getattr(self, "fn", None), "__code__", None)
+            files.append(code.co_filename if code else "")
+            return run(self, *args, **kwargs)
+        return wrapper
+
+    for cls, run in originals.items():
+        cls.run = counted(run)
+    try:
+        yield files
+    finally:
+        for cls, run in originals.items():
+            cls.run = run
 
 
 def grade(module, exercise: Exercise) -> Result:
@@ -121,20 +176,45 @@ def grade(module, exercise: Exercise) -> Result:
     return grade_function(exercise, fn, label, getattr(module, "__file__", None))
 
 
+def _show_first_call(fn: Callable) -> Callable:
+    """`make try`: print the arguments of the check's first call of the learner's function."""
+    @functools.wraps(fn)
+    def first_call(*args, **kwargs):
+        if not checks._SHOWN.get("call"):
+            checks._SHOWN["call"] = True
+            print(f"  input (the check's first call of {getattr(fn, '__name__', 'the function')}):")
+            for i, value in enumerate(args):
+                print(f"    arg {i}: {checks.describe(value)}")
+            for key, value in kwargs.items():
+                print(f"    {key}: {checks.describe(value)}")
+        return fn(*args, **kwargs)
+    return first_call
+
+
 def grade_function(exercise: Exercise, fn: Callable, label: str | None = None,
                    module_file: str | None = None) -> Result:
     label = label or str(exercise)
     fresh_seed()
+    if checks.TRY_MODE:
+        fn = _show_first_call(fn)
     try:
-        exercise.check(fn)
+        with kernel_launches() as launched:
+            exercise.check(fn)
     except (NotImplementedError, Todo) as err:
         return Result(label, "todo", f"not finished: {err}" if str(err) else "not finished")
     except NeedsGPU as err:
         return Result(label, "skipped", str(err))
     except CheckError as err:
         return Result(label, "failed", str(err))
+    except SystemExit as err:  # sys.exit() in the learner's code would end the grading unseen
+        return Result(label, "failed", f"the code called sys.exit({err.code!r}): an exercise must return its "
+                      f"result; the grader stops nothing else")
     except Exception as err:  # a learner's code may fail in any way; report it, do not crash
         return Result(label, "failed", _short_error(err, module_file))
+    if exercise.kernels and module_file and module_file not in launched:
+        return Result(label, "failed", f"the answers are right but no Triton kernel of {Path(module_file).name} "
+                      f"was launched: {' / '.join(exercise.kernels)} must do the work (PyTorch alone does "
+                      f"not count)")
     return Result(label, "passed")
 
 
@@ -233,48 +313,151 @@ def with_flags(kernel, **flags):
 
 # --------------------------------------------------------------------------- reports
 
-def _grade_lesson_in_child(lesson: Lesson, impl: str) -> list[Result]:
-    """Grade in a child process, so a learner's kernel that crashes the interpreter (an
-    out-of-bounds access can segfault it) or hangs costs one exercise, not the report."""
-    cmd = [sys.executable, "-m", "common.grading", "_child", lesson.number, impl]
+def exercise_timeout() -> float:
+    value = os.environ.get("COURSE_TIMEOUT") or str(DEFAULT_EXERCISE_TIMEOUT_S)
     try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=GRADE_TIMEOUT_S)
-        out, code = proc.stdout, proc.returncode
-    except subprocess.TimeoutExpired as err:
-        out, code = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or ""), None
-    results, started = [], None
-    for line in out.splitlines():
-        if line.startswith("@@start "):
-            started = line.removeprefix("@@start ")
-        elif line.startswith("@@result "):
-            results.append(Result(**json.loads(line.removeprefix("@@result "))))
-            started = None
-    if code is None or code != 0 and started:
-        why = f"timed out after {GRADE_TIMEOUT_S} s" if code is None else f"crashed the grader (exit {code})"
-        results.append(Result(started or lesson.number, "failed",
-                              f"{why}: often an unmasked load or store that ran far outside its "
-                              f"tensor, or a loop that never ends"))
-    elif code != 0:
-        tail = "\n".join((proc.stderr or "").strip().splitlines()[-6:])
-        results.append(Result(lesson.number, "failed", f"could not grade this lesson:\n{tail}"))
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise SystemExit(f"COURSE_TIMEOUT must be a number of seconds per exercise, got '{value}'")
+    return seconds
+
+
+def _signal_name(code: int) -> str:
+    try:
+        return signal.Signals(-code).name
+    except ValueError:
+        return f"signal {-code}"
+
+
+def _why_child_ended(code: int | None, timeout: float) -> str:
+    if code is None:
+        return (f"still running after {timeout:g} s (COURSE_TIMEOUT={timeout:g}): a loop that never ends, or a grid "
+                f"far larger than the tensor; the grader stopped it")
+    if code < 0:
+        return (f"crashed the grader process ({_signal_name(code)}): often an unmasked load or store that ran far "
+                f"outside its tensor")
+    return (f"the grader process exited during this exercise (exit status {code}): sys.exit() or os._exit() in "
+            f"your code ends the grading; the exercise did not report a result")
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the child and anything it started
+    proc.wait()
+
+
+def _grade_lesson_in_child(lesson: Lesson, impl: str, on_start=None, on_result=None,
+                           show_output: bool = True, only: str | None = None, env: dict | None = None) -> list[Result]:
+    """Grade in child processes, so that a learner's kernel that hangs or crashes the interpreter
+    (an out-of-bounds access can segfault it) costs one exercise, not the report: each exercise
+    has COURSE_TIMEOUT seconds; after a crash or a timeout a fresh child grades the rest. Results
+    come back through a pipe the parent opened (not stdout: a print cannot forge one), and an
+    exercise that reports nothing is failed, never dropped."""
+    timeout = exercise_timeout()
+    labels: list[str] | None = None
+    results: list[Result] = []
+    while labels is None or len(results) < len(labels):
+        read_fd, write_fd = os.pipe()
+        cmd = [sys.executable, "-m", "common.grading", "_child", lesson.number, impl, str(write_fd),
+               str(len(results)), str(os.getpid())] + ([only] if only else [])
+        output = None if show_output else subprocess.DEVNULL
+        proc = subprocess.Popen(cmd, cwd=REPO, pass_fds=(write_fd,), start_new_session=True,
+                                stdout=output, stderr=output, env={**os.environ, **(env or {})})
+        os.close(write_fd)
+        started, progressed, buffer = None, False, b""
+        deadline = time.monotonic() + IMPORT_TIMEOUT_S + timeout
+        try:
+            with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+                while True:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    ready, _, _ = select.select([pipe], [], [], min(left, 1.0))
+                    if not ready:
+                        continue
+                    chunk = pipe.read(65536)
+                    if not chunk:
+                        break  # the child closed the pipe: it ended
+                    buffer += chunk
+                    *lines, buffer = buffer.split(b"\n")
+                    for line in lines:
+                        record = json.loads(line)
+                        if "exercises" in record:
+                            labels = record["exercises"]
+                        elif "start" in record:
+                            started, progressed = record["start"], True
+                            deadline = time.monotonic() + timeout
+                            if on_start:
+                                on_start(started)
+                        elif "result" in record:
+                            result = Result(**record["result"])
+                            results.append(result)
+                            started = None
+                            if on_result:
+                                on_result(result)
+        finally:
+            _kill(proc)
+        code = proc.returncode if time.monotonic() < deadline else None
+        if labels is not None and started is None and not progressed:  # it never reached an exercise
+            why = _why_child_ended(code, IMPORT_TIMEOUT_S + timeout)
+            for label in labels[len(results):]:
+                results.append(Result(label, "failed", f"while importing {impl}/{lesson.stem}.py: {why}"))
+                if on_result:
+                    on_result(results[-1])
+            return results
+        if labels is None:  # the child ended before it could list the exercises
+            why = f"exit status {code}" if code is not None else f"no answer in {IMPORT_TIMEOUT_S + timeout:g} s"
+            results.append(Result(lesson.number, "failed", f"could not grade this lesson ({why}); run "
+                                  f"`python -m common.grading _child {lesson.number} {impl}` to see the error"))
+            if on_result:
+                on_result(results[-1])
+            return results
+        if len(results) < len(labels):  # the child stopped inside an exercise (or before the next)
+            result = Result(started or labels[len(results)], "failed", _why_child_ended(code, timeout))
+            results.append(result)
+            if on_result:
+                on_result(result)
     return results
 
 
-def _child(number: str, impl: str) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """The grading child ends when the process that started it is gone (killed, say)."""
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(3)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _child(number: str, impl: str, fd: str | None = None, first: str = "0", parent: str | None = None,
+           only: str | None = None) -> None:
+    pipe = os.fdopen(int(fd), "w", buffering=1) if fd else sys.stdout
+    if parent:
+        _exit_with_parent(int(parent))
+
+    def send(record: dict) -> None:
+        pipe.write(json.dumps(record) + "\n")
+        pipe.flush()
+
     lesson = find(number)
     test_module = load_module(lesson.test, name=f"grading_{lesson.stem}")
+    exercises = [e for e in test_module.EXERCISES if only is None or e.number == only]
+    send({"exercises": [str(e) for e in exercises]})
     try:
         module = load_impl(lesson.stem, impl)
     except Exception as err:  # a syntax error in the learner's file, say
         module = None
-        error = _short_error(err, str(REPO / impl / f"{lesson.stem}.py"))
-    for exercise in test_module.EXERCISES:
-        print(f"@@start {exercise}", flush=True)
+        error = _short_error(err, str(impl_path(lesson.stem, impl)))
+    for exercise in exercises[int(first):]:
+        send({"start": str(exercise)})
         if module is None:
             result = Result(str(exercise), "failed", f"{impl}/{lesson.stem}.py does not import:\n{error}")
         else:
             result = grade(module, exercise)
-        print("@@result " + json.dumps(result.__dict__), flush=True)
+        send({"result": result.__dict__})
 
 
 _MARK = {"passed": "passed", "failed": "FAILED", "todo": "TODO", "skipped": "skip"}
@@ -286,21 +469,148 @@ def check(number: str, impl: str) -> int:
     if not lesson.test.exists():
         print(f"Lesson {lesson.number} has no tests yet ({lesson.test.relative_to(REPO)}).")
         return 2
-    print(f"Lesson {lesson.number}: {lesson.title}\ngrading {impl}/{lesson.stem}.py\n{banner()}\n")
-    results = _grade_lesson_in_child(lesson, impl)
-    width = max(len(r.exercise) for r in results)
-    for r in results:
+    print(f"Lesson {lesson.number}: {lesson.title}\ngrading {impl}/{lesson.stem}.py\n{banner()}\n", flush=True)
+
+    def started(label: str) -> None:
+        print(f"  {label} ... ", end="", flush=True)  # the verdict ends the line (after any prints of yours)
+
+    def finished(r: Result) -> None:
         first, *rest = (r.detail or "").splitlines() or [""]
-        print(f"  {r.exercise:<{width}}  {_MARK[r.status]:<6}  {first}")
+        print(f"{_MARK[r.status]}  {first}".rstrip())
         for line in rest:
-            print(f"  {'':<{width}}          {line}")
+            print(f"      {line}")
+        sys.stdout.flush()
+
+    results = _grade_lesson_in_child(lesson, impl, on_start=started, on_result=finished)
     counts = {s: sum(r.status == s for r in results) for s in _MARK}
     skipped = f", {counts['skipped']} skipped (they need a CUDA GPU)" if counts["skipped"] else ""
     print(f"\n{counts['passed']} of {len(results)} passed, {counts['failed']} failed, "
           f"{counts['todo']} TODO{skipped}.")
-    if counts["todo"] and impl == "exercises":
+    if counts["todo"] and impl != "solutions":
         print(f"Hints for each exercise are in {lesson.markdown.relative_to(REPO)}.")
     return 0 if counts["passed"] + counts["skipped"] == len(results) and counts["passed"] else 1
+
+
+def _exercise_lesson(ex: str) -> tuple[Lesson, str]:
+    """'1.2' -> (lesson 01, '1.2'); exit 2 with a line that says what to type otherwise."""
+    number, _, part = (ex or "").strip().partition(".")
+    if not (number.isdigit() and part.isdigit()):
+        print(f"EX must name one exercise as lesson.number, for example EX=1.2 (got '{ex}'); "
+              f"`make list` shows them all", file=sys.stderr)
+        raise SystemExit(2)
+    return find(number), f"{int(number)}.{int(part)}"
+
+
+def try_one(ex: str, impl: str) -> int:
+    """Grade one exercise and show its first input, the expected and the received output, and the
+    first element that differs."""
+    lesson, number = _exercise_lesson(ex)
+    require_written(lesson)
+    print(f"Trying {number} in {impl}/{lesson.stem}.py  ({banner()})\n", flush=True)
+    results = _grade_lesson_in_child(lesson, impl, only=number, env={"COURSE_TRY": "1"})
+    if not results:
+        print(f"Lesson {lesson.number} has no exercise {number}; `make list` shows them all", file=sys.stderr)
+        return 2
+    for r in results:
+        print(f"\n{r.exercise}: {_MARK[r.status]}" + (f"\n{r.detail}" if r.detail else ""))
+    return 0 if all(r.status in ("passed", "skipped") for r in results) else 1
+
+
+HINTS_SEEN = REPO / ".hints_seen.json"  # how many hints of each exercise were shown; ignored by git
+
+
+def exercise_hints(lesson: Lesson, number: str) -> tuple[str, list[str]]:
+    """The heading and the <details> hint blocks of exercise `number` in the lesson's markdown."""
+    import re
+
+    text = lesson.markdown.read_text()
+    match = re.search(rf"^### {re.escape(number)}\b([^\n]*)$(.*?)(?=^##|\Z)", text, re.M | re.S)
+    if not match:
+        return "", []
+    blocks = re.findall(r"<details><summary>(.*?)</summary>(.*?)</details>", match.group(2), re.S)
+    return f"{number}{match.group(1)}", [f"{title.strip()}:\n{body.strip()}" for title, body in blocks]
+
+
+def hint(ex: str, level: str | None) -> int:
+    """Print the hints of one exercise up to the next unseen one (or up to LEVEL)."""
+    lesson, number = _exercise_lesson(ex)
+    heading, hints = exercise_hints(lesson, number)
+    if not hints:
+        print(f"No hints for {number} in {lesson.markdown.relative_to(REPO)}", file=sys.stderr)
+        return 2
+    try:
+        seen = json.loads(HINTS_SEEN.read_text())
+    except (OSError, ValueError):
+        seen = {}
+    if level:
+        if not level.isdigit() or int(level) < 1:
+            print(f"LEVEL must be a hint number from 1 to {len(hints)}, got '{level}'", file=sys.stderr)
+            return 2
+        upto = min(int(level), len(hints))
+    else:
+        upto = min(seen.get(number, 0) + 1, len(hints))
+    print(f"Exercise {heading.strip()}  ({lesson.markdown.relative_to(REPO)})\n")
+    print("\n\n".join(hints[:upto]))
+    more = len(hints) - upto
+    print(f"\n({upto} of {len(hints)} hints; " + (f"`make hint EX={number}` again for the next)" if more
+                                                    else "that was the last one)"))
+    seen[number] = max(seen.get(number, 0), upto)
+    with contextlib.suppress(OSError):
+        HINTS_SEEN.write_text(json.dumps(seen))
+    return 0
+
+
+def list_exercises() -> int:
+    for lesson in LESSONS:
+        if not lesson.markdown.exists():
+            continue
+        import re
+        found = re.findall(rf"^### ({int(lesson.number)}\.\d+)\s+(.*)$", lesson.markdown.read_text(), re.M)
+        print(f"{lesson.number} {lesson.title}")
+        for number, title in found:
+            print(f"    {number:<6} {title}")
+    print("\nmake try EX=1.2 (one exercise, its first input and output) | make hint EX=1.2 | make check LESSON=01")
+    return 0
+
+
+CACHE = REPO / ".grading_cache.json"  # ignored by git; `make clean` removes it
+
+
+def _cache_key(lesson: Lesson, impl: str) -> str:
+    """What a lesson's grades depend on: the graded file, its tests, the lesson script, the
+    grader (common/), the versions and the device. Same bytes, same grades."""
+    import hashlib
+
+    import torch
+    import triton
+
+    digest = hashlib.sha256(f"{impl}|{torch.__version__}|{triton.__version__}|{banner()}".encode())
+    files = [impl_path(lesson.stem, impl), lesson.test, lesson.script, *sorted((REPO / "common").glob("*.py"))]
+    for path in files:
+        digest.update(path.read_bytes() if path.exists() else b"missing")
+    return digest.hexdigest()
+
+
+def _cached_grades(lesson: Lesson, impl: str) -> tuple[list[Result], bool]:
+    """A lesson's results, graded again only when one of the files they depend on changed
+    (`make progress` for a class: 2 minutes the first time on a CPU, seconds after)."""
+    try:
+        cache = json.loads(CACHE.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    key = _cache_key(lesson, impl)
+    entry = cache.get(f"{impl}:{lesson.number}")
+    if entry and entry.get("key") == key:
+        return [Result(**r) for r in entry["results"]], True
+    results = _grade_lesson_in_child(lesson, impl, show_output=False)
+    cache[f"{impl}:{lesson.number}"] = {"key": key, "results": [r.__dict__ for r in results]}
+    try:
+        tmp = CACHE.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, CACHE)
+    except OSError:  # a read-only checkout: grade every time
+        pass
+    return results, False
 
 
 def progress(impl: str) -> int:
@@ -311,29 +621,46 @@ def progress(impl: str) -> int:
         if not (lesson.written and lesson.test.exists()):
             print(f"  {name:<34} {'(not written yet)':>20}")
             continue
-        results = _grade_lesson_in_child(lesson, impl)
+        results, cached = _cached_grades(lesson, impl)
         counts = [sum(r.status == s for r in results) for s in ("passed", "failed", "todo")]
         each = "  ".join(f"{r.exercise.split()[0]} {_MARK[r.status]}" for r in results)
         print(f"  {name:<34} {counts[0]:>6} {counts[1]:>6} {counts[2]:>6}  {each}", flush=True)
-    print("\nDetails for one lesson: make check LESSON=NN")
+    print("\nDetails for one lesson: make check LESSON=NN (results are re-graded only for files that changed)")
     return 0
 
 
 def main(argv: list[str]) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # the children are killed on the way out (their finally blocks)
+        print("\ninterrupted: grading stopped; nothing in your files was changed", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
+    seed_from_env()  # a bad COURSE_SEED is named here, not read as a crash of every exercise
     impl = current_impl()
     if "--impl" in argv:
         i = argv.index("--impl")
         impl = argv[i + 1] if i + 1 < len(argv) else ""
         del argv[i:i + 2]
-        if impl not in IMPLS:
-            print(f"--impl must be one of {', '.join(IMPLS)}, got '{impl}'", file=sys.stderr)
+        if not _valid_impl(impl):
+            print(f"--impl must be one of {', '.join(IMPLS)} or a folder of exercise files, got '{impl}'",
+                  file=sys.stderr)
             return 2
+        impl = impl if impl in IMPLS else str(Path(impl).resolve())
     if argv[:1] == ["check"]:
         return check(argv[1] if len(argv) > 1 else "", impl)
     if argv[:1] == ["progress"]:
         return progress(impl)
+    if argv[:1] == ["try"]:
+        return try_one(argv[1] if len(argv) > 1 else "", impl)
+    if argv[:1] == ["hint"]:
+        return hint(argv[1] if len(argv) > 1 else "", argv[2] if len(argv) > 2 else None)
+    if argv[:1] == ["list"]:
+        return list_exercises()
     if argv[:1] == ["_child"]:
-        _child(argv[1], argv[2])
+        _child(*argv[1:7])
         return 0
     print(__doc__, file=sys.stderr)
     return 2

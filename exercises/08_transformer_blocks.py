@@ -7,8 +7,9 @@ Fill in the TODOs, then grade your answers with:
     make check LESSON=08
 
 Each exercise is a variant of a kernel in lessons/advanced/08_transformer_blocks.py: 8.1 of
-LayerNorm, 8.2 of GeGLU, 8.3 a rotation of pairs, 8.4 of the fused cross-entropy. Hints, from
-gentle to explicit, are in lessons/advanced/08_transformer_blocks.md under "Exercises".
+LayerNorm, 8.2 of GeGLU, 8.3 a rotation of pairs, 8.4 of the fused cross-entropy, 8.5 the
+lesson's fused linear cross-entropy (its chunk loop, around the lesson's cross-entropy kernels).
+Hints, from gentle to explicit, are in lessons/advanced/08_transformer_blocks.md under "Exercises".
 """
 
 import functools
@@ -336,3 +337,94 @@ def mse_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if pred.numel() == 0:
         raise ValueError("mse_loss of empty tensors is undefined (0 / 0)")
     return MSELossFunction.apply(pred, target)
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise 8.5: fused linear cross-entropy
+# An lm_head and its loss: mean over the valid tokens of cross_entropy(hidden @ weight.T, target),
+# hidden (T, H), weight (V, H), target (T,), and the gradients for hidden and weight, without
+# ever holding the T x V logits (at T = 8192 and Llama 3's V = 128,256 they are 2 GiB of bf16).
+# Loop over chunks of C tokens; for each chunk [start, end):
+#   z = hidden[start:end] @ weight.T       torch.matmul into the first end - start rows of z_buffer
+#   each row's loss and lse                 _ce_loss_rows (the lesson's cross_entropy_fwd_kernel)
+#   z <- softmax(z) - onehot, in place      _ce_grad_in_place (the lesson's cross_entropy_bwd_kernel;
+#                                           ignored rows become 0)
+#   dhidden[start:end] = z @ weight         C x H
+#   dweight += z.T @ hidden[start:end]      V x H, summed over every chunk
+# The loss is sum(loss_rows) / n_valid, n_valid the number of targets that are not ignore_index.
+# The gradients are those of the *sum* of the valid rows' losses: the backward pass (written for
+# you) divides them by n_valid and multiplies them by grad_output. The two kernel launchers, the
+# allocations, the autograd.Function and the wrapper are written; write the chunk loop.
+
+
+@functools.cache
+def _lesson():
+    """The lesson's module, for its two cross-entropy kernels (loaded once, on first use)."""
+    from common.lessons import find, load_module
+    return load_module(find("08").script, name="lesson_08_for_exercise_8_5")
+
+
+def _ce_loss_rows(z: torch.Tensor, target: torch.Tensor, loss_rows: torch.Tensor, lse: torch.Tensor,
+                  ignore_index: int) -> None:
+    """The lesson's cross_entropy_fwd_kernel on the rows of z (C x V): each row's loss into
+    loss_rows (0 for an ignored row) and its logsumexp into lse, both C fp32 (views are fine)."""
+    lesson = _lesson()
+    lesson._launch_cross_entropy_fwd(z, target, loss_rows, lse, ignore_index, lesson.CE_BLOCK_SIZE)
+
+
+def _ce_grad_in_place(z: torch.Tensor, target: torch.Tensor, lse: torch.Tensor, ignore_index: int) -> None:
+    """The lesson's cross_entropy_bwd_kernel, in place: z <- softmax(z) - onehot(target) on valid
+    rows, 0 on ignored rows (unscaled: not divided by n_valid). lse: the rows' logsumexp."""
+    lesson = _lesson()
+    one = torch.ones((), dtype=torch.float32, device=z.device)  # as n_valid and grad_loss: no scaling
+    lesson._launch_cross_entropy_bwd(z, z, target, lse, one, one, ignore_index, lesson.CE_BLOCK_SIZE)
+
+
+def linear_cross_entropy_chunks(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                                ignore_index: int, chunk_size: int):
+    """(loss, dhidden, dweight, n_valid): the mean loss (fp32 scalar), the gradients of the sum of
+    the valid rows' losses (hidden's and weight's dtype), and n_valid (an fp32 scalar tensor)."""
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    loss_rows = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
+    n_valid = (target != ignore_index).sum(dtype=torch.float32)  # a tensor: no host sync
+    z_buffer = torch.empty(min(chunk_size, n_tokens), vocab, dtype=hidden.dtype, device=hidden.device)
+    dhidden = torch.empty_like(hidden)
+    dweight = torch.empty_like(weight)  # not zeroed: the first chunk writes it, the others add to it
+    # TODO: for start in range(0, n_tokens, chunk_size): end, and views of this chunk's rows of
+    #       hidden, target, loss_rows, lse and z_buffer (about 3 lines)
+    # TODO: z = hidden rows @ weight.T with torch.matmul(..., out=z) (1 line)
+    # TODO: _ce_loss_rows, then _ce_grad_in_place on z (2 lines)
+    # TODO: dhidden rows = z @ weight (torch.matmul with out=); dweight: the first chunk writes
+    #       z.T @ hidden rows, every later chunk adds it (dweight.addmm_) (about 4 lines)
+    # TODO: return the mean over the valid tokens, dhidden, dweight, n_valid (1 line)
+    raise NotImplementedError("TODO: exercise 8.5")
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, target, ignore_index, chunk_size):
+        loss, dhidden, dweight, n_valid = linear_cross_entropy_chunks(hidden, weight, target, ignore_index,
+                                                                      chunk_size)
+        ctx.save_for_backward(dhidden, dweight, n_valid)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dhidden, dweight, n_valid = ctx.saved_tensors
+        scale = grad_loss.float() / n_valid.clamp_min(1.0)  # d mean / d sum, times grad_output
+        return dhidden.mul_(scale), dweight.mul_(scale), None, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                         ignore_index: int = -100, chunk_size: int = 256) -> torch.Tensor:
+    """Mean cross-entropy of hidden (T, H) @ weight (V, H)^T against target (T,) int64, chunk_size
+    tokens at a time; differentiable in hidden and weight (call backward once)."""
+    common.check_tensors(hidden=hidden, weight=weight, same_shape=False, ndim=2, dtypes=FLOAT_DTYPES)
+    common.check_tensors(target=target, ndim=1, dtypes=(torch.int64,))
+    if weight.shape[1] != hidden.shape[1] or target.shape[0] != hidden.shape[0] or hidden.shape[0] == 0:
+        raise ValueError(f"linear_cross_entropy needs hidden (T, H) with T >= 1, weight (V, H) and target (T,), "
+                         f"got {tuple(hidden.shape)}, {tuple(weight.shape)} and {tuple(target.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+    return LinearCrossEntropyFunction.apply(hidden, weight, target, ignore_index, chunk_size)

@@ -8,7 +8,8 @@ Fill in the TODOs, then grade your answers with:
 
 Each exercise is a variant of a kernel in lessons/expert/11_quantization.py: 11.1 of the per-row
 INT8 quantizer (rows of any length, a clipping ratio), 11.2 of the W8A16 GEMV (per-group
-scales), 11.3 of the per-tensor FP8 quantizer (one scale per row). Hints, from gentle to
+scales), 11.3 of the per-tensor FP8 quantizer (one scale per row), 11.4 of the W4A16 GEMV (int4
+packed two per byte, unpacked in a simpler kernel). Hints, from gentle to
 explicit, are in lessons/expert/11_quantization.md under "Exercises".
 """
 
@@ -27,6 +28,9 @@ ROW_BLOCK_SIZE = 1024  # 11.1: a row is read in chunks of this many elements
 GEMV_BLOCK_N = 16  # 11.2: output channels per program
 FP8_FORMATS = {"e4m3": (torch.float8_e4m3fn, 448.0), "e5m2": (torch.float8_e5m2, 57344.0)}
 MAX_FP8_ROW = 16384  # 11.3: a row is one block
+INT4_GROUP = 128  # 11.4: K values per scale
+W4A16_BLOCK_N = 16  # 11.4: output channels per program
+MAX_W4A16_ROWS = 16  # 11.4: rows of x
 
 
 @triton.jit
@@ -199,3 +203,71 @@ def fp8_quantize_rows(x: torch.Tensor, fmt: str = "e4m3", out: torch.Tensor | No
     # TODO: launch one program per row with FP8_MAX and BLOCK_SIZE (a power of 2 >= N, at least 16);
     #       return (out, scale_out) (about 4 lines)
     raise NotImplementedError("TODO: exercise 11.3 (fp8_quantize_rows)")
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise 11.4: W4A16 GEMV, int4 weights packed two per byte, fp16 scales per group of 128
+# x (M, K) fp16 / fp32 with M small (1..16); w_packed (N, K / 2) uint8, row stride stride_wn (rows may
+# be padded): byte j of row n holds u[n, 2j] in its low nibble and u[n, 2j + 1] in its high nibble,
+# u = q + 8 in [1, 15] (symmetric int4 q in [-7, 7], zero point 8); scales (N, K / G), G = 128. Then
+#   out[m, n] = sum_g scales[n, g] * sum_{k in group g} x[m, k] * (u[n, k] - 8)        (fp32 sums)
+# One program per (BLOCK_N channels, row m of x); one K step = one group, as in 11.2. The wrapper is
+# written; write the kernel. (The lesson's w4a16_gemv_kernel is the fast version of the same sum.)
+
+
+@triton.jit
+def w4a16_gemv_kernel(
+    x_ptr,  # activations, M x K, row m at x_ptr + m * stride_xm, K contiguous
+    w_ptr,  # packed int4 weight, N x K/2 uint8, row n at w_ptr + n * stride_wn
+    scale_ptr,  # scales, N x (K / GROUP_SIZE), row n at scale_ptr + n * stride_sn
+    out_ptr,  # output, M x N contiguous, in x's dtype
+    N, K,  # output channels, reduction length (a multiple of GROUP_SIZE)
+    stride_xm,  # elements between x[m, 0] and x[m + 1, 0]
+    stride_wn,  # bytes between w[n, 0] and w[n + 1, 0]
+    stride_sn,  # elements between scales[n, 0] and scales[n + 1, 0]
+    GROUP_SIZE: tl.constexpr,  # G: K values per scale (128)
+    BLOCK_N: tl.constexpr,  # output channels per program
+):
+    """out[m, offs_n] for this program's row m of x and BLOCK_N channels: per group, unpack the
+    (BLOCK_N, GROUP_SIZE / 2) bytes into low and high nibbles, subtract 8, multiply by x's even and odd
+    values of the group, sum along K, times the group's scales; accumulate in fp32."""
+    # TODO: this program's output channels (axis 0) and row of x (axis 1), the byte offsets of one
+    #       group (GROUP_SIZE // 2 of them), the channel mask (about 4 lines)
+    # TODO: an fp32 accumulator of BLOCK_N sums (1 line)
+    # TODO: for each group g: load the (BLOCK_N, GROUP_SIZE // 2) bytes of w (row stride stride_wn,
+    #       masked rows, other=0), the group's x values at even and odd k (x[m, g*G + 2j] and
+    #       x[m, g*G + 2j + 1]) and the BLOCK_N scales of group g (about 5 lines)
+    # TODO: lo = (b & 15) - 8 and hi = (b >> 4) - 8 as fp32; add (sum along K of lo * x_even + hi * x_odd)
+    #       times the scales to the accumulator (about 3 lines)
+    # TODO: store the accumulator in out's dtype at out[m, offs_n], masked (1 line)
+    pass
+
+
+def w4a16_gemv(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) @ (the int4 weight w_packed (N, K / 2) dequantised with per-group scales (N, K / 128)).T:
+    (M, N) in x's dtype."""
+    common.check_tensors(x=x, contiguous=False, ndim=2, dtypes=(torch.float32, torch.float16, torch.bfloat16))
+    common.check_tensors(w_packed=w_packed, contiguous=False, ndim=2, dtypes=(torch.uint8,))
+    common.check_tensors(scales=scales, contiguous=False, ndim=2, dtypes=(torch.float32, torch.float16))
+    m, k = x.shape
+    n = w_packed.shape[0]
+    if x.stride(1) != 1 or not 1 <= m <= MAX_W4A16_ROWS:
+        raise ValueError(f"x must be (M, K) with 1 <= M <= {MAX_W4A16_ROWS} and K contiguous, got shape "
+                         f"{tuple(x.shape)} strides {x.stride()}")
+    if k % INT4_GROUP or w_packed.shape[1] != k // 2 or w_packed.stride(1) != 1:
+        raise ValueError(f"w_packed must be (N, K / 2 = {k // 2}) with contiguous rows, K a multiple of {INT4_GROUP}; "
+                         f"got shape {tuple(w_packed.shape)} strides {w_packed.stride()}")
+    if scales.shape != (n, k // INT4_GROUP) or scales.stride(1) != 1:
+        raise ValueError(f"scales must be ({n}, {k // INT4_GROUP}) with contiguous rows, got shape "
+                         f"{tuple(scales.shape)} strides {scales.stride()}")
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    else:
+        common.check_tensors(out=out, ndim=2, dtypes=(x.dtype,))
+        if out.shape != (m, n):
+            raise ValueError(f"out must have shape ({m}, {n}), got {tuple(out.shape)}")
+    w4a16_gemv_kernel[(triton.cdiv(n, W4A16_BLOCK_N), m)](
+        x, w_packed, scales, out, n, k, x.stride(0), w_packed.stride(0), scales.stride(0),
+        GROUP_SIZE=INT4_GROUP, BLOCK_N=W4A16_BLOCK_N)
+    return out

@@ -22,6 +22,9 @@ ROW_BLOCK_SIZE = 1024  # 11.1: a row is read in chunks of this many elements
 GEMV_BLOCK_N = 16  # 11.2: output channels per program
 FP8_FORMATS = {"e4m3": (torch.float8_e4m3fn, 448.0), "e5m2": (torch.float8_e5m2, 57344.0)}
 MAX_FP8_ROW = 16384  # 11.3: a row is one block
+INT4_GROUP = 128  # 11.4: K values per scale
+W4A16_BLOCK_N = 16  # 11.4: output channels per program
+MAX_W4A16_ROWS = 16  # 11.4: rows of x
 
 
 @triton.jit
@@ -223,3 +226,76 @@ def fp8_quantize_rows(x: torch.Tensor, fmt: str = "e4m3", out: torch.Tensor | No
         fp8_quantize_rows_kernel[(n_rows,)](x, out, scale_out, x.stride(0), n_cols, FP8_MAX=fmax,
                                             BLOCK_SIZE=max(16, triton.next_power_of_2(n_cols)))
     return out, scale_out
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise 11.4: W4A16 GEMV, int4 weights packed two per byte, fp16 scales per group of 128
+# x (M, K) fp16 / fp32 with M small (1..16); w_packed (N, K / 2) uint8, row stride stride_wn (rows may
+# be padded): byte j of row n holds u[n, 2j] in its low nibble and u[n, 2j + 1] in its high nibble,
+# u = q + 8 in [1, 15] (symmetric int4 q in [-7, 7], zero point 8); scales (N, K / G), G = 128. Then
+#   out[m, n] = sum_g scales[n, g] * sum_{k in group g} x[m, k] * (u[n, k] - 8)        (fp32 sums)
+# One program per (BLOCK_N channels, row m of x); one K step = one group, as in 11.2. The wrapper is
+# written; write the kernel. (The lesson's w4a16_gemv_kernel is the fast version of the same sum.)
+
+
+@triton.jit
+def w4a16_gemv_kernel(
+    x_ptr,  # activations, M x K, row m at x_ptr + m * stride_xm, K contiguous
+    w_ptr,  # packed int4 weight, N x K/2 uint8, row n at w_ptr + n * stride_wn
+    scale_ptr,  # scales, N x (K / GROUP_SIZE), row n at scale_ptr + n * stride_sn
+    out_ptr,  # output, M x N contiguous, in x's dtype
+    N, K,  # output channels, reduction length (a multiple of GROUP_SIZE)
+    stride_xm,  # elements between x[m, 0] and x[m + 1, 0]
+    stride_wn,  # bytes between w[n, 0] and w[n + 1, 0]
+    stride_sn,  # elements between scales[n, 0] and scales[n + 1, 0]
+    GROUP_SIZE: tl.constexpr,  # G: K values per scale (128)
+    BLOCK_N: tl.constexpr,  # output channels per program
+):
+    """out[m, offs_n] for this program's row m of x and BLOCK_N channels: per group, unpack the
+    (BLOCK_N, GROUP_SIZE / 2) bytes into low and high nibbles, subtract 8, multiply by x's even and odd
+    values of the group, sum along K, times the group's scales; accumulate in fp32."""
+    offs_n = tl.program_id(axis=0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row = tl.program_id(axis=1).to(tl.int64)
+    offs_b = tl.arange(0, GROUP_SIZE // 2)
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for g in range(0, K // GROUP_SIZE):
+        b = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + g * (GROUP_SIZE // 2) + offs_b[None, :],
+                    mask=mask_n[:, None], other=0)
+        x_even = tl.load(x_ptr + row * stride_xm + g * GROUP_SIZE + 2 * offs_b).to(tl.float32)
+        x_odd = tl.load(x_ptr + row * stride_xm + g * GROUP_SIZE + 2 * offs_b + 1).to(tl.float32)
+        s = tl.load(scale_ptr + offs_n * stride_sn + g, mask=mask_n, other=0.0).to(tl.float32)
+        lo = (b & 15).to(tl.float32) - 8.0
+        hi = (b >> 4).to(tl.float32) - 8.0
+        acc += tl.sum(lo * x_even[None, :] + hi * x_odd[None, :], axis=1) * s
+    tl.store(out_ptr + row * N + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+def w4a16_gemv(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) @ (the int4 weight w_packed (N, K / 2) dequantised with per-group scales (N, K / 128)).T:
+    (M, N) in x's dtype."""
+    common.check_tensors(x=x, contiguous=False, ndim=2, dtypes=(torch.float32, torch.float16, torch.bfloat16))
+    common.check_tensors(w_packed=w_packed, contiguous=False, ndim=2, dtypes=(torch.uint8,))
+    common.check_tensors(scales=scales, contiguous=False, ndim=2, dtypes=(torch.float32, torch.float16))
+    m, k = x.shape
+    n = w_packed.shape[0]
+    if x.stride(1) != 1 or not 1 <= m <= MAX_W4A16_ROWS:
+        raise ValueError(f"x must be (M, K) with 1 <= M <= {MAX_W4A16_ROWS} and K contiguous, got shape "
+                         f"{tuple(x.shape)} strides {x.stride()}")
+    if k % INT4_GROUP or w_packed.shape[1] != k // 2 or w_packed.stride(1) != 1:
+        raise ValueError(f"w_packed must be (N, K / 2 = {k // 2}) with contiguous rows, K a multiple of {INT4_GROUP}; "
+                         f"got shape {tuple(w_packed.shape)} strides {w_packed.stride()}")
+    if scales.shape != (n, k // INT4_GROUP) or scales.stride(1) != 1:
+        raise ValueError(f"scales must be ({n}, {k // INT4_GROUP}) with contiguous rows, got shape "
+                         f"{tuple(scales.shape)} strides {scales.stride()}")
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    else:
+        common.check_tensors(out=out, ndim=2, dtypes=(x.dtype,))
+        if out.shape != (m, n):
+            raise ValueError(f"out must have shape ({m}, {n}), got {tuple(out.shape)}")
+    w4a16_gemv_kernel[(triton.cdiv(n, W4A16_BLOCK_N), m)](
+        x, w_packed, scales, out, n, k, x.stride(0), w_packed.stride(0), scales.stride(0),
+        GROUP_SIZE=INT4_GROUP, BLOCK_N=W4A16_BLOCK_N)
+    return out

@@ -426,6 +426,98 @@ def test_lesson_long_rows(lesson):
         assert_close(op(x), torch.softmax(x.double(), dim=1), name=op.__name__)
 
 
+# v4 (softmax_fast) dispatches on the row length. Its limits are arguments, so that the split-row
+# path (several programs per row, a (max, sum) merge) runs here at rows the interpreter does in
+# seconds: (max_single_pass_cols, segment) -> which path, and how many programs per row.
+V4_PATHS = {
+    "one block": dict(),
+    "one block, persistent": dict(persistent=True),  # a few programs, each looping over rows
+    "split rows": dict(max_single_pass_cols=16, segment=128 if common.INTERPRETER else 1024),
+    "split, 1-column segments": dict(max_single_pass_cols=1, segment=1),  # n programs per row
+}
+V4_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BF16_REASON = "bfloat16 needs a GPU: the interpreter has no bfloat16 (numpy lacks it)"
+
+
+def _v4_dtype(dtype):
+    if dtype == torch.bfloat16 and not common.supports_bf16():
+        pytest.skip(BF16_REASON)
+
+
+def _check_v4(lesson, x, name, **kwargs):
+    m, n = x.shape
+    out = poisoned_empty(m, n, dtype=x.dtype)
+    assert lesson.softmax_fast(x, out=out, **kwargs) is out
+    assert_close(out, torch.softmax(x.double(), dim=1), name=name)
+    sums = out.double().sum(dim=1)
+    assert_close(sums, torch.ones_like(sums), atol=_row_sum_tol(x.dtype), rtol=0, name=f"{name}: row sums")
+
+
+@pytest.mark.parametrize("path", list(V4_PATHS))
+@pytest.mark.parametrize("dtype", V4_DTYPES, ids=str)
+def test_lesson_softmax_fast(lesson, dtype, path):
+    _v4_dtype(dtype)
+    kwargs = V4_PATHS[path]
+    cols = (1, 7, 1000) if path != "split, 1-column segments" else (1, 7, 33)
+    for n in cols:
+        m = 5 if common.INTERPRETER else _rows()  # more rows than the interpreter's 4 programs
+        base = randn(m, n + 3, dtype=dtype, scale=3.0)
+        for x in (base[:, :n], base[:, :n].contiguous()):  # padded rows, then packed
+            _check_v4(lesson, x, f"softmax_fast ({path}) {m}x{n} {dtype}", **kwargs)
+
+
+@pytest.mark.parametrize("dtype", V4_DTYPES, ids=str)
+def test_lesson_softmax_fast_threshold(lesson, dtype):
+    """Rows of the threshold and one past it take the two paths; both must agree with float64."""
+    _v4_dtype(dtype)
+    limit = 256 if common.INTERPRETER else lesson.MAX_SINGLE_PASS_COLS
+    segment = 100 if common.INTERPRETER else lesson.SPLIT_SEGMENT
+    for n in (limit, limit + 1, 3 * segment + 1):  # the last one: 4 segments, the last of 1 column
+        x = randn(3, n, dtype=dtype, scale=3.0)
+        _check_v4(lesson, x, f"softmax_fast {3}x{n} (limit {limit}, segment {segment}) {dtype}",
+                  max_single_pass_cols=limit, segment=segment)
+
+
+@pytest.mark.parametrize("path", list(V4_PATHS))
+def test_lesson_softmax_fast_extremes(lesson, path):
+    """-inf entries (masked positions), rows shifted by +100 (exp overflows unless the max is
+    subtracted), a segment whose values are all -inf, and a large spread within one row."""
+    kwargs = V4_PATHS[path]
+    x = randn(4, 300, scale=3.0)
+    x[0, ::3] = -float("inf")
+    x[1] += 100.0
+    x[2, :200] = -float("inf")  # the split path: whole segments of -inf, measured from 0
+    x[3, 5] = 80.0  # one value dominates: the others round to 0 in fp32
+    _check_v4(lesson, x, f"softmax_fast ({path}) with -inf and large values", **kwargs)
+
+
+def test_lesson_softmax_fast_repeated_calls(lesson):
+    """The split path's barrier counters persist between calls: different rows and segment
+    counts in turn must all still be right (on a GPU a wrong count hangs or races)."""
+    for m, n, segment in ((3, 300, 128), (7, 300, 100), (3, 300, 128), (2, 1000, 128)):
+        x = randn(m, n)
+        _check_v4(lesson, x, f"softmax_fast split {m}x{n} segment {segment}", max_single_pass_cols=16,
+                  segment=segment if common.INTERPRETER else 8 * segment)
+
+
+def test_lesson_softmax_fast_bad_args(lesson):
+    x = randn(2, 40)
+    with pytest.raises(ValueError, match="segment"):
+        lesson.softmax_fast(x, segment=0)
+    with pytest.raises(ValueError, match="max_single_pass_cols"):
+        lesson.softmax_fast(x, max_single_pass_cols=1.5)
+    with pytest.raises(TypeError, match="dtype"):
+        lesson.softmax_fast(torch.ones(2, 40, dtype=torch.int32, device=common.DEVICE))
+
+
+@pytest.mark.skipif(not common.HAS_GPU, reason="needs a CUDA GPU: the benchmark's long rows are too big for the "
+                                               "interpreter")
+def test_lesson_softmax_fast_long_rows_gpu(lesson):
+    for dtype in [torch.float32] + ([torch.bfloat16] if common.supports_bf16() else []):
+        x = randn(300, 131072 + 5, dtype=dtype, scale=3.0)  # fewer rows than the resident groups
+        _check_v4(lesson, x, f"softmax_fast 300x131077 {dtype}")
+
+
 def test_lesson_traffic_counts(lesson):
     x = torch.randn(64, 100, device=common.DEVICE)
     naive = common.count_torch_traffic(lesson.softmax_naive, x)

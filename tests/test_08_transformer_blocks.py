@@ -203,11 +203,74 @@ def check_mse_loss(mse_loss):
     assert_close(gp * 333, gp_ref * 333, name="mse gradient of 3 * loss (backward must scale by grad_output)")
 
 
+# --------------------------------------------------------------------------- 8.5 fused linear cross-entropy
+
+def _lce_inputs(dtype):
+    """hidden (T, H), weight (V, H) with logits of std ~3, and targets: 25% ignored, one the last class."""
+    n_tokens = int(torch.randint(20, 40 if common.INTERPRETER else 600, ()).item())
+    hidden_size = int(torch.randint(8, 40 if common.INTERPRETER else 200, ()).item())
+    vocab = awkward_sizes(1, lo=50, hi=1500 if common.INTERPRETER else 20_000)[0]
+    hidden = randn(n_tokens, hidden_size, dtype=dtype)
+    weight = randn(vocab, hidden_size, dtype=dtype, scale=3.0 / hidden_size ** 0.5)
+    target = torch.randint(0, vocab, (n_tokens,), device=common.DEVICE)
+    target[torch.rand(n_tokens, device=common.DEVICE) < 0.25] = -100
+    target[0], target[1] = vocab - 1, -100
+    return hidden, weight, target
+
+
+def _lce64(target, scale=1.0, rows=slice(None)):
+    """float64 reference: mean cross-entropy of h @ w.T over the valid targets (of `rows` only,
+    still divided by every valid target: the gradient a loop that keeps one chunk would give)."""
+    n_valid = max(int((target != -100).sum()), 1)
+    return lambda h, w: F.cross_entropy(h[rows] @ w.t(), target[rows], reduction="sum") / n_valid * scale
+
+
+def _lce_dw_tolerance(dtype, n_tokens, n_chunks, largest):
+    # A sum over the tokens; in fp16 / bf16 dW also carries one rounding of its running sum per
+    # chunk, and a running sum is as large as the largest |dW| even where the final value cancels.
+    tol = sum_tolerance(dtype, n_tokens)
+    if dtype in (torch.float16, torch.bfloat16):
+        tol["atol"] += torch.finfo(dtype).eps * n_chunks ** 0.5 * largest
+        tol["rtol"] *= n_chunks ** 0.5
+    return tol
+
+
+def check_linear_cross_entropy(linear_cross_entropy):
+    for dtype in DTYPES:
+        hidden, weight, target = _lce_inputs(dtype)
+        n_tokens, vocab = hidden.shape[0], weight.shape[0]
+        n_valid = int((target != -100).sum())
+        name = f"{n_tokens}x{hidden.shape[1]}x{vocab} {str(dtype).removeprefix('torch.')}"
+        for chunk in (7, n_tokens + 3):  # ragged chunks (the last one shorter), one chunk
+            n_chunks = triton.cdiv(n_tokens, chunk)
+            last = slice((n_chunks - 1) * chunk, n_tokens)
+            loss_ref, (dh_ref, dw_ref) = grads_float64(_lce64(target, 2.5), (hidden, weight))
+            _, (_, dw_last) = grads_float64(_lce64(target, 2.5, last), (hidden, weight))
+            loss, (dh, dw) = _run_with_grads(lambda h, w: linear_cross_entropy(h, w, target, chunk_size=chunk),
+                                             (hidden, weight), scale=2.5)
+            where = f"{name}, chunk_size={chunk}"
+            assert_close(loss, loss_ref / 2.5, name=f"linear_cross_entropy loss {where}", **tolerance(dtype),
+                         mistakes={"the loss is divided by all T tokens: the mean is over the n_valid targets "
+                                   "that are not ignore_index": loss_ref / 2.5 * n_valid / n_tokens})
+            # Gradients of a mean are of order 1 / n_valid: compared n_valid times larger.
+            largest = float((dw_ref * n_valid).abs().max())
+            assert_close(dh * n_valid, dh_ref * n_valid, name=f"linear_cross_entropy d hidden (x n_valid) {where}",
+                         **sum_tolerance(dtype, vocab))
+            assert_close(dw * n_valid, dw_ref * n_valid, name=f"linear_cross_entropy d weight (x n_valid) {where}",
+                         **_lce_dw_tolerance(dtype, n_tokens, n_chunks, largest), mistakes={
+                "dW holds the last chunk's z.T @ hidden alone: the first chunk writes dweight, every later "
+                "chunk adds to it (dweight.addmm_(z.t(), h))": dw_last * n_valid,
+                "dW is NaN, the poison of torch.empty: it was added to before anything was written (the first "
+                "chunk must write it with torch.matmul(..., out=dweight), or zero it first)":
+                    torch.full_like(dw_ref, math.nan)})
+
+
 EXERCISES = [
     Exercise("8.1", "rmsnorm", check_rmsnorm, kernels=("rmsnorm_fwd_kernel", "rmsnorm_bwd_kernel")),
     Exercise("8.2", "swiglu", check_swiglu, kernels=("swiglu_fwd_kernel", "swiglu_bwd_kernel")),
     Exercise("8.3", "rope", check_rope, kernels=("rope_kernel",)),
     Exercise("8.4", "mse_loss", check_mse_loss, kernels=("mse_kernel",)),
+    Exercise("8.5", "linear_cross_entropy", check_linear_cross_entropy),
 ]
 BY_NAME = {e.name: e for e in EXERCISES}
 
@@ -337,6 +400,35 @@ def _mse_wrong_kernel(pred_ptr, target_ptr, grad_ptr, partial_ptr, n_elements, B
         tl.store(partial_ptr + pid, tl.sum(d * d, axis=0))
 
 
+def _lce_chunks_wrong(hidden, weight, target, ignore_index, chunk_size, *, ACCUMULATE=True, MEAN_OVER_VALID=True,
+                      WRITE_FIRST=True):
+    """The solution's chunk loop with one mistake switched on."""
+    sol = _solutions()
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    loss_rows = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(n_tokens, dtype=torch.float32, device=hidden.device)
+    n_valid = (target != ignore_index).sum(dtype=torch.float32)
+    z_buffer = torch.empty(min(chunk_size, n_tokens), vocab, dtype=hidden.dtype, device=hidden.device)
+    dhidden, dweight = torch.empty_like(hidden), torch.empty_like(weight)
+    for start in range(0, n_tokens, chunk_size):
+        end = min(start + chunk_size, n_tokens)
+        h, t, z = hidden[start:end], target[start:end], z_buffer[:end - start]
+        torch.matmul(h, weight.t(), out=z)
+        sol._ce_loss_rows(z, t, loss_rows[start:end], lse[start:end], ignore_index)
+        sol._ce_grad_in_place(z, t, lse[start:end], ignore_index)
+        torch.matmul(z, weight, out=dhidden[start:end])
+        if (start == 0 and WRITE_FIRST) or not ACCUMULATE:  # wrong when not ACCUMULATE: every chunk overwrites
+            torch.matmul(z.t(), h, out=dweight)
+        else:
+            dweight.addmm_(z.t(), h)  # wrong when not WRITE_FIRST: adds to torch.empty's garbage
+    # wrong when not MEAN_OVER_VALID: ignored tokens counted in the mean
+    return loss_rows.sum() / (n_valid if MEAN_OVER_VALID else n_tokens), dhidden, dweight, n_valid
+
+
+def _lce_wrong(**flags):
+    return solution_with(STEM, linear_cross_entropy_chunks=functools.partial(_lce_chunks_wrong, **flags))
+
+
 KNOWN_WRONG = [
     ("rmsnorm", "mean over BLOCK_SIZE", lambda: solution_with(STEM, rmsnorm_fwd_kernel=_rmsnorm_fwd_block_mean_kernel).rmsnorm,
      "divide the sum by n_cols"),
@@ -364,6 +456,12 @@ KNOWN_WRONG = [
      "not divided by n_elements"),
     ("mse_loss", "partial sums never stored",
      lambda: solution_with(STEM, mse_kernel=with_flags(_mse_wrong_kernel, STORE_PARTIAL=False)).mse_loss, "never written"),
+    ("linear_cross_entropy", "dW of the last chunk only", lambda: _lce_wrong(ACCUMULATE=False).linear_cross_entropy,
+     "last chunk"),
+    ("linear_cross_entropy", "mean over all tokens", lambda: _lce_wrong(MEAN_OVER_VALID=False).linear_cross_entropy,
+     "n_valid targets"),
+    ("linear_cross_entropy", "dW added to torch.empty", lambda: _lce_wrong(WRITE_FIRST=False).linear_cross_entropy,
+     "poison of torch.empty"),
 ]
 
 
@@ -540,6 +638,88 @@ def test_lesson_cross_entropy_in_place_is_seen_by_autograd(lesson):
     assert_close(grad, grad_ref, name="in-place gradient")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lesson_linear_cross_entropy(lesson, dtype):
+    hidden, weight, target = _lce_inputs(dtype)
+    n_tokens, hidden_size = hidden.shape
+    name = f"{n_tokens}x{hidden_size}x{weight.shape[0]} {dtype}"
+    for chunk in (None, 7, n_tokens + 5):  # the default (H / 4 here: several chunks), ragged chunks, one chunk
+        lesson.check_linear_cross_entropy_once(hidden, weight, target, chunk, f"{name} chunk={chunk}",
+                                               grad_scale=2.5 if chunk == 7 else 1.0)
+
+
+def test_lesson_linear_cross_entropy_rejects_known_wrong(lesson, monkeypatch):
+    # The check itself can fail: a dW that keeps only the last chunk, and a mean over all T tokens.
+    hidden, weight, target = _lce_inputs(torch.float32)
+    real = lesson.linear_cross_entropy_forward
+
+    def last_chunk_only(hidden, weight, target, ignore_index=-100, chunk_size=None, **kw):
+        loss, dh, dw, n_valid = real(hidden, weight, target, ignore_index, chunk_size, **kw)
+        last = slice((triton.cdiv(hidden.shape[0], chunk_size) - 1) * chunk_size, None)
+        _, _, dw_last, _ = real(hidden[last], weight, target[last], ignore_index, chunk_size, **kw)
+        return loss, dh, dw_last, n_valid
+
+    def mean_over_all(hidden, weight, target, ignore_index=-100, chunk_size=None, **kw):
+        loss, dh, dw, n_valid = real(hidden, weight, target, ignore_index, chunk_size, **kw)
+        return loss * n_valid / hidden.shape[0], dh, dw, n_valid
+    for wrong, what in ((last_chunk_only, "d weight"), (mean_over_all, "loss")):
+        monkeypatch.setattr(lesson, "linear_cross_entropy_forward", wrong)
+        with pytest.raises(CheckError, match=what):
+            lesson.check_linear_cross_entropy_once(hidden, weight, target, 7, "known wrong")
+    monkeypatch.undo()
+
+
+def test_lesson_linear_cross_entropy_3d_frozen_weight_and_no_grad(lesson):
+    hidden, weight = randn(2, 9, 16), randn(50, 16, scale=0.5)
+    target = torch.randint(0, 50, (2, 9), device=common.DEVICE)
+    target[0, :3] = -100
+    ref = lambda h: F.cross_entropy((h @ weight.double().t()).reshape(-1, 50), target.reshape(-1))  # noqa: E731
+    loss_ref, (dh_ref,) = grads_float64(ref, (hidden,))
+    # weight frozen (an adapter's training, say): only hidden gets a gradient, and none is computed for weight
+    loss, (dh,) = _run_with_grads(lambda h: lesson.linear_cross_entropy(h, weight, target, chunk_size=4), (hidden,))
+    assert_close(loss, loss_ref, name="linear_cross_entropy loss, 3-D hidden")
+    assert_close(dh * 15, dh_ref * 15, name="linear_cross_entropy d hidden (x n_valid), 3-D hidden")
+    with torch.no_grad():
+        assert_close(lesson.linear_cross_entropy(hidden, weight, target, chunk_size=5), loss_ref,
+                     name="linear_cross_entropy under no_grad (the loss alone)")
+    _, dh, dw, _ = lesson.linear_cross_entropy_forward(hidden.reshape(-1, 16), weight, target.reshape(-1),
+                                                        grad_hidden=False, grad_weight=False)
+    assert dh is None and dw is None
+
+
+def test_lesson_linear_cross_entropy_no_sync_and_one_backward(lesson, monkeypatch):
+    hidden, weight = randn(11, 8).requires_grad_(), randn(30, 8).requires_grad_()
+    target = torch.randint(0, 30, (11,), device=common.DEVICE)
+
+    def item(self):
+        raise AssertionError("Tensor.item() in linear_cross_entropy: a host sync every training step")
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    loss = lesson.linear_cross_entropy(hidden, weight, target, chunk_size=4) * 3.0
+    dh, dw = torch.autograd.grad(loss, (hidden, weight), retain_graph=True)
+    monkeypatch.undo()
+    _, (dh_ref, dw_ref) = grads_float64(lambda h, w: F.cross_entropy(h @ w.t(), target) * 3.0, (hidden, weight))
+    assert_close(dh, dh_ref, name="d hidden of 3 x loss")
+    assert_close(dw, dw_ref, name="d weight of 3 x loss")
+    # The backward pass scaled its saved gradients in place: a second one must raise, not scale them again.
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, (hidden, weight))
+
+
+def test_lesson_linear_cross_entropy_all_ignored_is_nan_like_pytorch(lesson):
+    hidden, weight = randn(5, 8).requires_grad_(), randn(20, 8).requires_grad_()
+    target = torch.full((5,), -100, device=common.DEVICE)
+    loss = lesson.linear_cross_entropy(hidden, weight, target, chunk_size=2)
+    assert torch.isnan(loss) and torch.isnan(F.cross_entropy(hidden @ weight.t(), target))
+    dh, dw = torch.autograd.grad(loss, (hidden, weight))
+    assert torch.equal(dh, torch.zeros_like(dh)) and torch.equal(dw, torch.zeros_like(dw))
+
+
+def test_lesson_linear_cross_entropy_chunk_size_default(lesson):
+    assert lesson._lce_chunk_size(8192, 4096) == 1024  # H / 4 at Llama-3-8B's shape
+    assert lesson._lce_chunk_size(37, 4096) == 37  # never more rows than tokens
+    assert lesson._lce_chunk_size(100, 24) == 8  # a power of 2
+
+
 def test_lesson_traffic_counts(lesson):
     x, w = torch.randn(64, 256, dtype=torch.bfloat16), torch.randn(256, dtype=torch.bfloat16)
     minimum = 2 * x.numel() * 2
@@ -572,6 +752,15 @@ def test_lesson_bad_input(lesson):
         lesson.cross_entropy(randn(100), torch.zeros(1, dtype=torch.int64, device=common.DEVICE))
     with pytest.raises(ValueError, match="power of 2"):
         lesson.cross_entropy_forward(logits, torch.zeros(4, dtype=torch.int64, device=common.DEVICE), block_size=100)
+    hidden, weight, target = randn(6, 8), randn(20, 8), torch.zeros(6, dtype=torch.int64, device=common.DEVICE)
+    with pytest.raises(ValueError, match=r"shape \(V, 8\)"):
+        lesson.linear_cross_entropy(hidden, randn(20, 9), target)
+    with pytest.raises(ValueError, match="one class index per row"):
+        lesson.linear_cross_entropy(hidden, weight, target[:5])
+    with pytest.raises(TypeError, match="dtype"):
+        lesson.linear_cross_entropy(hidden, weight.half(), target)
+    with pytest.raises(ValueError, match="chunk_size"):
+        lesson.linear_cross_entropy(hidden, weight, target, chunk_size=0)
 
 
 @pytest.mark.skipif(not common.HAS_GPU, reason="needs a CUDA GPU: the interpreter has only cpu tensors")

@@ -207,10 +207,68 @@ def _check_fp8_quantize_rows(quantize):
         raise CheckError(f"fp8_quantize_rows(x, 'e3m4') must raise ValueError naming fmt ({err})") from None
 
 
+# --------------------------------------------------------------------------- 11.4 W4A16 GEMV
+
+def _unpack_int4_64(w_packed: torch.Tensor) -> torch.Tensor:
+    """The nibbles u (N, K) in k order, as float64: byte j = u[2j] | u[2j + 1] << 4."""
+    b = w_packed.cpu().to(torch.int64)
+    return torch.stack((b & 15, b >> 4), dim=-1).reshape(b.shape[0], -1).double()
+
+
+def _int4_problem(n, k, pad):
+    u = torch.randint(1, 16, (n, k))  # q + 8 for q in [-7, 7]
+    u[0, :] = 8  # a row of zeros (q = 0)
+    u[-1, :2] = torch.tensor([1, 15])  # the extremes, in the first byte of the last row
+    packed = torch.randint(0, 256, (n, k // 2 + pad), dtype=torch.uint8)  # junk in the padding
+    packed[:, :k // 2] = (u[:, 0::2] | (u[:, 1::2] << 4)).to(torch.uint8)
+    packed = packed.to(common.DEVICE)
+    w_packed = packed[:, :k // 2] if pad else packed.contiguous()
+    # scales of different sizes per group (as per-group amaxes are), so group 0's scale is not the others'
+    scales = (torch.rand(n, k // 128) * 0.03 + 0.002).to(torch.float16).to(common.DEVICE)
+    return w_packed, scales, packed
+
+
+def check_w4a16_gemv(gemv):
+    cases = [(1, torch.float16, 0), (3, torch.float32, 16)]
+    for m, dtype, pad in cases:
+        n = awkward_sizes(1, lo=20, hi=90 if common.INTERPRETER else 3000, include=(37,))[0]
+        k = 128 * int(torch.randint(2, 5, ()).item())  # 256 to 512: a few groups
+        w_packed, scales, padded = _int4_problem(n, k, pad)
+        x = randn(m, k, dtype=dtype)
+        name = f"w4a16_gemv M={m} N={n} K={k} {_name(dtype)} x" + (f", rows padded to {k // 2 + pad} bytes" if pad else "")
+        out = poisoned_empty(m, n, dtype=dtype)
+        result = gemv(x, w_packed, scales, out=out)
+        if result is not out and (not isinstance(result, torch.Tensor) or result.data_ptr() != out.data_ptr()):
+            raise CheckError(f"{name}: given out=, the wrapper must write into it and return it")
+        x64, u, s64 = x.double().cpu(), _unpack_int4_64(w_packed), scales.double().cpu()
+        g = k // 128
+
+        def gemv64(w_int, sc):  # sum_g sc[n, g] * sum_{k in g} x[m, k] * w_int[n, k]
+            return torch.einsum("mgk,ngk,ng->mn", x64.reshape(m, g, 128), w_int.reshape(n, g, 128), sc)
+        ref = gemv64(u - 8, s64)
+        swapped = torch.stack((u[:, 1::2], u[:, 0::2]), dim=-1).reshape(n, k)
+        mistakes = {
+            "the nibbles are in the wrong order: the LOW nibble (b & 15) is the even k = 2j, the high one "
+            "(b >> 4) is k = 2j + 1": gemv64(swapped - 8, s64),
+            "the zero point was not subtracted: the nibble u holds q + 8, the weight is (u - 8) * scale":
+                gemv64(u, s64),
+            "every group used the scale of group 0: one scale per row is per-channel, these scales change "
+            "along K (load scales[n, g] for each group g)": gemv64(u - 8, s64[:, :1].expand(n, g)),
+            "the scales were not applied: multiply each group's sum by scales[n, g]":
+                gemv64(u - 8, torch.ones_like(s64)),
+        }
+        if pad:
+            flat = _unpack_int4_64(padded.flatten()[:n * k // 2].reshape(n, k // 2))
+            mistakes["w was read with row stride K / 2 instead of stride_wn: its rows are padded, row n starts "
+                     "at w_ptr + n * stride_wn"] = gemv64(flat - 8, s64)
+        assert_close(out, ref, name=name, mistakes=mistakes)
+
+
 EXERCISES = [
     Exercise("11.1", "quantize_rows_int8", check_quantize_rows_int8, kernels=("quantize_rows_int8_kernel",)),
     Exercise("11.2", "w8a16_gemv_grouped", check_w8a16_gemv_grouped, kernels=("w8a16_gemv_grouped_kernel",)),
     Exercise("11.3", "fp8_quantize_rows", _check_fp8_quantize_rows, kernels=("fp8_quantize_rows_kernel",)),
+    Exercise("11.4", "w4a16_gemv", check_w4a16_gemv, kernels=("w4a16_gemv_kernel",)),
 ]
 BY_NAME = {e.name: e for e in EXERCISES}
 
@@ -370,6 +428,52 @@ def _fp8_no_fmt_check(x, fmt="e4m3", out=None, scale_out=None):
     return _solutions().fp8_quantize_rows(x, fmt if fmt in ("e4m3", "e5m2") else "e4m3", out, scale_out)
 
 
+@triton.jit
+def _w4a16_wrong_kernel(x_ptr, w_ptr, scale_ptr, out_ptr, N, K, stride_xm, stride_wn, stride_sn,
+                        GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr = False,
+                        ZERO: tl.constexpr = True, GROUP0_SCALE: tl.constexpr = False,
+                        MASK_STORE: tl.constexpr = True, ACC_FP16: tl.constexpr = False):
+    offs_n = tl.program_id(axis=0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row = tl.program_id(axis=1).to(tl.int64)
+    offs_b = tl.arange(0, GROUP_SIZE // 2)
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float16 if ACC_FP16 else tl.float32)
+    for g in range(0, K // GROUP_SIZE):
+        b = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + g * (GROUP_SIZE // 2) + offs_b[None, :],
+                    mask=mask_n[:, None], other=0)
+        x_even = tl.load(x_ptr + row * stride_xm + g * GROUP_SIZE + 2 * offs_b).to(tl.float32)
+        x_odd = tl.load(x_ptr + row * stride_xm + g * GROUP_SIZE + 2 * offs_b + 1).to(tl.float32)
+        group = 0 if GROUP0_SCALE else g  # wrong when GROUP0_SCALE: one scale per row
+        s = tl.load(scale_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0).to(tl.float32)
+        zero = 8.0 if ZERO else 0.0  # wrong when not ZERO
+        lo = (b & 15).to(tl.float32) - zero
+        hi = (b >> 4).to(tl.float32) - zero
+        if SWAP:  # wrong: the high nibble taken as the even k
+            lo, hi = hi, lo
+        part = tl.sum(lo * x_even[None, :] + hi * x_odd[None, :], axis=1) * s
+        acc += part.to(acc.dtype)  # wrong when ACC_FP16: fp16 running sums
+    if MASK_STORE:
+        tl.store(out_ptr + row * N + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+    else:  # wrong: the last program writes past N
+        tl.store(out_ptr + row * N + offs_n, acc.to(out_ptr.dtype.element_ty))
+
+
+def _w4a16_wrong(**flags):
+    return solution_with(STEM, w4a16_gemv_kernel=with_flags(_w4a16_wrong_kernel, **flags)).w4a16_gemv
+
+
+def _w4a16_row_stride_half_k(x, w_packed, scales, out=None):
+    """The solution's wrapper, launching with row stride K / 2 instead of the weight's own."""
+    sol = _solutions()
+    m, k = x.shape
+    n = w_packed.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
+    sol.w4a16_gemv_kernel[(triton.cdiv(n, sol.W4A16_BLOCK_N), m)](
+        x, w_packed, scales, out, n, k, x.stride(0), k // 2, scales.stride(0), GROUP_SIZE=128,
+        BLOCK_N=sol.W4A16_BLOCK_N)
+    return out
+
+
 def _int8_wrong(**flags):
     return solution_with(STEM, quantize_rows_int8_kernel=with_flags(_int8_rows_wrong_kernel, **flags)).quantize_rows_int8
 
@@ -403,6 +507,12 @@ KNOWN_WRONG = [
     ("fp8_quantize_rows", "max instead of abs max", lambda: _fp8_wrong(ABS=False), "max(|x|)"),
     ("fp8_quantize_rows", "the other format's max", lambda: _fp8_max_swapped, "largest value of the other format"),
     ("fp8_quantize_rows", "unknown fmt accepted", lambda: _fp8_no_fmt_check, "ValueError"),
+    ("w4a16_gemv", "nibbles in the wrong order", lambda: _w4a16_wrong(SWAP=True), "wrong order"),
+    ("w4a16_gemv", "zero point not subtracted", lambda: _w4a16_wrong(ZERO=False), "zero point"),
+    ("w4a16_gemv", "one scale per row, not per group", lambda: _w4a16_wrong(GROUP0_SCALE=True), "scale of group 0"),
+    ("w4a16_gemv", "tail store not masked", lambda: _w4a16_wrong(MASK_STORE=False), "past the end"),
+    ("w4a16_gemv", "fp16 accumulator", lambda: _w4a16_wrong(ACC_FP16=True), "accumulate in tl.float32"),
+    ("w4a16_gemv", "row stride K / 2 instead of stride_wn", lambda: _w4a16_row_stride_half_k, "stride_wn"),
 ]
 
 
@@ -485,6 +595,35 @@ def test_lesson_w8a16_matmul(lesson, m):
     out = poisoned_empty(m, n, dtype=torch.float16)
     lesson.w8a16_matmul(x, w_q, scale, out=out)
     assert_close(out, x.double() @ (w_q.double() * scale.double()[:, None]).t(), name=f"w8a16_matmul M={m}")
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=_name)
+def test_lesson_w4a16_gemv(lesson, m, dtype):
+    n, k = awkward_sizes(1, 20, 90 if common.INTERPRETER else 3000, include=())[0], 128 * int(torch.randint(1, 6, ()).item())
+    w = randn(n, k, scale=k ** -0.5)
+    w[0, :128] = 0.0  # an all-zero group: scale 1.0, every nibble 8
+    w_packed, scales = lesson.quantize_int4_groups(w)
+    assert w_packed.dtype == torch.uint8 and w_packed.shape == (n, k // 2) and scales.shape == (n, k // 128)
+    w64 = lesson.dequantize_int4_reference(w_packed, scales, torch.float64)
+    # the format: q = round(w / scale) in [-7, 7], so the dequantised weight is within half a step of w
+    step = scales.double().repeat_interleave(128, dim=1)
+    assert ((w64 - w.double()).abs() <= 0.5 * step * (1 + 1e-3) + 1e-6).all()
+    assert int((w_packed & 15).min()) >= 1 and int((w_packed >> 4).min()) >= 1  # u = q + 8 >= 1
+    x = randn(m, k, dtype=dtype)
+    out = poisoned_empty(m, n, dtype=dtype)
+    lesson.w4a16_gemv(x, w_packed, scales, out=out)
+    # 16 sum (1 + u/16) x - 24 sum x cancels a few bits: in fp32 the tolerance of a K-term sum
+    assert_close(out, x.double() @ w64.t(), name=f"w4a16_gemv M={m} N={n} K={k}",
+                 **common.checks.sum_tolerance(dtype, k))
+    assert_close(lesson.w4a16_reference(x, w_packed, scales), x.double() @ w64.t(), name="w4a16_reference",
+                 **({"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {}))
+    with pytest.raises(ValueError, match="scales must be"):
+        lesson.w4a16_gemv(x, w_packed, scales[:-1])
+    with pytest.raises(ValueError, match="1 to 16 rows"):
+        lesson.w4a16_gemv(randn(17, k, dtype=dtype), w_packed, scales)
+    with pytest.raises(TypeError, match="dtype"):
+        lesson.w4a16_gemv(x, w_packed.to(torch.int8), scales)
 
 
 def test_lesson_dot_accumulate_and_logsumexp(lesson):

@@ -209,6 +209,95 @@ def softmax_online_kernel(
 
 
 # %% [markdown]
+# v4 is the fast one, two kernels behind one entry point that dispatches on the row length.
+# Rows that fit in registers (n <= 16384): v1's one block per row, with num_warps set by the
+# row's bytes, and a loop over rows for a persistent grid (an option: measured slower). Longer rows:
+# SPLIT programs share a row, each holding one segment of it in registers; they swap their
+# (max, sum) pairs through a small buffer and wait for each other at a barrier, so that the row
+# is still read from memory only once, and 1024 long rows keep every SM busy.
+
+
+@triton.jit
+def softmax_rows_kernel(
+    x_ptr, out_ptr, stride_xm, stride_om,
+    n_rows,  # M: the programs stride over the rows
+    n_cols,  # N
+    BLOCK_SIZE: tl.constexpr,  # a power of 2 >= N: the whole row is one block
+    NUM_STAGES: tl.constexpr,  # rows in flight per program: loads issued ahead of the reduction
+):
+    cols = tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    # With one program per row the loop runs once. With a persistent grid (a few programs per
+    # SM) each program strides over the rows, and NUM_STAGES >= 2 software-pipelines the loop:
+    # row r + step is already on its way from memory while row r is reduced and stored.
+    for row in tl.range(tl.program_id(0), n_rows, tl.num_programs(0), num_stages=NUM_STAGES):
+        row = tl.cast(row, tl.int64)  # int64: row * stride passes 2^31 on large tensors
+        x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=-float("inf")).to(tl.float32)
+        numerator = tl.exp(x - tl.max(x, axis=0))
+        # one division per row, then a multiply per element (a division per element costs more)
+        inv_d = 1.0 / tl.sum(numerator, axis=0)
+        tl.store(out_ptr + row * stride_om + cols, (numerator * inv_d).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def softmax_split_row_kernel(
+    x_ptr, out_ptr, stride_xm, stride_om, n_rows, n_cols,
+    stats_ptr,  # fp32, M x SPLIT x 2: each segment's (max, sum of exp(x - max))
+    count_ptr,  # int32, one barrier counter per group of SPLIT programs; only ever grows
+    SPLIT: tl.constexpr,  # programs per row (a group); the grid is a whole number of groups
+    BLOCK_SIZE: tl.constexpr,  # a power of 2 >= cdiv(N, SPLIT): one segment in registers
+    SPLIT_BLOCK: tl.constexpr,  # a power of 2 >= SPLIT, for loading the row's SPLIT pairs
+    PHASE: tl.constexpr,  # 0: all in one launch (GPU); 1 then 2: two launches (the interpreter)
+):
+    pid = tl.program_id(0)
+    group = pid // SPLIT
+    seg = pid % SPLIT
+    n_groups = tl.num_programs(0) // SPLIT
+    cols = seg * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    parts = tl.arange(0, SPLIT_BLOCK)
+    x_row = x_ptr + tl.cast(group, tl.int64) * stride_xm
+    x = tl.load(x_row + cols, mask=mask & (group < n_rows), other=-float("inf")).to(tl.float32)
+    for row in range(group, n_rows, n_groups):  # every program of a group works on the same row
+        row = tl.cast(row, tl.int64)  # int64: row * stride passes 2^31 on large tensors
+        stats_row = stats_ptr + row * (2 * SPLIT)
+        if PHASE != 2:
+            m_seg = tl.max(x, axis=0)
+            # a segment that is all padding (-inf) has max -inf: measure from 0, its sum is 0
+            m_ref = tl.where(m_seg == -float("inf"), 0.0, m_seg)
+            d_seg = tl.sum(tl.exp(x - m_ref), axis=0)
+            tl.store(stats_row + 2 * seg, m_seg)
+            tl.store(stats_row + 2 * seg + 1, d_seg)
+        # Issue the load of this program's segment of its next row now, so that memory stays busy
+        # while the group waits at the barrier (a hand-written two-stage pipeline).
+        next_row = row + n_groups
+        x_next = tl.load(x_ptr + next_row * stride_xm + cols, mask=mask & (next_row < n_rows),
+                         other=-float("inf")).to(tl.float32)
+        if PHASE == 0:
+            # The barrier: all SPLIT programs of the group must have stored their pair before any
+            # reads them. Each arrival adds 1; the group's k-th barrier is passed once the counter
+            # reaches k * SPLIT, so the counter never needs resetting, across rows or calls (and
+            # CUDA graph replays). The whole grid is resident at once (a cooperative launch
+            # guarantees it or fails), so the waiting programs cannot starve the late ones.
+            tl.debug_barrier()  # every thread of this program has stored before we signal
+            arrived = tl.atomic_add(count_ptr + group, 1, sem="release")
+            target = arrived - arrived % SPLIT + SPLIT
+            while tl.atomic_add(count_ptr + group, 0, sem="acquire") < target:
+                pass
+            tl.debug_barrier()
+        if PHASE != 1:
+            # merge the SPLIT pairs: m = max m_s, d = sum d_s * exp(m_s - m); .cg reads from L2,
+            # not from a stale L1 line
+            m_parts = tl.load(stats_row + 2 * parts, mask=parts < SPLIT, other=-float("inf"), cache_modifier=".cg")
+            d_parts = tl.load(stats_row + 2 * parts + 1, mask=parts < SPLIT, other=0.0, cache_modifier=".cg")
+            m = tl.max(m_parts, axis=0)
+            inv_d = 1.0 / tl.sum(d_parts * tl.exp(m_parts - m), axis=0)
+            tl.store(out_ptr + row * stride_om + cols, (tl.exp(x - m) * inv_d).to(out_ptr.dtype.element_ty),
+                     mask=mask)
+        x = x_next
+
+
+# %% [markdown]
 # ## Wrapper
 # validate, allocate, grid, launch, return. Elementwise kernels launch cdiv(n, BLOCK_SIZE)
 # programs; the softmax kernels launch one program per row.
@@ -324,12 +413,144 @@ def softmax_online(x: torch.Tensor, out: torch.Tensor | None = None,
     return _softmax_chunked(softmax_online_kernel, x, out, block_size)
 
 
+# v4's dispatch: rows up to this many columns are one block in registers (16384 fp32 = 64 KiB a
+# row: 32 values a thread at 16 warps); longer rows are split over several programs.
+MAX_SINGLE_PASS_COLS = 16384
+# Columns per program of a split row: 8192 (32 KiB of fp32) holds 32 values a thread at 8 warps,
+# so 4 programs fit on an SM by registers, and the whole grid stays resident for the barrier.
+SPLIT_SEGMENT = 8192
+
+
+def _row_config(block_size: int, element_size: int) -> tuple[int, int]:
+    """num_warps and num_stages for one row of BLOCK_SIZE columns in registers."""
+    # About 64 bytes of the row a thread (16 fp32 or 32 bf16 values), 4 to 16 warps. Measured on
+    # an H200 at 4096 columns: bf16 at 16 warps (8 values a thread) is 1.25x slower than at 4,
+    # where the reductions' shuffles, not the loads, set the pace; fp32 barely moves from 4 to 16.
+    num_warps = max(4, min(16, block_size * element_size // (64 * 32)))
+    # With a persistent grid, two rows in flight per program hide the load latency; a pipelined
+    # row stages through shared memory (BLOCK_SIZE * element_size bytes a stage), so long rows get
+    # one stage. One program per row (the default) does not loop, and stages change nothing.
+    num_stages = 2 if block_size * element_size <= 32 * 1024 else 1
+    return num_warps, num_stages
+
+
+def _split_warps(block_size: int, element_size: int = 4) -> int:
+    # Measured on an H200 at 1024 x 131072, segment 8192: fp32 best at 16 warps (16 values a
+    # thread), bf16 best at 4 (64 values a thread: fewer, wider loads per thread in flight).
+    return max(4, min(16, block_size * element_size // (2048 if element_size >= 4 else 4096)))
+
+
+@functools.cache
+def _resident_programs(n_regs: int, shared: int, num_warps: int) -> int:
+    """How many programs of one compiled kernel fit on the GPU at once (every SM full)."""
+    p = torch.cuda.get_device_properties(common.DEVICE)
+    regs_per_sm = getattr(p, "regs_per_multiprocessor", 65536)
+    threads_per_sm = getattr(p, "max_threads_per_multi_processor", 2048)
+    smem_per_sm = getattr(p, "shared_memory_per_multiprocessor", 228 * 1024)
+    threads = 32 * num_warps
+    regs = -(-max(n_regs, 1) * 32 // 256) * 256 * num_warps  # registers go to warps in units of 256
+    by_regs = regs_per_sm // regs
+    by_smem = smem_per_sm // (shared + 1024) if shared else 32  # 1 KiB a block reserved by CUDA
+    return max(1, min(by_regs, by_smem, threads_per_sm // threads, 32)) * p.multi_processor_count
+
+
+_resident_cache: dict = {}
+
+
+def _resident(kernel, args: tuple, meta: dict) -> int:
+    """Programs of `kernel` at `meta` that fit on the GPU at once, from its compiled registers and
+    shared memory; compiled and counted once per configuration and dtype, not on every call."""
+    key = (kernel.fn.__name__, tuple(sorted(meta.items())), args[0].dtype, args[0].device)
+    if key not in _resident_cache:
+        compiled = kernel.warmup(*args, **meta, grid=(1,))
+        compiled._init_handles()  # loads the binary: n_regs is known only then
+        _resident_cache[key] = _resident_programs(compiled.n_regs, compiled.metadata.shared, meta["num_warps"])
+    return _resident_cache[key]
+
+
+_barrier_counters: dict = {}
+
+
+def _counters(device, split: int, n: int) -> torch.Tensor:
+    # One counter per group, zeroed once and kept: the barrier only ever adds, and the targets
+    # are relative to the count seen on arrival, which is a multiple of SPLIT between barriers.
+    # So one buffer per SPLIT (a count left at 16k is no multiple of 3), and per device and
+    # stream, so that two streams never share a counter (int32: 2^31 arrivals, about a million
+    # calls of 1024 rows).
+    key = (device, split, torch.cuda.current_stream(device).cuda_stream if common.HAS_GPU else 0)
+    buf = _barrier_counters.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+        _barrier_counters[key] = buf
+    return buf
+
+
+def softmax_fast(x: torch.Tensor, out: torch.Tensor | None = None,
+                 max_single_pass_cols: int = MAX_SINGLE_PASS_COLS,
+                 segment: int = SPLIT_SEGMENT, persistent: bool = False) -> torch.Tensor:
+    """v4: softmax over the rows of a 2-D tensor, dispatched on the row length.
+
+    n <= max_single_pass_cols: one block per row (softmax_rows_kernel), one program per row,
+    or with persistent=True a few programs per SM that loop over the rows.
+    Longer rows: cdiv(n, segment) programs per row with a barrier (softmax_split_row_kernel).
+    Both read x once and write the output once. The two limits are arguments so that tests can
+    take the split path at sizes the interpreter runs in seconds.
+    """
+    out = _softmax_args(x, out)
+    for name, value in (("max_single_pass_cols", max_single_pass_cols), ("segment", segment)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    n_rows, n_cols = x.shape
+    if n_rows == 0 or n_cols == 0:
+        return out
+    if n_cols <= max_single_pass_cols:
+        block_size = _row_block(n_cols)
+        num_warps, num_stages = _row_config(block_size, x.element_size())
+        args = (x, out, x.stride(0), out.stride(0), n_rows, n_cols)
+        meta = dict(BLOCK_SIZE=block_size, NUM_STAGES=num_stages, num_warps=num_warps)
+        grid = n_rows  # one program per row: the hardware scheduler refills each SM as rows finish
+        if persistent:
+            # a few programs per SM, each looping over rows (the Triton tutorial's layout);
+            # measured slower than one program per row at 4096 and 8192 columns (the md says why)
+            grid = min(n_rows, 4 if common.INTERPRETER else _resident(softmax_rows_kernel, args, meta))
+        softmax_rows_kernel[(grid,)](*args, **meta)
+        return out
+    split = triton.cdiv(n_cols, segment)
+    block_size = _row_block(triton.cdiv(n_cols, split))
+    num_warps = _split_warps(block_size, x.element_size())
+    stats = torch.empty((n_rows, split, 2), dtype=torch.float32, device=x.device)
+    meta = dict(SPLIT=split, BLOCK_SIZE=block_size, SPLIT_BLOCK=max(16, triton.next_power_of_2(split)),
+                num_warps=num_warps)
+    if common.INTERPRETER:
+        # The interpreter runs one program after another: a program waiting at the barrier for
+        # the next would wait forever. Two launches do the same arithmetic in order: phase 1
+        # stores every segment's (max, sum), phase 2 merges them, reads x again and writes.
+        counters = _counters(x.device, split, 1)
+        for phase in (1, 2):
+            softmax_split_row_kernel[(n_rows * split,)](x, out, x.stride(0), out.stride(0), n_rows, n_cols,
+                                                         stats, counters, PHASE=phase, **meta)
+        return out
+    meta.update(PHASE=0, launch_cooperative_grid=True)
+    # launch_cooperative_grid: the driver starts all programs at once or refuses the launch;
+    # without it, programs spinning at the barrier could wait for programs never scheduled.
+    args = (x, out, x.stride(0), out.stride(0), n_rows, n_cols, stats, _counters(x.device, split, 1))
+    resident = _resident(softmax_split_row_kernel, args, meta)
+    if resident < split:
+        raise ValueError(f"softmax_fast: {split} programs per row do not fit on the GPU at once; pass a larger "
+                         f"segment (got {segment})")
+    n_groups = min(n_rows, resident // split)
+    args = (*args[:-1], _counters(x.device, split, n_groups))
+    softmax_split_row_kernel[(n_groups * split,)](*args, **meta)
+    return out
+
+
 SOFTMAX_VERSIONS = common.Versions("softmax")
 SOFTMAX_VERSIONS.add("v1", "one block", softmax)
 SOFTMAX_VERSIONS.add("v2", "three passes", softmax_three_pass)
 SOFTMAX_VERSIONS.add("v3", "online", softmax_online)
+SOFTMAX_VERSIONS.add("v4", "by row length", softmax_fast)
 # Bytes each version moves, in units of the M x N tensor: (reads, writes).
-SOFTMAX_PASSES = {"v1": (1, 1), "v2": (3, 1), "v3": (2, 1)}
+SOFTMAX_PASSES = {"v1": (1, 1), "v2": (3, 1), "v3": (2, 1), "v4": (1, 1)}
 
 
 # %% [markdown]
@@ -339,6 +560,15 @@ SOFTMAX_PASSES = {"v1": (1, 1), "v2": (3, 1), "v3": (2, 1)}
 # every row takes several loop steps.
 
 SCALARS = (1.0, 2.0, 10.0)
+
+
+def _softmax_checked(chunk: int) -> list:
+    """(label, fn, kwargs) for every softmax version; v4 twice, the second time forced onto the
+    split-row path at small rows (several programs per row, the last segment partly masked)."""
+    checked = [(v.label, v.fn, {} if v.key in ("v1", "v4") else {"block_size": chunk}) for v in SOFTMAX_VERSIONS]
+    segment = 128 if common.INTERPRETER else 1024
+    return checked + [(f"{SOFTMAX_VERSIONS['v4'].label} (split rows, segment {segment})", softmax_fast,
+                       {"max_single_pass_cols": 16, "segment": segment})]
 
 
 def _softmax_shapes(quick: bool) -> list[tuple[int, int]]:
@@ -376,21 +606,18 @@ def check(quick: bool) -> None:
             base = common.randn(m, n + 7, dtype=dtype, scale=3.0)
             for x in (base[:, :n], base[:, :n].contiguous()):  # rows 7 elements apart, then packed
                 expected = torch.softmax(x.double(), dim=1)
-                for v in SOFTMAX_VERSIONS:
+                for label, fn, kwargs in _softmax_checked(chunk):
                     out = common.poisoned_empty(m, n, dtype=dtype)
-                    if v.key == "v1":
-                        v.fn(x, out=out)
-                    else:
-                        v.fn(x, out=out, block_size=chunk)
-                    common.assert_close(out, expected, name=f"softmax {v.label} {m}x{n} {dtype}")
+                    fn(x, out=out, **kwargs)
+                    common.assert_close(out, expected, name=f"softmax {label} {m}x{n} {dtype}")
                     sums = out.double().sum(dim=1)
                     common.assert_close(sums, torch.ones_like(sums), atol=1e-3 if dtype == torch.float32 else 2e-2,
-                                        rtol=0, name=f"softmax {v.label} {m}x{n}: row sums")
+                                        rtol=0, name=f"softmax {label} {m}x{n}: row sums")
     x = common.randn(5, 1001) + 100.0  # exp(100) overflows fp32: only a max-subtracting softmax survives
-    for v in SOFTMAX_VERSIONS:
-        common.assert_close(v.fn(x), torch.softmax(x.double(), dim=1), name=f"softmax {v.label}, rows shifted by +100")
+    for label, fn, kwargs in _softmax_checked(chunk):
+        common.assert_close(fn(x, **kwargs), torch.softmax(x.double(), dim=1), name=f"softmax {label}, rows shifted by +100")
     names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-    print(f"softmax v1, v2, v3 match for shapes {shapes} (strided and contiguous rows), dtypes {names}: OK")
+    print(f"softmax v1..v4 (v4 on both of its paths) match for shapes {shapes} (strided and contiguous rows), dtypes {names}: OK")
     if not common.supports_bf16():
         print("bfloat16: skipped, the interpreter has no bfloat16 (numpy lacks it); runs on a GPU")
 
@@ -462,8 +689,8 @@ def _pair(n: int) -> tuple:  # one pair at 2^28, shared by the benchmarks that r
 
 
 @functools.cache
-def _rows(m: int, n: int) -> torch.Tensor:
-    return torch.randn(m, n, device=common.DEVICE)
+def _rows(m: int, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.randn(m, n, device=common.DEVICE, dtype=dtype)
 
 
 def _add_mul_bytes(x, y, *_) -> int:
@@ -478,6 +705,8 @@ _ADD_MUL = dict(op="elementwise", kernels=ADD_MUL_VERSIONS, reference=add_mul_re
 _SOFTMAX = dict(op="softmax", reference=softmax_naive, nbytes=_softmax_bytes, ceiling="copy", dtype=torch.float32,
                 cpu_cases=[(3, 300)], setup=lambda m, n: (_rows(m, n),))
 _N = BAR_N if common.HAS_GPU else 1000  # the interpreter runs the sweeps on a small pair
+# The issue's shapes: rows that fit in registers, and 1024 long rows (fewer rows than 8 per SM).
+FAST_SOFTMAX_CASES = [(4096, 4096), (8192, 8192), (1024, 131072)]
 
 BENCHMARKS = [
     common.Benchmark(
@@ -516,6 +745,20 @@ BENCHMARKS = [
         bars=[common.Bar("v1 one block", (4096, 4096), "ceiling", 85),
               common.Bar("v1 one block", (4096, 4096), "baseline", 1.0)],
         note="Peak extra memory: the output, plus every intermediate the op-by-op version keeps alive."),
+    *[common.Benchmark(
+        # v4 alone with the baselines: each case compiles torch.compile once, and v1..v3 are
+        # raced above. 1024 x 131072 takes v4's split path: 16 programs per row.
+        f"softmax {name}: v4 at square and long rows",
+        **{**_SOFTMAX, "dtype": dtype, "setup": lambda m, n, dtype=dtype: (_rows(m, n, dtype),)},
+        kernels=SOFTMAX_VERSIONS.providers(only=["v4"]), cases=FAST_SOFTMAX_CASES,
+        quick_cases=[(4096, 4096), (1024, 131072)],
+        bars=[common.Bar(SOFTMAX_VERSIONS["v4"].label, case, vs, at_least)
+              for case in FAST_SOFTMAX_CASES for vs, at_least in (("baseline", 1.0), ("ceiling", 90))],
+        note="GB/s counts 2 x M x N x element size (read x, write y), for every provider. v4 reads x once on both "
+             "paths: the split path keeps each row segment in registers across the barrier, so its bytes are "
+             "the minimum too.")
+      for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))
+      if dtype != torch.bfloat16 or common.supports_bf16()],
     common.Benchmark(
         "softmax v1 at 4096 x 4096 fp32: num_warps sweep", op=None, cases=[4, 8, 16], cpu_cases=[4],
         setup=lambda warps: (_rows(4096, 4096) if common.HAS_GPU else _rows(3, 300), warps),
@@ -523,9 +766,10 @@ BENCHMARKS = [
         ceiling="copy", dtype=torch.float32, label=lambda warps: f"num_warps={warps}",
         note=f"The wrapper picks num_warps = {_softmax_num_warps(4096)} for rows of 4096."),
     common.Benchmark(
-        # v1 stops at 16384 columns (a row in one block): the chunked versions race over every length.
+        # v1 stops at 16384 columns (a row in one block): the chunked versions and v4 race over
+        # every length (v4 splits the rows past 16384 over several programs).
         "softmax over row lengths, M x N = 2^24 fp32", **_SOFTMAX,
-        kernels=SOFTMAX_VERSIONS.providers(only=["v2", "v3"]),
+        kernels=SOFTMAX_VERSIONS.providers(only=["v2", "v3", "v4"]),
         cases=[(2**24 >> e, 2**e) for e in range(12, 19, 2)], plot="06_kernel_fusion_softmax_rows",
         xlabel="M x N",
         note="v2 and v3 differ by one read of the row (4 vs 3 tensor-sized transfers). With few, long rows "
