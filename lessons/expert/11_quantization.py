@@ -1413,7 +1413,7 @@ if __name__ == "__main__":
     if not common.is_hopper():
         print("\nBenchmark: FP8 matmul: skipped, fp8_matmul needs a Hopper GPU (sm_90)")
         benchmarks = [b for b in BENCHMARKS if b.op != "fp8_matmul"]
+    results = common.run_benchmarks(benchmarks, args.quick)
     for benchmark in benchmarks:
-        results = benchmark.run(args.quick)
         if benchmark.op == "gemv_w4a16" and not args.quick:
-            fp16_gemv_bar(benchmark, results)
+            fp16_gemv_bar(benchmark, results[benchmark.title])
