@@ -216,23 +216,55 @@ def show_comparison(actual: torch.Tensor, expected: torch.Tensor, name: str, *, 
         print(f"  every element within atol={atol:g}, rtol={rtol:g}")
 
 
+# Set by the grader around a learner's function (grading._watched): the dtypes of the latest
+# call's floating-point tensor inputs. A float64 reference says nothing about the dtype the
+# output must have; an fp16 or float64 output for fp32 inputs would otherwise pass.
+GRADED_CALL: dict = {}
+
+
+def _allowed_dtypes(expected: torch.Tensor, dtype: torch.dtype | None) -> set | None:
+    """The dtypes an output may have: `dtype` when given; while grading, a float output must have
+    the reference's dtype (unless that is the float64 of a reference) or one of its inputs'."""
+    if dtype is not None:
+        return {dtype}
+    inputs = GRADED_CALL.get("float_dtypes")
+    if inputs is None or not expected.dtype.is_floating_point:
+        return None
+    allowed = set(inputs) | ({expected.dtype} if expected.dtype != torch.float64 else set())
+    return allowed or None
+
+
+def _dtype_names(dtypes) -> str:
+    return " or ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+
+
 def assert_close(actual, expected, *, name: str = "output", atol: float | None = None,
-                 rtol: float | None = None, mistakes: dict | None = None) -> None:
+                 rtol: float | None = None, mistakes: dict | None = None,
+                 dtype: torch.dtype | None = None) -> None:
     """Compare a kernel's output with a reference; raise CheckError with a diagnosis if wrong.
 
     `expected` may be in higher precision (float64 is best); the tolerance is the one of
     `actual`'s dtype unless atol / rtol are given. `mistakes` maps a hint to the output a
     typical mistake would produce ({"the stride was ignored ...": x_flat + y_flat}); when the
-    output matches one of them, the diagnosis gives that hint.
+    output matches one of them, the diagnosis gives that hint. `dtype` is the dtype the output
+    must have (by default, while grading, the reference's or one of the inputs').
     """
     if not isinstance(actual, torch.Tensor):
         raise CheckError(f"{name}: expected a torch.Tensor, got {type(actual).__name__} "
                          f"(did the wrapper forget to return its output?)")
     if actual.shape != expected.shape:
         raise CheckError(f"{name}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
-    if actual.dtype != expected.dtype and not expected.dtype == torch.float64:
-        if actual.dtype.is_floating_point != expected.dtype.is_floating_point:
-            raise CheckError(f"{name}: dtype {actual.dtype}, expected {expected.dtype}")
+    # An output the grader allocated (poisoned_empty) has the dtype the grader chose.
+    allowed = None if hasattr(actual, "_course_guard") else _allowed_dtypes(expected, dtype)
+    if allowed is not None and actual.dtype not in allowed:
+        raise CheckError(f"{name}: dtype {str(actual.dtype).removeprefix('torch.')}, expected "
+                         f"{_dtype_names(allowed)}.\n  hint: allocate the output with the input's dtype "
+                         f"(torch.empty_like(x), or dtype=x.dtype); the kernel's tl.store casts to the "
+                         f"output pointer's type")
+    if expected.dtype != torch.float64 and actual.dtype.is_floating_point != expected.dtype.is_floating_point:
+        raise CheckError(f"{name}: dtype {str(actual.dtype).removeprefix('torch.')}, expected a "
+                         f"{'floating-point' if expected.dtype.is_floating_point else 'integer'} dtype "
+                         f"like {str(expected.dtype).removeprefix('torch.')}")
     check_guards(actual, name)
     tol = tolerance(actual.dtype)
     atol = tol["atol"] if atol is None else atol

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from . import checks
 from .checks import CheckError, fresh_seed, seed_from_env
 from .device import banner
@@ -51,6 +53,7 @@ class Exercise:
     name: str  # the function graded (the wrapper the learner completes or is given)
     check: Callable[[Callable], None]  # raises CheckError if the function is wrong
     kernels: tuple[str, ...] = ()  # @triton.jit functions whose untouched stub means TODO
+    writes: tuple[str, ...] = ()  # parameters the function may change (in place); `out` always may
 
     def __str__(self) -> str:
         return f"{self.number} {self.name}"
@@ -191,10 +194,62 @@ def _show_first_call(fn: Callable) -> Callable:
     return first_call
 
 
+def _tensors_in(name: str, value):
+    """(label, tensor) for a tensor argument and for the tensors of a list or tuple argument."""
+    if isinstance(value, torch.Tensor):
+        yield name, value
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            if isinstance(item, torch.Tensor):
+                yield f"{name}[{i}]", item
+
+
+def _same(before: torch.Tensor, after: torch.Tensor) -> bool:
+    if before.shape != after.shape or before.dtype != after.dtype:
+        return False
+    if before.dtype.is_floating_point:
+        return bool(((before == after) | (before.isnan() & after.isnan())).all())
+    return torch.equal(before, after)
+
+
+def _watched(fn: Callable, exercise: Exercise) -> Callable:
+    """The learner's function as the check calls it, with two checks around each call: its
+    inputs' float dtypes are recorded (assert_close checks the output's dtype against them), and
+    an input it changed fails the exercise (a right answer written over x passes every comparison
+    made after it, against x's new values)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        signature = None
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            bound = signature.bind(*args, **kwargs).arguments if signature else None
+        except TypeError:
+            bound = None
+        named = bound if bound is not None else {**{f"argument {i}": a for i, a in enumerate(args)}, **kwargs}
+        inputs = [(label, t) for key, value in named.items() for label, t in _tensors_in(key, value)
+                  if key != "out" and key not in exercise.writes and not hasattr(t, "_course_guard")]
+        checks.GRADED_CALL["float_dtypes"] = {t.dtype for _, t in inputs if t.dtype.is_floating_point}
+        with torch.no_grad():
+            before = [(label, t, t.detach().clone()) for label, t in inputs]
+        result = fn(*args, **kwargs)
+        with torch.no_grad():
+            for label, t, copy in before:
+                if not _same(copy, t.detach()):
+                    raise CheckError(f"{exercise.name} changed its input '{label}': an answer must leave "
+                                     f"its inputs as they were.\n  hint: store into the output's pointer, "
+                                     f"not the input's (is an out_ptr argument swapped with x_ptr?)")
+        return result
+    return call
+
+
 def grade_function(exercise: Exercise, fn: Callable, label: str | None = None,
                    module_file: str | None = None) -> Result:
     label = label or str(exercise)
     fresh_seed()
+    fn = _watched(fn, exercise)
     if checks.TRY_MODE:
         fn = _show_first_call(fn)
     try:
@@ -211,6 +266,8 @@ def grade_function(exercise: Exercise, fn: Callable, label: str | None = None,
                       f"result; the grader stops nothing else")
     except Exception as err:  # a learner's code may fail in any way; report it, do not crash
         return Result(label, "failed", _short_error(err, module_file))
+    finally:
+        checks.GRADED_CALL.clear()
     if exercise.kernels and module_file and module_file not in launched:
         return Result(label, "failed", f"the answers are right but no Triton kernel of {Path(module_file).name} "
                       f"was launched: {' / '.join(exercise.kernels)} must do the work (PyTorch alone does "

@@ -112,9 +112,9 @@ def _axpy_no_pid_kernel(x_ptr, y_ptr, out_ptr, a, n, BLOCK_SIZE: tl.constexpr):
              mask=mask)
 
 
-def _axpy_with(kernel, grid_of=lambda n: triton.cdiv(n, BLOCK)):
+def _axpy_with(kernel, grid_of=lambda n: triton.cdiv(n, BLOCK), out_dtype=None):
     def axpy(a, x, y, out=None):
-        out = torch.empty_like(x) if out is None else out
+        out = torch.empty_like(x, dtype=out_dtype) if out is None else out
         kernel[(grid_of(x.numel()),)](x, y, out, a, x.numel(), BLOCK_SIZE=BLOCK)
         return out
     return axpy
@@ -127,11 +127,21 @@ def _clamp_swapped_kernel(x_ptr, out_ptr, lo, hi, n, BLOCK_SIZE: tl.constexpr):
     tl.store(out_ptr + offsets, tl.maximum(tl.minimum(tl.load(x_ptr + offsets, mask=mask), lo), hi), mask=mask)
 
 
-def _clamp_with(kernel, validate):
+def _axpy_into_y(a, x, y, out=None):
+    """Wrong: the kernel writes a * x + y over y, and the result is copied out of y."""
+    _solution_axpy_kernel()[(triton.cdiv(x.numel(), BLOCK),)](x, y, y, a, x.numel(), BLOCK_SIZE=BLOCK)
+    return y.clone() if out is None else out.copy_(y)
+
+
+def _solution_axpy_kernel():
+    return load_impl(STEM, "solutions").axpy_kernel
+
+
+def _clamp_with(kernel, validate, out_dtype=None):
     def clamp(x, lo, hi, out=None):
         if validate and lo > hi:
             raise ValueError("lo > hi")
-        out = torch.empty_like(x) if out is None else out
+        out = torch.empty_like(x, dtype=out_dtype) if out is None else out
         kernel[(triton.cdiv(x.numel(), BLOCK),)](x, out, lo, hi, x.numel(), BLOCK_SIZE=BLOCK)
         return out
     return clamp
@@ -166,6 +176,14 @@ KNOWN_WRONG = [
     ("clamp", "lo and hi swapped", lambda: _clamp_with(_clamp_swapped_kernel, True), "swapped"),
     ("clamp", "no lo > hi check", lambda: _clamp_with(_solution_clamp(), False), "lo > hi"),
     ("add_strided", "stride ignored", lambda: _add_strided_ignoring_stride, "strides were ignored"),
+    # Right values in the wrong dtype: a float64 reference alone would pass them (issue 19).
+    ("axpy", "fp16 output for fp32 inputs", lambda: _axpy_with(_solution_axpy_kernel(), out_dtype=torch.float16),
+     "dtype float16, expected float32"),
+    ("axpy", "float64 output", lambda: _axpy_with(_solution_axpy_kernel(), out_dtype=torch.float64),
+     "dtype float64, expected float32"),
+    ("clamp", "int32 output", lambda: _clamp_with(_solution_clamp(), True, out_dtype=torch.int32),
+     "dtype int32, expected float32"),
+    ("axpy", "result written over y", lambda: _axpy_into_y, "changed its input 'y'"),
 ]
 
 

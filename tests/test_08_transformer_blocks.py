@@ -186,7 +186,7 @@ def check_mse_loss(mse_loss):
             loss_ref, (gp_ref, gt_ref) = grads_float64(_mse64, (pred, target))
             loss, (gp, gt) = _run_with_grads(mse_loss, (pred, target))
             d = pred.double() - target.double()
-            assert_close(loss, loss_ref, name=f"mse loss {name}", mistakes={
+            assert_close(loss, loss_ref, name=f"mse loss {name}", dtype=torch.float32, mistakes={
                 "the loss is the sum of the squares: the mean divides it by n_elements":
                     (d * d).sum(),
                 "the loss is the mean of (pred - target), not of its square": d.mean(),
@@ -249,7 +249,7 @@ def check_linear_cross_entropy(linear_cross_entropy):
             loss, (dh, dw) = _run_with_grads(lambda h, w: linear_cross_entropy(h, w, target, chunk_size=chunk),
                                              (hidden, weight), scale=2.5)
             where = f"{name}, chunk_size={chunk}"
-            assert_close(loss, loss_ref / 2.5, name=f"linear_cross_entropy loss {where}", **tolerance(dtype),
+            assert_close(loss, loss_ref / 2.5, name=f"linear_cross_entropy loss {where}", **tolerance(dtype), dtype=torch.float32,
                          mistakes={"the loss is divided by all T tokens: the mean is over the n_valid targets "
                                    "that are not ignore_index": loss_ref / 2.5 * n_valid / n_tokens})
             # Gradients of a mean are of order 1 / n_valid: compared n_valid times larger.

@@ -309,3 +309,28 @@ def test_make_variables_are_values_not_shell_commands(tmp_path, value):
                           capture_output=True, text=True, timeout=120)
     assert not mark.exists(), f"LESSON={value!r} ran a shell command"
     assert done.returncode != 0, "an unknown lesson must fail"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_a_computed_nan_is_not_called_never_written(dtype):
+    """The poison is a NaN with a payload of its own; 0 / 0 stores the hardware's default NaN."""
+    expected = torch.ones(100, dtype=torch.float64)
+    out = poisoned_empty(100, dtype=dtype)
+    out[:] = 1
+    out[7] = torch.zeros((), dtype=dtype) / torch.zeros((), dtype=dtype)
+    message = _diagnosis(out, expected)
+    assert "computed NaN" in message and "never written" not in message, message
+    tail = poisoned_empty(100, dtype=dtype)
+    tail[:60] = 1
+    message = _diagnosis(tail, expected)
+    assert "never written" in message and "computed" not in message, message
+    assert "never written" in _diagnosis(tail[10:], expected[10:])  # a view of the poisoned buffer too
+
+
+def test_inf_is_named_an_overflow_not_a_scale_factor():
+    expected = torch.full((100,), 2.0, dtype=torch.float64)
+    out = poisoned_empty(100)
+    out[:] = 2.0
+    out[3:9] = float("inf")
+    message = _diagnosis(out, expected)
+    assert "overflow" in message and "scale factor" not in message, message
