@@ -11,6 +11,7 @@
 
 import os
 import random
+import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -108,6 +109,22 @@ def awkward_sizes(count: int = 3, lo: int = 1000, hi: int = 100_000, include=(1,
 
 # --------------------------------------------------------------------------- poisoned outputs
 
+# The NaN an output is poisoned with carries a payload of its own (0x5a5a in its mantissa): a NaN
+# the kernel computed (0/0, inf - inf: the hardware writes its default NaN) has other bits, so the
+# diagnosis tells "never written" from "computed NaN". fp8 has no spare NaN bits.
+_NAN_POISON_BITS = {torch.float16: (torch.int16, 0x7E5A), torch.bfloat16: (torch.int16, 0x7FDA),
+                    torch.float32: (torch.int32, 0x7FC05A5A), torch.float64: (torch.int64, 0x7FF85A5A5A5A5A5A)}
+_POISONED_STORAGES: dict[int, "weakref.ref"] = {}  # data_ptr -> the poisoned buffer, while it lives
+
+
+def _poison_bits(t: torch.Tensor):
+    """(int dtype, bits) of the NaN poison when t lies in a buffer made by poisoned_empty, else None."""
+    entry = _NAN_POISON_BITS.get(t.dtype)
+    ref = _POISONED_STORAGES.get(t.untyped_storage().data_ptr()) if entry else None
+    buf = ref() if ref is not None else None
+    return entry if buf is not None and buf.dtype == t.dtype else None
+
+
 def _poison_value(dtype: torch.dtype):
     """NaN for floats; for integers the value least likely to be a right answer: the most negative
     (int8 -128, which symmetric quantization never writes; a negative index is never valid)."""
@@ -130,7 +147,15 @@ def poisoned_empty(*shape, dtype=torch.float32, device=DEVICE) -> torch.Tensor:
         numel *= s
     buf = torch.full((numel + 2 * GUARD_ELEMENTS,), _GUARD_VALUE, dtype=dtype, device=device)
     out = buf[GUARD_ELEMENTS:GUARD_ELEMENTS + numel].view(shape)
-    out.fill_(_poison_value(dtype))
+    if dtype in _NAN_POISON_BITS:
+        int_dtype, bits = _NAN_POISON_BITS[dtype]
+        out.view(int_dtype).fill_(bits)
+        if len(_POISONED_STORAGES) > 4096:  # forget the buffers that were freed
+            for ptr in [p for p, ref in _POISONED_STORAGES.items() if ref() is None]:
+                del _POISONED_STORAGES[ptr]
+        _POISONED_STORAGES[buf.untyped_storage().data_ptr()] = weakref.ref(buf)
+    else:
+        out.fill_(_poison_value(dtype))
     out._course_guard = buf  # noqa: SLF001 (kept on the tensor so assert_close can find it)
     return out
 
@@ -286,11 +311,17 @@ def diagnose(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol:
     """None if actual matches expected within atol + rtol * |expected|, else what is wrong."""
     a = actual.detach().cpu().to(torch.float64)
     e = expected.detach().cpu().to(torch.float64)
+    computed_nan = torch.zeros_like(a, dtype=torch.bool)
     if not actual.dtype.is_floating_point:
         poison = float(_poison_value(actual.dtype))
         unwritten = (a == poison) & (e != poison)
     else:
         unwritten = torch.isnan(a) & ~torch.isnan(e)
+        poison = _poison_bits(actual)
+        if poison is not None:  # tell the poison from a NaN the kernel computed, by its bits
+            int_dtype, bits = poison
+            computed_nan = unwritten & (actual.detach().cpu().view(int_dtype) != bits)
+            unwritten &= ~computed_nan
     close = torch.isclose(a, e, rtol=rtol, atol=atol, equal_nan=True)
     wrong = ~close
     n_wrong = int(wrong.sum())
@@ -312,6 +343,9 @@ def diagnose(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol:
     if n_unwritten:
         lines.append(f"  {n_unwritten} element(s) still hold the poison the output was filled "
                      f"with before the kernel ran: they were never written")
+    if computed_nan.any():
+        lines.append(f"  {int(computed_nan.sum())} element(s) are a NaN the kernel computed and stored (not "
+                     f"the poison the output was filled with: its bits differ)")
     named = {hint: m.detach().cpu().to(torch.float64) for hint, m in (mistakes or {}).items()}
     named = {hint: m for hint, m in named.items() if m.shape == a.shape}
     # First within the output's tolerance; then loosely (1e-3 relative to the mistake's size): a
@@ -322,7 +356,7 @@ def diagnose(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol:
             r, t = (max(rtol, 1e-3), max(atol, 1e-4 * float(m.abs().nan_to_num().max()))) if loose else (rtol, atol)
             if torch.isclose(a, m, rtol=r, atol=t, equal_nan=True).all():
                 return "\n".join(lines + [f"  hint: {hint}"])
-    lines += ["  hint: " + h for h in _hints(a, e, wrong, unwritten, rtol, atol, actual.dtype)]
+    lines += ["  hint: " + h for h in _hints(a, e, wrong, unwritten, rtol, atol, actual.dtype, computed_nan)]
     return "\n".join(lines)
 
 
@@ -334,9 +368,19 @@ def _unravel(flat: int, shape) -> tuple:
     return tuple(reversed(index))
 
 
-def _hints(a, e, wrong, unwritten, rtol, atol, dtype) -> list[str]:
+def _hints(a, e, wrong, unwritten, rtol, atol, dtype, computed_nan=None) -> list[str]:
     flat_unwritten = unwritten.flatten()
     n = a.numel()
+    if computed_nan is not None and computed_nan.any() and not unwritten.any():
+        return ["the kernel computed NaN: 0 / 0, inf - inf or inf * 0. Usual causes: exp of an "
+                "unshifted value overflowed and was divided by another inf (subtract the max first), "
+                "a masked lane loaded with other=0 and then divided by a sum of 0 or took log(0), or "
+                "the kernel read the output before writing it (outputs start as NaN here)"]
+    overflow = wrong & torch.isinf(a) & torch.isfinite(e)
+    if overflow.any() and not unwritten.any():
+        return [f"{int(overflow.sum())} element(s) are inf where the reference is finite: an overflow. "
+                f"exp of an unshifted value (subtract the max first), a sum past fp16's largest value "
+                f"65504 (accumulate in tl.float32), or a division by zero"]
     if unwritten.all():
         return ["the output was never written: does the kernel tl.store to the output pointer, "
                 "does the grid launch at least one program (triton.cdiv(n, BLOCK_SIZE), not "
