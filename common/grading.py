@@ -503,6 +503,7 @@ def _child(number: str, impl: str, fd: str | None = None, first: str = "0", pare
     test_module = load_module(lesson.test, name=f"grading_{lesson.stem}")
     exercises = [e for e in test_module.EXERCISES if only is None or e.number == only]
     send({"exercises": [str(e) for e in exercises]})
+    trusted, grade_one, result_of = _trusted(test_module), grade, Result  # before the learner's code runs
     try:
         module = load_impl(lesson.stem, impl)
     except Exception as err:  # a syntax error in the learner's file, say
@@ -511,10 +512,33 @@ def _child(number: str, impl: str, fd: str | None = None, first: str = "0", pare
     for exercise in exercises[int(first):]:
         send({"start": str(exercise)})
         if module is None:
-            result = Result(str(exercise), "failed", f"{impl}/{lesson.stem}.py does not import:\n{error}")
+            result = result_of(str(exercise), "failed", f"{impl}/{lesson.stem}.py does not import:\n{error}")
         else:
-            result = grade(module, exercise)
-        send({"result": result.__dict__})
+            result = grade_one(module, exercise)
+        replaced = [name for name, (owner, attr, obj) in trusted.items() if getattr(owner, attr, None) is not obj]
+        if replaced:
+            result = result_of(str(exercise), "failed", f"the code replaced {', '.join(replaced)}: an answer "
+                               f"that patches torch or the grader is not graded")
+        send({"result": dict(exercise=result.exercise, status=result.status, detail=result.detail)})
+
+
+def _trusted(test_module) -> dict:
+    """What a check's verdict rests on, by name: (owner, attribute, the object it holds now). The
+    grading child takes this before it imports the learner's file and fails any exercise graded
+    after one of them was replaced (torch.isclose patched to say True, a grade_function that
+    returns "passed")."""
+    objects = {f"torch.{name}": (torch, name) for name in ("isclose", "allclose", "equal", "isnan", "isfinite")}
+    objects |= {f"torch.Tensor.{name}": (torch.Tensor, name) for name in ("all", "any", "__eq__", "__ne__", "sum")}
+    objects |= {f"common.checks.{name}": (checks, name) for name in (
+        "assert_close", "diagnose", "check_guards", "CheckError", "_allowed_dtypes", "_hints")}
+    this = sys.modules[__name__]
+    objects |= {f"common.grading.{name}": (this, name) for name in (
+        "grade", "grade_function", "_watched", "kernel_launches", "Result", "Exercise")}
+    objects |= {f"{test_module.__name__}.{name}": (test_module, name) for name in dir(test_module)
+                if name.startswith("check_") or name in ("assert_close", "EXERCISES")}
+    objects["json.dumps"] = (json, "dumps")
+    return {name: (owner, attr, getattr(owner, attr)) for name, (owner, attr) in objects.items()
+            if hasattr(owner, attr)}
 
 
 _MARK = {"passed": "passed", "failed": "FAILED", "todo": "TODO", "skipped": "skip"}

@@ -97,3 +97,21 @@ def test_every_exercise_has_hints_and_hint_gives_one_more_each_time(tmp_path, mo
     assert grading.hint("1.2", None) == 0 and "(2 of 3 hints" in capsys.readouterr().out
     assert grading.hint("1.2", "3") == 0 and "that was the last one" in capsys.readouterr().out
     assert grading.hint("1.2", "zero") == 2 and "LEVEL must be a hint number" in capsys.readouterr().err
+
+
+def test_patching_torch_to_say_close_is_caught(tmp_path):
+    patch = ("import torch\n"
+             "torch.isclose = lambda a, b, **k: torch.ones(torch.broadcast_shapes(a.shape, b.shape), dtype=torch.bool)\n"
+             "_axpy = axpy\ndef axpy(a, x, y, out=None):\n    return _axpy(a + 1.0, x, y, out)\n")
+    proc, lines = _grade(tmp_path, patch)
+    assert lines["1.1 axpy"].startswith("FAILED") and "replaced torch.isclose" in lines["1.1 axpy"], lines
+    assert proc.returncode == 1
+
+
+def test_patching_the_grader_is_caught(tmp_path):
+    patch = ("import common.grading as g\n"
+             "g.grade_function = lambda exercise, fn, label=None, module_file=None: g.Result(label, 'passed')\n"
+             "_axpy = axpy\ndef axpy(a, x, y, out=None):\n    return _axpy(a + 1.0, x, y, out)\n")
+    proc, lines = _grade(tmp_path, patch)
+    assert lines["1.1 axpy"].startswith("FAILED"), lines
+    assert "replaced common.grading.grade_function" in lines["1.1 axpy"], lines
