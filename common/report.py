@@ -224,3 +224,24 @@ def write_results(results_dir: Path) -> tuple[Path, Path]:
     md.write_text("# Benchmark results (make bench)\n\n" + page)
     js.write_text(json.dumps(record, indent=2) + "\n")
     return md, js
+
+
+def measured_on_gpu(stem: str, results_dir: Path | None = None) -> str:
+    """What a CPU run of a lesson cannot show: its perf bars as measured by `make bench` on a GPU
+    (lessons/results/results.json), one line each, or where to find them when none are recorded."""
+    results_dir = results_dir or Path(__file__).resolve().parent.parent / "lessons" / "results"
+    try:
+        bars = [b for b in json.loads((results_dir / "results.json").read_text())["bars"] if b["lesson"] == stem]
+    except (OSError, ValueError, KeyError):
+        bars = []
+    if not bars:
+        return (f"No GPU here, so no timings; no GPU results of {stem} are recorded yet "
+                f"(`make bench LESSON={stem[:2]}` on a GPU records them).")
+    lines = [f"No GPU here, so no timings. Measured by `make bench` on {bars[0]['gpu']} ({bars[0]['date']}); "
+             f"all of it in lessons/results/results.md:"]
+    for b in bars:
+        sign = ">=" if b["higher_is_better"] else "<="
+        what = f"{b['kernel']} at {b['shape']}, {_against(b)}" if b.get("kernel") else b["name"]
+        lines.append(f"  {what}: {fmt_value(b['value'], b['bar'])} {b['unit']} (bar {sign} {b['bar']:g} "
+                     f"{b['unit']}) {'PASS' if b['passed'] else 'MISS'}")
+    return "\n".join(lines)

@@ -334,3 +334,16 @@ def test_inf_is_named_an_overflow_not_a_scale_factor():
     out[3:9] = float("inf")
     message = _diagnosis(out, expected)
     assert "overflow" in message and "scale factor" not in message, message
+
+
+def test_a_cpu_run_points_to_the_lessons_gpu_results(tmp_path):
+    from common.report import measured_on_gpu
+    bar = dict(lesson="01_vector_add", name="x", value=0.978, bar=0.98, unit="x", higher_is_better=True,
+               passed=False, kernel="triton add", shape="2^28", vs="baseline", baseline="torch.compile",
+               gpu="NVIDIA H100 80GB HBM3", versions="torch 2.11", date="2026-12-05")
+    (tmp_path / "results.json").write_text(__import__("json").dumps({"bars": [bar]}))
+    text = measured_on_gpu("01_vector_add", tmp_path)
+    assert "NVIDIA H100 80GB HBM3" in text and "triton add at 2^28" in text and "0.978 x" in text
+    assert "MISS" in text and "PASS" not in text
+    assert "no GPU results of 02_memory_and_dtypes are recorded" in measured_on_gpu("02_memory_and_dtypes", tmp_path)
+    assert "are recorded yet" in measured_on_gpu("01_vector_add", tmp_path / "missing")
