@@ -140,6 +140,16 @@ def _short_error(err: BaseException, module_file: str | None) -> str:
     return "\n".join(lines)
 
 
+def _check_error_in_chain(err: BaseException) -> CheckError | None:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, CheckError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 @contextlib.contextmanager
 def kernel_launches():
     """Records the source file of every Triton kernel launched inside the block (GPU JITFunction
@@ -148,21 +158,66 @@ def kernel_launches():
 
     files: list[str] = []
     originals = {cls: cls.run for cls in (jit.JITFunction, interpreter.InterpretedFunction)}
+    launch_tensors: list[tuple[str, int, int]] = []  # (argument, first byte, end) of the running launch
 
     def counted(run):
         def wrapper(self, *args, **kwargs):
-            code = getattr(getattr(self, "fn", None), "__code__", None)
+            fn = getattr(self, "fn", None)
+            code = getattr(fn, "__code__", None)
             files.append(code.co_filename if code else "")
+            names = list(inspect.signature(fn).parameters) if fn is not None else []
+            launch_tensors[:] = [(name, *_byte_range(arg)) for name, arg in zip(names, args)
+                                 if isinstance(arg, torch.Tensor)]
             return run(self, *args, **kwargs)
         return wrapper
 
+    masked_load = interpreter.InterpreterBuilder.create_masked_load
+
+    def bounds_checked_load(builder, ptrs, mask, other, *rest):
+        """The interpreter reads any address; a GPU reads garbage or faults. A lane that the mask
+        lets through must point into one of the launch's tensors."""
+        if launch_tensors:
+            _check_load_bounds(ptrs, mask, launch_tensors)
+        return masked_load(builder, ptrs, mask, other, *rest)
+
     for cls, run in originals.items():
         cls.run = counted(run)
+    interpreter.InterpreterBuilder.create_masked_load = bounds_checked_load
     try:
         yield files
     finally:
         for cls, run in originals.items():
             cls.run = run
+        interpreter.InterpreterBuilder.create_masked_load = masked_load
+
+
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    storage = t.untyped_storage()
+    return storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+
+
+def _check_load_bounds(ptrs, mask, tensors) -> None:
+    import numpy as np
+
+    addresses = np.asarray(ptrs.data).astype(np.uint64)
+    active = np.broadcast_to(np.asarray(mask.data, dtype=bool), addresses.shape)
+    wanted = addresses[active]
+    if not wanted.size:
+        return
+    size = max(int(ptrs.get_element_ty().primitive_bitwidth) // 8, 1)
+    inside = np.zeros(wanted.shape, dtype=bool)
+    for _, lo, hi in tensors:
+        inside |= (wanted >= lo) & (wanted + size <= hi)
+    if inside.all():
+        return
+    outside = wanted[~inside]
+    nearest = min(tensors, key=lambda t: min(abs(int(outside[0]) - t[1]), abs(int(outside[0]) - t[2])))
+    name, lo, hi = nearest
+    where = (f"{(int(outside[0]) + size - hi) // size} element(s) past the end of '{name}'" if int(outside[0]) >= hi
+             else f"{(lo - int(outside[0])) // size} element(s) before the start of '{name}'")
+    raise CheckError(f"a tl.load read outside every tensor of the launch: {len(outside)} active lane(s), the first "
+                     f"{where}.\n  hint: the interpreter reads whatever lies there (a GPU reads garbage or "
+                     f"faults); mask the load (mask=offsets < n_elements) so that lanes past the end read `other`")
 
 
 def grade(module, exercise: Exercise) -> Result:
@@ -265,7 +320,8 @@ def grade_function(exercise: Exercise, fn: Callable, label: str | None = None,
         return Result(label, "failed", f"the code called sys.exit({err.code!r}): an exercise must return its "
                       f"result; the grader stops nothing else")
     except Exception as err:  # a learner's code may fail in any way; report it, do not crash
-        return Result(label, "failed", _short_error(err, module_file))
+        check_error = _check_error_in_chain(err)  # the interpreter wraps what a kernel raised
+        return Result(label, "failed", str(check_error) if check_error else _short_error(err, module_file))
     finally:
         checks.GRADED_CALL.clear()
     if exercise.kernels and module_file and module_file not in launched:
