@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from . import checks
@@ -53,7 +54,6 @@ class Exercise:
     name: str  # the function graded (the wrapper the learner completes or is given)
     check: Callable[[Callable], None]  # raises CheckError if the function is wrong
     kernels: tuple[str, ...] = ()  # @triton.jit functions whose untouched stub means TODO
-    writes: tuple[str, ...] = ()  # parameters the function may change (in place); `out` always may
 
     def __str__(self) -> str:
         return f"{self.number} {self.name}"
@@ -130,24 +130,20 @@ def _short_error(err: BaseException, module_file: str | None) -> str:
     its cause holds the kernel's line)."""
     lines = [f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"]
     if module_file:
-        frames, seen, cause = [], set(), err
-        while cause is not None and id(cause) not in seen:
-            seen.add(id(cause))
-            frames += [f for f in traceback.extract_tb(cause.__traceback__) if f.filename == module_file]
-            cause = cause.__cause__ or cause.__context__
+        frames = [f for cause in _chain(err) for f in traceback.extract_tb(cause.__traceback__)
+                  if f.filename == module_file]
         if frames:
             lines.append(f"raised at {Path(module_file).name}:{frames[-1].lineno}: {frames[-1].line}")
     return "\n".join(lines)
 
 
-def _check_error_in_chain(err: BaseException) -> CheckError | None:
+def _chain(err: BaseException | None):
+    """err, then its cause (or context), and so on: what Triton re-raised and what it wrapped."""
     seen = set()
     while err is not None and id(err) not in seen:
-        if isinstance(err, CheckError):
-            return err
         seen.add(id(err))
+        yield err
         err = err.__cause__ or err.__context__
-    return None
 
 
 @contextlib.contextmanager
@@ -197,13 +193,8 @@ def _byte_range(t: torch.Tensor) -> tuple[int, int]:
 
 
 def _check_load_bounds(ptrs, mask, tensors) -> None:
-    import numpy as np
-
     addresses = np.asarray(ptrs.data).astype(np.uint64)
-    active = np.broadcast_to(np.asarray(mask.data, dtype=bool), addresses.shape)
-    wanted = addresses[active]
-    if not wanted.size:
-        return
+    wanted = addresses[np.broadcast_to(np.asarray(mask.data, dtype=bool), addresses.shape)]
     size = max(int(ptrs.get_element_ty().primitive_bitwidth) // 8, 1)
     inside = np.zeros(wanted.shape, dtype=bool)
     for _, lo, hi in tensors:
@@ -211,10 +202,10 @@ def _check_load_bounds(ptrs, mask, tensors) -> None:
     if inside.all():
         return
     outside = wanted[~inside]
-    nearest = min(tensors, key=lambda t: min(abs(int(outside[0]) - t[1]), abs(int(outside[0]) - t[2])))
-    name, lo, hi = nearest
-    where = (f"{(int(outside[0]) + size - hi) // size} element(s) past the end of '{name}'" if int(outside[0]) >= hi
-             else f"{(lo - int(outside[0])) // size} element(s) before the start of '{name}'")
+    first = int(outside[0])
+    name, lo, hi = min(tensors, key=lambda t: min(abs(first - t[1]), abs(first - t[2])))
+    where = (f"{(first + size - hi) // size} element(s) past the end of '{name}'" if first >= hi
+             else f"{(lo - first) // size} element(s) before the start of '{name}'")
     raise CheckError(f"a tl.load read outside every tensor of the launch: {len(outside)} active lane(s), the first "
                      f"{where}.\n  hint: the interpreter reads whatever lies there (a GPU reads garbage or "
                      f"faults); mask the load (mask=offsets < n_elements) so that lanes past the end read `other`")
@@ -285,7 +276,7 @@ def _watched(fn: Callable, exercise: Exercise) -> Callable:
             bound = None
         named = bound if bound is not None else {**{f"argument {i}": a for i, a in enumerate(args)}, **kwargs}
         inputs = [(label, t) for key, value in named.items() for label, t in _tensors_in(key, value)
-                  if key != "out" and key not in exercise.writes and not hasattr(t, "_course_guard")]
+                  if key != "out" and not hasattr(t, "_course_guard")]
         checks.GRADED_CALL["float_dtypes"] = {t.dtype for _, t in inputs if t.dtype.is_floating_point}
         with torch.no_grad():
             before = [(label, t, t.detach().clone()) for label, t in inputs]
@@ -320,7 +311,7 @@ def grade_function(exercise: Exercise, fn: Callable, label: str | None = None,
         return Result(label, "failed", f"the code called sys.exit({err.code!r}): an exercise must return its "
                       f"result; the grader stops nothing else")
     except Exception as err:  # a learner's code may fail in any way; report it, do not crash
-        check_error = _check_error_in_chain(err)  # the interpreter wraps what a kernel raised
+        check_error = next((e for e in _chain(err) if isinstance(e, CheckError)), None)  # wrapped by Triton
         return Result(label, "failed", str(check_error) if check_error else _short_error(err, module_file))
     finally:
         checks.GRADED_CALL.clear()

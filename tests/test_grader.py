@@ -45,8 +45,8 @@ def test_os_exit_is_a_failed_exercise_not_a_shorter_report(tmp_path):
 
 def test_an_endless_exercise_times_out_and_the_rest_are_graded(tmp_path):
     proc, lines = _grade(tmp_path, "def clamp(x, lo, hi, out=None):\n    while True:\n        pass\n",
-                         timeout_s=8)
-    assert lines["1.2 clamp"].startswith("FAILED") and "still running after 8 s" in lines["1.2 clamp"]
+                         timeout_s=20)
+    assert lines["1.2 clamp"].startswith("FAILED") and "still running after 20 s" in lines["1.2 clamp"]
     assert lines["1.1 axpy"].startswith("passed") and lines["1.3 add_strided"].startswith("passed"), lines
 
 
