@@ -8,6 +8,7 @@
 #                              PYTEST="tests/test_11_quantization.py -x" runs a part
 #   make bench                 every lesson's full benchmark on the GPU -> lessons/results/results.md, .json
 #                              (LESSON=07 re-runs one lesson)
+#   make sanitize LESSON=01    make check under compute-sanitizer's memcheck (GPU): reads and writes out of bounds
 #   make profile               lesson 12's profilers: torch.profiler, and Nsight Compute's DRAM bytes if ncu is installed
 #   make clean                 remove plots, caches and hint counters (not .venv, not your exercises)
 
@@ -35,11 +36,11 @@ else
   SETUP_STAMP := $(VENV)/.installed
 endif
 
-.PHONY: setup lesson check progress try hint list clean test bench profile help
+.PHONY: setup lesson check progress try hint list clean test bench profile sanitize help
 .DEFAULT_GOAL := help
 
 help:
-	@sed -n '1,13p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,14p' Makefile | sed 's/^# \{0,1\}//'
 
 setup: $(SETUP_STAMP)
 	@echo "using $(PY)"
@@ -64,6 +65,9 @@ try: setup
 
 hint: setup
 	@$(PY) -m common.grading hint "$$EX" $${LEVEL:+"$$LEVEL"}
+
+sanitize: setup
+	@$(PY) -m common.grading sanitize "$$LESSON" --impl "$$IMPL"
 
 list: setup
 	@$(PY) -m common.grading list

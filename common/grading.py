@@ -12,6 +12,7 @@ declarations serve three masters:
     python -m common.grading try 1.2      one exercise: its first input, expected and received output
     python -m common.grading hint 1.2 [N] the next hint (or hints 1..N) from the lesson's markdown
     python -m common.grading list         every exercise
+    python -m common.grading sanitize 01  check, under compute-sanitizer's memcheck (GPU)
 """
 
 import ast
@@ -22,6 +23,7 @@ import itertools
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -757,6 +759,53 @@ def progress(impl: str) -> int:
     return 0
 
 
+# Where compute-sanitizer lives when it is not on PATH: a CUDA toolkit, or the pip package
+# nvidia-cuda-sanitizer-api-cu12/cu13 (found next to the other nvidia wheels torch installs).
+_SANITIZER_PLACES = ("/usr/local/cuda/bin/compute-sanitizer", "/opt/cuda/bin/compute-sanitizer")
+
+
+def find_compute_sanitizer() -> str | None:
+    found = shutil.which("compute-sanitizer")
+    if found:
+        return found
+    places = list(_SANITIZER_PLACES)
+    for site in map(Path, sys.path):
+        places += [str(p) for p in (site / "nvidia").glob("cu*/bin/compute-sanitizer")]
+        places += [str(p) for p in (site / "nvidia").glob("cuda_sanitizer_api/compute-sanitizer/compute-sanitizer")]
+    return next((p for p in places if os.access(p, os.X_OK)), None)
+
+
+def sanitize(number: str, impl: str) -> int:
+    """make sanitize LESSON=NN: `check` under compute-sanitizer's memcheck, which reports every
+    read or write outside an allocation on the GPU (the interpreter's load-bounds check does the
+    same on CPU). PyTorch's caching allocator hands out pieces of larger blocks, so a read past a
+    tensor's end would land in memory the process owns and go unseen:
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 gives every tensor its own allocation. Exit status: the
+    grader's, or 3 when memcheck found an error (its report names the kernel)."""
+    lesson = find(number)
+    require_written(lesson)
+    if not torch.cuda.is_available():
+        print("make sanitize runs the exercises on a CUDA GPU under compute-sanitizer. Without one, make check "
+              "already runs them in Triton's interpreter, which fails any tl.load past the end of a tensor.")
+        return 2
+    tool = find_compute_sanitizer()
+    if tool is None:
+        print("make sanitize needs compute-sanitizer, which comes with the CUDA toolkit (or pip install "
+              "nvidia-cuda-sanitizer-api-cu12); it is not on PATH nor in " + ", ".join(_SANITIZER_PLACES))
+        return 2
+    # memcheck makes every launch 10-100x slower: each exercise gets 10 minutes unless told otherwise.
+    env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1",
+           "COURSE_TIMEOUT": os.environ.get("COURSE_TIMEOUT") or "600"}
+    cmd = [tool, "--tool", "memcheck", "--target-processes", "all", "--error-exitcode", "3",
+           "--print-limit", "10", sys.executable, "-m", "common.grading", "check", lesson.number, "--impl", impl]
+    print(f"{' '.join(cmd[:9])} ... (PYTORCH_NO_CUDA_MEMORY_CACHING=1)", flush=True)
+    rc = subprocess.run(cmd, cwd=REPO, env=env).returncode
+    if rc == 3:
+        print("\ncompute-sanitizer found invalid memory accesses (above: the kernel, the thread, the address and how "
+              "far it is past the nearest allocation). Mask every load and store whose offsets can pass the end.")
+    return rc
+
+
 def main(argv: list[str]) -> int:
     try:
         return _main(argv)
@@ -787,6 +836,8 @@ def _main(argv: list[str]) -> int:
         return hint(argv[1] if len(argv) > 1 else "", argv[2] if len(argv) > 2 else None)
     if argv[:1] == ["list"]:
         return list_exercises()
+    if argv[:1] == ["sanitize"]:
+        return sanitize(argv[1] if len(argv) > 1 else "", impl)
     if argv[:1] == ["_child"]:
         _child(*argv[1:7])
         return 0

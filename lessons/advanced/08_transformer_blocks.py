@@ -216,20 +216,28 @@ def layernorm_bwd_kernel(
 
 @triton.jit
 def sum_rows_kernel(
-    partial_ptr,  # P x N fp32, contiguous: the partial sums of the P programs
-    out_ptr,  # N: their column sums, in the weight's dtype
+    partial_ptr,  # S x P x N fp32, contiguous: S sets (dw, db) of the P programs' partial rows
+    out_ptr,  # S x N: the column sums of each set, in the weight's dtype
     n_partials,  # P
     n_cols,  # N
-    BLOCK_SIZE: tl.constexpr,  # columns per program
+    BLOCK_P: tl.constexpr,  # partial rows loaded per step
+    BLOCK_N: tl.constexpr,  # columns per program
 ):
-    # The second, small reduction: P x N fp32 (P a few hundred) is a few MiB at most. Always the
-    # same order of additions, so dw and db are the same bits on every run (atomics are not).
-    cols = tl.program_id(axis=0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = cols < n_cols
-    acc = tl.zeros([BLOCK_SIZE], dtype=tl.float32)
-    for p in range(0, n_partials):
-        acc += tl.load(partial_ptr + p * n_cols + cols, mask=mask, other=0.0)
-    tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    # The second, small reduction: P x N fp32 (P a few hundred) is a few MiB at most. One launch
+    # for dw and db (axis 1 picks the set). A (BLOCK_P, BLOCK_N) tile per step puts BLOCK_P loads
+    # in flight: a first version that added one partial row per step waited for each load in
+    # turn, ~260 dependent loads per program (H100, 2026-12-06 profile: see the lesson's md).
+    # The same order of additions on every run, so dw and db are the same bits (atomics are not).
+    cols = tl.program_id(axis=0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.arange(0, BLOCK_P)
+    base = tl.program_id(axis=1).to(tl.int64) * n_partials * n_cols
+    mask_n = cols < n_cols
+    acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    for p in range(0, n_partials, BLOCK_P):
+        mask = ((p + rows) < n_partials)[:, None] & mask_n[None, :]
+        acc += tl.load(partial_ptr + base + (p + rows)[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
+    out = tl.sum(acc, axis=0)
+    tl.store(out_ptr + tl.program_id(axis=1) * n_cols + cols, out.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
@@ -392,7 +400,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # A row lives in registers: up to 16384 fp32 values, 32 per thread at 16 warps.
 MAX_FUSED_COLS = 16384
 ELEMENTWISE_BLOCK_SIZE = 1024  # lesson 01's choice for elementwise kernels
-SUM_ROWS_BLOCK_SIZE = 128  # columns per program of the second dW / dB reduction
+SUM_ROWS_BLOCK = (32, 128)  # (partial rows per step, columns per program) of the second dW / dB reduction
 # Backward programs per SM: each one loops over a group of rows. More programs hide more memory
 # latency but write more partial rows for the second reduction; the benchmark sweeps it.
 BWD_PROGRAMS_PER_SM = 2
@@ -475,10 +483,12 @@ def layernorm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 
 
 def _sum_rows(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    n_partials, n_cols = partial.shape
-    out = torch.empty(n_cols, dtype=dtype, device=partial.device)
-    sum_rows_kernel[(triton.cdiv(n_cols, SUM_ROWS_BLOCK_SIZE),)](partial, out, n_partials, n_cols,
-                                                                  BLOCK_SIZE=SUM_ROWS_BLOCK_SIZE)
+    """(S, P, N) fp32 partial rows -> (S, N) column sums of each of the S sets, in dtype."""
+    n_sets, n_partials, n_cols = partial.shape
+    out = torch.empty(n_sets, n_cols, dtype=dtype, device=partial.device)
+    block_p, block_n = SUM_ROWS_BLOCK
+    sum_rows_kernel[(triton.cdiv(n_cols, block_n), n_sets)](partial, out, n_partials, n_cols,
+                                                            BLOCK_P=block_p, BLOCK_N=block_n)
     return out
 
 
@@ -500,14 +510,14 @@ def layernorm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, 
         dy_rows = dy_rows.contiguous()
     n_programs, rows_per_program = _bwd_grid(n_rows, programs)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    # empty, not zeros: every program writes its whole partial row
-    dw_partial = torch.empty(n_programs, n_cols, dtype=torch.float32, device=x.device)
-    db_partial = torch.empty(n_programs, n_cols, dtype=torch.float32, device=x.device)
+    # empty, not zeros: every program writes its whole partial rows (partial[0] for dw, [1] for db)
+    partial = torch.empty(2, n_programs, n_cols, dtype=torch.float32, device=x.device)
     block = _row_block(n_cols)
-    layernorm_bwd_kernel[(n_programs,)](dy_rows, rows, weight, mean, rstd, dx, dw_partial, db_partial,
+    layernorm_bwd_kernel[(n_programs,)](dy_rows, rows, weight, mean, rstd, dx, partial[0], partial[1],
                                         dy_rows.stride(0), rows.stride(0), n_rows, n_cols, rows_per_program,
                                         BLOCK_SIZE=block, num_warps=_bwd_num_warps(block))
-    return dx, _sum_rows(dw_partial, weight.dtype), _sum_rows(db_partial, weight.dtype)
+    dw, db = _sum_rows(partial, weight.dtype)
+    return dx, dw, db
 
 
 class LayerNormFunction(torch.autograd.Function):

@@ -34,7 +34,8 @@ import triton.language as tl  # noqa: E402
 from common import Table, section  # noqa: E402
 
 # Triton 3.8 warns that block pointers are deprecated in favour of tensor descriptors (v4
-# below); v3 keeps them because they still work, run everywhere, and read the same way.
+# below), and 3.9 removed them (BLOCK_PTR_MISSING below); on 3.6-3.8 v3 keeps them because
+# they run everywhere and most published Triton code is written with them.
 warnings.filterwarnings("ignore", message="tl.make_block_ptr is deprecated")
 
 # %% [markdown]
@@ -295,9 +296,20 @@ def transpose_v2(x: torch.Tensor, block_m: int = BLOCK_M, block_n: int = BLOCK_N
     return out
 
 
+# Triton 3.9 removed tl.make_block_ptr (deprecated in 3.8 for tensor descriptors): there v3 is
+# left out of the versions with this reason, and v4 falls back to v2 instead of v3.
+# (3.9 keeps the name, and it raises NotImplementedError when a kernel calls it: hence the version.)
+_TRITON_MINOR = tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
+BLOCK_PTR_MISSING = (None if hasattr(tl, "make_block_ptr") and _TRITON_MINOR < (3, 9) else
+                     f"triton {triton.__version__} has no tl.make_block_ptr (removed in 3.9; v4's tensor "
+                     f"descriptors replace it)")
+
+
 def transpose_v3(x: torch.Tensor, block_m: int = BLOCK_M, block_n: int = BLOCK_N, group_m: int = GROUP_M,
                  num_warps: int = NUM_WARPS, out: torch.Tensor | None = None) -> torch.Tensor:
     """x.T (contiguous), tiled, with block pointers."""
+    if BLOCK_PTR_MISSING:
+        raise RuntimeError(f"transpose_v3 needs block pointers: {BLOCK_PTR_MISSING}")
     out = _prepare_transpose(x, out)
     _check_pow2(block_m=block_m, block_n=block_n)
     _launch_v3(x, out, block_m, block_n, group_m, num_warps)
@@ -352,12 +364,15 @@ def tma_problem(x: torch.Tensor, out: torch.Tensor) -> str | None:
 
 def transpose_v4(x: torch.Tensor, block_m: int = BLOCK_M, block_n: int = BLOCK_N, group_m: int = GROUP_M,
                  num_warps: int = NUM_WARPS, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x.T (contiguous), tiled, with tensor descriptors (TMA on Hopper); v3 where they cannot run."""
+    """x.T (contiguous), tiled, with tensor descriptors (TMA on Hopper); v3 where they cannot run
+    (v2 on a Triton without block pointers)."""
     out = _prepare_transpose(x, out)
     _check_pow2(block_m=block_m, block_n=block_n)
     if max(block_m, block_n) > 256:
         raise ValueError(f"a TMA box is at most 256 elements per side, got {block_m} x {block_n}")
-    if tma_problem(x, out):
+    if tma_problem(x, out) and BLOCK_PTR_MISSING:
+        _launch_v2(x, out, block_m, block_n, group_m, "", num_warps)
+    elif tma_problem(x, out):
         _launch_v3(x, out, block_m, block_n, group_m, num_warps)
     else:
         _launch_v4(x, out, block_m, block_n, group_m, num_warps)
@@ -367,7 +382,8 @@ def transpose_v4(x: torch.Tensor, block_m: int = BLOCK_M, block_n: int = BLOCK_N
 VERSIONS = common.Versions("transpose")
 VERSIONS.add("v1", "naive (row -> column)", transpose_v1)
 VERSIONS.add("v2", "tiled (tl.trans)", transpose_v2)
-VERSIONS.add("v3", "block pointers", transpose_v3)
+if not BLOCK_PTR_MISSING:
+    VERSIONS.add("v3", "block pointers", transpose_v3)
 VERSIONS.add("v4", "tensor descriptors (TMA)", transpose_v4)
 
 
@@ -638,8 +654,11 @@ def inspect_compiled() -> None:
     x = torch.randn(256, 256, device=common.DEVICE)
     out = torch.empty(256, 256, device=common.DEVICE)
     launches = {"v1 naive": lambda: _launch_v1(x, out, V1_BLOCK_SIZE),
-                "v2 tiled": lambda: _launch_v2(x, out, BLOCK_M, BLOCK_N, GROUP_M, "", NUM_WARPS),
-                "v3 block pointers": lambda: _launch_v3(x, out, BLOCK_M, BLOCK_N, GROUP_M, NUM_WARPS)}
+                "v2 tiled": lambda: _launch_v2(x, out, BLOCK_M, BLOCK_N, GROUP_M, "", NUM_WARPS)}
+    if BLOCK_PTR_MISSING:
+        print(f"v3 block pointers: skipped, {BLOCK_PTR_MISSING}")
+    else:
+        launches["v3 block pointers"] = lambda: _launch_v3(x, out, BLOCK_M, BLOCK_N, GROUP_M, NUM_WARPS)
     if tma_problem(x, out) is None:
         launches["v4 tensor descriptors"] = lambda: _launch_v4(x, out, BLOCK_M, BLOCK_N, GROUP_M, NUM_WARPS)
     else:
