@@ -45,8 +45,10 @@ help:
 setup: $(SETUP_STAMP)
 	@echo "using $(PY)"
 
+# Where the system Python already has torch and triton (a GPU box missing only pytest, say), the
+# venv sees them (--system-site-packages) and pip installs only what is missing or out of range.
 $(VENV)/.installed: requirements.txt
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv $(VENV) $$($(PYTHON) -c "import torch, triton" >/dev/null 2>&1 && echo --system-site-packages)
 	$(VENV)/bin/pip install --upgrade pip
 	$(VENV)/bin/pip install -r requirements.txt
 	touch $@

@@ -28,6 +28,32 @@ import triton  # noqa: E402  (must come after TRITON_INTERPRET is set)
 DEVICE = torch.device("cuda") if HAS_GPU else torch.device("cpu")
 
 
+def _bool_masks_in_the_interpreter() -> None:
+    """Triton 3.9's interpreter builds `mask & (row < n_rows)`, a tensor mask and-ed with a
+    condition on a program id, as an int32 tensor of 0s and 1s, and its load and store then
+    refuse it ("mask has unsupported dtype"); 3.6-3.8 and every GPU build give int1. The lessons
+    use that idiom for rows past the end, so the interpreter's masks are made bool again here:
+    the same lanes, the dtype it expects. A no-op where masks are already bool."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+
+    def as_bool(mask):
+        if mask is None or mask.data.dtype == np.bool_:
+            return mask
+        return interpreter.TensorHandle(mask.data.astype(np.bool_), triton.language.int1)
+
+    load, store = builder.create_masked_load, builder.create_masked_store
+    builder.create_masked_load = lambda self, ptrs, mask, *rest: load(self, ptrs, as_bool(mask), *rest)
+    builder.create_masked_store = lambda self, ptrs, value, mask, *rest: store(self, ptrs, value, as_bool(mask),
+                                                                                 *rest)
+
+
+if INTERPRETER:
+    _bool_masks_in_the_interpreter()
+
+
 def gpu_name() -> str:
     return torch.cuda.get_device_name() if HAS_GPU else "CPU (Triton interpreter)"
 

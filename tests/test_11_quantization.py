@@ -525,7 +525,27 @@ def test_grader_rejects_known_wrong(name, mistake, make_wrong, hint):
 
 @pytest.fixture(scope="module")
 def lesson():
-    return load_module(find("11").script, name="lesson_11_quantization")
+    # The awkward shapes below would each autotune on a GPU (every config compiled and timed):
+    # the lesson's checks run the first config only, and so do these tests, but one.
+    module = load_module(find("11").script, name="lesson_11_quantization")
+    with module.first_config_only():
+        yield module
+
+
+def test_lesson_first_config_only_matches_the_tuned_launch(lesson):
+    """The autotuned path (what the benchmarks and a learner's calls run) against the checks' one."""
+    n, k = 300, 512
+    w_q, scale = lesson.random_weight(n, k)
+    x = randn(1, k, dtype=torch.float16)
+    w_packed, scales = lesson.quantize_int4_groups(randn(n, k, dtype=torch.float16))
+    first = lesson.w8a16_gemv(x, w_q, scale), lesson.w4a16_gemv(x, w_packed, scales)
+    lesson._FIRST_CONFIG_ONLY[0] = False
+    try:
+        tuned = lesson.w8a16_gemv(x, w_q, scale), lesson.w4a16_gemv(x, w_packed, scales)
+    finally:
+        lesson._FIRST_CONFIG_ONLY[0] = True
+    for a, b, name in zip(first, tuned, ("w8a16_gemv", "w4a16_gemv")):
+        assert_close(a, b.double(), name=f"{name}: first config vs tuned", atol=2e-3, rtol=2e-3)
 
 
 @pytest.mark.parametrize("granularity,group_size", [("tensor", 0), ("row", 0), ("group", 64)])
