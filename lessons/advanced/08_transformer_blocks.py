@@ -216,15 +216,16 @@ def layernorm_bwd_kernel(
 
 @triton.jit
 def sum_rows_kernel(
-    partial_ptr,  # S x P x N fp32, contiguous: S sets (dw, db) of the P programs' partial rows
-    out_ptr,  # S x N: the column sums of each set, in the weight's dtype
+    partial_ptr,  # 2 x P x N fp32, contiguous: the P programs' partial rows of dw, then of db
+    dw_ptr,  # N: the column sums of partial[0], in the weight's dtype
+    db_ptr,  # N: the column sums of partial[1]
     n_partials,  # P
     n_cols,  # N
     BLOCK_P: tl.constexpr,  # partial rows loaded per step
     BLOCK_N: tl.constexpr,  # columns per program
 ):
     # The second, small reduction: P x N fp32 (P a few hundred) is a few MiB at most. One launch
-    # for dw and db (axis 1 picks the set). A (BLOCK_P, BLOCK_N) tile per step puts BLOCK_P loads
+    # for dw and db (axis 1 picks which). A (BLOCK_P, BLOCK_N) tile per step puts BLOCK_P loads
     # in flight: a first version that added one partial row per step waited for each load in
     # turn, P = 2 x 132 dependent loads per program on an H100.
     # The same order of additions on every run, so dw and db are the same bits (atomics are not).
@@ -236,8 +237,11 @@ def sum_rows_kernel(
     for p in range(0, n_partials, BLOCK_P):
         mask = ((p + rows) < n_partials)[:, None] & mask_n[None, :]
         acc += tl.load(partial_ptr + base + (p + rows)[:, None] * n_cols + cols[None, :], mask=mask, other=0.0)
-    out = tl.sum(acc, axis=0)
-    tl.store(out_ptr + tl.program_id(axis=1) * n_cols + cols, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+    total = tl.sum(acc, axis=0)
+    if tl.program_id(axis=1) == 0:
+        tl.store(dw_ptr + cols, total.to(dw_ptr.dtype.element_ty), mask=mask_n)
+    else:
+        tl.store(db_ptr + cols, total.to(db_ptr.dtype.element_ty), mask=mask_n)
 
 
 @triton.jit
@@ -482,14 +486,15 @@ def layernorm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     return out, mean, rstd
 
 
-def _sum_rows(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(S, P, N) fp32 partial rows -> (S, N) column sums of each of the S sets, in dtype."""
-    n_sets, n_partials, n_cols = partial.shape
-    out = torch.empty(n_sets, n_cols, dtype=dtype, device=partial.device)
+def _sum_rows(partial: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2, P, N) fp32 partial rows -> dw, db: the column sums of partial[0] and partial[1], in dtype."""
+    _, n_partials, n_cols = partial.shape
+    dw = torch.empty(n_cols, dtype=dtype, device=partial.device)
+    db = torch.empty(n_cols, dtype=dtype, device=partial.device)
     block_p, block_n = SUM_ROWS_BLOCK
-    sum_rows_kernel[(triton.cdiv(n_cols, block_n), n_sets)](partial, out, n_partials, n_cols,
-                                                            BLOCK_P=block_p, BLOCK_N=block_n)
-    return out
+    sum_rows_kernel[(triton.cdiv(n_cols, block_n), 2)](partial, dw, db, n_partials, n_cols,
+                                                       BLOCK_P=block_p, BLOCK_N=block_n)
+    return dw, db
 
 
 def _bwd_grid(n_rows: int, programs: int | None) -> tuple[int, int]:

@@ -296,18 +296,17 @@ def _layer_norm_bwd_body(dy, x, weight, mean, rstd, wrap):
     n_rows = rows.shape[0]
     programs, rows_per_program = L08._bwd_grid(n_rows, None)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    dw_partial = torch.empty(programs, n_cols, dtype=torch.float32, device=x.device)
-    db_partial = torch.empty(programs, n_cols, dtype=torch.float32, device=x.device)
+    partial = torch.empty(2, programs, n_cols, dtype=torch.float32, device=x.device)  # dw's, then db's
     block = L08._row_block(n_cols)
-    wrap(L08.layernorm_bwd_kernel)[(programs,)](dy_rows, rows, weight, mean, rstd, dx, dw_partial, db_partial,
+    wrap(L08.layernorm_bwd_kernel)[(programs,)](dy_rows, rows, weight, mean, rstd, dx, partial[0], partial[1],
                                                 dy_rows.stride(0), rows.stride(0), n_rows, n_cols,
                                                 rows_per_program, BLOCK_SIZE=block,
                                                 num_warps=L08._bwd_num_warps(block))
     dw = torch.empty(n_cols, dtype=weight.dtype, device=x.device)
     db = torch.empty(n_cols, dtype=weight.dtype, device=x.device)
-    grid = (triton.cdiv(n_cols, L08.SUM_ROWS_BLOCK_SIZE),)
-    wrap(L08.sum_rows_kernel)[grid](dw_partial, dw, programs, n_cols, BLOCK_SIZE=L08.SUM_ROWS_BLOCK_SIZE)
-    wrap(L08.sum_rows_kernel)[grid](db_partial, db, programs, n_cols, BLOCK_SIZE=L08.SUM_ROWS_BLOCK_SIZE)
+    block_p, block_n = L08.SUM_ROWS_BLOCK
+    wrap(L08.sum_rows_kernel)[(triton.cdiv(n_cols, block_n), 2)](partial, dw, db, programs, n_cols,
+                                                                 BLOCK_P=block_p, BLOCK_N=block_n)
     return dx, dw, db
 
 
