@@ -9,6 +9,7 @@
 #   make bench                 every lesson's full benchmark on the GPU -> lessons/results/results.md, .json
 #                              (LESSON=07 re-runs one lesson)
 #   make sanitize LESSON=01    make check under compute-sanitizer's memcheck (GPU): reads and writes out of bounds
+#   make test-newest           make test on the newest torch and triton (past requirements.txt's bounds), in .venv-newest
 #   make profile               lesson 12's profilers: torch.profiler, and Nsight Compute's DRAM bytes if ncu is installed
 #   make clean                 remove plots, caches and hint counters (not .venv, not your exercises)
 
@@ -36,11 +37,11 @@ else
   SETUP_STAMP := $(VENV)/.installed
 endif
 
-.PHONY: setup lesson check progress try hint list clean test bench profile sanitize help
+.PHONY: setup lesson check progress try hint list clean test bench profile sanitize test-newest help
 .DEFAULT_GOAL := help
 
 help:
-	@sed -n '1,14p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,15p' Makefile | sed 's/^# \{0,1\}//'
 
 setup: $(SETUP_STAMP)
 	@echo "using $(PY)"
@@ -82,6 +83,14 @@ clean:
 # GPU-only tests (bf16, fp8, wrong-device errors) run too; without one they skip with a reason.
 test: setup
 	IMPL=solutions $(PY) -m pytest $$PYTEST
+
+# What the next release will break: the newest torch and triton pip finds, in a venv of their own
+# (2026-12-06: torch 2.15 / triton 3.9 pass on the CPU). A pip constraint file can cap them.
+test-newest:
+	$(PYTHON) -m venv .venv-newest
+	.venv-newest/bin/pip install --upgrade torch triton numpy matplotlib pytest
+	.venv-newest/bin/python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+	IMPL=solutions .venv-newest/bin/python -m pytest $$PYTEST
 
 # LESSON=07 (or LESSON="07 08") re-runs those lessons only; the others' results stay. A lesson
 # that fails is named at the end, after the others ran, and the target exits non-zero.
