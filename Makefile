@@ -48,10 +48,11 @@ setup: $(SETUP_STAMP)
 
 # Where the system Python already has torch and triton (a GPU box missing only pytest, say), the
 # venv sees them (--system-site-packages) and pip installs only what is missing or out of range.
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV) $$($(PYTHON) -c "import torch, triton" >/dev/null 2>&1 && echo --system-site-packages)
 	$(VENV)/bin/pip install --upgrade pip
 	$(VENV)/bin/pip install -r requirements.txt
+	$(VENV)/bin/pip install --no-deps --no-build-isolation -e .
 	touch $@
 
 lesson: setup

@@ -10,6 +10,7 @@ import os
 import platform
 
 import torch
+import triton  # Triton reads TRITON_INTERPRET when a kernel is decorated, not on import
 
 # A learner may force the interpreter on a GPU machine (TRITON_INTERPRET=1) to debug a kernel
 # with print() and pdb; respect that, and fall back to it automatically when there is no GPU.
@@ -22,8 +23,6 @@ INTERPRETER = not HAS_GPU
 if INTERPRETER:
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ.setdefault("COURSE_AUTO_INTERPRET", "0" if _FORCED_INTERPRETER else "1")
-
-import triton  # noqa: E402  (must come after TRITON_INTERPRET is set)
 
 DEVICE = torch.device("cuda") if HAS_GPU else torch.device("cpu")
 

@@ -7,6 +7,7 @@ typo gets its answer at once.
 """
 
 import importlib.util
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -47,25 +48,31 @@ class Lesson:
         return self.script.exists()
 
 
-LESSONS = [
-    Lesson("01", "beginner", "01_vector_add", "Vector add: programs, masks, the launch grid"),
-    Lesson("02", "beginner", "02_memory_and_dtypes", "Memory and data types"),
-    Lesson("03", "beginner", "03_basic_operations", "Basic operations: elementwise, reductions, debugging"),
-    Lesson("04", "intermediate", "04_matmul", "Matrix multiplication"),
-    Lesson("05", "intermediate", "05_memory_patterns", "Memory patterns: transpose, L2 reuse, stencils"),
-    Lesson("06", "intermediate", "06_kernel_fusion", "Kernel fusion and online softmax"),
-    Lesson("07", "advanced", "07_attention", "Attention: FlashAttention forward, backward, decoding"),
-    Lesson("08", "advanced", "08_transformer_blocks", "Transformer blocks: norms, activations, RoPE, losses"),
-    Lesson("09", "advanced", "09_mixture_of_experts", "Mixture of experts: routing, permutation, grouped GEMM"),
-    Lesson("10", "expert", "10_autotuning", "Autotuning and performance models"),
-    Lesson("11", "expert", "11_quantization", "Quantization and custom data types"),
-    Lesson("12", "expert", "12_production", "Production systems: custom ops, graphs, profiling, multi-GPU"),
-]
+LEVELS = ("beginner", "intermediate", "advanced", "expert")
+
+
+def _title(markdown: Path, stem: str) -> str:
+    """The lesson's title from its markdown's first line, `# Lesson 01: vector add`."""
+    first = markdown.read_text().splitlines()[0] if markdown.exists() else ""
+    title = re.sub(r"^#\s*Lesson\s+\d+\s*:\s*", "", first).strip() or stem.split("_", 1)[1].replace("_", " ")
+    return title[0].upper() + title[1:]
+
+
+def discover(root: Path = REPO) -> list[Lesson]:
+    """The lesson list is the tree: lessons/<level>/NN_topic.py, one source for the Makefile, the
+    grader, the tests and the README table (tests/test_lessons_run.py checks the README against it)."""
+    found = []
+    for level in LEVELS:
+        for script in sorted((root / "lessons" / level).glob("[0-9][0-9]_*.py")):
+            found.append(Lesson(script.stem[:2], level, script.stem, _title(script.with_suffix(".md"), script.stem)))
+    return sorted(found, key=lambda lesson: lesson.number)
+
+
+LESSONS = discover()
 
 
 def lesson_map() -> str:
-    rows = [f"  {l.number}  {l.level:<12}  {l.title}{'' if l.written else '  (not written yet)'}"
-            for l in LESSONS]
+    rows = [f"  {l.number}  {l.level:<12}  {l.title}" for l in LESSONS]
     return "\n".join(rows)
 
 

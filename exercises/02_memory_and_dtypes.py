@@ -11,15 +11,11 @@ dtype-converting store, a copy driven by a tensor's strides. Hints, from gentle 
 are in lessons/beginner/02_memory_and_dtypes.md under "Exercises".
 """
 
-import sys
-from pathlib import Path
+import common  # first: picks the GPU, or Triton's CPU interpreter without one
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `common`
-import common  # noqa: E402  (first: picks the GPU, or Triton's CPU interpreter without one)
-
-import torch  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import torch
+import triton
+import triton.language as tl
 
 BLOCK_SIZE = 1024
 BLOCK_M = 32

@@ -11,15 +11,11 @@ right `other=`, broadcasting a row over a tile, a deterministic two-pass reducti
 from gentle to explicit, are in lessons/beginner/03_basic_operations.md under "Exercises".
 """
 
-import sys
-from pathlib import Path
+import common  # first: picks the GPU, or Triton's CPU interpreter without one
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `common`
-import common  # noqa: E402  (first: picks the GPU, or Triton's CPU interpreter without one)
-
-import torch  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import torch
+import triton
+import triton.language as tl
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -12,15 +12,11 @@ Hints, from gentle to explicit, are in lessons/intermediate/05_memory_patterns.m
 "Exercises".
 """
 
-import sys
-from pathlib import Path
+import common  # first: picks the GPU, or Triton's CPU interpreter without one
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `common`
-import common  # noqa: E402  (first: picks the GPU, or Triton's CPU interpreter without one)
-
-import torch  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import torch
+import triton
+import triton.language as tl
 
 BLOCK_M, BLOCK_N = 32, 32  # transpose tile
 BLOCK_H, BLOCK_W = 32, 64  # convolution output tile

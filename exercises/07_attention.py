@@ -14,15 +14,11 @@ All tensors here are contiguous: q, k, v, out of shape (B, H, N, D) hold element
 at ((b * H + h) * N + n) * D + d, so (batch, head) number bh = b * H + h starts at bh * N * D.
 """
 
-import sys
-from pathlib import Path
+import common  # first: picks the GPU, or Triton's CPU interpreter without one
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `common`
-import common  # noqa: E402  (first: picks the GPU, or Triton's CPU interpreter without one)
-
-import torch  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import torch
+import triton
+import triton.language as tl
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HEAD_DIMS = (16, 32, 64, 128)

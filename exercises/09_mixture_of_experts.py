@@ -11,15 +11,11 @@ lessons/advanced/09_mixture_of_experts.py: routing, permutation, grouped GEMM. H
 gentle to explicit, are in lessons/advanced/09_mixture_of_experts.md under "Exercises".
 """
 
-import sys
-from pathlib import Path
+import common  # first: picks the GPU, or Triton's CPU interpreter without one
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `common`
-import common  # noqa: E402  (first: picks the GPU, or Triton's CPU interpreter without one)
-
-import torch  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import torch
+import triton
+import triton.language as tl
 
 GATING_BLOCK_T = 64  # tokens per program in exercise 9.1
 DISPATCH_BLOCK_SIZE = 128  # assignments per step in exercise 9.2

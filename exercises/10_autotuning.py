@@ -12,15 +12,12 @@ Hints, from gentle to explicit, are in lessons/expert/10_autotuning.md under "Ex
 """
 
 import functools
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `common`
-import common  # noqa: E402  (first: picks the GPU, or Triton's CPU interpreter without one)
+import common  # first: picks the GPU, or Triton's CPU interpreter without one
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import torch
+import triton
+import triton.language as tl
 
 
 @functools.cache

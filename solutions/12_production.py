@@ -7,16 +7,12 @@ The reference answers to exercises/12_production.py. Check them with:
     make check LESSON=12 IMPL=solutions
 """
 
-import sys
-from pathlib import Path
+import common  # first: picks the GPU, or Triton's CPU interpreter without one
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `common`
-import common  # noqa: E402  (first: picks the GPU, or Triton's CPU interpreter without one)
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

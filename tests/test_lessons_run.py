@@ -2,6 +2,7 @@
 gives a clear answer for a bad or missing LESSON."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -37,12 +38,34 @@ def test_bad_lesson_lists_the_lessons(bad):
     assert "01  beginner" in proc.stderr and "12  expert" in proc.stderr, proc.stderr
 
 
-def test_unwritten_lesson_says_so():
-    unwritten = [lesson for lesson in LESSONS if not lesson.written]
-    if not unwritten:
-        pytest.skip("every lesson is written")
-    proc = _lessons_cli("run", unwritten[0].number)
-    assert proc.returncode == 2 and "not written yet" in proc.stderr
+def readme_lesson_rows(readme: str) -> list[tuple[str, str, str]]:
+    """(number, level, linked markdown) of each row of the README's lesson table."""
+    return re.findall(r"^\| (\d\d) \| (\w+) \| \[[^]]+\]\(([^)]+\.md)\)", readme, flags=re.M)
+
+
+def test_readme_lists_every_lesson_of_the_tree():
+    """The lesson list is discovered from lessons/*/NN_*.py; the README's table must follow it."""
+    tree = [(l.number, l.level, l.markdown.relative_to(REPO).as_posix()) for l in LESSONS]
+    assert len(tree) == 12, [t[0] for t in tree]
+    assert readme_lesson_rows((REPO / "README.md").read_text()) == tree
+
+
+def test_readme_check_catches_a_missing_lesson():
+    readme = (REPO / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| 07 |"))
+    rows = readme_lesson_rows(readme.replace(row + "\n", ""))
+    assert [r[0] for r in rows] == [l.number for l in LESSONS if l.number != "07"]
+
+
+def test_discover_reads_a_tree(tmp_path):
+    from common.lessons import discover
+    (tmp_path / "lessons" / "expert").mkdir(parents=True)
+    (tmp_path / "lessons" / "beginner").mkdir(parents=True)
+    (tmp_path / "lessons" / "expert" / "13_new_topic.py").write_text("")
+    (tmp_path / "lessons" / "expert" / "13_new_topic.md").write_text("# Lesson 13: a new topic\n")
+    (tmp_path / "lessons" / "beginner" / "01_first.py").write_text("")
+    found = discover(tmp_path)
+    assert [(l.number, l.level, l.title) for l in found] == [("01", "beginner", "First"), ("13", "expert", "A new topic")]
 
 
 def test_make_check_bad_lesson_fails_with_the_map():

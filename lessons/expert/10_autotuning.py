@@ -30,15 +30,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `common`
-import common  # noqa: E402  (first: picks the GPU, or Triton's CPU interpreter without one)
+if "common" not in sys.modules:  # a clone run before `make setup` (which installs common): the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import common  # first: picks the GPU, or Triton's CPU interpreter without one
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import torch
+import triton
+import triton.language as tl
 
-from common import Table, fmt_bytes, section  # noqa: E402
-from common.lessons import find, load_module  # noqa: E402
+from common import Table, fmt_bytes, section
+from common.lessons import find, load_module
 
 # %% [markdown]
 # ## Motivation

@@ -42,19 +42,20 @@ import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `common`
-import common  # noqa: E402  (first: picks the GPU, or Triton's CPU interpreter without one)
+if "common" not in sys.modules:  # a clone run before `make setup` (which installs common): the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import common  # first: picks the GPU, or Triton's CPU interpreter without one
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import triton
+import triton.language as tl
 
-from common import Table, fmt_bytes, section  # noqa: E402
-from common.baselines import EAGER  # noqa: E402
-from common.checks import check_guards  # noqa: E402
-from common.lessons import find, load_module  # noqa: E402
+from common import Table, fmt_bytes, section
+from common.baselines import EAGER
+from common.checks import check_guards
+from common.lessons import find, load_module
 
 # Lesson 08's kernels, used as they are: LayerNorm forward / backward and the fused GeGLU.
 L08 = load_module(find("08").script, name="lesson_08_for_lesson_12")

@@ -20,14 +20,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `common`
-import common  # noqa: E402  (first: picks the GPU, or Triton's CPU interpreter without one)
+if "common" not in sys.modules:  # a clone run before `make setup` (which installs common): the repo root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import common  # first: picks the GPU, or Triton's CPU interpreter without one
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import torch
+import triton
+import triton.language as tl
 
-from common import Table, section  # noqa: E402
+from common import Table, section
 
 # %% [markdown]
 # ## Motivation
