@@ -10,7 +10,6 @@ import os
 import platform
 
 import torch
-import triton  # Triton reads TRITON_INTERPRET when a kernel is decorated, not on import
 
 # A learner may force the interpreter on a GPU machine (TRITON_INTERPRET=1) to debug a kernel
 # with print() and pdb; respect that, and fall back to it automatically when there is no GPU.
@@ -23,6 +22,8 @@ INTERPRETER = not HAS_GPU
 if INTERPRETER:
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ.setdefault("COURSE_AUTO_INTERPRET", "0" if _FORCED_INTERPRETER else "1")
+
+import triton  # noqa: E402  (after TRITON_INTERPRET is set: importing triton first broke the interpreter, 3.8)
 
 DEVICE = torch.device("cuda") if HAS_GPU else torch.device("cpu")
 

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from common.kernels import LOG2E
+
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 HEAD_DIMS = (16, 32, 64, 128)
 # Queries per program and keys per loop step. BLOCK_M is a multiple of BLOCK_N.
@@ -62,7 +64,7 @@ def attention_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_m[:, None] < N_CTX, other=0.0)
-    qk_scale = sm_scale * 1.4426950408889634  # log2(e): exp(x) = exp2(x * log2(e))
+    qk_scale = sm_scale * LOG2E  # exp(x) = exp2(x * log2(e))
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max (log2 units)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # running sum
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)  # running output

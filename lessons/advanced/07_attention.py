@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from common import Table, fmt_bytes, section
+from common.kernels import LN2, LOG2E
 
 # %% [markdown]
 # ## Motivation
@@ -46,9 +47,10 @@ from common import Table, fmt_bytes, section
 # it in TFLOP/s. Decoding (one new query token against a KV cache of ctx positions) is the
 # opposite: 4 * ctx * D flops for 2 * ctx * D cache elements read, memory bound, measured in GB/s.
 
-# Inside the kernels two constants appear as literals (a Python global is not a compile-time
-# constant for Triton unless declared tl.constexpr): log2(e) = 1.4426950408889634, so that
-# exp(x) = exp2(x * log2(e)), and ln(2) = 0.6931471805599453, so that log(x) = log2(x) * ln(2).
+# Inside the kernels two constants appear: LOG2E = log2(e) = 1.4426950408889634, so that
+# exp(x) = exp2(x * log2(e)), and LN2 = ln(2) = 0.6931471805599453, so that log(x) = log2(x) * ln(2).
+# A Python float global is not a compile-time constant for Triton; a tl.constexpr one is, so
+# common/kernels.py declares them `LOG2E = tl.constexpr(1.4426950408889634)` for every lesson.
 
 # %% [markdown]
 # ## Reference (PyTorch)
@@ -204,7 +206,7 @@ def attention_fwd_v3_kernel(
                 mask=offs_m[:, None] < N_CTX, other=0.0)
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh
-    qk_scale = sm_scale * 1.4426950408889634  # log2(e) folded in: exp(s * scale) = exp2(s * qk_scale)
+    qk_scale = sm_scale * LOG2E  # log2(e) folded in: exp(s * scale) = exp2(s * qk_scale)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -227,7 +229,7 @@ def attention_fwd_v3_kernel(
     tl.store(out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=offs_m[:, None] < N_CTX)
     # natural-log logsumexp of the scaled scores: P = exp(S * scale - lse), all the backward needs
-    tl.store(lse_ptr + row, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=offs_m < N_CTX)
+    tl.store(lse_ptr + row, (m_i + tl.log2(l_i)) * LN2, mask=offs_m < N_CTX)
 
 
 # %% [markdown]
@@ -267,7 +269,7 @@ def _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, offs_n, of
         in_m = offs_m < N_CTX
         q = tl.load(q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=in_m[:, None], other=0.0)
         do = tl.load(do_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=in_m[:, None], other=0.0)
-        lse2 = tl.load(lse_base + offs_m, mask=in_m, other=float("inf")) * 1.4426950408889634
+        lse2 = tl.load(lse_base + offs_m, mask=in_m, other=float("inf")) * LOG2E
         delta = tl.load(delta_base + offs_m, mask=in_m, other=0.0)
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M) = S^T / scale
         p_t = tl.exp2(qk_t * qk_scale - lse2[None, :])  # P^T, recomputed
@@ -302,7 +304,7 @@ def attention_bwd_dkdv_kernel(
     v = tl.load(v_ptr + ptrs, mask=in_n, other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     q_base, do_base = q_ptr + base, do_ptr + base
     lse_base, delta_base = lse_ptr + bh * N_CTX, delta_ptr + bh * N_CTX
     if CAUSAL:
@@ -366,10 +368,10 @@ def attention_bwd_dq_kernel(
     ptrs = base + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
     q = tl.load(q_ptr + ptrs, mask=in_m[:, None], other=0.0)
     do = tl.load(do_ptr + ptrs, mask=in_m[:, None], other=0.0)
-    lse2 = tl.load(lse_ptr + bh * N_CTX + offs_m, mask=in_m, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(lse_ptr + bh * N_CTX + offs_m, mask=in_m, other=float("inf")) * LOG2E
     delta = tl.load(delta_ptr + bh * N_CTX + offs_m, mask=in_m, other=0.0)
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     k_base, v_base = k_ptr + base, v_ptr + base
     if CAUSAL:
         dq = _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, offs_m, offs_d, qk_scale, N_CTX, 0, start_m,
@@ -415,7 +417,7 @@ def decode_split_kernel(
     h = (bh % H).to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d).to(tl.float32) * qk_scale
     k_base = k_ptr + b * stride_kb + h * stride_kh
     v_base = v_ptr + b * stride_vb + h * stride_vh

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from common import Table, fmt_bytes, section
+from common.kernels import grouped_tile_position
 from common.lessons import find, load_module
 
 # %% [markdown]
@@ -174,25 +175,12 @@ def ceilings() -> tuple[float, float]:
 # ## Kernel
 # One tile of C = A @ B, as in lesson 04's v3, split into two helpers so that the one-program-
 # per-tile kernel and the persistent kernel share them:
-#   _tile_position  which (pid_m, pid_n) tile a tile id is, in grouped order (L2 reuse)
-#   _matmul_tile    the K loop of tl.dot into an fp32 accumulator, and the store
+#   grouped_tile_position  which (pid_m, pid_n) tile a tile id is, in grouped order (L2 reuse);
+#                          lesson 04 writes it out, common/kernels.py holds it for later lessons
+#   _matmul_tile           the K loop of tl.dot into an fp32 accumulator, and the store
 # EVEN_K says K is a multiple of BLOCK_K: then no load needs a K mask. Rows past M and columns
 # past N are wrapped (% M, % N) instead of masked: they load valid memory, compute values that
 # are never stored, and leave the loads of the K loop without any mask.
-
-
-@triton.jit
-def _tile_position(tile_id, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    # tile_id: which output tile, 0 .. tiles - 1; the other arguments as in matmul_kernel below
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = tile_id // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)  # the last group may be shorter
-    pid_m = first_pid_m + (tile_id % num_pid_in_group) % group_size_m
-    pid_n = (tile_id % num_pid_in_group) // group_size_m
-    return pid_m, pid_n
 
 
 @triton.jit
@@ -239,7 +227,7 @@ def matmul_kernel(
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K masks (set by the heuristic below)
 ):
     # One program per output tile: the grid is cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N) programs.
-    pid_m, pid_n = _tile_position(tl.program_id(axis=0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_m, pid_n = grouped_tile_position(tl.program_id(axis=0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     _matmul_tile(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                  pid_m, pid_n, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
 
@@ -257,7 +245,7 @@ def matmul_persistent_kernel(
     # Each iteration still computes its tile's position and pointers, as the per-tile kernel does.
     num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     for tile_id in range(tl.program_id(axis=0), num_tiles, num_programs):
-        pid_m, pid_n = _tile_position(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        pid_m, pid_n = grouped_tile_position(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         _matmul_tile(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
                      stride_cn, pid_m, pid_n, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
 

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from common import Table, fmt_bytes, section
+from common.kernels import grouped_tile_position
 
 # %% [markdown]
 # ## Motivation
@@ -540,15 +541,7 @@ def fp8_matmul_kernel(
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
     PRECISE_ACC: tl.constexpr,  # promote into the fp32 accumulator after every K step
 ):
-    pid = tl.program_id(axis=0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    num_pid_in_group = GROUP_M * num_pid_n
-    group_id = pid // num_pid_in_group
-    first_pid_m = group_id * GROUP_M
-    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % num_pid_in_group) % group_size_m
-    pid_n = (pid % num_pid_in_group) // group_size_m
+    pid_m, pid_n = grouped_tile_position(tl.program_id(axis=0), M, N, BLOCK_M, BLOCK_N, GROUP_M)  # lesson 04's v3
     # Rows and columns wrap around (% M, % N) instead of being masked: the loads stay unmasked and
     # wide, the extra rows compute garbage that the masked store never writes (Triton tutorial 03).
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
