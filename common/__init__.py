@@ -4,7 +4,7 @@
 (TRITON_INTERPRET=1), which must happen before any kernel is defined.
 """
 
-from .device import DEVICE, HAS_GPU, INTERPRETER, banner, is_hopper, require_gpu, supports_bf16, supports_fp8
+from .device import DEVICE, HAS_GPU, INTERPRETER, banner, dtype_name, is_hopper, require_gpu, supports_bf16, supports_fp8
 from .checks import (CheckError, assert_close, awkward_sizes, grads_float64, grads_of, poisoned_empty,
                      poisoned_like, randn)
 from .report import Table, new_figure, perf_bar, save_plot, section
@@ -16,7 +16,7 @@ from .validate import check_tensors
 from .cli import lesson_args
 
 __all__ = [
-    "DEVICE", "HAS_GPU", "INTERPRETER", "banner", "is_hopper", "require_gpu", "supports_bf16", "supports_fp8",
+    "DEVICE", "HAS_GPU", "INTERPRETER", "banner", "dtype_name", "is_hopper", "require_gpu", "supports_bf16", "supports_fp8",
     "CheckError", "assert_close", "awkward_sizes", "grads_float64", "grads_of", "poisoned_empty", "poisoned_like",
     "randn",
     "Table", "new_figure", "perf_bar", "save_plot", "section",

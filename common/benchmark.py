@@ -33,7 +33,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from . import baselines as registry
-from .device import HAS_GPU, require_gpu
+from .device import HAS_GPU, dtype_name, require_gpu
 from .report import Table, new_figure, perf_bar, save_plot, section
 from .timing import Timing, bench, bench_graphed, compiled, copy_bandwidth, matmul_rate, read_bandwidth, wall_timing
 from .traffic import fmt_bytes, peak_extra_memory
@@ -556,7 +556,7 @@ class Benchmark:
 
 
 def _dtype(dtype) -> str | None:
-    return str(dtype).removeprefix("torch.") if dtype is not None else None
+    return dtype_name(dtype) if dtype is not None else None
 
 
 def run_benchmarks(benchmarks: Sequence[Benchmark], quick: bool) -> dict[str, list[CaseResult]]:

@@ -16,7 +16,7 @@ import weakref
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .device import DEVICE, INTERPRETER
+from .device import DEVICE, INTERPRETER, dtype_name
 
 # Tolerances by output dtype, against a reference computed in float64.
 # fp32: kernels sum in a different order than PyTorch; 1e-5 leaves room for that, not for bugs.
@@ -260,7 +260,7 @@ def _allowed_dtypes(expected: torch.Tensor, dtype: torch.dtype | None) -> set | 
 
 
 def _dtype_names(dtypes) -> str:
-    return " or ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+    return " or ".join(sorted(dtype_name(d) for d in dtypes))
 
 
 def assert_close(actual, expected, *, name: str = "output", atol: float | None = None,

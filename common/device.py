@@ -28,6 +28,11 @@ import triton  # noqa: E402  (after TRITON_INTERPRET is set: importing triton fi
 DEVICE = torch.device("cuda") if HAS_GPU else torch.device("cpu")
 
 
+def dtype_name(dtype) -> str:
+    """'bfloat16' for torch.bfloat16: the one spelling of a dtype in tables, check names and messages."""
+    return str(dtype).removeprefix("torch.")
+
+
 def _bool_masks_in_the_interpreter() -> None:
     """Triton 3.9's interpreter builds `mask & (row < n_rows)`, a tensor mask and-ed with a
     condition on a program id, as an int32 tensor of 0s and 1s, and its load and store then

@@ -6,7 +6,7 @@ does not complain: it reads the wrong memory or faults. Wrappers call `check_ten
 
 import torch
 
-from .device import DEVICE, HAS_GPU
+from .device import DEVICE, HAS_GPU, dtype_name
 
 
 def check_tensors(*, same_shape: bool = True, same_dtype: bool = True, dtypes=None,
@@ -28,7 +28,7 @@ def check_tensors(*, same_shape: bool = True, same_dtype: bool = True, dtypes=No
             raise ValueError(f"{name} is a {t.device.type} tensor, but this run uses Triton's CPU "
                              f"interpreter, which needs cpu tensors (use {name}.cpu())")
         if dtypes is not None and t.dtype not in dtypes:
-            names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+            names = ", ".join(dtype_name(d) for d in dtypes)
             raise TypeError(f"{name} has dtype {str(t.dtype).removeprefix('torch.')}; this kernel "
                             f"supports {names}")
         if ndim is not None and t.dim() != ndim:

@@ -310,7 +310,7 @@ def lesson():
 VERSION_DTYPES = [(v, d) for v in (1, 2, 3, 4) for d in DTYPES if not (v == 4 and d == torch.float32)]
 
 
-@pytest.mark.parametrize("version,dtype", VERSION_DTYPES, ids=[f"v{v}-{str(d)[6:]}" for v, d in VERSION_DTYPES])
+@pytest.mark.parametrize("version,dtype", VERSION_DTYPES, ids=[f"v{v}-{common.dtype_name(d)}" for v, d in VERSION_DTYPES])
 def test_lesson_versions(lesson, version, dtype):
     hi = 100 if common.INTERPRETER else 1000
     # A random shape with a transposed b, M = 1 with K smaller than any BLOCK_K, and a fixed one.

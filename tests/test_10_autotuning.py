@@ -124,7 +124,7 @@ _PRUNE_MISTAKES = {
 def _diagnose_prune(result, configs, case, element_size) -> str:
     (M, N, K), dtype, limit = case
     expected = _prune_reference(configs, M, N, K, element_size, limit)
-    name = f"prune_configs at M, N, K = {M}, {N}, {K}, {str(dtype)[6:]}, smem_limit={limit}"
+    name = f"prune_configs at M, N, K = {M}, {N}, {K}, {common.dtype_name(dtype)}, smem_limit={limit}"
     if not result:
         return (f"{name} returned an empty list: when no config passes, return a list of the one with the "
                 f"smallest shared memory (the autotuner needs at least one config)")
@@ -277,7 +277,7 @@ def _check_choosers(choose_block_size, choose_num_warps):
         x = torch.empty(0, dtype=dtype)  # the choosers read its element_size() only
         size = x.element_size()
         cap = CHUNK_BYTES // size
-        name = str(dtype)[6:]
+        name = common.dtype_name(dtype)
         for n in CHOOSER_COLS:
             args = {"x_ptr": x, "out_ptr": x, "n_cols": n, "stride_xm": n}
             block = choose_block_size(dict(args))
@@ -337,7 +337,7 @@ def check_row_absmax(row_absmax):
             x64 = x.double()
             block = _block_reference(n, x.element_size())
             flat = base.flatten().double()[:rows * n].view(rows, n)  # what row * n_cols as the row start reads
-            assert_close(out, x64.abs().amax(dim=1), name=f"row_absmax {rows}x{n} {str(dtype)[6:]}", mistakes={
+            assert_close(out, x64.abs().amax(dim=1), name=f"row_absmax {rows}x{n} {common.dtype_name(dtype)}", mistakes={
                 "only the first BLOCK_SIZE columns were read: loop over the row in chunks, "
                 "for start in range(0, n_cols, BLOCK_SIZE)": x64[:, :block].abs().amax(dim=1),
                 "that is the max of x, not of |x|: take tl.abs before the max": x64.amax(dim=1).clamp(min=0),

@@ -25,7 +25,7 @@ def _rows() -> int:
 
 
 def _name(dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    return common.dtype_name(dtype)
 
 
 def _round_tolerant(q: torch.Tensor, y: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:

@@ -23,9 +23,6 @@ STEM = "12_production"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if common.supports_bf16() else [])
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
 
 # --------------------------------------------------------------------------- 12.1 custom op
 
@@ -138,7 +135,7 @@ def check_register_softcap(register_softcap):
                 raise CheckError("the op changed its input x: it was registered with mutates_args=(), so "
                                  "torch.compile and autograd assume x is unchanged (declare mutates_args, "
                                  "or better, write the result to a new tensor)")
-            name = f"softcap {shape} cap={cap} {_dtype_name(dtype)}"
+            name = f"softcap {shape} cap={cap} {common.dtype_name(dtype)}"
             assert_close(y, _softcap64(x, cap), name=name, mistakes={
                 "y = tanh(x): the op must be cap * tanh(x / cap) (softcap_forward)": torch.tanh(x.double()),
                 "y = cap * tanh(x): x must be divided by cap first": cap * torch.tanh(x.double())})
@@ -152,7 +149,7 @@ def check_register_softcap(register_softcap):
         _, dx = _softcap_grad(overload, x, cap, dy)
         x64 = x.double().requires_grad_()
         (dx_ref,) = torch.autograd.grad(_softcap64(x64, cap), x64, dy.double())
-        assert_close(dx, dx_ref, name=f"softcap backward dx (2, {n}) {_dtype_name(dtype)}",
+        assert_close(dx, dx_ref, name=f"softcap backward dx (2, {n}) {common.dtype_name(dtype)}",
                      mistakes=_softcap_grad_mistakes(x, cap, dy))
 
     # 3. every test of torch.library.opcheck, with and without autograd, in two dtypes, 1-D to 3-D
@@ -281,7 +278,7 @@ def check_dpo_loss(dpo_loss):
     for n_pairs, seq_len, n_cols, dtype, beta, eps, offset in _dpo_cases():
         logits, targets, mask, ref_logps = _dpo_case(n_pairs, seq_len, n_cols, dtype, offset)
         grad_loss = randn(n_pairs)  # each pair its own upstream gradient
-        name = f"B={n_pairs} T={seq_len} V={n_cols} {_dtype_name(dtype)} beta={beta} eps={eps}"
+        name = f"B={n_pairs} T={seq_len} V={n_cols} {common.dtype_name(dtype)} beta={beta} eps={eps}"
         if offset:
             name += f" logits around {offset:+.0f}"
         x = logits.detach().clone().requires_grad_()

@@ -769,7 +769,7 @@ def check(quick: bool) -> None:
             for causal in (False, True):
                 q, k, v = random_qkv(B, H, N, D, dtype, layout="bnhd" if N > 1 else "bhnd")
                 expected = attention_reference(q.double(), k.double(), v.double(), causal)
-                name = f"(B,H,N,D)=({B},{H},{N},{D}) {str(dtype)[6:]} causal={causal}"
+                name = f"(B,H,N,D)=({B},{H},{N},{D}) {common.dtype_name(dtype)} causal={causal}"
                 if not causal:
                     out = common.poisoned_empty(B, H, N, D, dtype=dtype)
                     attention_v2(q, k, v, out=out)
@@ -789,7 +789,7 @@ def check(quick: bool) -> None:
                 for got, ref, what in ((q.grad, dq, "dq"), (k.grad, dk, "dk"), (v.grad, dv, "dv")):
                     common.assert_close(got, ref, name=f"{what} {name}", **grad_tolerance(dtype))
     print(f"v2 (non-causal), v3 (causal and not) forward and logsumexp, and the backward (dq, dk, dv) "
-          f"match for (B, H, N, D) in {shapes}, dtypes {', '.join(str(d)[6:] for d in dtypes)}: OK")
+          f"match for (B, H, N, D) in {shapes}, dtypes {', '.join(common.dtype_name(d) for d in dtypes)}: OK")
     check_decode(shapes, dtypes)
     if not common.supports_bf16():
         print("bfloat16: skipped, the interpreter has no bfloat16 (numpy lacks it); runs on a GPU")
@@ -822,7 +822,7 @@ def check_decode(shapes, dtypes) -> None:
 
 
 def traffic(B: int, H: int, N: int, D: int, dtype: torch.dtype) -> None:
-    section(f"Memory traffic: attention at B={B} H={H} N={N} D={D} {str(dtype)[6:]}")
+    section(f"Memory traffic: attention at B={B} H={H} N={N} D={D} {common.dtype_name(dtype)}")
     q, k, v = random_qkv(B, H, N, D, dtype)
     out = torch.empty_like(q)
     counted = common.count_torch_traffic(attention_reference, q, k, v)
@@ -978,7 +978,7 @@ def plot_memory(results) -> None:
     """The memory benchmark's peak extra memory over N, on log axes: slope 2 for O(N^2), 1 for O(N)."""
     if len(results) < 2:
         return
-    fig, ax = common.new_figure(f"Attention forward: peak extra memory, B1 H8 D128 {str(BENCH_DTYPE)[6:]}",
+    fig, ax = common.new_figure(f"Attention forward: peak extra memory, B1 H8 D128 {common.dtype_name(BENCH_DTYPE)}",
                                 "sequence length N", "MiB", logx=True)
     ax.set_yscale("log", base=2)
     for name in results[0].memory:
@@ -990,7 +990,7 @@ def plot_memory(results) -> None:
 def check_at_benchmark_size(quick: bool) -> None:
     """The autotuned bf16 kernels at the benchmarks' sizes, on their first two heads against float64."""
     B, H, N, D = (2, 16, 2048, 128) if quick else BAR_CASE
-    section(f"Check: autotuned kernels at B={B} H={H} N={N} D={D} {str(BENCH_DTYPE)[6:]} (first two heads)")
+    section(f"Check: autotuned kernels at B={B} H={H} N={N} D={D} {common.dtype_name(BENCH_DTYPE)} (first two heads)")
     q, k, v, _ = attention_inputs(B, H, N, D, False, requires_grad=True)
     do = torch.randn_like(q)
     for causal in (False, True):

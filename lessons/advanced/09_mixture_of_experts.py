@@ -729,7 +729,7 @@ def check(quick: bool) -> None:
             moe(x, logits, w_gate, w_up, w_down, top_k, version=version, out=out)
             common.assert_close(out, expected, name=f"moe v{version} {dtype} T={n_tokens} H={hidden} "
                                                     f"F={ffn} E={n_experts} k={top_k}")
-    names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+    names = ", ".join(common.dtype_name(d) for d in dtypes)
     shapes = sorted({shape for _, shape, _ in cases})
     versions = sorted({v for _, _, vs in cases for v in vs})
     print(f"moe {', '.join(f'v{v}' for v in versions)} match the expert loop for (T, H, F, E, k) in {shapes}, "

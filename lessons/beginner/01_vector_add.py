@@ -139,7 +139,7 @@ def check(quick: bool) -> None:
         x, y = common.randn(sizes[0]), common.randn(sizes[0])
         common.assert_close(add(x, y, block_size), add_reference(x.double(), y.double()),
                             name=f"add BLOCK_SIZE={block_size}")
-    names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+    names = ", ".join(common.dtype_name(d) for d in dtypes)
     print(f"add and sub match PyTorch for n in {sizes}, dtypes {names}: OK")
     if not common.supports_bf16():
         print("bfloat16: skipped, the interpreter has no bfloat16 (numpy lacks it); runs on a GPU")

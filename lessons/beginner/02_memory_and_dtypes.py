@@ -211,20 +211,17 @@ SLICE_HOWS = {
 }
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
 
 def _check_out(out: torch.Tensor, shape, dtype: torch.dtype) -> None:
     common.check_tensors(out=out)
     if tuple(out.shape) != tuple(shape) or out.dtype != dtype:
-        raise ValueError(f"out must have shape {tuple(shape)} and dtype {_dtype_name(dtype)}, got "
-                         f"{tuple(out.shape)} and {_dtype_name(out.dtype)}")
+        raise ValueError(f"out must have shape {tuple(shape)} and dtype {common.dtype_name(dtype)}, got "
+                         f"{tuple(out.shape)} and {common.dtype_name(out.dtype)}")
 
 
 def _check_interpretable(dtype: torch.dtype) -> None:
     if common.INTERPRETER and dtype in GPU_ONLY_DTYPES:
-        raise TypeError(f"{_dtype_name(dtype)} needs a GPU: the interpreter runs on numpy, which has no "
+        raise TypeError(f"{common.dtype_name(dtype)} needs a GPU: the interpreter runs on numpy, which has no "
                         f"bfloat16, and its fp8 conversions differ from the GPU's")
 
 
@@ -275,15 +272,15 @@ def cast(x: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None,
     """x converted to `dtype`: rounding "rtne" (to nearest even, as torch does) or "rtz" (toward zero)."""
     common.check_tensors(x=x, dtypes=(torch.float32, torch.float16, torch.bfloat16))
     if dtype not in CAST_DTYPES:
-        names = ", ".join(map(_dtype_name, CAST_DTYPES))
-        raise TypeError(f"cast to {_dtype_name(dtype)} is not supported; pick one of {names}")
+        names = ", ".join(map(common.dtype_name, CAST_DTYPES))
+        raise TypeError(f"cast to {common.dtype_name(dtype)} is not supported; pick one of {names}")
     _check_interpretable(x.dtype)
     _check_interpretable(dtype)
     if rounding not in ("rtne", "rtz"):
         raise ValueError(f"rounding must be 'rtne' or 'rtz', got {rounding!r}")
     if rounding == "rtz" and dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"rounding='rtz' is available for float16 and bfloat16 outputs, not "
-                         f"{_dtype_name(dtype)} (Triton has no round-toward-zero fp8 conversion)")
+                         f"{common.dtype_name(dtype)} (Triton has no round-toward-zero fp8 conversion)")
     if out is None:
         out = torch.empty(x.shape, dtype=dtype, device=x.device)
     else:
@@ -350,8 +347,8 @@ def check(quick: bool) -> None:
             for op in (copy, copy_split_tail):
                 out = common.poisoned_empty(n, dtype=dtype)
                 op(x, out=out)
-                common.assert_close(out, x.cpu().double(), name=f"{op.__name__} n={n} {_dtype_name(dtype)}")
-    names = ", ".join(map(_dtype_name, COPY_DTYPES))
+                common.assert_close(out, x.cpu().double(), name=f"{op.__name__} n={n} {common.dtype_name(dtype)}")
+    names = ", ".join(map(common.dtype_name, COPY_DTYPES))
     print(f"copy and copy_split_tail reproduce their input for n in {sizes}, dtypes {names}: OK")
 
     n = min(sizes[0], 100_000)  # the strided input below is 32 times larger
@@ -373,9 +370,9 @@ def check(quick: bool) -> None:
         out = common.poisoned_empty(n, dtype=dtype)
         cast(x, dtype, out=out)
         # Bit for bit: a cast rounds one way only (to nearest even), so any difference is a bug.
-        common.assert_close(out, x.to(dtype), name=f"cast to {_dtype_name(dtype)}", atol=0, rtol=0)
+        common.assert_close(out, x.to(dtype), name=f"cast to {common.dtype_name(dtype)}", atol=0, rtol=0)
         rtz = cast(x, dtype, rounding="rtz")
-        common.assert_close(rtz, x.double(), name=f"cast to {_dtype_name(dtype)}, rounding toward zero")
+        common.assert_close(rtz, x.double(), name=f"cast to {common.dtype_name(dtype)}, rounding toward zero")
         if not (rtz.double().abs() <= x.double().abs()).all():
             raise common.CheckError("rounding toward zero gave a value larger in magnitude than its input")
     if common.supports_fp8():
@@ -385,7 +382,7 @@ def check(quick: bool) -> None:
             cast(y, dtype, out=out)
             # Within one fp8 rounding step of float64; whether the bits equal torch's is printed
             # in the rounding table below, not asserted.
-            common.assert_close(out, y.double(), name=f"cast to {_dtype_name(dtype)}")
+            common.assert_close(out, y.double(), name=f"cast to {common.dtype_name(dtype)}")
     print("cast matches torch's x.to(dtype) bit for bit (fp16" + (", bf16" if common.supports_bf16() else "")
           + "); rounding toward zero never rounds up" + ("; fp8 within one rounding step" if common.supports_fp8() else ""))
 
@@ -440,7 +437,7 @@ def traffic() -> None:
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.float8_e4m3fn):
         size = torch.empty((), dtype=dtype).element_size()
         moved = 2**20 * (4 + size)  # read fp32, write the narrower type
-        table.add(_dtype_name(dtype), size, SECTOR_BYTES // size, f"{2**30 // size:,}", fmt_bytes(moved))
+        table.add(common.dtype_name(dtype), size, SECTOR_BYTES // size, f"{2**30 // size:,}", fmt_bytes(moved))
     table.print()
     x = torch.randn(2**20, device=common.DEVICE)
     print(f"PyTorch x.to(float16), counted: {common.count_torch_traffic(cast_reference, x, torch.float16).summary()}")
@@ -470,7 +467,7 @@ def _triton_cast_possible(dtype: torch.dtype) -> str | None:
     if dtype == torch.bfloat16 and not common.supports_bf16():
         return "bfloat16: the interpreter has no bfloat16 (numpy lacks it); runs on a GPU"
     if dtype in FP8_DTYPES and not common.supports_fp8():
-        return (f"{_dtype_name(dtype)}: the interpreter's fp8 conversions differ from the GPU's; "
+        return (f"{common.dtype_name(dtype)}: the interpreter's fp8 conversions differ from the GPU's; "
                 f"runs on a GPU with fp8 (sm_89+)")
     return None
 
@@ -503,7 +500,7 @@ def rounding(quick: bool) -> None:
             y64 = y.cpu().double()
             rel = ((y64 - exact) / exact.abs()).abs()
             bias = ((y64.abs() - exact.abs()) / exact.abs()).mean()  # < 0: magnitudes shrink on average
-            table.add(_dtype_name(dtype), who, f"{e_bits}/{m_bits}", f"{u:.3g}", f"{rel.max().item():.3g}",
+            table.add(common.dtype_name(dtype), who, f"{e_bits}/{m_bits}", f"{u:.3g}", f"{rel.max().item():.3g}",
                       f"{rel.max().item() / u:.3f}", f"{bias.item() / u:+.3f}",
                       f"{100 * _same_bits(y, torch_cast):.2f}%")
     table.print()
@@ -515,11 +512,11 @@ def rounding(quick: bool) -> None:
     x_big = torch.tensor(values, device=common.DEVICE)
     columns = {}  # all on the CPU in float64, ready to print
     for dtype in FLOAT_FORMATS:
-        columns[f"{_dtype_name(dtype)} torch"] = x_big.cpu().to(dtype).double()
+        columns[f"{common.dtype_name(dtype)} torch"] = x_big.cpu().to(dtype).double()
         if _triton_cast_possible(dtype) is None:
             with warnings.catch_warnings():  # the interpreter's numpy warns on overflow to inf
                 warnings.simplefilter("ignore", RuntimeWarning)
-                columns[f"{_dtype_name(dtype)} triton"] = cast(x_big, dtype).cpu().double()
+                columns[f"{common.dtype_name(dtype)} triton"] = cast(x_big, dtype).cpu().double()
     table = Table("large values: what each cast returns (max finite: float16 65504, bfloat16 ~3.4e38, "
                   "e4m3fn 448, e5m2 57344)", ["x"] + list(columns))
     for i, v in enumerate(values):
@@ -557,7 +554,7 @@ def access_widths() -> None:
               lambda s=s: copy_kernel[grid](src[s:], out[s:], n, BLOCK_SIZE=1024)) for s in (1, 2, 4, 8)]
     rows += [(f"copy_strided, stride {s}", "stride == 1: contiguous" if s == 1 else "a gather",
               lambda s=s: copy_strided_kernel[grid](src[::s], out, n, s, BLOCK_SIZE=BLOCK_SIZE)) for s in (1, 2, 8)]
-    rows += [(f"copy, {_dtype_name(d)}", f"BLOCK_SIZE = {BLOCK_BYTES // d.itemsize}: 4096 bytes per program",
+    rows += [(f"copy, {common.dtype_name(d)}", f"BLOCK_SIZE = {BLOCK_BYTES // d.itemsize}: 4096 bytes per program",
               lambda d=d: copy_kernel[grid](src[:n].view(d), out[:n].view(d), n, BLOCK_SIZE=BLOCK_BYTES // d.itemsize))
              for d in COPY_DTYPES]
     rows.append(("slice at 32, arg", SLICE_HOWS["arg"],
@@ -679,7 +676,7 @@ BENCHMARKS = [
         DTYPE_TITLE, op="copy", cases=DTYPES,
         quick_cases=[torch.float32, torch.int8], cpu_cases=[torch.float32, torch.int8],
         setup=lambda dtype: _fresh(_size(2**30 // dtype.itemsize), dtype), kernels={"triton copy": copy},
-        reference=_clone, nbytes=_copy_bytes, ceiling="copy", label=_dtype_name, plot="02_memory_dtypes",
+        reference=_clone, nbytes=_copy_bytes, ceiling="copy", label=common.dtype_name, plot="02_memory_dtypes",
         xlabel="dtype", note="Every dtype moves the same bytes: at equal GB/s a narrower type moves more "
                              "elements per second (the table after the benchmarks)."),
     common.Benchmark(
@@ -687,7 +684,7 @@ BENCHMARKS = [
         op="elementwise", cases=CAST_TARGETS, quick_cases=[torch.float16], cpu_cases=[torch.float16],
         setup=lambda dtype: (_draw(_size(2**28)), dtype), kernels={"triton cast": cast},
         reference=cast_reference, nbytes=lambda x, dtype: x.numel() * (4 + dtype.itemsize), ceiling="copy",
-        dtype=torch.float32, label=lambda dtype: f"to {_dtype_name(dtype)}"),
+        dtype=torch.float32, label=lambda dtype: f"to {common.dtype_name(dtype)}"),
     common.Benchmark(
         "the mask: copy of n fp32, n a multiple of 16 or not", op="copy", cases=[2**28, 2**28 - 3],
         quick_cases=[2**24, 2**24 - 3], cpu_cases=[1024, 1021], setup=lambda n: _fresh(n),

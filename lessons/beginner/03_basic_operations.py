@@ -299,9 +299,6 @@ V2_BLOCK_N = 1024
 SUM_BLOCK_SIZE = 4096  # whole-tensor sum: elements per program of the atomic kernel and pass 1
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
 
 def _check_rows(x: torch.Tensor) -> None:
     """x is a 2-D float matrix on the kernels' device whose rows are contiguous."""
@@ -319,7 +316,7 @@ def _output(out: torch.Tensor | None, shape: tuple, dtype: torch.dtype, device) 
     if tuple(out.shape) != tuple(shape):
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(shape)}")
     if out.dtype != dtype:
-        raise TypeError(f"out has dtype {_dtype_name(out.dtype)}, expected {_dtype_name(dtype)}")
+        raise TypeError(f"out has dtype {common.dtype_name(out.dtype)}, expected {common.dtype_name(dtype)}")
     return out
 
 
@@ -496,7 +493,7 @@ def check(quick: bool) -> None:
             for op, ref in ((sigmoid, sigmoid_reference), (gelu, gelu_reference)):
                 out = common.poisoned_empty(n, dtype=dtype)
                 op(x, out=out)
-                common.assert_close(out, ref(x.double()), name=f"{op.__name__} n={n} {_dtype_name(dtype)}")
+                common.assert_close(out, ref(x.double()), name=f"{op.__name__} n={n} {common.dtype_name(dtype)}")
         for name, x in _matrices(dtype, quick):
             bias = common.randn(x.shape[1], dtype=dtype)
             out = common.poisoned_empty(*x.shape, dtype=dtype)
@@ -507,16 +504,16 @@ def check(quick: bool) -> None:
                 out = common.poisoned_empty(x.shape[0], dtype=dtype)
                 version.fn(x, out=out)
                 common.assert_close(out, row_sum_reference(x.double()), atol=atol,
-                                    name=f"row_sum {version.key} {name} {_dtype_name(dtype)}")
+                                    name=f"row_sum {version.key} {name} {common.dtype_name(dtype)}")
             out = common.poisoned_empty(x.shape[0], dtype=dtype)
             row_max(x, out=out)
-            common.assert_close(out, row_max_reference(x.double()), name=f"row_max {name} {_dtype_name(dtype)}")
+            common.assert_close(out, row_max_reference(x.double()), name=f"row_max {name} {common.dtype_name(dtype)}")
             for total in (total_sum_atomic, total_sum_two_pass):
                 out = common.poisoned_empty(dtype=torch.float32)
                 total(x.contiguous(), out=out)
                 common.assert_close(out, total_sum_reference(x.double()), atol=sum_atol(x),
-                                    name=f"{total.__name__} {name} {_dtype_name(dtype)}")
-    names = ", ".join(_dtype_name(d) for d in _dtypes())
+                                    name=f"{total.__name__} {name} {common.dtype_name(dtype)}")
+    names = ", ".join(common.dtype_name(d) for d in _dtypes())
     print(f"sigmoid, gelu, bias_add, row_sum v1-v3, row_max, total_sum_atomic and total_sum_two_pass "
           f"match PyTorch on awkward sizes, dtypes {names}: OK")
     if not common.supports_bf16():

@@ -543,7 +543,7 @@ def _check_matmul(fn, M, N, K, dtype, name, transpose_b=False) -> None:
     a, b = random_problem(M, N, K, dtype, transpose_b)
     out = common.poisoned_empty(M, N, dtype=dtype)
     fn(a, b, out)
-    common.assert_close(out, a.double() @ b.double(), name=f"{name} {M}x{N}x{K} {str(dtype)[6:]}",
+    common.assert_close(out, a.double() @ b.double(), name=f"{name} {M}x{N}x{K} {common.dtype_name(dtype)}",
                         **common.checks.dot_tolerance(dtype))
 
 
@@ -566,7 +566,7 @@ def check(quick: bool) -> None:
             _check_matmul(lambda a, b, o: matmul_persistent(a, b, hand, out=o, num_programs=3), M, N, K, dtype,
                           "matmul_persistent, 3 programs")
         _check_matmul(lambda a, b, o: matmul_tuned(a, b, out=o), *small, dtype, "matmul_tuned")
-    names = ", ".join(str(d)[6:] for d in dtypes)
+    names = ", ".join(common.dtype_name(d) for d in dtypes)
     print(f"matmul (one config), matmul_persistent (3 programs) for (M, N, K) in {shapes} (the first with a "
           f"transposed b), and matmul_tuned at {small}, dtypes {names}: OK")
     for n in common.awkward_sizes(2, lo=1000, hi=100_000):

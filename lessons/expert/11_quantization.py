@@ -943,7 +943,7 @@ def _float_dtypes(quick: bool) -> list:
 def _check_quantize(quick: bool) -> None:
     rows = int(torch.randint(3, 40 if common.INTERPRETER else 500, ()).item())
     for dtype in _float_dtypes(quick):
-        d = str(dtype).removeprefix("torch.")
+        d = common.dtype_name(dtype)
         n_groups_per_row = int(torch.randint(2, 12, ()).item())
         for granularity, group_size in (("tensor", 0), ("row", 0), ("group", 128), ("group", 32)):
             n_cols = (group_size * n_groups_per_row) if granularity == "group" else \
@@ -1002,7 +1002,7 @@ def random_weight(n: int, k: int, device=common.DEVICE, padded: int = 0):
 
 def _check_w8a16(quick: bool) -> None:
     for dtype in _float_dtypes(quick):
-        d = str(dtype).removeprefix("torch.")
+        d = common.dtype_name(dtype)
         shapes = [(common.awkward_sizes(1, 300, 2000, include=())[0], 1000, 0), (77, 300, 16)]
         if common.HAS_GPU:  # K a multiple of every BLOCK_K: the unmasked EVEN_K path the benchmark's shapes take
             shapes.append((common.awkward_sizes(1, 300, 2000, include=())[0], 4096, 0))

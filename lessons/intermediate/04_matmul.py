@@ -341,8 +341,8 @@ def check(quick: bool) -> None:
                 a, b = random_problem(M, N, K, dtype, transpose_b=common.INTERPRETER and i == 0)
                 out = common.poisoned_empty(M, N, dtype=dtype)
                 version.fn(a, b, out=out)
-                common.assert_close(out, a.double() @ b.double(), name=f"{version.key} {M}x{N}x{K} {str(dtype)[6:]}")
-    names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+                common.assert_close(out, a.double() @ b.double(), name=f"{version.key} {M}x{N}x{K} {common.dtype_name(dtype)}")
+    names = ", ".join(common.dtype_name(d) for d in dtypes)
     transposed = " (the first with a transposed b)" if common.INTERPRETER else ""
     fp32 = ("; fp32: v3 only" if common.HAS_GPU else "; fp32: v1 to v3") if torch.float32 in dtypes else ""
     print(f"v1..v4 match PyTorch for (M, N, K) in {shapes}{transposed}, dtypes {names}{fp32}: OK")
@@ -488,12 +488,12 @@ def tuning(n: int, dtypes) -> None:
         torch.cuda.synchronize()
         tuning_s = time.perf_counter() - start
         _check_output(out, a.double() @ b.double(), f"v4 {n}^3 {dtype}")
-        print(f"{str(dtype)[6:]}: timed {len(v4_configs())} configs in {tuning_s:.1f} s, picked "
+        print(f"{common.dtype_name(dtype)}: timed {len(v4_configs())} configs in {tuning_s:.1f} s, picked "
               f"{getattr(matmul_v4_kernel, 'best_config', '?')}; output checked against float64: OK")
 
 
 def _versus_cublas(dtype: torch.dtype) -> common.Benchmark:
-    name = str(dtype).removeprefix("torch.")
+    name = common.dtype_name(dtype)
     return common.Benchmark(
         f"matmul v1..v4 vs torch.matmul (cuBLAS), {name}", op="matmul", cases=[4096], quick_cases=[2048],
         cpu_cases=[64], setup=lambda n: random_problem(n, n, n, dtype), kernels=VERSIONS,

@@ -475,7 +475,7 @@ def check(quick: bool) -> None:
         if not quick:
             common.assert_close(laplacian(x, evict=evict), expected_l, name=f"laplacian evict={evict!r}")
     common.assert_close(laplacian(x, cache=".cg"), expected_l, name="laplacian cache='.cg'")
-    names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+    names = ", ".join(common.dtype_name(d) for d in dtypes)
     print(f"transpose v1..v4 and laplacian match PyTorch for shapes {shapes}, dtypes {names}, "
           f"{'contiguous and transposed' if quick else 'contiguous, column-sliced and transposed'} "
           f"fp32 inputs, every program order and cache hint the benchmark times: OK")
@@ -501,7 +501,7 @@ def check_tma(dtypes, quick: bool) -> None:
             assert tma_problem(x, out) is None, tma_problem(x, out)
             transpose_v4(x, out=out)
             common.assert_close(out, x.double().t(), name=f"v4 (TMA) {M}x{N} {dtype}")
-        checked.append(str(dtype).removeprefix("torch."))
+        checked.append(common.dtype_name(dtype))
     if checked:
         where = "TMA copies" if common.HAS_GPU else "the interpreter"
         print(f"v4 tensor descriptors ({where}) match PyTorch on 16-byte aligned shapes, "

@@ -617,7 +617,7 @@ def check(quick: bool) -> None:
     x = common.randn(5, 1001) + 100.0  # exp(100) overflows fp32: only a max-subtracting softmax survives
     for label, fn, kwargs in _softmax_checked(chunk):
         common.assert_close(fn(x, **kwargs), torch.softmax(x.double(), dim=1), name=f"softmax {label}, rows shifted by +100")
-    names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+    names = ", ".join(common.dtype_name(d) for d in dtypes)
     print(f"softmax v1..v4 (v4 on both of its paths) match for shapes {shapes} (strided and contiguous rows), dtypes {names}: OK")
     if not common.supports_bf16():
         print("bfloat16: skipped, the interpreter has no bfloat16 (numpy lacks it); runs on a GPU")
