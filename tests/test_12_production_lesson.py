@@ -26,18 +26,6 @@ def lesson():
     return load_module(find("12").script, name="lesson_12_production")
 
 
-def _grads64(fn, inputs, dy=None):
-    xs = [t.detach().double().requires_grad_() for t in inputs]
-    y = fn(*xs)
-    return y.detach(), torch.autograd.grad(y, xs, None if dy is None else dy.double())
-
-
-def _grads(fn, inputs, dy=None):
-    xs = [t.detach().clone().requires_grad_() for t in inputs]
-    y = fn(*xs)
-    return y.detach(), torch.autograd.grad(y, xs, dy)
-
-
 # --------------------------------------------------------------------------- the registered op
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -45,8 +33,8 @@ def test_layer_norm_op_forward_and_backward(lesson, dtype):
     for shape in ((int(torch.randint(3, 20, ()).item()), common.awkward_sizes(1, lo=100, hi=1500)[0]), (2, 3, 17)):
         x = randn(*shape, dtype=dtype, scale=2.0) + 0.5
         w, b, dy = randn(shape[-1], dtype=dtype), randn(shape[-1], dtype=dtype), randn(*shape, dtype=dtype)
-        y_ref, grads_ref = _grads64(lesson.layer_norm_reference, (x, w, b), dy)
-        y, grads = _grads(lesson.layer_norm, (x, w, b), dy)
+        y_ref, grads_ref = common.grads_float64(lesson.layer_norm_reference, (x, w, b), dy)
+        y, grads = common.grads_of(lesson.layer_norm, (x, w, b), dy)
         assert_close(y, y_ref, name=f"layer_norm {shape} {dtype}")
         for label, got, want in zip(("dx", "dw", "db"), grads, grads_ref):
             assert_close(got, want, name=f"layer_norm {label} {shape} {dtype}")
@@ -56,8 +44,8 @@ def test_layer_norm_op_strided_and_expanded_gradient(lesson):
     base = randn(9, 40)
     x = base[:, :33]  # padded rows: the op views them with their row stride
     w, b = randn(33), randn(33)
-    _, grads_ref = _grads64(lambda *t: lesson.layer_norm_reference(*t).sum(), (x, w, b))
-    _, grads = _grads(lambda *t: lesson.layer_norm(*t).sum(), (x, w, b))  # dy expanded, stride 0
+    _, grads_ref = common.grads_float64(lambda *t: lesson.layer_norm_reference(*t).sum(), (x, w, b))
+    _, grads = common.grads_of(lambda *t: lesson.layer_norm(*t).sum(), (x, w, b))  # dy expanded, stride 0
     for label, got, want in zip(("dx", "dw", "db"), grads, grads_ref):
         assert_close(got, want, name=f"layer_norm(padded rows).sum() {label}")
     y, mean, rstd = lesson.layer_norm_fwd_op(x, w, b, 1e-5)
@@ -167,10 +155,10 @@ def test_dpo_loss_blocks_and_grad_output(lesson, monkeypatch):
     logits_c, logits_r, targets_c, targets_r, mask_c, mask_r, ref_c, ref_r = case
     ref = lambda lc, lr: 2.5 * lesson.dpo_loss_reference(lc, lr, targets_c, targets_r, mask_c, mask_r,  # noqa: E731
                                                           ref_c.double(), ref_r.double(), 0.3)
-    loss_ref, grads_ref = _grads64(ref, (logits_c, logits_r))
+    loss_ref, grads_ref = common.grads_float64(ref, (logits_c, logits_r))
     for blocks in ((1, 16, 4), (4, 64, 4), (16, 512, 4)):  # one row per program ... whole sequences, one chunk
         monkeypatch.setattr(lesson, "_dpo_blocks", lambda t, v, b=blocks: b)
-        loss, grads = _grads(lambda lc, lr: 2.5 * lesson.dpo_loss(lc, lr, targets_c, targets_r, mask_c, mask_r,
+        loss, grads = common.grads_of(lambda lc, lr: 2.5 * lesson.dpo_loss(lc, lr, targets_c, targets_r, mask_c, mask_r,
                                                                   ref_c, ref_r, 0.3)[0], (logits_c, logits_r))
         assert_close(loss, loss_ref, name=f"2.5 * loss, blocks {blocks}")
         for label, got, want in zip(("chosen", "rejected"), grads, grads_ref):

@@ -733,10 +733,8 @@ def random_qkv(B, H, N, D, dtype, requires_grad=False, layout="bhnd"):
 
 def reference_grads(q, k, v, do, causal):
     """(out, dq, dk, dv) of the naive reference in float64, by autograd."""
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    out = attention_reference(q64, k64, v64, causal)
-    out.backward(do.double())
-    return out.detach(), q64.grad, k64.grad, v64.grad
+    out, (dq, dk, dv) = common.grads_float64(lambda *qkv: attention_reference(*qkv, causal), (q, k, v), do)
+    return out, dq, dk, dv
 
 
 def grad_tolerance(dtype: torch.dtype) -> dict:
