@@ -470,13 +470,6 @@ def _flops(a, b, *config) -> int:
     return matmul_flops(a.shape[0], b.shape[1], a.shape[1])
 
 
-def _check_output(out, ref, name):
-    """Check an output at a benchmarked shape: on the GPU, with the diagnosis only if wrong
-    (assert_close copies both to the CPU, slow for 16M elements)."""
-    if not torch.isclose(out.double(), ref, **common.checks.tolerance(out.dtype)).all():
-        common.assert_close(out, ref, name=name)
-
-
 def tuning(n: int, dtypes) -> None:
     """v4's first call at a new shape times every config (compiling those not in Triton's cache);
     here, outside the benchmark, so that its cost is seen, and its output checked at the bar's shape."""
@@ -487,7 +480,7 @@ def tuning(n: int, dtypes) -> None:
         out = matmul(a, b, version=4)
         torch.cuda.synchronize()
         tuning_s = time.perf_counter() - start
-        _check_output(out, a.double() @ b.double(), f"v4 {n}^3 {dtype}")
+        common.assert_close(out, a.double() @ b.double(), name=f"v4 {n}^3 {common.dtype_name(dtype)}")
         print(f"{common.dtype_name(dtype)}: timed {len(v4_configs())} configs in {tuning_s:.1f} s, picked "
               f"{getattr(matmul_v4_kernel, 'best_config', '?')}; output checked against float64: OK")
 
