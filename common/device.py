@@ -70,7 +70,9 @@ def is_hopper() -> bool:
 
 def supports_bf16() -> bool:
     # The interpreter runs on numpy, which has no bfloat16: loads and stores give wrong values.
-    return HAS_GPU and torch.cuda.is_bf16_supported()
+    # Triton's bf16 casts and tl.dot need sm_80; torch.cuda.is_bf16_supported() says yes on a T4
+    # (sm_75) through emulation, where a bf16 kernel then fails to compile.
+    return HAS_GPU and torch.cuda.get_device_capability() >= (8, 0)
 
 
 def supports_fp8() -> bool:
@@ -90,6 +92,9 @@ def banner() -> str:
         major, minor = torch.cuda.get_device_capability()
         where = (f"GPU: {p.name} (sm_{major}{minor}, {p.multi_processor_count} SMs, "
                  f"{p.total_memory / 2**30:.0f} GiB)")
+        if (major, minor) < (8, 0):
+            where += (" | below sm_80: bf16 and fp8 parts skip, and configs were tuned for sm_80+ "
+                      "(the course is tested on H100 and H200)")
     elif _FORCED_INTERPRETER:
         where = "Triton interpreter (TRITON_INTERPRET=1 was set): kernels run on the CPU, timings are skipped"
     else:

@@ -347,3 +347,14 @@ def test_a_cpu_run_points_to_the_lessons_gpu_results(tmp_path):
     assert "MISS" in text and "PASS" not in text
     assert "no GPU results of 02_memory_and_dtypes are recorded" in measured_on_gpu("02_memory_and_dtypes", tmp_path)
     assert "are recorded yet" in measured_on_gpu("01_vector_add", tmp_path / "missing")
+
+
+@pytest.mark.parametrize("capability,bf16,fp8", [((7, 5), False, False), ((8, 0), True, False),
+                                                   ((8, 6), True, False), ((8, 9), True, True), ((9, 0), True, True)])
+def test_capability_gates(monkeypatch, capability, bf16, fp8):
+    """bf16 needs sm_80 (a T4's torch.cuda.is_bf16_supported() says yes through emulation), fp8 sm_89."""
+    from common import device
+    monkeypatch.setattr(device, "HAS_GPU", True)
+    monkeypatch.setattr(device.torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(device.torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert (device.supports_bf16(), device.supports_fp8()) == (bf16, fp8)
