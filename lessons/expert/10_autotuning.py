@@ -946,7 +946,9 @@ def _roofline_plot(points, peak: float, bandwidth: float) -> None:
 
 BAR_SHAPE = (4096, 4096, 4096)  # the perf bars' problem, fp16
 QUICK_SHAPE = (2048, 2048, 2048)  # --quick: the shape autotune_mechanics tuned
-CPU_SHAPE = (20, 24, 32)  # the interpreter: K a multiple of every BLOCK_K, so EVEN_K=True is valid
+# The checks' shape (and the benchmarks' in the interpreter): K a multiple of every config's
+# BLOCK_K (32 in the interpreter, 128 on a GPU), so EVEN_K=True is valid whichever one is picked.
+CPU_SHAPE = (20, 24, math.lcm(*(config.kwargs["BLOCK_K"] for config in MATMUL_CONFIGS)))
 PERSISTENT_SHAPES = [BAR_SHAPE, (8192, 8192, 1024), (2048, 2048, 8192)]
 
 
