@@ -1,7 +1,8 @@
 """The course's toolkit: device, timing, traffic, reports and checks, shared by every lesson.
 
-`import common` first: without a CUDA GPU it switches Triton to its CPU interpreter
-(TRITON_INTERPRET=1), which must happen before any kernel is defined.
+`import common` first: it decides where kernels run (common/device.py), which must happen before
+any kernel is defined. Without a CUDA GPU that is Triton's CPU interpreter (TRITON_INTERPRET=1);
+COURSE_INTERPRETER=auto|1|0 makes the choice explicit (README, "Where kernels run").
 """
 
 from .device import DEVICE, HAS_GPU, INTERPRETER, banner, dtype_name, is_hopper, require_gpu, supports_bf16, supports_fp8

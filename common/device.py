@@ -1,9 +1,14 @@
 """Where kernels run: a CUDA GPU, or Triton's CPU interpreter when there is none.
 
-Importing this module (it is imported by `common/__init__.py`) must happen before any
-`@triton.jit` function is defined: without a GPU it sets TRITON_INTERPRET=1, which Triton reads
-when a kernel is decorated. Every lesson, exercise, solution and test starts with
-`import common` for that reason.
+This is the one side effect of `import common`, and it is this module's job: it decides where
+kernels run before any `@triton.jit` function is defined (Triton reads TRITON_INTERPRET when a
+kernel is decorated), which is why every lesson, exercise, solution and test imports common
+first. The choice is explicit through one variable, COURSE_INTERPRETER:
+- `auto` (the default): the GPU when torch sees one, else the interpreter (TRITON_INTERPRET=1);
+- `1`: the interpreter even on a GPU (print() and pdb inside kernels; TRITON_INTERPRET=1 set by
+  hand means the same);
+- `0`: never the interpreter. Without a GPU kernels then cannot run, but they can be compiled
+  for a chosen GPU with `triton.compile(..., target=...)`: the capability test does that.
 """
 
 import os
@@ -15,10 +20,14 @@ import torch
 # with print() and pdb; respect that, and fall back to it automatically when there is no GPU.
 # COURSE_AUTO_INTERPRET marks the variable as ours, so a child process (the grader, the tests)
 # does not mistake it for the learner's choice.
-_FORCED_INTERPRETER = (os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-                       and os.environ.get("COURSE_AUTO_INTERPRET") != "1")
+_CHOICE = os.environ.get("COURSE_INTERPRETER", "auto")
+if _CHOICE not in ("auto", "0", "1"):
+    raise ValueError(f"COURSE_INTERPRETER={_CHOICE!r}: use auto (the default), 1 (always the interpreter) "
+                     "or 0 (never; compile-only without a GPU)")
+_FORCED_INTERPRETER = _CHOICE == "1" or (os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+                                         and os.environ.get("COURSE_AUTO_INTERPRET") != "1")
 HAS_GPU = torch.cuda.is_available() and not _FORCED_INTERPRETER
-INTERPRETER = not HAS_GPU
+INTERPRETER = not HAS_GPU and _CHOICE != "0"
 if INTERPRETER:
     os.environ["TRITON_INTERPRET"] = "1"
     os.environ.setdefault("COURSE_AUTO_INTERPRET", "0" if _FORCED_INTERPRETER else "1")
@@ -97,6 +106,8 @@ def banner() -> str:
                       "(the course is tested on H100 and H200)")
     elif _FORCED_INTERPRETER:
         where = "Triton interpreter (TRITON_INTERPRET=1 was set): kernels run on the CPU, timings are skipped"
+    elif not INTERPRETER:
+        where = "No CUDA GPU and COURSE_INTERPRETER=0: kernels can be compiled for a target, not run"
     else:
         where = ("No CUDA GPU: kernels run in Triton's CPU interpreter on small sizes; "
                  "correctness and traffic analysis only, timings need a GPU")

@@ -358,3 +358,21 @@ def test_capability_gates(monkeypatch, capability, bf16, fp8):
     monkeypatch.setattr(device.torch.cuda, "get_device_capability", lambda *a: capability)
     monkeypatch.setattr(device.torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert (device.supports_bf16(), device.supports_fp8()) == (bf16, fp8)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the auto choice is the GPU here")
+@pytest.mark.parametrize("choice, interpreter", [("auto", True), ("1", True), ("0", False)])
+def test_interpreter_switch(choice, interpreter):
+    """COURSE_INTERPRETER picks where kernels run; 0 leaves TRITON_INTERPRET unset (compile-only)."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "COURSE_AUTO_INTERPRET")}
+    probe = "import os, common; print(common.INTERPRETER, os.environ.get('TRITON_INTERPRET'))"
+    out = subprocess.run([sys.executable, "-c", probe], env={**env, "COURSE_INTERPRETER": choice}, cwd=REPO,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ([str(interpreter), "1"] if interpreter else ["False", "None"])
+    bad = subprocess.run([sys.executable, "-c", probe], env={**env, "COURSE_INTERPRETER": "yes"}, cwd=REPO,
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "COURSE_INTERPRETER='yes'" in bad.stderr
