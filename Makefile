@@ -11,6 +11,7 @@
 #   make sanitize LESSON=01    make check under compute-sanitizer's memcheck (GPU): reads and writes out of bounds
 #   make test-newest           make test on the newest torch and triton (past requirements.txt's bounds), in .venv-newest
 #   make profile               lesson 12's profilers: torch.profiler, and Nsight Compute's DRAM bytes if ncu is installed
+#   make notebooks             every lesson as a Jupyter notebook, notebooks/NN_topic.ipynb (installs jupytext)
 #   make clean                 remove plots, caches and hint counters (not .venv, not your exercises)
 
 PYTHON ?= python3
@@ -37,7 +38,7 @@ else
   SETUP_STAMP := $(VENV)/.installed
 endif
 
-.PHONY: setup lesson check progress try hint list clean test bench profile sanitize test-newest help
+.PHONY: setup lesson check progress try hint list clean test bench profile sanitize test-newest help notebooks
 .DEFAULT_GOAL := help
 
 help:
@@ -59,26 +60,40 @@ lesson: setup
 	@$(PY) common/lessons.py run "$$LESSON"
 
 check: setup
-	@$(PY) -m common.grading check "$$LESSON" --impl "$$IMPL"
+	@$(PY) tests/grader.py check "$$LESSON" --impl "$$IMPL"
 
 progress: setup
-	@$(PY) -m common.grading progress --impl "$$IMPL"
+	@$(PY) tests/grader.py progress --impl "$$IMPL"
 
 try: setup
-	@$(PY) -m common.grading try "$$EX" --impl "$$IMPL"
+	@$(PY) tests/grader.py try "$$EX" --impl "$$IMPL"
 
 hint: setup
-	@$(PY) -m common.grading hint "$$EX" $${LEVEL:+"$$LEVEL"}
+	@$(PY) tests/grader.py hint "$$EX" $${LEVEL:+"$$LEVEL"}
 
 sanitize: setup
-	@$(PY) -m common.grading sanitize "$$LESSON" --impl "$$IMPL"
+	@$(PY) tests/grader.py sanitize "$$LESSON" --impl "$$IMPL"
 
 list: setup
-	@$(PY) -m common.grading list
+	@$(PY) tests/grader.py list
 
 clean:
 	rm -rf plots .grading_cache.json .hints_seen.json .pytest_cache
 	find . -name __pycache__ -not -path "./$(VENV)/*" -prune -exec rm -rf {} +
+
+# Each lesson script as a notebook, notebooks/NN_topic.ipynb (gitignored): jupytext splits it at its
+# `# %%` markers. Installs the `notebooks` extra of pyproject.toml where it is missing (the same
+# three packages; not `pip install -e .[notebooks]`, which could move a system Python's torch).
+NOTEBOOK_PACKAGES := jupytext nbclient ipykernel
+notebooks: setup
+	@$(PY) -c "import jupytext, nbclient, ipykernel" >/dev/null 2>&1 || $(PY) -m pip install $(NOTEBOOK_PACKAGES)
+	@mkdir -p notebooks
+	@for script in $$(ls lessons/*/[0-9][0-9]_*.py | sort -t/ -k3); do \
+	  name=$$(basename "$$script" .py); \
+	  $(PY) -m jupytext --quiet --to ipynb --set-kernel python3 --output "notebooks/$$name.ipynb" "$$script" || exit 1; \
+	  echo "notebooks/$$name.ipynb"; \
+	done
+	@echo "Open one in Jupyter, VS Code or Colab and run all cells (without a GPU they run in quick mode)."
 
 # Solutions, the grader's own tests and every lesson script in quick mode. On a GPU the
 # GPU-only tests (bf16, fp8, wrong-device errors) run too; without one they skip with a reason.

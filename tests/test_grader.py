@@ -17,7 +17,7 @@ def _grade(tmp_path, patch: str, timeout_s: float = 60, **env):
     folder = tmp_path / "learner"
     folder.mkdir()
     (folder / "01_vector_add.py").write_text(SOLUTION + "\n\nimport os, sys\n" + patch)
-    proc = subprocess.run([sys.executable, "-m", "common.grading", "check", "01", "--impl", str(folder)],
+    proc = subprocess.run([sys.executable, "tests/grader.py", "check", "01", "--impl", str(folder)],
                           cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "COURSE_TIMEOUT": str(timeout_s), **env})
     lines = {line.split(" ... ")[0].strip(): line.split(" ... ")[1] for line in proc.stdout.splitlines()
@@ -75,7 +75,7 @@ def test_try_shows_the_first_input_and_the_first_difference(tmp_path):
     folder.mkdir()
     wrong = "_clamp = clamp\ndef clamp(x, lo, hi, out=None):\n    return _clamp(x, lo, hi + 1.0, out)\n"
     (folder / "01_vector_add.py").write_text(SOLUTION + "\n\n" + wrong)
-    proc = subprocess.run([sys.executable, "-m", "common.grading", "try", "1.2", "--impl", str(folder)],
+    proc = subprocess.run([sys.executable, "tests/grader.py", "try", "1.2", "--impl", str(folder)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "input (the check's first call of clamp)" in proc.stdout and "first difference at index" in proc.stdout
@@ -84,19 +84,19 @@ def test_try_shows_the_first_input_and_the_first_difference(tmp_path):
 
 def test_every_exercise_has_hints_and_hint_gives_one_more_each_time(tmp_path, monkeypatch, capsys):
 
-    import common.grading as grading
+    import grader
     from common.lessons import LESSONS, load_module
 
     for lesson in LESSONS:
         if lesson.test.exists():
             for exercise in load_module(lesson.test, name=f"hints_{lesson.stem}").EXERCISES:
-                _, hints = grading.exercise_hints(lesson, exercise.number)
+                _, hints = grader.exercise_hints(lesson, exercise.number)
                 assert hints, f"{exercise} has no <details> hints under '### {exercise.number}' in {lesson.markdown.name}"
-    monkeypatch.setattr(grading, "HINTS_SEEN", tmp_path / "seen.json")
-    assert grading.hint("1.2", None) == 0 and "(1 of 3 hints" in capsys.readouterr().out
-    assert grading.hint("1.2", None) == 0 and "(2 of 3 hints" in capsys.readouterr().out
-    assert grading.hint("1.2", "3") == 0 and "that was the last one" in capsys.readouterr().out
-    assert grading.hint("1.2", "zero") == 2 and "LEVEL must be a hint number" in capsys.readouterr().err
+    monkeypatch.setattr(grader, "HINTS_SEEN", tmp_path / "seen.json")
+    assert grader.hint("1.2", None) == 0 and "(1 of 3 hints" in capsys.readouterr().out
+    assert grader.hint("1.2", None) == 0 and "(2 of 3 hints" in capsys.readouterr().out
+    assert grader.hint("1.2", "3") == 0 and "that was the last one" in capsys.readouterr().out
+    assert grader.hint("1.2", "zero") == 2 and "LEVEL must be a hint number" in capsys.readouterr().err
 
 
 def test_patching_torch_to_say_close_is_caught(tmp_path):

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from common.grading import find_compute_sanitizer
+from grader import find_compute_sanitizer
 from common.lessons import REPO
 
 SOLUTION = (REPO / "solutions" / "01_vector_add.py").read_text()
@@ -28,7 +28,7 @@ needs_sanitizer = pytest.mark.skipif(not torch.cuda.is_available() or find_compu
 
 
 def _sanitize(impl: str, timeout_s: int = 900):
-    return subprocess.run([sys.executable, "-m", "common.grading", "sanitize", "01", "--impl", impl], cwd=REPO,
+    return subprocess.run([sys.executable, "tests/grader.py", "sanitize", "01", "--impl", impl], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout_s)
 
 
@@ -51,7 +51,7 @@ def test_the_solutions_run_clean_under_memcheck():
 
 
 def test_without_a_gpu_sanitize_says_what_it_needs():
-    proc = subprocess.run([sys.executable, "-m", "common.grading", "sanitize", "01", "--impl", "solutions"],
+    proc = subprocess.run([sys.executable, "tests/grader.py", "sanitize", "01", "--impl", "solutions"],
                           cwd=REPO, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 2 and "runs the exercises on a CUDA GPU" in proc.stdout, proc.stdout + proc.stderr
