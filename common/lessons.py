@@ -6,6 +6,7 @@ Run as a plain script (not -m, which would import torch through common/__init__)
 typo gets its answer at once.
 """
 
+import importlib
 import importlib.util
 import re
 import subprocess
@@ -97,8 +98,22 @@ def require_written(lesson: Lesson) -> None:
         sys.exit(2)
 
 
+def lesson_module(number: str):
+    """Lesson NN's script as a module, imported once under its package name
+    (`lessons.advanced.08_transformer_blocks`): how a later lesson, an exercise or a test reuses a
+    lesson's kernels. The files are named for the course's order, and the import statement cannot
+    spell a name that starts with a digit, so this is `importlib.import_module` (the import system,
+    its sys.modules cache, one copy of the kernels however many modules ask), not a load by path."""
+    lesson = find(number)
+    require_written(lesson)
+    if str(REPO) not in sys.path:  # common installed editable, run from elsewhere: lessons/ is in the repo
+        sys.path.append(str(REPO))
+    return importlib.import_module(f"lessons.{lesson.level}.{lesson.stem}")
+
+
 def load_module(path: Path, name: str | None = None):
-    """Import a file whose name starts with a digit (lessons, exercises, solutions)."""
+    """Import an exercise, solution or test file by path: a learner's folder can be anywhere
+    (`make check IMPL=/their/folder`), and solution_with needs private copies."""
     spec = importlib.util.spec_from_file_location(name or f"course_{path.parent.name}_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

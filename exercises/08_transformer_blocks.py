@@ -357,8 +357,8 @@ def mse_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def _lesson():
     """The lesson's module, for its two cross-entropy kernels (loaded once, on first use)."""
-    from common.lessons import find, load_module
-    return load_module(find("08").script, name="lesson_08_for_exercise_8_5")
+    from common.lessons import lesson_module
+    return lesson_module("08")
 
 
 def _ce_loss_rows(z: torch.Tensor, target: torch.Tensor, loss_rows: torch.Tensor, lse: torch.Tensor,

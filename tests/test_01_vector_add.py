@@ -13,7 +13,7 @@ import triton.language as tl
 import common
 from common import CheckError, assert_close, awkward_sizes, poisoned_empty, randn
 from common.grading import Exercise, expect_rejected, lesson_tests, load_impl
-from common.lessons import find, load_module
+from common.lessons import lesson_module
 
 STEM = "01_vector_add"
 BLOCK = 1024
@@ -208,7 +208,7 @@ def test_grader_rejects_known_wrong(name, mistake, make_wrong, hint):
 
 @pytest.fixture(scope="module")
 def lesson():
-    return load_module(find("01").script, name="lesson_01_vector_add")
+    return lesson_module("01")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -11,7 +11,7 @@ import triton.language as tl
 import common
 from common import CheckError, assert_close, awkward_sizes, poisoned_empty, randn
 from common.grading import Exercise, expect_rejected, lesson_tests, load_impl
-from common.lessons import find, load_module
+from common.lessons import lesson_module
 
 STEM = "02_memory_and_dtypes"
 BLOCK = 1024
@@ -276,7 +276,7 @@ def test_grader_rejects_known_wrong(name, mistake, make_wrong, hint):
 
 @pytest.fixture(scope="module")
 def lesson():
-    return load_module(find("02").script, name="lesson_02_memory_and_dtypes")
+    return lesson_module("02")
 
 
 COPY_DTYPES = [torch.float32, torch.float16, torch.int8]

@@ -13,7 +13,7 @@ import triton.language as tl
 import common
 from common import CheckError, assert_close, awkward_sizes, poisoned_empty, randn
 from common.grading import Exercise, expect_rejected, lesson_tests, load_impl
-from common.lessons import find, load_module
+from common.lessons import lesson_module
 
 STEM = "03_basic_operations"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if common.supports_bf16() else [])
@@ -291,7 +291,7 @@ def test_grader_rejects_known_wrong(name, mistake, make_wrong, hint):
 
 @pytest.fixture(scope="module")
 def lesson():
-    return load_module(find("03").script, name="lesson_03_basic_operations")
+    return lesson_module("03")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -12,7 +12,7 @@ import common
 from common import CheckError, assert_close, awkward_sizes, poisoned_empty, randn
 from common.checks import dot_tolerance
 from common.grading import Exercise, expect_rejected, grade_function, lesson_tests
-from common.lessons import find, load_module
+from common.lessons import lesson_module
 
 STEM = "04_matmul"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if common.supports_bf16() else [])
@@ -304,7 +304,7 @@ def test_known_wrong_kernels_are_right_without_their_mistake(name, make_right):
 
 @pytest.fixture(scope="module")
 def lesson():
-    return load_module(find("04").script, name="lesson_04_matmul")
+    return lesson_module("04")
 
 
 VERSION_DTYPES = [(v, d) for v in (1, 2, 3, 4) for d in DTYPES if not (v == 4 and d == torch.float32)]

@@ -14,7 +14,7 @@ import triton.language as tl
 import common
 from common import CheckError, assert_close, awkward_sizes, poisoned_empty, randn
 from common.grading import Exercise, expect_rejected, lesson_tests, load_impl
-from common.lessons import find, load_module
+from common.lessons import lesson_module
 
 # v3's block pointers are deprecated in Triton 3.8 (the lesson explains why it keeps them).
 pytestmark = pytest.mark.filterwarnings("ignore:tl.make_block_ptr is deprecated")
@@ -370,7 +370,7 @@ def test_grader_rejects_known_wrong(name, mistake, make_wrong, hint):
 
 @pytest.fixture(scope="module")
 def lesson():
-    return load_module(find("05").script, name="lesson_05_memory_patterns")
+    return lesson_module("05")
 
 
 def _small_shapes():

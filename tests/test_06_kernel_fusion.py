@@ -15,7 +15,7 @@ import common
 from common import CheckError, assert_close, awkward_sizes, poisoned_empty, randn
 from common.checks import current_seed, tolerance
 from common.grading import Exercise, expect_rejected, lesson_tests, load_impl
-from common.lessons import find, load_module
+from common.lessons import lesson_module
 
 STEM = "06_kernel_fusion"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if common.supports_bf16() else [])
@@ -375,7 +375,7 @@ def test_grader_rejects_known_wrong(name, mistake, make_wrong, hint):
 
 @pytest.fixture(scope="module")
 def lesson():
-    return load_module(find("06").script, name="lesson_06_kernel_fusion")
+    return lesson_module("06")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

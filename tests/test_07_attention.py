@@ -12,8 +12,9 @@ import triton.language as tl
 import common
 from common import CheckError, assert_close, poisoned_empty, randn
 from common.checks import current_seed, tolerance
-from common.grading import Exercise, expect_rejected, lesson_tests, load_impl
-from common.lessons import find, load_module
+from common.grading import Exercise, expect_rejected, lesson_tests, load_impl, solution_with, with_flags
+from common.kernels import LOG2E
+from common.lessons import lesson_module
 
 # Kernels that divide 0 by 0 on purpose (rows that see no key, in known-wrong answers and in the
 # padding rows past N) make numpy warn in the interpreter; the checks look at the values instead.
@@ -21,10 +22,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 
 STEM = "07_attention"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if common.supports_bf16() else [])
-# The same blocks as exercises/07_attention.py, for the known-wrong kernels below.
-BLOCK_M = 32 if common.INTERPRETER else 64
-BLOCK_N = 16 if common.INTERPRETER else 32
-DECODE_BLOCK_N = 16 if common.INTERPRETER else 64
 
 
 def _shapes():
@@ -244,7 +241,7 @@ def _attention_variants_kernel(q_ptr, k_ptr, v_ptr, out_ptr, sm_scale, N_CTX, WI
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_m[:, None] < N_CTX, other=0.0)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -285,17 +282,14 @@ def _attention_variants_kernel(q_ptr, k_ptr, v_ptr, out_ptr, sm_scale, N_CTX, WI
              (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=offs_m[:, None] < N_CTX)
 
 
-def _attention_variant(variant, windowed=False):
-    def run(q, k, v, window=0, out=None):
-        out = torch.empty_like(q) if out is None else out
-        B, H, N, D = q.shape
-        _attention_variants_kernel[(triton.cdiv(N, BLOCK_M), B * H)](
-            q, k, v, out, D ** -0.5, N, window, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", VARIANT=variant)
-        return out
-    if windowed:
-        return lambda q, k, v, window, sm_scale=None, out=None: run(q, k, v, window, out)
-    return lambda q, k, v, sm_scale=None, out=None: run(q, k, v, 0, out)
+def _attention_wrong(variant: int) -> object:
+    """A copy of the solutions with one masking mistake in the kernel of causal_attention
+    (variants 0-3) or sliding_window_attention (4-6); the solution's wrapper launches it."""
+    if variant <= 3:  # causal_attention's launch passes no WINDOW
+        return solution_with(STEM, causal_attention_kernel=with_flags(_attention_variants_kernel, WINDOW=0,
+                                                                        VARIANT=variant)).causal_attention
+    return solution_with(STEM, sliding_window_attention_kernel=with_flags(_attention_variants_kernel,
+                                                                          VARIANT=variant)).sliding_window_attention
 
 
 @triton.jit
@@ -315,7 +309,7 @@ def _decode_variants_kernel(q_ptr, k_ptr, v_ptr, seq_lens_ptr, out_ptr, sm_scale
         seq_len = tl.load(seq_lens_ptr + b)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
-    q = tl.load(q_ptr + pid.to(tl.int64) * HEAD_DIM + offs_d).to(tl.float32) * (sm_scale * 1.4426950408889634)
+    q = tl.load(q_ptr + pid.to(tl.int64) * HEAD_DIM + offs_d).to(tl.float32) * (sm_scale * LOG2E)
     kv_base = (b.to(tl.int64) * HKV + g) * MAX_CTX * HEAD_DIM
     m_i = -float("inf")
     l_i = 0.0
@@ -336,38 +330,42 @@ def _decode_variants_kernel(q_ptr, k_ptr, v_ptr, seq_lens_ptr, out_ptr, sm_scale
     tl.store(out_ptr + pid.to(tl.int64) * HEAD_DIM + offs_d, (acc / l_i).to(out_ptr.dtype.element_ty))
 
 
-def _decode_variant(variant=None, validate=True, kv_programs=False):
-    """A decode_gqa with one mistake: a kernel VARIANT, no HQ % HKV check, or B * HKV programs."""
-    def decode_gqa(q, k_cache, v_cache, seq_lens, sm_scale=None, out=None):
-        B, HQ, D = q.shape
-        HKV, max_ctx = k_cache.shape[1], k_cache.shape[2]
-        if validate and HQ % HKV:
-            raise ValueError("HQ % HKV")
-        out = torch.empty_like(q) if out is None else out
-        programs = B * HKV if kv_programs else B * HQ
-        if variant is None:
-            kernel = load_impl(STEM, "solutions").decode_gqa_kernel
-            kernel[(programs,)](q, k_cache, v_cache, seq_lens, out, D ** -0.5, HQ, HKV, max_ctx, HEAD_DIM=D,
-                                BLOCK_N=DECODE_BLOCK_N)
-        else:
-            _decode_variants_kernel[(programs,)](q, k_cache, v_cache, seq_lens, out, D ** -0.5, HQ, HKV, max_ctx,
-                                                 HEAD_DIM=D, BLOCK_N=DECODE_BLOCK_N, VARIANT=variant)
-        return out
-    return decode_gqa
+def _decode_wrong(variant: int) -> object:
+    """decode_gqa of a copy of the solutions whose kernel has one mistake (VARIANT)."""
+    return solution_with(STEM, decode_gqa_kernel=with_flags(_decode_variants_kernel, VARIANT=variant)).decode_gqa
+
+
+class _KvHeadPrograms:
+    """Stands in for decode_gqa_kernel: launches B * HKV programs (one per kv head) instead of B * HQ."""
+    def __getitem__(self, grid):
+        kernel = load_impl(STEM, "solutions").decode_gqa_kernel
+        return lambda q, k_cache, *rest, **kwargs: kernel[(q.shape[0] * k_cache.shape[1],)](q, k_cache, *rest,
+                                                                                           **kwargs)
+
+
+def _decode_without_head_check(q, k_cache, v_cache, seq_lens, sm_scale=None, out=None):
+    """A wrapper mistake: no HQ % HKV check, so HQ = 6 over HKV = 4 runs and maps heads wrongly."""
+    B, HQ, D = q.shape
+    out = torch.empty_like(q) if out is None else out
+    solution = load_impl(STEM, "solutions")
+    solution.decode_gqa_kernel[(B * HQ,)](
+        q, k_cache, v_cache, seq_lens, out, D ** -0.5 if sm_scale is None else sm_scale, HQ, k_cache.shape[1],
+        k_cache.shape[2], HEAD_DIM=D, BLOCK_N=solution.DECODE_BLOCK_N)
+    return out
 
 
 KNOWN_WRONG = [
-    ("causal_attention", "no causal mask", lambda: _attention_variant(0), "causal mask is missing"),
-    ("causal_attention", "mask reversed", lambda: _attention_variant(1), "reversed"),
-    ("causal_attention", "diagonal masked (n < m)", lambda: _attention_variant(2), "diagonal is masked"),
-    ("causal_attention", "loop stops before the diagonal", lambda: _attention_variant(3), "before the diagonal"),
-    ("decode_gqa", "ignores seq_lens", lambda: _decode_variant(0), "seq_lens"),
-    ("decode_gqa", "kv head hq % HKV", lambda: _decode_variant(1), "wrong kv head"),
-    ("decode_gqa", "grid of B * HKV programs", lambda: _decode_variant(kv_programs=True), "B * HQ programs"),
-    ("decode_gqa", "no HQ % HKV check", lambda: _decode_variant(validate=False), "multiple of HKV"),
-    ("sliding_window_attention", "window ignored", lambda: _attention_variant(4, True), "window is ignored"),
-    ("sliding_window_attention", "window off by one", lambda: _attention_variant(5, True), "off by one"),
-    ("sliding_window_attention", "no -inf guard", lambda: _attention_variant(6, True), "exp2(-inf - (-inf))"),
+    ("causal_attention", "no causal mask", lambda: _attention_wrong(0), "causal mask is missing"),
+    ("causal_attention", "mask reversed", lambda: _attention_wrong(1), "reversed"),
+    ("causal_attention", "diagonal masked (n < m)", lambda: _attention_wrong(2), "diagonal is masked"),
+    ("causal_attention", "loop stops before the diagonal", lambda: _attention_wrong(3), "before the diagonal"),
+    ("decode_gqa", "ignores seq_lens", lambda: _decode_wrong(0), "seq_lens"),
+    ("decode_gqa", "kv head hq % HKV", lambda: _decode_wrong(1), "wrong kv head"),
+    ("decode_gqa", "grid of B * HKV programs", lambda: solution_with(STEM, decode_gqa_kernel=_KvHeadPrograms()).decode_gqa, "B * HQ programs"),
+    ("decode_gqa", "no HQ % HKV check", lambda: _decode_without_head_check, "multiple of HKV"),
+    ("sliding_window_attention", "window ignored", lambda: _attention_wrong(4), "window is ignored"),
+    ("sliding_window_attention", "window off by one", lambda: _attention_wrong(5), "off by one"),
+    ("sliding_window_attention", "no -inf guard", lambda: _attention_wrong(6), "exp2(-inf - (-inf))"),
 ]
 
 
@@ -380,7 +378,7 @@ def test_grader_rejects_known_wrong(name, mistake, make_wrong, hint):
 
 @pytest.fixture(scope="module")
 def lesson():
-    return load_module(find("07").script, name="lesson_07_attention")
+    return lesson_module("07")
 
 
 def _lesson_shapes():

@@ -16,7 +16,7 @@ import common
 from common import CheckError, assert_close, awkward_sizes, poisoned_empty, randn
 from common.checks import PoisonedAllocations, grads_float64, sum_tolerance, tolerance
 from common.grading import Exercise, expect_rejected, lesson_tests, load_impl, solution_with, with_flags
-from common.lessons import find, load_module
+from common.lessons import lesson_module
 
 STEM = "08_transformer_blocks"
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if common.supports_bf16() else [])
@@ -474,7 +474,7 @@ def test_grader_rejects_known_wrong(name, mistake, make_wrong, hint):
 
 @pytest.fixture(scope="module")
 def lesson():
-    return load_module(find("08").script, name="lesson_08_transformer_blocks")
+    return lesson_module("08")
 
 
 def _widths():

@@ -13,7 +13,7 @@ import triton.language as tl
 import common
 from common import CheckError, assert_close, poisoned_empty, randn
 from common.grading import Exercise, expect_rejected, lesson_tests, load_impl
-from common.lessons import find, load_module
+from common.lessons import lesson_module
 
 STEM = "09_mixture_of_experts"
 GEMM_DTYPES = [torch.float16] + ([torch.bfloat16] if common.supports_bf16() else [])
@@ -372,7 +372,7 @@ def test_grader_rejects_known_wrong(name, mistake, make_wrong, hint):
 
 @pytest.fixture(scope="module")
 def lesson():
-    return load_module(find("09").script, name="lesson_09_mixture_of_experts")
+    return lesson_module("09")
 
 
 @pytest.mark.parametrize("renormalize", [True, False])

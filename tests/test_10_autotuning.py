@@ -17,14 +17,14 @@ import triton.language as tl
 import common
 from common import CheckError, assert_close, awkward_sizes, poisoned_empty, randn
 from common.grading import Exercise, expect_rejected, lesson_tests, load_impl, solution_with
-from common.lessons import find, load_module
+from common.lessons import lesson_module
 
 STEM = "10_autotuning"
 
 
 @functools.cache
 def _lesson():
-    return load_module(find("10").script, name="lesson_10_autotuning")
+    return lesson_module("10")
 
 
 def _cfg(bm, bn, bk, num_warps, num_stages):

@@ -14,7 +14,7 @@ import common
 from common import CheckError, assert_close, awkward_sizes, poisoned_empty, randn
 from common.checks import check_guards
 from common.grading import Exercise, expect_rejected, lesson_tests, load_impl, solution_with, with_flags
-from common.lessons import find, load_module
+from common.lessons import lesson_module
 
 STEM = "11_quantization"
 FP8 = {"e4m3": (torch.float8_e4m3fn, 448.0), "e5m2": (torch.float8_e5m2, 57344.0)}
@@ -527,7 +527,7 @@ def test_grader_rejects_known_wrong(name, mistake, make_wrong, hint):
 def lesson():
     # The awkward shapes below would each autotune on a GPU (every config compiled and timed):
     # the lesson's checks run the first config only, and so do these tests, but one.
-    module = load_module(find("11").script, name="lesson_11_quantization")
+    module = lesson_module("11")
     with module.first_config_only():
         yield module
 

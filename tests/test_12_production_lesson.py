@@ -16,14 +16,14 @@ import torch.nn.functional as F
 import common
 from common import assert_close, poisoned_empty, randn
 from common.checks import check_guards
-from common.lessons import find, load_module
+from common.lessons import lesson_module
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if common.supports_bf16() else [])
 
 
 @pytest.fixture(scope="module")
 def lesson():
-    return load_module(find("12").script, name="lesson_12_production")
+    return lesson_module("12")
 
 
 # --------------------------------------------------------------------------- the registered op

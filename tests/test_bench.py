@@ -15,7 +15,7 @@ import torch
 import common
 from common import baselines as registry
 from common import benchmark, report
-from common.lessons import LESSONS, load_module
+from common.lessons import LESSONS, lesson_module
 from common.timing import Timing
 
 WRITTEN = [lesson for lesson in LESSONS if lesson.written]
@@ -224,7 +224,7 @@ def test_results_json_is_written_and_parses(fake_op, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def lesson_modules():
-    return {lesson.stem: load_module(lesson.script, f"bench_test_{lesson.stem}") for lesson in WRITTEN}
+    return {lesson.stem: lesson_module(lesson.number) for lesson in WRITTEN}
 
 
 @pytest.mark.parametrize("lesson", WRITTEN, ids=lambda l: l.stem)
