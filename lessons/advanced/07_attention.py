@@ -20,8 +20,10 @@ import functools
 import sys
 from pathlib import Path
 
-if "common" not in sys.modules:  # a clone run before `make setup` (which installs common): the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+if "common" not in sys.modules:  # a clone run before `make setup` (which installs common): the repo root,
+    # the nearest folder above this file (in a notebook, which has no __file__: above the cwd) holding common/
+    _here = Path(globals().get("__file__", "notebook")).resolve()
+    sys.path.insert(0, str(next((p for p in _here.parents if (p / "common" / "__init__.py").is_file()), _here.parent)))
 import common  # first: picks the GPU, or Triton's CPU interpreter without one
 
 import torch
@@ -60,6 +62,7 @@ from common.kernels import LN2, LOG2E
 # in common/baselines.py.
 
 
+# %%
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
                         sm_scale: float | None = None) -> torch.Tensor:
     """softmax(q @ k^T * sm_scale) @ v, materialising the N x N scores (per batch and head)."""
@@ -106,6 +109,7 @@ def decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 # The grid is (cdiv(N, BLOCK_M), B * H): axis 1 picks the (batch, head), axis 0 the query block.
 
 
+# %%
 @triton.jit(do_not_specialize=["N_CTX"])
 def attention_fwd_v2_kernel(
     q_ptr, k_ptr, v_ptr,  # (B, H, N, D) inputs, any strides with a contiguous last dimension
@@ -244,6 +248,7 @@ def attention_fwd_v3_kernel(
 # Rows past the end load q = 0, dO = 0 and lse = +inf, so their P is exp2(-inf) = 0 with no mask.
 
 
+# %%
 @triton.jit(do_not_specialize=["N_CTX"])
 def attention_bwd_preprocess_kernel(
     o_ptr, do_ptr,  # (B*H, N, D) contiguous: the forward output and the gradient of the loss wrt it
@@ -397,6 +402,7 @@ def attention_bwd_dq_kernel(
 # product and a row sum, on the CUDA cores, and the speed is the speed of reading the cache.
 
 
+# %%
 @triton.jit
 def decode_split_kernel(
     q_ptr,  # (B, H, D): the new token's queries
@@ -479,6 +485,7 @@ def decode_reduce_kernel(
 # programs one after another on numpy); on a GPU fixed configs for the checks and autotuned
 # ones for the benchmarks.
 
+# %%
 DTYPES = (torch.float32, torch.float16) + ((torch.bfloat16,) if common.supports_bf16() else ())
 HEAD_DIMS = (16, 32, 64, 128)
 
@@ -722,6 +729,7 @@ def decode_attention(q, k_cache, v_cache, ctx: int | None = None, sm_scale: floa
 # reference in float64, the decoder with a cache longer than the context it reads.
 
 
+# %%
 def random_qkv(B, H, N, D, dtype, requires_grad=False, layout="bhnd"):
     """q, k, v of shape (B, H, N, D); layout "bnhd" makes them strided views of (B, N, H, D)."""
     def one():
@@ -819,6 +827,7 @@ def check_decode(shapes, dtypes) -> None:
 # TorchDispatchMode on this machine, then the modelled footprint over sequence lengths.
 
 
+# %%
 def traffic(B: int, H: int, N: int, D: int, dtype: torch.dtype) -> None:
     section(f"Memory traffic: attention at B={B} H={H} N={N} D={D} {common.dtype_name(dtype)}")
     q, k, v = random_qkv(B, H, N, D, dtype)
@@ -869,6 +878,7 @@ def memory_model(B: int, H: int, D: int, element_size: int, lengths: list[int]) 
 # is memory bound: GB/s on the KV cache (plus q and out), as a % of a read-only stream measured
 # in the same run, since the cache is only read.
 
+# %%
 BENCH_DTYPE = torch.bfloat16 if common.supports_bf16() else torch.float32  # no bf16 in the interpreter
 BAR_CASE = (4, 32, 4096, 128)  # B, H, N, D of the perf bars
 DECODE_CASES = [(8, 32, 128, ctx) for ctx in (8192, 16384, 32768)]  # B, H, D, ctx
@@ -1018,6 +1028,7 @@ def check_at_benchmark_size(quick: bool) -> None:
 #   partial (max, sum, output) with the same rescaling.
 
 
+# %%
 if __name__ == "__main__":
     args = common.lesson_args(__doc__.strip().splitlines()[0])
     check(args.quick)

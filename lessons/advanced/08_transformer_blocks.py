@@ -28,8 +28,10 @@ import functools
 import sys
 from pathlib import Path
 
-if "common" not in sys.modules:  # a clone run before `make setup` (which installs common): the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+if "common" not in sys.modules:  # a clone run before `make setup` (which installs common): the repo root,
+    # the nearest folder above this file (in a notebook, which has no __file__: above the cwd) holding common/
+    _here = Path(globals().get("__file__", "notebook")).resolve()
+    sys.path.insert(0, str(next((p for p in _here.parents if (p / "common" / "__init__.py").is_file()), _here.parent)))
 import common  # first: picks the GPU, or Triton's CPU interpreter without one
 
 import torch
@@ -60,6 +62,7 @@ from common import Table, fmt_bytes, section
 # M x N input of b bytes per element; "MN" means M x N elements.
 
 
+# %%
 def _upcast(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
@@ -137,6 +140,7 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, t
 # backward pass needs them and they cost 8 bytes per row, nothing next to the row itself.
 
 
+# %%
 @triton.jit
 def layernorm_fwd_kernel(
     x_ptr,  # input, M x N: row i starts at x_ptr + i * stride_xm, columns contiguous
@@ -278,6 +282,7 @@ def rmsnorm_fwd_kernel(
 # interpreter). sqrt(2/pi) = 0.7978845608028654.
 
 
+# %%
 @triton.jit
 def geglu_fwd_kernel(
     a_ptr,  # gate input, n elements
@@ -333,6 +338,7 @@ def geglu_bwd_kernel(
 # The softmax lives only in registers. Reads 2 MV, writes MV; nothing else of size M x V.
 
 
+# %%
 @triton.jit
 def cross_entropy_fwd_kernel(
     logits_ptr,  # M x V logits, row i at logits_ptr + i * stride_lm, columns contiguous
@@ -401,6 +407,7 @@ def cross_entropy_bwd_kernel(
 # dimension is contiguous (a 2-D input may have padded rows) and treat it as M x N rows.
 # Each op also has an autograd.Function, so it trains like the PyTorch version.
 
+# %%
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # A row lives in registers: up to 16384 fp32 values, 32 per thread at 16 warps.
 MAX_FUSED_COLS = 16384
@@ -720,6 +727,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
 # carries T / C roundings (8 at T = 8192, C = 1024) instead of one, for half the memory of an
 # fp32 accumulator (2 GiB, and a 1 GiB bf16 copy of it at the end).
 
+# %%
 # The chunk: C = H / 4 tokens (a power of 2), so the C x V logits buffer is a quarter of the
 # V x H weight gradient that exists anyway, whatever T is. At H = 4096 that is 1024 tokens:
 # grad_W's addmm then has K = 1024, enough for cuBLAS to be compute-bound, where K = 256
@@ -825,6 +833,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
 # copies of the same inputs.
 
 
+# %%
 def _dtypes(quick: bool) -> list[torch.dtype]:
     if common.HAS_GPU and quick:
         return [torch.float32, torch.bfloat16]  # fewer compiles; bf16 stands for the 16-bit types
@@ -991,6 +1000,7 @@ def check(quick: bool) -> None:
 # stores. All in bf16 (2 bytes), the dtype a training step uses.
 
 
+# %%
 def _counted(fn, *args) -> "common.traffic.TorchTraffic":
     return common.count_torch_traffic(fn, *args)
 
@@ -1057,6 +1067,7 @@ def traffic() -> None:
 # F.layer_norm / F.cross_entropy, Liger-Kernel where it imports). bf16 on a GPU; the
 # interpreter runs each provider once on tiny fp32 inputs.
 
+# %%
 BF16 = torch.bfloat16 if common.HAS_GPU else torch.float32
 NORM_BAR = (16384, 8192)  # the num_warps and programs-per-SM sweeps run here
 NORM_BIG = [(4096, 4096), NORM_BAR]  # bars: >= 85% of copy and >= 1.0x the fastest baseline
@@ -1307,6 +1318,7 @@ BENCHMARKS = [
 #   the chunk from the bytes: large enough for efficient matmuls, small next to the gradients.
 
 
+# %%
 if __name__ == "__main__":
     args = common.lesson_args(__doc__.strip().splitlines()[0])
     check(args.quick)

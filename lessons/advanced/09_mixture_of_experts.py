@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-if "common" not in sys.modules:  # a clone run before `make setup` (which installs common): the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+if "common" not in sys.modules:  # a clone run before `make setup` (which installs common): the repo root,
+    # the nearest folder above this file (in a notebook, which has no __file__: above the cwd) holding common/
+    _here = Path(globals().get("__file__", "notebook")).resolve()
+    sys.path.insert(0, str(next((p for p in _here.parents if (p / "common" / "__init__.py").is_file()), _here.parent)))
 import common  # first: picks the GPU, or Triton's CPU interpreter without one
 
 import torch
@@ -56,6 +58,7 @@ from common import Table, section
 # Traffic is in elements; T tokens, H hidden, F FFN size, E experts, k experts per token, R = T*k.
 
 
+# %%
 def router_logits(x: torch.Tensor, router_w: torch.Tensor) -> torch.Tensor:
     # The router runs in fp32 even for a bf16 model (Switch Transformer's "selective precision"):
     # in bf16 two experts' logits tie often enough to make the top-k choice flip between runs.
@@ -135,6 +138,7 @@ def moe_torch_grouped(x, logits, w_gate, w_up, w_down, top_k: int, renormalize: 
 # argmax: take the largest, record it, set it to -inf, repeat. No sort is needed for k << E.
 
 
+# %%
 @triton.jit(do_not_specialize=["n_tokens"])  # one compile for every token count
 def topk_routing_kernel(
     logits_ptr,  # (T, E) router logits, any float dtype; computed in fp32
@@ -192,6 +196,7 @@ def topk_routing_kernel(
 # is computed on its own, and the combine gathers each token's k rows by index in a fixed order.
 
 
+# %%
 @triton.jit(do_not_specialize=["n_assignments"])
 def expert_histogram_kernel(
     ids_ptr,  # (R,) int32 expert of each assignment
@@ -288,6 +293,7 @@ def scatter_by_expert_kernel(
 #   (R, F) gate and up outputs are never written to memory.
 
 
+# %%
 @triton.jit
 def _dot(a, b, acc, IEEE: tl.constexpr):
     if IEEE:  # fp32 inputs: full fp32 products (on a GPU, tl.dot would round them to tf32)
@@ -372,6 +378,7 @@ def grouped_gemm_kernel(
 # depend on the order the scatter produced (an atomic scatter-add of y into out would).
 
 
+# %%
 @triton.jit
 def moe_combine_kernel(
     y_ptr,  # (R, H) expert outputs, rows in expert order
@@ -398,6 +405,7 @@ def moe_combine_kernel(
 # validate, allocate, grid, launch, return. Nothing here reads a GPU value back to the CPU: the
 # grids are sized from shapes alone, so the whole layer is queued without waiting.
 
+# %%
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # Block sizes. On a GPU the grouped GEMM uses the tensor-core tiles of lesson 04 (BLOCK_M is
@@ -630,6 +638,7 @@ def moe(x, logits, w_gate, w_up, w_down, top_k, renormalize=True, version=3, out
 # permutation is compared as sets within each expert: the atomic scatter's order is not fixed.
 
 
+# %%
 def random_moe(n_tokens, hidden, ffn, n_experts, dtype, idle_expert=False):
     """Inputs of one MoE layer, scaled like a trained model's (activations of order 1)."""
     x = common.randn(n_tokens, hidden, dtype=dtype)
@@ -747,6 +756,7 @@ def check(quick: bool) -> None:
 # launches, host syncs, and intermediates written to memory and read back.
 
 
+# %%
 def moe_stage_traffic(n_tokens, hidden, ffn, n_experts, top_k, elem: int) -> list[tuple[str, int]]:
     """Modelled bytes of each Triton v2 launch (every expert receiving tokens, weights read once)."""
     r = n_tokens * top_k
@@ -804,6 +814,7 @@ def traffic(x, logits, w_gate, w_up, w_down, top_k) -> None:
 #   in MegaBlocks) handles any load, at the price of the variable shapes the tile schedule solves.
 
 
+# %%
 def aux_loss_reference(logits: torch.Tensor, counts: torch.Tensor) -> float:
     """Switch Transformer's load-balancing loss E * sum_e f_e * P_e (1.0 when perfectly balanced)."""
     n_experts = logits.shape[1]
@@ -867,6 +878,7 @@ def load_balancing(n_tokens: int, hidden: int, n_experts: int = 8, top_k: int = 
 # torch and GPU have it). The router GEMM is outside the timings: it is the same cuBLAS call for
 # every provider, and the stage table times it alone. FLOPs are 2 * T * k * 3 * H * F.
 
+# %%
 MIXTRAL = (4096, 4096, 14336, 8, 2)  # tokens T, hidden H, FFN size F, experts E, top-k: Mixtral 8x7B's layer
 QUICK = (512, *MIXTRAL[1:])  # --quick: fewer tokens, the same weights
 DECODE = (64, *MIXTRAL[1:])  # a decode batch: every expert gets a few tokens, so all weights are read
@@ -1030,6 +1042,7 @@ def print_tuned_configs() -> None:
 #   factor bounds it by dropping tokens, a dropless grouped GEMM pays for it in time instead.
 
 
+# %%
 if __name__ == "__main__":
     args = common.lesson_args(__doc__.strip().splitlines()[0])
     check(args.quick)

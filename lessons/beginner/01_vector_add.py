@@ -18,8 +18,10 @@ import functools
 import sys
 from pathlib import Path
 
-if "common" not in sys.modules:  # a clone run before `make setup` (which installs common): the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+if "common" not in sys.modules:  # a clone run before `make setup` (which installs common): the repo root,
+    # the nearest folder above this file (in a notebook, which has no __file__: above the cwd) holding common/
+    _here = Path(globals().get("__file__", "notebook")).resolve()
+    sys.path.insert(0, str(next((p for p in _here.parents if (p / "common" / "__init__.py").is_file()), _here.parent)))
 import common  # first: picks the GPU, or Triton's CPU interpreter without one
 
 import torch
@@ -39,6 +41,7 @@ from common import section
 # ## Reference (PyTorch)
 
 
+# %%
 def add_reference(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return x + y  # reads 2n elements, writes n: one kernel launch
 
@@ -55,6 +58,7 @@ def sub_reference(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 # loads and stores off.
 
 
+# %%
 @triton.jit
 def add_kernel(
     x_ptr,  # pointer to the first element of x
@@ -85,6 +89,7 @@ def sub_kernel(x_ptr, y_ptr, out_ptr, n_elements, BLOCK_SIZE: tl.constexpr):
 # validate, allocate, grid, launch, return. The grid is how many programs to launch:
 # cdiv(n, BLOCK_SIZE) = ceil(n / BLOCK_SIZE), so the tail gets a program too.
 
+# %%
 # 1024 elements per program (8 fp32 per thread with the default 4 warps). Measured at 2^28 fp32
 # on an H200 (2026-11-22): every BLOCK_SIZE from 256 to 16384 ran within 2% of the best
 # (4,378 GB/s at 256, 4,351 at 1024); 64 and 128 fell to 1,273 and 2,535 GB/s.
@@ -124,6 +129,7 @@ def sub(x: torch.Tensor, y: torch.Tensor, block_size: int = DEFAULT_BLOCK_SIZE,
 # reference in float64.
 
 
+# %%
 def check(quick: bool) -> None:
     section("Check: Triton against PyTorch (float64 reference)")
     dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if common.supports_bf16() else [])
@@ -151,6 +157,7 @@ def check(quick: bool) -> None:
 # `x + y` is counted op by op with a TorchDispatchMode (this works on the CPU too).
 
 
+# %%
 def traffic(n: int) -> None:
     section(f"Memory traffic at n = {n:,} fp32")
     x = torch.randn(n, device=common.DEVICE)
@@ -172,6 +179,7 @@ def traffic(n: int) -> None:
 # elementwise op (torch eager, torch.compile).
 
 
+# %%
 def _pow2(n: int) -> str:
     return f"2^{n.bit_length() - 1}" if n & (n - 1) == 0 else f"{n:,}"
 
@@ -238,6 +246,7 @@ BENCHMARKS = [
 # - Add and subtract cost the same: the bytes set the time, not the arithmetic.
 
 
+# %%
 if __name__ == "__main__":
     args = common.lesson_args(__doc__.strip().splitlines()[0])
     check(args.quick)

@@ -22,8 +22,10 @@ import sys
 import warnings
 from pathlib import Path
 
-if "common" not in sys.modules:  # a clone run before `make setup` (which installs common): the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+if "common" not in sys.modules:  # a clone run before `make setup` (which installs common): the repo root,
+    # the nearest folder above this file (in a notebook, which has no __file__: above the cwd) holding common/
+    _here = Path(globals().get("__file__", "notebook")).resolve()
+    sys.path.insert(0, str(next((p for p in _here.parents if (p / "common" / "__init__.py").is_file()), _here.parent)))
 import common  # first: picks the GPU, or Triton's CPU interpreter without one
 
 import torch
@@ -43,6 +45,7 @@ from common import Table, fmt_bytes, section
 # elements per second. And the instructions matter: a thread can move 16 bytes with one
 # (vectorized) load only when the compiler can prove the address is a multiple of 16.
 
+# %%
 SECTOR_BYTES = 32  # the unit in which global memory is read and written
 
 
@@ -76,6 +79,7 @@ def warp_sectors(offset_bytes: int, element_size: int = 4, threads: int = 32) ->
 # Each reference is one aten op; the comments give the traffic a kernel cannot avoid.
 
 
+# %%
 def copy_reference(x: torch.Tensor) -> torch.Tensor:
     return x.clone()  # reads n elements, writes n: 1 kernel
 
@@ -99,6 +103,7 @@ def copy_slice_reference(x: torch.Tensor, start: int, n: int) -> torch.Tensor:
 # one thing about *where* it reads or *what type* it writes.
 
 
+# %%
 @triton.jit
 def copy_kernel(
     x_ptr,  # pointer to the input (contiguous, any dtype)
@@ -198,6 +203,7 @@ def copy_slice_loaded_kernel(
 # ## Wrapper
 # validate, allocate, grid, launch, return.
 
+# %%
 BLOCK_BYTES = 4096  # bytes per program: 1024 fp32, as in lesson 01, and the same bytes for every dtype
 BLOCK_SIZE = 1024  # elements per program for the strided, cast and slice kernels
 MAX_INDEX = 2**31  # the kernels compute offsets in int32
@@ -323,6 +329,7 @@ def copy_slice(x: torch.Tensor, start: int, n: int, how: str = "arg",
 # ends, references in float64. A copy must reproduce its input exactly; a cast must give the
 # same bits as torch's cast.
 
+# %%
 COPY_DTYPES = [torch.float32, torch.float16, torch.int8] + \
     ([torch.bfloat16] if common.supports_bf16() else []) + \
     ([torch.float8_e4m3fn] if common.supports_fp8() else [])
@@ -405,6 +412,7 @@ def check(quick: bool) -> None:
 # useful bytes of a strided copy, the same whatever the stride.
 
 
+# %%
 def traffic() -> None:
     section("Memory traffic: useful bytes vs bytes moved (32-byte sector model)")
     table = Table("strided read, contiguous write (fp32): model",
@@ -449,6 +457,7 @@ def traffic() -> None:
 # The worst relative error is the *unit roundoff*, 2^-(mantissa bits + 1); the mean signed
 # error (the bias) is about zero. Rounding toward zero is biased: every value shrinks.
 
+# %%
 FLOAT_FORMATS = {  # dtype: (exponent bits, mantissa bits)
     torch.float16: (5, 10),
     torch.bfloat16: (8, 7),
@@ -536,6 +545,7 @@ def rounding(quick: bool) -> None:
 # kernel as the timed ones.
 
 
+# %%
 def access_widths() -> None:
     section("What the compiler could prove: the widest global load/store in the PTX (bits)")
     if not common.HAS_GPU:
@@ -577,6 +587,7 @@ def access_widths() -> None:
 # larger than L2 (50 MB on H100, 60 MB on H200): every number is HBM traffic.
 
 
+# %%
 def _size(n: int) -> int:
     return n if common.HAS_GPU else 1000  # the interpreter runs each provider once, on tiny inputs
 
@@ -738,6 +749,7 @@ def summarize(results: dict) -> None:
 #   could not prove the same thing itself, and a false one gives wrong results.
 
 
+# %%
 if __name__ == "__main__":
     args = common.lesson_args(__doc__.strip().splitlines()[0])
     check(args.quick)

@@ -28,8 +28,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-if "common" not in sys.modules:  # a clone run before `make setup` (which installs common): the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+if "common" not in sys.modules:  # a clone run before `make setup` (which installs common): the repo root,
+    # the nearest folder above this file (in a notebook, which has no __file__: above the cwd) holding common/
+    _here = Path(globals().get("__file__", "notebook")).resolve()
+    sys.path.insert(0, str(next((p for p in _here.parents if (p / "common" / "__init__.py").is_file()), _here.parent)))
 import common  # first: picks the GPU, or Triton's CPU interpreter without one
 
 import torch
@@ -53,6 +55,7 @@ from common import Table, section
 # ## Reference (PyTorch)
 # Each line is one eager kernel; the comments give what it moves (n = x.numel(), x is M x N).
 
+# %%
 SQRT_HALF = 0.7071067811865476  # 1 / sqrt(2)
 # A kernel may read a global only if it is a tl.constexpr: a plain Python float works in the
 # interpreter but does not compile for a GPU (the debugging section shows the error).
@@ -104,6 +107,7 @@ def total_sum_reference(x: torch.Tensor) -> torch.Tensor:
 # `exp` of an fp16 loses digits. The result is cast once, to the output's dtype, at the store.
 
 
+# %%
 @triton.jit
 def sigmoid_kernel(
     x_ptr,  # pointer to the input (n_elements)
@@ -135,6 +139,7 @@ def gelu_kernel(x_ptr, out_ptr, n_elements, BLOCK_SIZE: tl.constexpr):
 # values, and `bias[None, :]` reuses it for every row of the tile: N values read, not M * N.
 
 
+# %%
 @triton.jit
 def bias_add_kernel(
     x_ptr,  # pointer to x (M x N; rows contiguous, row stride stride_xm)
@@ -168,6 +173,7 @@ def bias_add_kernel(
 # | v3 tiled | BLOCK_M rows, BLOCK_N columns at a time | yes | none; short rows fill the block |
 
 
+# %%
 @triton.jit
 def row_sum_v1_kernel(
     x_ptr,  # pointer to x (M x N, rows contiguous)
@@ -249,6 +255,7 @@ def row_reduce_padded_kernel(
 #   in a fixed order. The same input gives the same bits every time.
 
 
+# %%
 @triton.jit
 def sum_atomic_kernel(
     x_ptr,  # pointer to x (n_elements, any shape, contiguous)
@@ -292,6 +299,7 @@ def sum_finish_kernel(
 # validate, allocate, grid, launch, return. The row kernels take the row stride, so a view of
 # whole rows (x[:, :n], x[::2]) works without a copy; what they need is contiguous rows.
 
+# %%
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BLOCK_SIZE = 1024  # elementwise: lesson 01's choice
 V1_MAX_COLS = 8192  # v1 keeps a whole row in registers: 64 fp32 per thread at 8192 with 4 warps
@@ -462,6 +470,7 @@ def total_sum_two_pass(x: torch.Tensor, out: torch.Tensor | None = None) -> torc
 # of 2^-20 * sum(|x|), 8 fp32 rounding steps of the largest possible partial sum.
 
 
+# %%
 def sum_atol(x: torch.Tensor, dim: int | None = None) -> float:
     """Absolute tolerance of an fp32 sum of x (over `dim`, or all of x)."""
     magnitude = x.double().abs().sum() if dim is None else x.double().abs().sum(dim).max()
@@ -526,6 +535,7 @@ def check(quick: bool) -> None:
 # Rows of 1000 negative numbers in blocks of 1024 have 24 padding lanes per row.
 
 
+# %%
 def padding_demo() -> None:
     section("masked loads: the `other=` value takes part in the reduction")
     x = -common.randn(64, 1000).abs() - 0.5  # every value negative, so the true max is < 0
@@ -548,6 +558,7 @@ def padding_demo() -> None:
 # Does the same input give the same bits? Sum one tensor many times with each method.
 
 
+# %%
 def _bits(t: torch.Tensor) -> int:
     return t.detach().reshape(1).cpu().view(torch.int32).item()
 
@@ -582,6 +593,7 @@ def determinism(quick: bool) -> None:
 # moves (counted per aten op with a TorchDispatchMode, on the CPU too), and what our kernels move.
 
 
+# %%
 def traffic(m: int, n: int) -> None:
     section(f"Memory traffic: x is {m:,} x {n:,} fp32")
     x = torch.randn(m, n, device=common.DEVICE)
@@ -620,6 +632,7 @@ def traffic(m: int, n: int) -> None:
 # their message printed, as you would read it.
 
 
+# %%
 @triton.jit
 def print_demo_kernel(x_ptr, n_elements, BLOCK_SIZE: tl.constexpr):
     offsets = tl.arange(0, BLOCK_SIZE)
@@ -739,6 +752,10 @@ COMMON_ERRORS = [
      lambda a, b: broken_pointer_kernel[(1,)](a, b, 1000, BLOCK_SIZE=1024)),
 ]
 
+# What the child process runs: this file (a notebook made from it has no __file__: the lesson's file in the repo).
+LESSON_SCRIPT = Path(globals().get("__file__")
+                     or Path(common.__file__).parents[1] / "lessons" / "beginner" / "03_basic_operations.py").resolve()
+
 
 def _device_assert_child() -> None:
     """Runs in a child process on the GPU: a failing device_assert ends the CUDA context."""
@@ -789,7 +806,7 @@ def debugging(quick: bool) -> None:
         print("\ndevice_assert_demo_kernel on x with a negative value, in a child process (a failing\n"
               "device assert leaves the CUDA context unusable, so it must not run in this one):")
         try:
-            child = subprocess.run([sys.executable, __file__], capture_output=True, text=True, timeout=60,
+            child = subprocess.run([sys.executable, str(LESSON_SCRIPT)], capture_output=True, text=True, timeout=60,
                                    env={**os.environ, "COURSE_03_DEVICE_ASSERT_CHILD": "1"})
             lines = (child.stdout + child.stderr).strip().splitlines()
             shown = [line for line in lines if "ssert" in line or "Error" in line][:4] or lines[-4:]
@@ -844,6 +861,7 @@ def debugging(quick: bool) -> None:
 # which runs faster than a copy, measured in the same run.
 
 
+# %%
 def _elementwise_bytes(x) -> int:
     return 2 * x.numel() * x.element_size()  # read x, write out
 
@@ -939,6 +957,7 @@ BENCHMARKS = [
 # - Debug in the interpreter (TRITON_INTERPRET=1); read a compile error from its last line up.
 
 
+# %%
 if __name__ == "__main__":
     if os.environ.get("COURSE_03_DEVICE_ASSERT_CHILD"):
         _device_assert_child()

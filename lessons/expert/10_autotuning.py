@@ -30,8 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-if "common" not in sys.modules:  # a clone run before `make setup` (which installs common): the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+if "common" not in sys.modules:  # a clone run before `make setup` (which installs common): the repo root,
+    # the nearest folder above this file (in a notebook, which has no __file__: above the cwd) holding common/
+    _here = Path(globals().get("__file__", "notebook")).resolve()
+    sys.path.insert(0, str(next((p for p in _here.parents if (p / "common" / "__init__.py").is_file()), _here.parent)))
 import common  # first: picks the GPU, or Triton's CPU interpreter without one
 
 import torch
@@ -63,6 +65,7 @@ from common.lessons import find, load_module
 # bytes (each input read once, each output written once) that the roofline turns into a time.
 
 
+# %%
 def matmul_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b  # reads M*K + K*N elements, writes M*N; 2*M*N*K FLOPs
 
@@ -122,6 +125,7 @@ def roofline_time(cost: Cost, peak_tflops: float, bandwidth_gbps: float, launch_
 # run uses H100 SXM's numbers (datasheet) so that the pruning and the model print something,
 # and says so.
 
+# %%
 ASSUMED_GPU = {  # used only when there is no GPU to query; a GPU run replaces every value
     "name": "H100 SXM (datasheet values, assumed: no GPU to query)",
     "multiprocessor_count": 132,
@@ -183,6 +187,7 @@ def ceilings() -> tuple[float, float]:
 # are never stored, and leave the loads of the K loop without any mask.
 
 
+# %%
 @triton.jit
 def _matmul_tile(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                  pid_m, pid_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -256,6 +261,7 @@ def matmul_persistent_kernel(
 # both. `triton.heuristics` computes it on every launch. Under an autotuner the heuristic runs
 # after the config is chosen, so it can read the config's BLOCK_K.
 
+# %%
 matmul_heuristic_kernel = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(matmul_kernel)
 
 
@@ -267,6 +273,7 @@ matmul_heuristic_kernel = triton.heuristics({"EVEN_K": lambda args: args["K"] % 
 # straight to the kept config.
 
 
+# %%
 def _config(bm, bn, bk, group_m, num_warps, num_stages) -> triton.Config:
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
                          num_warps=num_warps, num_stages=num_stages)
@@ -372,6 +379,7 @@ matmul_modelled_kernel = triton.autotune(
 # the real one); `restore_value=[...]` copies them first and puts them back after each run.
 
 
+# %%
 @triton.jit
 def sum_atomic_kernel(
     x_ptr,  # input, n elements
@@ -422,6 +430,7 @@ def empty_kernel(x_ptr):  # does nothing: its time is the cost of a launch
 # contestants of the benchmark); `matmul_tuned` lets the autotuner choose; the grid is then a
 # function of the chosen meta-parameters.
 
+# %%
 DTYPES = (torch.float32, torch.float16) + ((torch.bfloat16,) if common.supports_bf16() else ())
 CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M", "num_warps", "num_stages")
 
@@ -532,6 +541,7 @@ def scale_inplace(x: torch.Tensor, scale: float, kernel=None) -> torch.Tensor:
 # hooked atomic and in-place kernels.
 
 
+# %%
 def random_problem(M: int, N: int, K: int, dtype: torch.dtype, transpose_b: bool = False):
     """Inputs scaled by 1/sqrt(K): every output is about N(0, 1), whatever K is."""
     a = common.randn(M, K, dtype=dtype, scale=K ** -0.5)
@@ -585,6 +595,7 @@ def check(quick: bool) -> None:
 # ## Hardware queries, and the ceilings measured now
 
 
+# %%
 def hardware() -> None:
     section("Hardware: what the driver reports, and the ceilings measured in this run")
     if not common.HAS_GPU:
@@ -628,6 +639,7 @@ def hardware() -> None:
 # ## Autotuning: pruning, the key, the cost and the cache
 
 
+# %%
 def pruning_table() -> None:
     section("Pruning: which configs survive early_config_prune for each problem (fp16)")
     shapes = [(4096, 4096, 4096), (1024, 1024, 1024), (64, 16384, 8192), (16, 8192, 8192), (50, 60, 40)]
@@ -786,6 +798,7 @@ def hooks_demo() -> None:
 # row kernels, whose arithmetic runs on the CUDA cores, the memory term is larger by far anyway.
 
 
+# %%
 @functools.cache
 def _course(number: str):
     lesson = find(number)
@@ -944,6 +957,7 @@ def _roofline_plot(points, peak: float, bandwidth: float) -> None:
 #   - the tuned config with K masks on every load (EVEN_K=False) and without (EVEN_K=True).
 # The on-disk tuning cache is not a race: it is a small experiment after them.
 
+# %%
 BAR_SHAPE = (4096, 4096, 4096)  # the perf bars' problem, fp16
 QUICK_SHAPE = (2048, 2048, 2048)  # --quick: the shape autotune_mechanics tuned
 # The checks' shape (and the benchmarks' in the interpreter): K a multiple of every config's
@@ -1084,6 +1098,7 @@ def disk_cache(n: int = 4096) -> None:
 #   schedule, the same tail. Whether that is faster here is what its benchmark measures.
 
 
+# %%
 if __name__ == "__main__":
     args = common.lesson_args(__doc__.strip().splitlines()[0])
     started = time.perf_counter()

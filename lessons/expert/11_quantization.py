@@ -29,8 +29,10 @@ import time
 import warnings
 from pathlib import Path
 
-if "common" not in sys.modules:  # a clone run before `make setup` (which installs common): the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+if "common" not in sys.modules:  # a clone run before `make setup` (which installs common): the repo root,
+    # the nearest folder above this file (in a notebook, which has no __file__: above the cwd) holding common/
+    _here = Path(globals().get("__file__", "notebook")).resolve()
+    sys.path.insert(0, str(next((p for p in _here.parents if (p / "common" / "__init__.py").is_file()), _here.parent)))
 import common  # first: picks the GPU, or Triton's CPU interpreter without one
 
 import torch
@@ -52,6 +54,7 @@ from common.kernels import grouped_tile_position
 # tensor cores (Hopper) do twice the FLOP/s of bf16 ones. Both trade digits for speed, so the
 # lesson measures what each format costs in accuracy, against float64.
 
+# %%
 INT8_MAX = 127  # symmetric: -128 is never used, so q and -q are both representable
 FP8_FORMATS = {  # name: (torch dtype, largest finite value)
     "e4m3": (torch.float8_e4m3fn, 448.0),  # 4 exponent bits, 3 mantissa bits, no infinities
@@ -86,6 +89,7 @@ def format_table() -> None:
 # traffic of each line for an M x N fp16 input ("MN" = M x N elements).
 
 
+# %%
 def _scale_shape_view(x: torch.Tensor, granularity: str, group_size: int) -> torch.Tensor:
     """x viewed so that each scale covers one row of the view: (1, MN), (M, N) or (M N/G, G)."""
     if granularity == "tensor":
@@ -182,6 +186,7 @@ def fp8_matmul_reference(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor
 # kernel whose time is memory.
 
 
+# %%
 @triton.jit
 def round_half_to_even(y):
     """Round fp32 y to the nearest integer, ties to even (as torch.round): 0.5 -> 0, 1.5 -> 2, 2.5 -> 2."""
@@ -200,6 +205,7 @@ def round_half_to_even(y):
 # the int8 values and one fp32 scale per group. Reads MN x b, writes MN x 1 + 4 per group.
 
 
+# %%
 @triton.jit
 def quantize_int8_groups_kernel(
     x_ptr,  # input, n_groups * group_len contiguous elements (fp32, fp16, bf16)
@@ -233,6 +239,7 @@ def quantize_int8_groups_kernel(
 # here), or fp8 (the cast rounds to nearest even), or fp32 to see the scaled values themselves.
 
 
+# %%
 @triton.jit
 def absmax_kernel(
     x_ptr,  # input, n_elements
@@ -302,6 +309,7 @@ def dequantize_kernel(
 # (|q| <= 127). Reads NK + 2K + 4N bytes, writes 2N.
 
 
+# %%
 def gemv_configs() -> list:
     if common.INTERPRETER:  # the interpreter times nothing: one small config
         return [triton.Config({"BLOCK_N": 16, "BLOCK_K": 128}, num_warps=4, num_stages=1)]
@@ -360,6 +368,7 @@ def w8a16_gemv_kernel(
 # tl.dot computes x @ w.T without a transpose in memory. The scale again waits for the epilogue.
 
 
+# %%
 def matmul_configs() -> list:
     if common.INTERPRETER:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
@@ -424,6 +433,7 @@ def w8a16_matmul_kernel(
 # NK / 2 + 2 NK / 128 + 2 MK bytes, writes 2 MN.
 
 
+# %%
 def w4a16_configs() -> list:
     if common.INTERPRETER:
         return [triton.Config({"BLOCK_N": 8, "GROUPS": 2}, num_warps=4, num_stages=1)]
@@ -513,6 +523,7 @@ def w4a16_gemv_kernel(
 # `_scaled_mm`'s default. The benchmark times both against their match.
 
 
+# %%
 def fp8_configs() -> list:
     if common.INTERPRETER:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
@@ -578,6 +589,7 @@ def fp8_matmul_kernel(
 # past 65504 the sum is inf.
 
 
+# %%
 @triton.jit
 def dot_accumulate_kernel(
     x_ptr,  # M x K fp16, contiguous
@@ -624,6 +636,7 @@ def logsumexp_fp16_kernel(
 # ## Wrapper
 # validate, allocate, grid, launch, return.
 
+# %%
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_GROUP_LEN = 16384  # a group (or a row, per row) is one block of registers
 ELEMENTWISE_BLOCK_SIZE = 1024
@@ -921,6 +934,7 @@ def logsumexp_fp16(x: torch.Tensor, stable: bool) -> torch.Tensor:
 # off by one). The dequantised value must be within half a step (scale / 2) of x.
 
 
+# %%
 def check_int8(q: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, scale_ref: torch.Tensor,
                group_len: int, name: str) -> None:
     """q and scale from a quantizer against float64: scale to fp32 tolerance, q exact but at ties."""
@@ -1081,6 +1095,7 @@ def check(quick: bool) -> None:
 # like LLM activations; and small values (N(0, 1) x 1e-4), where a format's smallest numbers matter.
 
 
+# %%
 def to_tf32(x: torch.Tensor) -> torch.Tensor:
     """fp32 rounded to tf32's 10 mantissa bits (nearest, ties away: what cvt.rna.tf32 does)."""
     bits = x.float().view(torch.int32)
@@ -1181,6 +1196,7 @@ def gemv_error_table() -> None:
 # fp16 vs fp32 accumulation over K, and what fp16's range does to exp and sums.
 
 
+# %%
 def mixed_precision(quick: bool) -> None:
     section("Mixed precision: fp16 vs fp32 accumulation in a dot product, error against K")
     # 16 lanes, so each lane's sum grows large quickly; U(0, 32) x U(0, 1): products average 8.
@@ -1228,6 +1244,7 @@ def mixed_precision(quick: bool) -> None:
 # dequantises the weight in memory first (counted per aten op on CPU tensors).
 
 
+# %%
 def traffic() -> None:
     n, k = 14336, 4096
     section(f"Memory traffic of one GEMV, N = {n}, K = {k} (Llama-3-8B's MLP up projection)")
@@ -1255,6 +1272,7 @@ def traffic() -> None:
 # Declared for common.run_benchmarks: every baseline the registry names for the op races in the
 # same run (common/baselines.py), and each bar is against the fastest of them as measured.
 
+# %%
 _QUANTIZERS = {  # case: (the Triton kernel(s), the PyTorch reference, elements per scale of an (M, N) x)
     "int8 per tensor (2 kernels)": (lambda x: quantize_int8(x, "tensor"),
                                     lambda x: quantize_int8_reference(x, "tensor"), lambda x: x.numel()),
@@ -1420,6 +1438,7 @@ def fp16_gemv_bar(benchmark, results) -> None:
 #   small numbers to large ones long before that.
 
 
+# %%
 if __name__ == "__main__":
     args = common.lesson_args(__doc__.strip().splitlines()[0])
     started = time.perf_counter()

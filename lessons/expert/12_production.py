@@ -42,8 +42,10 @@ import time
 import warnings
 from pathlib import Path
 
-if "common" not in sys.modules:  # a clone run before `make setup` (which installs common): the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+if "common" not in sys.modules:  # a clone run before `make setup` (which installs common): the repo root,
+    # the nearest folder above this file (in a notebook, which has no __file__: above the cwd) holding common/
+    _here = Path(globals().get("__file__", "notebook")).resolve()
+    sys.path.insert(0, str(next((p for p in _here.parents if (p / "common" / "__init__.py").is_file()), _here.parent)))
 import common  # first: picks the GPU, or Triton's CPU interpreter without one
 
 import torch
@@ -80,6 +82,7 @@ L08 = load_module(find("08").script, name="lesson_08_for_lesson_12")
 # vocabulary of V, "STV" elements.
 
 
+# %%
 def _upcast(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
@@ -125,6 +128,7 @@ def dpo_loss_reference(logits_c, logits_r, targets_c, targets_r, mask_c, mask_r,
 # dlogits = coef * mask * (onehot - softmax) from the saved logsumexp.
 
 
+# %%
 @triton.jit
 def dpo_token_logps_kernel(
     logits_ptr,  # (S, T, V): row (s, t) at logits_ptr + s * stride_ls + t * stride_lt, columns contiguous
@@ -259,6 +263,7 @@ def dpo_grad_kernel(
 #
 # Both get the backward pass from `register_autograd`, itself another registered op.
 
+# %%
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # bfloat16 under the interpreter gives wrong values (numpy has no bfloat16): fall back there.
 KERNEL_DTYPES = FLOAT_DTYPES if common.HAS_GPU else (torch.float32, torch.float16)
@@ -409,6 +414,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 # reason, so a model keeps working and the user learns why it is slower.
 
 
+# %%
 class TritonLayerNorm(nn.Module):
     """LayerNorm over the last dimension with lesson 08's kernels, falling back to F.layer_norm."""
 
@@ -485,6 +491,7 @@ def swap_layer_norms(model: nn.Module) -> int:
 # It returns the mean loss and, detached, the policy's sequence log-probs (for the rewards).
 
 
+# %%
 def _dpo_blocks(n_tokens: int, n_vocab: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_V, num_warps) for the DPO tiles."""
     if common.INTERPRETER:  # few, large programs: the interpreter pays per program, not per element
@@ -598,6 +605,7 @@ def dpo_loss(logits_c, logits_r, targets_c, targets_r, mask_c, mask_r, ref_c, re
 # each GPU produces a partial sum of the full output). One all_reduce adds the partial sums.
 
 
+# %%
 def mlp_weights(dim: int, hidden: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """The full MLP's weights, on the CPU in fp32, the same in every process for the same seed."""
     g = torch.Generator().manual_seed(seed)
@@ -656,6 +664,11 @@ def _tp_worker(workdir: Path) -> None:
     dist.destroy_process_group()
 
 
+# What the child processes run: this file (a notebook made from it has no __file__: the lesson's file in the repo).
+LESSON_SCRIPT = Path(globals().get("__file__")
+                     or Path(common.__file__).parents[1] / "lessons" / "expert" / "12_production.py").resolve()
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -682,7 +695,7 @@ def run_tensor_parallel(backend: str, world_size: int = 2, tokens: int = 5, dim:
         if backend == "gloo":
             env.update(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
             env.pop("COURSE_AUTO_INTERPRET", None)  # the interpreter is asked for, not a fallback
-        procs = [subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--tp-worker", str(workdir)],
+        procs = [subprocess.Popen([sys.executable, str(LESSON_SCRIPT), "--tp-worker", str(workdir)],
                                   env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True) for r in range(world_size)]
         outputs, deadline = [], time.monotonic() + timeout_s
@@ -713,6 +726,7 @@ def run_tensor_parallel(backend: str, world_size: int = 2, tokens: int = 5, dim:
 # call. Inputs and outputs are fixed buffers: new data is copied into the static input.
 
 
+# %%
 def capture_cuda_graph(fn, *static_inputs, warmup: int = 3):
     """(graph, static output) of fn(*static_inputs); replay with graph.replay()."""
     side = torch.cuda.Stream()
@@ -756,6 +770,7 @@ class DecodeStack(nn.Module):
 # the chosen response keeps counting (s+1, s+2, ...), the rejected one is random tokens.
 
 
+# %%
 class TinyLM(nn.Module):
     def __init__(self, vocab: int, dim: int, hidden: int):
         super().__init__()
@@ -863,6 +878,7 @@ def train_dpo(steps: int, n_train: int, n_eval: int, batch: int, vocab: int, dim
 # kernels against float64 autograd on awkward sizes with poisoned outputs.
 
 
+# %%
 def _dtypes(quick: bool) -> list[torch.dtype]:
     if common.HAS_GPU and quick:
         return [torch.float32, torch.bfloat16]
@@ -1074,6 +1090,7 @@ def check(quick: bool) -> None:
 # equals the single-process result (same seed, same weights) to fp32 rounding.
 
 
+# %%
 def tensor_parallel(quick: bool) -> None:
     section("Several GPUs: tensor-parallel GeGLU MLP, tp=2 vs tp=1")
     runs = []
@@ -1110,6 +1127,7 @@ def tensor_parallel(quick: bool) -> None:
 # the CUDA-graph replay of the same kernels (host wall time, which is what the graph saves); two
 # independent steps on one stream vs two; the DPO loss against its eager reference and torch.compile.
 
+# %%
 DECODE_DIM, DECODE_HIDDEN = 1024, 2816
 
 
@@ -1266,7 +1284,7 @@ def ncu_dram_bytes() -> None:
         return
     cmd = [ncu, "--metrics", "dram__bytes_read.sum,dram__bytes_write.sum", "--kernel-name",
            "regex:layernorm_fwd_kernel|geglu_fwd_kernel", "--launch-count", "2", "--csv", "--print-units", "base",
-           sys.executable, str(Path(__file__).resolve()), "--ncu-target"]
+           sys.executable, str(LESSON_SCRIPT), "--ncu-target"]
     print("running: ncu " + " ".join(cmd[1:-3]) + " python 12_production.py --ncu-target")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     modelled, measured = {}, {}
@@ -1340,6 +1358,7 @@ def profile(quick: bool) -> None:
 # and the greedy generations follow the preferred rule.
 
 
+# %%
 def capstone(quick: bool) -> None:
     if common.INTERPRETER:
         sizes = dict(steps=24, n_train=8, n_eval=8, batch=8, vocab=16, dim=16, hidden=32, lr=2e-2, eval_every=4)
@@ -1393,6 +1412,7 @@ def capstone(quick: bool) -> None:
 #   onehot - softmax, scaled per sequence by the pair's sigmoid.
 
 
+# %%
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", action="store_true",
                         help="only profile: torch.profiler's kernel table of a decode step, then Nsight Compute "

@@ -20,8 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-if "common" not in sys.modules:  # a clone run before `make setup` (which installs common): the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+if "common" not in sys.modules:  # a clone run before `make setup` (which installs common): the repo root,
+    # the nearest folder above this file (in a notebook, which has no __file__: above the cwd) holding common/
+    _here = Path(globals().get("__file__", "notebook")).resolve()
+    sys.path.insert(0, str(next((p for p in _here.parents if (p / "common" / "__init__.py").is_file()), _here.parent)))
 import common  # first: picks the GPU, or Triton's CPU interpreter without one
 
 import torch
@@ -45,6 +47,7 @@ from common import Table, section
 # ## Reference (PyTorch)
 
 
+# %%
 def matmul_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a @ b  # reads M*K + K*N elements, writes M*N; 2*M*N*K flops; one aten.mm (cuBLAS)
 
@@ -76,6 +79,7 @@ def tile_load_bytes(M: int, N: int, K: int, block_m: int, block_n: int, element_
 #   v4  v3 with its tiles, num_warps and num_stages picked by `triton.autotune` (pipelined loads)
 
 
+# %%
 @triton.jit
 def matmul_v1_kernel(
     a_ptr,  # pointer to A[0, 0]; A is M x K
@@ -208,6 +212,7 @@ matmul_v4_kernel = triton.autotune(configs=v4_configs(), key=["M", "N", "K"])(ma
 # validate, allocate, grid, launch, return. The kernels take strides, so a transposed view
 # (b.t(), as nn.Linear stores its weight) works without a copy.
 
+# %%
 DTYPES = (torch.float32, torch.float16) + ((torch.bfloat16,) if common.supports_bf16() else ())
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 
@@ -314,6 +319,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, version: int | str | None = None, o
 # then means the same thing for every shape.
 
 
+# %%
 def random_problem(M, N, K, dtype, transpose_b=False, device=common.DEVICE):
     a = common.randn(M, K, dtype=dtype, device=device, scale=K ** -0.5)
     b = (common.randn(N, K, dtype=dtype, device=device).t() if transpose_b
@@ -356,6 +362,7 @@ def check(quick: bool) -> None:
 # by bandwidth, the *ridge* of the roofline) a kernel is memory bound, above it compute bound.
 # A tiled kernel moves more than the minimum: every program re-reads its strips of A and B.
 
+# %%
 SHAPES = [  # (name, M, N, K) for the intensity table and the roofline benchmark
     ("square 4096", 4096, 4096, 4096),
     ("square 1024", 1024, 1024, 1024),
@@ -408,6 +415,7 @@ def traffic() -> None:
 # remainder and sums three tensor-core products instead of one, to recover most of fp32's precision.
 
 
+# %%
 def to_tf32(x: torch.Tensor) -> torch.Tensor:
     """Emulate tf32: keep the top 10 of fp32's 23 mantissa bits (truncation, as tl.dot may do)."""
     return (x.float().view(torch.int32) & ~0x1FFF).view(torch.float32)
@@ -466,6 +474,7 @@ def precision(M: int, N: int, K: int) -> None:
 # cuBLAS kernel (its own Triton matmul templates run only under mode="max-autotune").
 
 
+# %%
 def _flops(a, b, *config) -> int:
     return matmul_flops(a.shape[0], b.shape[1], a.shape[1])
 
@@ -614,6 +623,7 @@ def roofline(results) -> None:
 #   the error against float64, not only the speed.
 
 
+# %%
 if __name__ == "__main__":
     args = common.lesson_args(__doc__.strip().splitlines()[0])
     check(args.quick)

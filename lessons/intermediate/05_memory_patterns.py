@@ -23,8 +23,10 @@ import sys
 import warnings
 from pathlib import Path
 
-if "common" not in sys.modules:  # a clone run before `make setup` (which installs common): the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+if "common" not in sys.modules:  # a clone run before `make setup` (which installs common): the repo root,
+    # the nearest folder above this file (in a notebook, which has no __file__: above the cwd) holding common/
+    _here = Path(globals().get("__file__", "notebook")).resolve()
+    sys.path.insert(0, str(next((p for p in _here.parents if (p / "common" / "__init__.py").is_file()), _here.parent)))
 import common  # first: picks the GPU, or Triton's CPU interpreter without one
 
 import torch
@@ -57,6 +59,7 @@ warnings.filterwarnings("ignore", message="tl.make_block_ptr is deprecated")
 # %% [markdown]
 # ## Reference (PyTorch)
 
+# %%
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -86,6 +89,7 @@ def laplacian_reference(x: torch.Tensor) -> torch.Tensor:
 # The tiled versions share `tile_coords`, which decides which tile a program handles.
 
 
+# %%
 @triton.jit
 def tile_coords(pid, n_tiles_m, n_tiles_n, GROUP_M: tl.constexpr):
     """The (tile row, tile column) of program `pid`, in grouped order.
@@ -215,6 +219,7 @@ def laplacian_kernel(
 # The launchers (_launch_*) return what the launch returns: on a GPU, the compiled kernel,
 # which inspect_compiled reads its shared memory and assembly from.
 
+# %%
 # Tile and warps of the tiled versions: re-tune with the tile sweep in the benchmark.
 BLOCK_M, BLOCK_N, NUM_WARPS = 64, 64, 4
 GROUP_M = 1  # row-major program order; the order benchmark measures the others
@@ -421,6 +426,7 @@ def laplacian(x: torch.Tensor, block_h: int = 32, block_w: int = 64, group_m: in
 # against stores past the end, references in float64.
 
 
+# %%
 def awkward_shapes(count: int) -> list[tuple[int, int]]:
     """(M, N) pairs, neither a multiple of 16; small in the interpreter."""
     hi = 200 if common.INTERPRETER else 3000  # the interpreter takes milliseconds per program
@@ -515,6 +521,7 @@ def check_tma(dtypes, quick: bool) -> None:
 # H*W too, but eager PyTorch builds it from 6 kernels and their temporaries.
 
 
+# %%
 def traffic(n: int) -> None:
     section(f"Memory traffic: transpose and stencil of a {n} x {n} fp32 matrix")
     x = torch.randn(n, n, device=common.DEVICE)
@@ -544,6 +551,7 @@ def traffic(n: int) -> None:
 # cache hints) race the lesson's own variants; read a difference against the ± spread of the
 # two timings: one inside twice the spread is noise.
 
+# %%
 SWEEP_N = 8192 if common.HAS_GPU else 128  # the sweeps' square matrix
 COLUMN_MAJOR = SWEEP_N  # a GROUP_M at least the number of tile rows: tile_coords walks down whole columns
 
@@ -699,6 +707,7 @@ def inspect_compiled() -> None:
 #   caches (measure how much they absorb), and the masks give the zero boundary for free.
 
 
+# %%
 if __name__ == "__main__":
     args = common.lesson_args(__doc__.strip().splitlines()[0])
     check(args.quick)

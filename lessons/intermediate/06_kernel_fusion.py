@@ -21,8 +21,10 @@ import functools
 import sys
 from pathlib import Path
 
-if "common" not in sys.modules:  # a clone run before `make setup` (which installs common): the repo root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+if "common" not in sys.modules:  # a clone run before `make setup` (which installs common): the repo root,
+    # the nearest folder above this file (in a notebook, which has no __file__: above the cwd) holding common/
+    _here = Path(globals().get("__file__", "notebook")).resolve()
+    sys.path.insert(0, str(next((p for p in _here.parents if (p / "common" / "__init__.py").is_file()), _here.parent)))
 import common  # first: picks the GPU, or Triton's CPU interpreter without one
 
 import torch
@@ -49,6 +51,7 @@ from common import Table, fmt_bytes, section
 # ## Reference (PyTorch)
 
 
+# %%
 def add_mul_reference(x: torch.Tensor, y: torch.Tensor, s: float) -> torch.Tensor:
     t = x + y  # kernel 1: reads x and y (2n), writes t (n)
     return t * s  # kernel 2: reads t (n), writes the output (n). 5n moved, 3n is the minimum
@@ -73,6 +76,7 @@ def softmax_reference(x: torch.Tensor) -> torch.Tensor:
 # Add-multiply: v1 is two kernels, as eager PyTorch runs it; v2 is one fused kernel.
 
 
+# %%
 @triton.jit
 def add_kernel(
     x_ptr,  # pointer to x (n elements)
@@ -127,6 +131,7 @@ def add_mul_kernel(
 # in one pass and reads the row twice.
 
 
+# %%
 @triton.jit
 def softmax_kernel(
     x_ptr,  # input, M x N: row i starts at x_ptr + i * stride_xm, columns are contiguous
@@ -218,6 +223,7 @@ def softmax_online_kernel(
 # is still read from memory only once, and 1024 long rows keep every SM busy.
 
 
+# %%
 @triton.jit
 def softmax_rows_kernel(
     x_ptr, out_ptr, stride_xm, stride_om,
@@ -303,6 +309,7 @@ def softmax_split_row_kernel(
 # validate, allocate, grid, launch, return. Elementwise kernels launch cdiv(n, BLOCK_SIZE)
 # programs; the softmax kernels launch one program per row.
 
+# %%
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # 1024 elements per program: lesson 01's choice for add; the BLOCK_SIZE sweep below measures it
 # again for the fused and the two-kernel versions.
@@ -560,6 +567,7 @@ SOFTMAX_PASSES = {"v1": (1, 1), "v2": (3, 1), "v3": (2, 1), "v4": (1, 1)}
 # softmax rows must also sum to 1. The chunked versions run with small chunks here, so that
 # every row takes several loop steps.
 
+# %%
 SCALARS = (1.0, 2.0, 10.0)
 
 
@@ -629,6 +637,7 @@ def check(quick: bool) -> None:
 # CPU too); the Triton kernels' bytes are modelled from their loads and stores.
 
 
+# %%
 def traffic(n: int, m_rows: int, n_cols: int) -> None:
     section("Memory traffic: count the bytes")
     x, y = torch.randn(n, device=common.DEVICE), torch.randn(n, device=common.DEVICE)
@@ -672,6 +681,7 @@ def traffic(n: int, m_rows: int, n_cols: int) -> None:
 # for (x + y) * s eager PyTorch (two kernels) and torch.compile (which fuses it too), for
 # softmax torch.softmax, the naive op-by-op version and torch.compile of it.
 
+# %%
 BAR_N = 2**28  # elements: 1 GiB per fp32 tensor, far beyond L2
 SCALARS_TITLE = "(x + y) * s at n = 2^28 fp32: does the value of s matter?"
 
@@ -817,6 +827,7 @@ def scalar_spread(results) -> None:
 #   measure it as a peer, every time.
 
 
+# %%
 if __name__ == "__main__":
     args = common.lesson_args(__doc__.strip().splitlines()[0])
     check(args.quick)
