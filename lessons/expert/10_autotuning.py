@@ -42,7 +42,7 @@ import triton.language as tl
 
 from common import Table, fmt_bytes, section
 from common.kernels import grouped_tile_position
-from common.lessons import find, load_module
+from common.lessons import lesson_module
 
 # %% [markdown]
 # ## Motivation
@@ -799,10 +799,8 @@ def hooks_demo() -> None:
 
 
 # %%
-@functools.cache
 def _course(number: str):
-    lesson = find(number)
-    return load_module(lesson.script, name=f"lesson_{lesson.stem}")
+    return lesson_module(number)
 
 
 @dataclass

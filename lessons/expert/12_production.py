@@ -57,10 +57,10 @@ import triton.language as tl
 from common import Table, fmt_bytes, section
 from common.baselines import EAGER
 from common.checks import check_guards
-from common.lessons import find, load_module
+from common.lessons import lesson_module
 
 # Lesson 08's kernels, used as they are: LayerNorm forward / backward and the fused GeGLU.
-L08 = load_module(find("08").script, name="lesson_08_for_lesson_12")
+L08 = lesson_module("08")
 
 # %% [markdown]
 # ## Motivation
