@@ -49,10 +49,25 @@ setup: $(SETUP_STAMP)
 
 # Where the system Python already has torch and triton (a GPU box missing only pytest, say), the
 # venv sees them (--system-site-packages) and pip installs only what is missing or out of range.
+# Without an NVIDIA driver torch comes from its CPU wheels: the CUDA wheel's 3 GB of CUDA
+# libraries are never used there. The versions are the tested pair for the machine
+# (.ci/tested-gpu.txt or .ci/tested-cpu.txt, pip constraints); `make setup CONSTRAINTS=` takes
+# the newest that requirements.txt allows instead.
+# A torch the system Python already has is kept (no constraints then, only requirements.txt's range).
+HAS_NVIDIA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo yes)
+SYSTEM_TORCH := $(shell $(PYTHON) -c "import torch, triton" >/dev/null 2>&1 && echo yes)
+CONSTRAINTS ?= $(if $(SYSTEM_TORCH),,.ci/tested-$(if $(HAS_NVIDIA),gpu,cpu).txt)
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 $(VENV)/.installed: requirements.txt pyproject.toml
-	$(PYTHON) -m venv $(VENV) $$($(PYTHON) -c "import torch, triton" >/dev/null 2>&1 && echo --system-site-packages)
+	$(PYTHON) -m venv $(VENV) $(if $(SYSTEM_TORCH),--system-site-packages)
 	$(VENV)/bin/pip install --upgrade pip
-	$(VENV)/bin/pip install -r requirements.txt
+	@if [ -z "$(HAS_NVIDIA)" ] && ! $(VENV)/bin/python -c "import torch" >/dev/null 2>&1; then \
+	  echo "no NVIDIA GPU here: torch's CPU wheel ($(TORCH_CPU_INDEX))"; \
+	  $(VENV)/bin/pip install $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) "$$(grep -E '^torch[<>=]' requirements.txt)" \
+	    --index-url $(TORCH_CPU_INDEX) --retries 1 --timeout 20 \
+	  || echo "torch's CPU index did not answer: the default index's torch instead (the CUDA build, 3 GB more)"; \
+	fi
+	$(VENV)/bin/pip install -r requirements.txt $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	$(VENV)/bin/pip install --no-deps --no-build-isolation -e .
 	touch $@
 
