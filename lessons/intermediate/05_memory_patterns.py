@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from common import Table, section
+from common.kernels import grouped_tile_position
 
 # Triton 3.8 warns that block pointers are deprecated in favour of tensor descriptors (v4
 # below), and 3.9 removed them (BLOCK_PTR_MISSING below); on 3.6-3.8 v3 keeps them because
@@ -86,27 +87,14 @@ def laplacian_reference(x: torch.Tensor) -> torch.Tensor:
 #              stores become TMA copies (the copy engine moves whole tiles, no per-thread
 #              addresses). Falls back to v3 where descriptors are missing or the tensor is not
 #              16-byte aligned.
-# The tiled versions share `tile_coords`, which decides which tile a program handles.
+# The tiled versions share one program order, `grouped_tile_position` from common/kernels.py
+# (lesson 04 wrote it out): GROUP_M = 1 is row-major (the column index moves fastest); a larger
+# GROUP_M walks down GROUP_M tile rows before moving one tile right (what tl.swizzle2d does too),
+# so the programs running at the same time touch a squarer patch of memory; GROUP_M >= the number
+# of tile rows is column-major.
 
 
 # %%
-@triton.jit
-def tile_coords(pid, n_tiles_m, n_tiles_n, GROUP_M: tl.constexpr):
-    """The (tile row, tile column) of program `pid`, in grouped order.
-
-    GROUP_M = 1 is row-major order (the column index moves fastest). A larger GROUP_M walks
-    down GROUP_M tile rows before moving one tile right (what tl.swizzle2d does too), so the
-    programs running at the same time touch a squarer patch of memory. GROUP_M >= n_tiles_m is
-    column-major order.
-    """
-    tiles_per_group = GROUP_M * n_tiles_n
-    first_m = (pid // tiles_per_group) * GROUP_M
-    group_rows = tl.minimum(n_tiles_m - first_m, GROUP_M)  # the last group may be shorter
-    pid_m = first_m + (pid % tiles_per_group) % group_rows
-    pid_n = (pid % tiles_per_group) // group_rows
-    return pid_m, pid_n
-
-
 @triton.jit
 def transpose_v1_kernel(
     x_ptr,  # pointer to x[0, 0]; x has shape (M, N)
@@ -130,10 +118,10 @@ def transpose_v2_kernel(
     x_ptr, out_ptr, M, N, stride_xm, stride_xn, stride_on, stride_om,
     BLOCK_M: tl.constexpr,  # tile rows (of x)
     BLOCK_N: tl.constexpr,  # tile columns (of x)
-    GROUP_M: tl.constexpr,  # program order, see tile_coords
+    GROUP_M: tl.constexpr,  # program order, see grouped_tile_position
     EVICT: tl.constexpr,  # eviction_policy of the load: "", "evict_first" or "evict_last"
 ):
-    pid_m, pid_n = tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m, pid_n = grouped_tile_position(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # The tile, read row by row: lanes next to each other read x[m, n], x[m, n + 1], ...
@@ -149,7 +137,7 @@ def transpose_v2_kernel(
 @triton.jit
 def transpose_v3_kernel(x_ptr, out_ptr, M, N, stride_xm, stride_xn, stride_on, stride_om,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    pid_m, pid_n = tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m, pid_n = grouped_tile_position(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     # A block pointer carries the parent's shape and strides, so bounds are checked per axis
     # (boundary_check) instead of with a hand-built mask.
     x_block = tl.make_block_ptr(x_ptr, shape=(M, N), strides=(stride_xm, stride_xn),
@@ -165,7 +153,7 @@ def transpose_v3_kernel(x_ptr, out_ptr, M, N, stride_xm, stride_xn, stride_on, s
 @triton.jit
 def transpose_v4_kernel(x_ptr, out_ptr, M, N, stride_xm, stride_on,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    pid_m, pid_n = tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    pid_m, pid_n = grouped_tile_position(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     # A descriptor needs a contiguous last dimension and 16-byte aligned rows (TMA's rules);
     # the wrapper checks both. Out-of-bounds parts of a tile read as zero and are not written.
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, N], strides=[stride_xm, 1],
@@ -184,11 +172,11 @@ def laplacian_kernel(
     stride_xh,  # elements between x[i, j] and x[i + 1, j]
     stride_oh,  # elements between out[i, j] and out[i + 1, j]
     BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr,  # output tile
-    GROUP_M: tl.constexpr,  # program order over tiles, see tile_coords
+    GROUP_M: tl.constexpr,  # program order over tiles, see grouped_tile_position
     EVICT: tl.constexpr,  # eviction_policy of the loads
     CACHE: tl.constexpr,  # cache_modifier of the loads: "" or ".ca" (cache in L1), ".cg" (L2 only)
 ):
-    pid_h, pid_w = tile_coords(tl.program_id(0), tl.cdiv(H, BLOCK_H), tl.cdiv(W, BLOCK_W), GROUP_M)
+    pid_h, pid_w = grouped_tile_position(tl.program_id(0), H, W, BLOCK_H, BLOCK_W, GROUP_M)
     offs_h = (pid_h * BLOCK_H + tl.arange(0, BLOCK_H))[:, None]
     offs_w = (pid_w * BLOCK_W + tl.arange(0, BLOCK_W))[None, :]
     inside = (offs_h < H) & (offs_w < W)
@@ -215,7 +203,7 @@ def laplacian_kernel(
 # %% [markdown]
 # ## Wrapper
 # validate, allocate, grid, launch, return. The tiled versions launch one program per tile on
-# a 1-D grid, so that tile_coords (not the hardware's grid order) decides the program order.
+# a 1-D grid, so that grouped_tile_position (not the hardware's grid order) decides the program order.
 # The launchers (_launch_*) return what the launch returns: on a GPU, the compiled kernel,
 # which inspect_compiled reads its shared memory and assembly from.
 
@@ -553,7 +541,7 @@ def traffic(n: int) -> None:
 
 # %%
 SWEEP_N = 8192 if common.HAS_GPU else 128  # the sweeps' square matrix
-COLUMN_MAJOR = SWEEP_N  # a GROUP_M at least the number of tile rows: tile_coords walks down whole columns
+COLUMN_MAJOR = SWEEP_N  # a GROUP_M at least the number of tile rows: grouped_tile_position walks down whole columns
 
 
 def bench_groups(quick: bool) -> tuple[int, ...]:
