@@ -54,14 +54,17 @@ def _bool_masks_in_the_interpreter() -> None:
     builder = interpreter.InterpreterBuilder
 
     def as_bool(mask):
-        if mask is None or mask.data.dtype == np.bool_:
+        # block pointers hand a raw numpy mask (triton 3.6), or None: only TensorHandles need it
+        if not isinstance(mask, interpreter.TensorHandle) or mask.data.dtype == np.bool_:
             return mask
         return interpreter.TensorHandle(mask.data.astype(np.bool_), triton.language.int1)
 
     load, store = builder.create_masked_load, builder.create_masked_store
-    builder.create_masked_load = lambda self, ptrs, mask, *rest: load(self, ptrs, as_bool(mask), *rest)
-    builder.create_masked_store = lambda self, ptrs, value, mask, *rest: store(self, ptrs, value, as_bool(mask),
-                                                                                 *rest)
+    # triton 3.6 passes some arguments by keyword (cache_modifier=...), 3.8 none: forward both.
+    builder.create_masked_load = lambda self, ptrs, mask, *rest, **kwargs: load(self, ptrs, as_bool(mask), *rest,
+                                                                                **kwargs)
+    builder.create_masked_store = lambda self, ptrs, value, mask, *rest, **kwargs: store(
+        self, ptrs, value, as_bool(mask), *rest, **kwargs)
 
 
 if INTERPRETER:
