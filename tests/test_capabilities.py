@@ -43,7 +43,7 @@ NEAR_LIMIT = 0.8
 # Configs that cannot fit a card, which the helper must reject and the compiler confirm:
 # (lesson, source, label) as the cases name them.
 KNOWN_WRONG = {
-    ("04", "v4_configs()", "128x256x64 w8 s4 GROUP_M=8"): (86, 89),  # 3 x 48 KiB in flight: 144 KiB > 99
+    ("04", "v4_configs() float16", "128x256x64 w8 s4 GROUP_M=8"): (86, 89),  # 3 x 48 KiB in flight: 144 KiB > 99
     ("07", "dkdv_configs() float16", "32x128 w8 s3 HEAD_DIM=64 CAUSAL=False"): (75,),  # fp32 K, V: 80 KiB > 64
 }
 
@@ -58,7 +58,7 @@ class Case:
     """One kernel launch as a lesson makes it: the kernel, its arguments, one config."""
     lesson: str  # "04"
     kernel: str  # the lesson's name for it
-    source: str  # where the config comes from: "v4_configs()", "V23_CONFIG", ...
+    source: str  # where the config comes from, and the dtype: "v4_configs() float16", "V23_CONFIG", ...
     label: str  # the config, short
     fn: object  # a JITFunction, or a triton.heuristics wrapper of one
     args: tuple  # the launch's positional arguments (meta tensors: dtype and shape, no memory)
@@ -156,7 +156,8 @@ def _matmul_cases(quick: bool) -> list[Case]:
         for dtype, min_arch in dtypes[:1] if quick else dtypes:
             for config in configs:
                 meta = {**_config_parts(config), **extra}
-                cases.append(Case("04", kernel.__name__, source, _label(meta), kernel, mm_args(dtype), meta, min_arch,
+                cases.append(Case("04", kernel.__name__, f"{source} {str(dtype)[6:]}", _label(meta), kernel,
+                                  mm_args(dtype), meta, min_arch,
                                   _matmul_estimate(), dtype.itemsize))
     # fp32: v2/v3 (V23_CONFIG) and the three fp32 modes (FP32_CONFIG), on CUDA cores or tf32
     for source, config, kernel, precision in (
@@ -175,7 +176,8 @@ def _matmul_cases(quick: bool) -> list[Case]:
                 meta = _config_parts(config)
                 if quick and any(_label(meta) == c.label for c in cases if c.lesson == "04"):
                     continue  # the same tile, stages and warps as one of lesson 04's
-                cases.append(Case("10", "matmul_kernel", source, _label(meta), kernel, mm_args(dtype), meta, min_arch,
+                cases.append(Case("10", "matmul_kernel", f"{source} {str(dtype)[6:]}", _label(meta), kernel,
+                                  mm_args(dtype), meta, min_arch,
                                   _matmul_estimate(), dtype.itemsize))
     meta = _config_parts(L10.CHECK_CONFIG)
     cases.append(Case("10", "matmul_kernel", "CHECK_CONFIG fp32", _label(meta), kernel, mm_args(torch.float32), meta,
@@ -624,7 +626,7 @@ def test_known_wrong_configs_are_rejected():
     dkdv 32x128 at D = 64: K and V as fp32 copies on sm_75 are 80 KiB of its 64."""
     rows = {(r["lesson"], r["source"], r["label"], r["arch"]): r for r in _rows()}
     for arch in ARCHS:
-        r = rows[("04", "v4_configs()", "128x256x64 w8 s4 GROUP_M=8", arch)]
+        r = rows[("04", "v4_configs() float16", "128x256x64 w8 s4 GROUP_M=8", arch)]
         assert r["kept"] is (arch in (80, 90)), _name(r)
         assert r["conservative"] > 64 * 1024, _name(r)  # lesson 10's formula rejects it for a T4 too
         if arch in (86, 89):
