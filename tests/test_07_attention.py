@@ -497,3 +497,18 @@ def test_lesson_autotuned_bf16(lesson, causal):
     assert_close(out, ref_out, name="autotuned forward")
     for got, ref, what in ((q.grad, dq, "dq"), (k.grad, dk, "dk"), (v.grad, dv, "dv")):
         assert_close(got, ref, name=f"autotuned {what}", **lesson.grad_tolerance(torch.bfloat16))
+
+
+def test_attention_tuners_prune_by_shared_memory(lesson, monkeypatch):
+    """On a card of 64 KiB (a T4), a config of 288 KiB is pruned and the small tiles stand in;
+    one that fits is kept as it is."""
+    from common import capability
+    monkeypatch.setattr(capability, "current_arch", lambda: 75)
+    monkeypatch.setattr(capability, "shared_memory_limit", lambda arch=None: 65536)
+    q = torch.empty(1, 1, 16, 128, dtype=torch.float16)
+    too_big = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=4)
+    fits = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)
+    for tuned, kernel in ((lesson.attention_fwd_v3_tuned, "fwd"), (lesson.attention_bwd_dkdv_tuned, "dkdv"),
+                          (lesson.attention_bwd_dq_tuned, "dq")):
+        assert tuned.early_config_prune([too_big], {"q_ptr": q}, HEAD_DIM=128) == [lesson._SMALL_CONFIGS[kernel]]
+        assert tuned.early_config_prune([too_big, fits], {"q_ptr": q}, HEAD_DIM=64) == [fits], kernel

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from common import Table, fmt_bytes, section
+from common import Table, capability, fmt_bytes, section
 from common.kernels import LN2, LOG2E
 
 # %% [markdown]
@@ -529,10 +529,32 @@ def _fixed(configs: list, dtype: torch.dtype) -> tuple[dict, dict]:
 
 # The autotuned kernels: the same @triton.jit functions, with a config chosen by timing on the
 # first call for each key (and the dtypes, which the autotuner adds to the key).
+# Before timing, configs that do not fit this GPU's shared memory are pruned (common/capability.py
+# estimates each kernel's tiles: 128 x 128 with 4 stages at D = 128 needs 288 KiB on an H100, more
+# than its 227). Where none fits (a T4 has 64 KiB), the smallest tiles below stand in: chosen by
+# the same estimate, not measured on such a card.
+_SMALL_CONFIGS = {"fwd": triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+                  "dkdv": triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2),
+                  "dq": triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)}
+
+
+def _prune_for(kernel: str):
+    estimate = functools.partial(capability.attention_shared_memory, kernel=kernel)
+
+    def prune(configs, named_args, **launch_args):
+        kept = capability.prune_configs_by_shared_memory(configs, named_args, estimate=estimate, empty_ok=True,
+                                                         **launch_args)
+        return kept or [_SMALL_CONFIGS[kernel]]
+    return {"early_config_prune": prune}
+
+
 _KEY = ["N_CTX", "HEAD_DIM", "CAUSAL"]
-attention_fwd_v3_tuned = triton.autotune(configs=fwd_configs(), key=_KEY)(attention_fwd_v3_kernel)
-attention_bwd_dkdv_tuned = triton.autotune(configs=dkdv_configs(), key=_KEY)(attention_bwd_dkdv_kernel)
-attention_bwd_dq_tuned = triton.autotune(configs=dq_configs(), key=_KEY)(attention_bwd_dq_kernel)
+attention_fwd_v3_tuned = triton.autotune(configs=fwd_configs(), key=_KEY,
+                                         prune_configs_by=_prune_for("fwd"))(attention_fwd_v3_kernel)
+attention_bwd_dkdv_tuned = triton.autotune(configs=dkdv_configs(), key=_KEY,
+                                           prune_configs_by=_prune_for("dkdv"))(attention_bwd_dkdv_kernel)
+attention_bwd_dq_tuned = triton.autotune(configs=dq_configs(), key=_KEY,
+                                         prune_configs_by=_prune_for("dq"))(attention_bwd_dq_kernel)
 
 V2_CONFIG = (dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1) if common.INTERPRETER
              else dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2))
@@ -676,7 +698,7 @@ DECODE_BLOCK_S = 16
 
 def default_split_size(ctx: int, batch_heads: int) -> int:
     """Keys per split: enough splits for about 16 programs per SM, each at least one block long."""
-    if common.INTERPRETER:
+    if not common.HAS_GPU:  # the interpreter (or compile-only, COURSE_INTERPRETER=0)
         return 32  # several splits even on tiny caches, so the reduce kernel is exercised
     n_sm = torch.cuda.get_device_properties(common.DEVICE).multi_processor_count
     splits = max(1, triton.cdiv(16 * n_sm, batch_heads))
