@@ -512,3 +512,21 @@ def test_attention_tuners_prune_by_shared_memory(lesson, monkeypatch):
                           (lesson.attention_bwd_dq_tuned, "dq")):
         assert tuned.early_config_prune([too_big], {"q_ptr": q}, HEAD_DIM=128) == [lesson._SMALL_CONFIGS[kernel]]
         assert tuned.early_config_prune([too_big, fits], {"q_ptr": q}, HEAD_DIM=64) == [fits], kernel
+
+
+def test_fixed_tiles_fit_the_card(lesson, monkeypatch):
+    """fp32 at D = 128 without autotuning: on a 99 KiB card (RTX 3090 / 4090) the halved tiles of
+    104-112 KiB are halved again until they fit; on an H100 (227 KiB) they stay as they are."""
+    from common import capability
+    monkeypatch.setattr(common, "INTERPRETER", False)  # _fixed's GPU branch: the halved fp32 tiles
+    for arch, limit in ((86, 101376), (90, 232448)):
+        monkeypatch.setattr(capability, "current_arch", lambda arch=arch: arch)
+        monkeypatch.setattr(capability, "shared_memory_limit", lambda arch_=None, limit=limit: limit)
+        for name, configs in (("fwd", lesson.fwd_configs), ("dkdv", lesson.dkdv_configs), ("dq", lesson.dq_configs)):
+            gpu_first = configs()[0].kwargs
+            blocks, options = lesson._fixed(configs(), torch.float32, name, 128)
+            need = capability.attention_shared_memory({**blocks, **options}, 4, arch=arch, HEAD_DIM=128, kernel=name,
+                                                      tensor_cores=False)
+            assert need <= limit, (arch, name, blocks, need)
+            if arch == 90:
+                assert blocks == {key: max(16, value // 2) for key, value in gpu_first.items()}, (name, blocks)

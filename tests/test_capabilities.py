@@ -208,10 +208,13 @@ def _attention_cases(quick: bool) -> list[Case]:
             dkdv = (q, k, v, do, lse, delta, dk, dv, 0.125, N)
             dqa = (q, k, v, do, lse, delta, dq, 0.125, N)
             if dtype == torch.float32:  # no autotuning: _fixed's halved tiles
-                fixed = lambda configs: [{**blocks, **opts} for blocks, opts in [L07._fixed(configs, dtype)]]  # noqa: E731
-                lists = [("_fixed(fwd_configs(), fp32)", L07.attention_fwd_v3_kernel, fwd, fixed(L07.fwd_configs())),
-                         ("_fixed(dkdv_configs(), fp32)", L07.attention_bwd_dkdv_kernel, dkdv, fixed(L07.dkdv_configs())),
-                         ("_fixed(dq_configs(), fp32)", L07.attention_bwd_dq_kernel, dqa, fixed(L07.dq_configs()))]
+                # (without a GPU _fixed halves nothing: these are its tiles before fitting them to a card)
+                fixed = lambda configs, name: [{**blocks, **opts} for blocks, opts in  # noqa: E731
+                                               [L07._fixed(configs, dtype, name, D)]]
+                lists = [("_fixed(fwd_configs(), fp32)", L07.attention_fwd_v3_kernel, fwd, fixed(L07.fwd_configs(), "fwd")),
+                         ("_fixed(dkdv_configs(), fp32)", L07.attention_bwd_dkdv_kernel, dkdv,
+                          fixed(L07.dkdv_configs(), "dkdv")),
+                         ("_fixed(dq_configs(), fp32)", L07.attention_bwd_dq_kernel, dqa, fixed(L07.dq_configs(), "dq"))]
             else:
                 lists = [("fwd_configs()", L07.attention_fwd_v3_kernel, fwd, L07.fwd_configs()),
                          ("dkdv_configs()", L07.attention_bwd_dkdv_kernel, dkdv, L07.dkdv_configs()),

@@ -517,14 +517,25 @@ def dq_configs() -> list:
             triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3)]
 
 
-def _fixed(configs: list, dtype: torch.dtype) -> tuple[dict, dict]:
-    """(block sizes, launch options) used without autotuning: the first config; smaller for fp32."""
+def _fixed(configs: list, dtype: torch.dtype, kernel: str, head_dim: int) -> tuple[dict, dict]:
+    """(block sizes, launch options) used without autotuning: the first config, smaller for fp32,
+    its largest block halved until the tiles fit this GPU's shared memory (fp32 at D = 128 needs
+    104-112 KiB with the halved blocks, more than an RTX 3090 or 4090 has: compiled,
+    tests/test_capabilities.py)."""
     if dtype == torch.float32 and not common.INTERPRETER:
         # fp32 tiles are twice the bytes and the dots run on the CUDA cores ("ieee"): small tiles
-        first = configs[0].kwargs
-        return {key: max(16, value // 2) for key, value in first.items()}, dict(num_warps=4, num_stages=2)
-    config = configs[0]
-    return dict(config.kwargs), dict(num_warps=config.num_warps, num_stages=config.num_stages)
+        blocks = {key: max(16, value // 2) for key, value in configs[0].kwargs.items()}
+        options = dict(num_warps=4, num_stages=2)
+    else:
+        blocks = dict(configs[0].kwargs)
+        options = dict(num_warps=configs[0].num_warps, num_stages=configs[0].num_stages)
+    estimate = functools.partial(capability.attention_shared_memory, kernel=kernel, HEAD_DIM=head_dim,
+                                 tensor_cores=dtype != torch.float32)
+    while (max(blocks.values()) > 16
+           and not capability.fits_shared_memory({**blocks, **options}, dtype.itemsize, estimate=estimate)):
+        largest = max(blocks, key=blocks.get)
+        blocks[largest] //= 2
+    return blocks, options
 
 
 # The autotuned kernels: the same @triton.jit functions, with a config chosen by timing on the
@@ -624,7 +635,7 @@ def attention_v3(q, k, v, causal: bool = False, sm_scale: float | None = None, o
         grid = lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * H)  # noqa: E731 (the tuner picks BLOCK_M)
         attention_fwd_v3_tuned[grid](*args, **meta)
     else:
-        blocks, options = _fixed(fwd_configs(), q.dtype)
+        blocks, options = _fixed(fwd_configs(), q.dtype, "fwd", D)
         grid = (triton.cdiv(N, blocks["BLOCK_M"]), B * H)
         attention_fwd_v3_kernel[grid](*args, **meta, **blocks, **options)
     return out, lse
@@ -650,10 +661,10 @@ def attention_backward(do, q, k, v, out, lse, causal: bool = False, sm_scale: fl
         attention_bwd_dkdv_tuned[lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * H)](*dkdv_args, **meta)
         attention_bwd_dq_tuned[lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * H)](*dq_args, **meta)
     else:
-        blocks, options = _fixed(dkdv_configs(), q.dtype)
+        blocks, options = _fixed(dkdv_configs(), q.dtype, "dkdv", D)
         attention_bwd_dkdv_kernel[(triton.cdiv(N, blocks["BLOCK_N"]), B * H)](*dkdv_args, **meta, **blocks,
                                                                                **options)
-        blocks, options = _fixed(dq_configs(), q.dtype)
+        blocks, options = _fixed(dq_configs(), q.dtype, "dq", D)
         attention_bwd_dq_kernel[(triton.cdiv(N, blocks["BLOCK_M"]), B * H)](*dq_args, **meta, **blocks, **options)
     return dq, dk, dv
 
