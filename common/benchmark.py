@@ -214,6 +214,7 @@ class Benchmark:
     note: str = ""  # printed under the table: how to read it
     rounds: int = 3
     max_rounds: int = 7
+    unavailable: str = ""  # why this GPU cannot run it (shared memory, say): printed instead of a table
 
     def __post_init__(self):
         self.validate()
@@ -338,6 +339,9 @@ class Benchmark:
         section(f"Benchmark: {self.title}")
         if clock is None:
             return self._smoke()
+        if self.unavailable:
+            print(f"not run on this GPU: {self.unavailable}")
+            return []
         cases = list(self.quick_cases if self.quick_cases is not None else self.cases[:1]) if quick else list(self.cases)
         ceiling = clock.ceiling(self.ceiling, self.dtype) if self.ceiling else None
         if ceiling:

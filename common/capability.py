@@ -201,6 +201,25 @@ def fits_shared_memory(config, element_size: int, *, estimate: Callable = matmul
                                                limit=limit, empty_ok=True, **launch_args))
 
 
+def fit_blocks(blocks: dict, options: dict, element_size: int, *, estimate: Callable = matmul_shared_memory,
+               arch: int | None = None, limit: int | None = None, shrink: Iterable[str] | None = None,
+               smallest: int = 16, **launch_args) -> dict:
+    """A fixed config's block sizes, the largest of `shrink` (default: all of them) halved until
+    the estimate fits one program's shared memory on this GPU (or on sm_<arch>), none below
+    `smallest`; the blocks as they are where they already fit, or where no limit is known
+    (`limit`: bytes instead of the card's).
+    For configs used without a tuner to fall back on: lesson 07's fp32 tiles, lesson 09's fixed GEMM."""
+    blocks = dict(blocks)
+    names = list(shrink) if shrink is not None else list(blocks)
+    while not fits_shared_memory({**blocks, **options}, element_size, estimate=estimate, arch=arch, limit=limit,
+                                 **launch_args):
+        largest = max(names, key=blocks.get)
+        if blocks[largest] <= smallest:
+            break  # as small as it goes: the launch will say it does not fit
+        blocks[largest] //= 2
+    return blocks
+
+
 def prune_configs_by_shared_memory(configs: Iterable, named_args: dict | None = None, *,
                                    element_size: int | None = None, estimate: Callable = matmul_shared_memory,
                                    arch: int | None = None, limit: int | None = None, empty_ok: bool | None = None,

@@ -514,3 +514,25 @@ def test_lesson_matches_torch_grouped_mm(lesson):
         pytest.skip(f"torch._grouped_mm failed here: {type(err).__name__}: {err}")
     ours = lesson.moe(x, logits, w_gate, w_up, w_down, 2)
     assert_close(ours, theirs.float(), name="moe vs torch._grouped_mm", atol=0.1, rtol=0.05)
+
+
+def test_gemm_configs_fit_the_card(lesson, monkeypatch):
+    """On a T4 (64 KiB, fp32 copies of the tiles on its CUDA cores) the fixed gate / up config is
+    fitted (BLOCK_N halved, BLOCK_M kept for the tile table) and the tuner's prune keeps only what
+    fits, falling back to the fitted config when nothing does; an H100 changes nothing."""
+    from common import capability
+    gpu_config = dict(BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)  # the lesson's, on a GPU
+    monkeypatch.setattr(lesson, "GEMM_CONFIG", gpu_config)
+    monkeypatch.setattr(lesson, "BLOCK_M", 128)
+    assert lesson.fixed_gemm_config(torch.float16, True, arch=90) == gpu_config
+    fitted = lesson.fixed_gemm_config(torch.float16, True, arch=75)
+    need = capability.matmul_shared_memory(fitted, 2, arch=75, b_tiles=2, BLOCK_M=128)
+    assert need <= 65536 < capability.matmul_shared_memory(gpu_config, 2, arch=75, b_tiles=2, BLOCK_M=128), fitted
+    assert fitted["BLOCK_N"] == 64 and fitted["BLOCK_K"] == 64, fitted
+    a = torch.empty(4, 64, dtype=torch.float16)
+    too_big = triton.Config({"BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=4)
+    prune = lesson._prune_for(True, arch=75)["early_config_prune"]
+    [fallback] = prune([too_big], {"a_ptr": a}, BLOCK_M=128)
+    assert fallback.kwargs == {k: v for k, v in fitted.items() if k.isupper()}
+    fits = triton.Config({"BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=2)
+    assert prune([too_big, fits], {"a_ptr": a}, BLOCK_M=128) == [fits]

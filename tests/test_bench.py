@@ -315,3 +315,11 @@ def test_common_bench_is_the_timer_not_a_module():
     import common
     from common.timing import bench
     assert common.bench is bench and callable(common.bench)
+
+
+def test_unavailable_benchmark_says_why_and_times_nothing(fake_op, capsys):
+    """A benchmark this GPU cannot hold (lesson 04's stage sweep on a T4) prints its reason, no table."""
+    clock = StubClock({"mine": [1.0], registry.EAGER: [2.0], registry.COMPILE: [1.5], "lib": [1.2]})
+    assert _benchmark(unavailable="tiles of 96 KiB, 64 KiB here").run(quick=False, _clock=clock) == []
+    assert clock.order == []
+    assert "not run on this GPU: tiles of 96 KiB, 64 KiB here" in capsys.readouterr().out

@@ -517,11 +517,9 @@ def dq_configs() -> list:
             triton.Config({"BLOCK_M": 128, "BLOCK_N": 32}, num_warps=8, num_stages=3)]
 
 
-def _fixed(configs: list, dtype: torch.dtype, kernel: str, head_dim: int) -> tuple[dict, dict]:
+def _fixed(configs: list, dtype: torch.dtype, kernel: str, head_dim: int, arch: int | None = None) -> tuple[dict, dict]:
     """(block sizes, launch options) used without autotuning: the first config, smaller for fp32,
-    its largest block halved until the tiles fit this GPU's shared memory (fp32 at D = 128 needs
-    104-112 KiB with the halved blocks, more than an RTX 3090 or 4090 has: compiled,
-    tests/test_capabilities.py)."""
+    fitted to the shared memory of this GPU (or of sm_<arch>: the capability test asks for each card)."""
     if dtype == torch.float32 and not common.INTERPRETER:
         # fp32 tiles are twice the bytes and the dots run on the CUDA cores ("ieee"): small tiles
         blocks = {key: max(16, value // 2) for key, value in configs[0].kwargs.items()}
@@ -529,13 +527,18 @@ def _fixed(configs: list, dtype: torch.dtype, kernel: str, head_dim: int) -> tup
     else:
         blocks = dict(configs[0].kwargs)
         options = dict(num_warps=configs[0].num_warps, num_stages=configs[0].num_stages)
+    return _fit_blocks(blocks, options, dtype, kernel, head_dim, arch), options
+
+
+def _fit_blocks(blocks: dict, options: dict, dtype: torch.dtype, kernel: str, head_dim: int,
+                arch: int | None = None) -> dict:
+    """`blocks` with its largest block halved until the tiles fit one program's shared memory:
+    fp32 at D = 128 needs 104-112 KiB with _fixed's halved blocks, more than an RTX 3090 or 4090
+    has; V2_CONFIG's 64 x 64 at D = 128 needs about 100 KiB on a T4's CUDA cores, of its 64
+    (compiled for each card, tests/test_capabilities.py)."""
     estimate = functools.partial(capability.attention_shared_memory, kernel=kernel, HEAD_DIM=head_dim,
                                  tensor_cores=dtype != torch.float32)
-    while (max(blocks.values()) > 16
-           and not capability.fits_shared_memory({**blocks, **options}, dtype.itemsize, estimate=estimate)):
-        largest = max(blocks, key=blocks.get)
-        blocks[largest] //= 2
-    return blocks, options
+    return capability.fit_blocks(blocks, options, dtype.itemsize, estimate=estimate, arch=arch)
 
 
 # The autotuned kernels: the same @triton.jit functions, with a config chosen by timing on the
@@ -549,12 +552,13 @@ _SMALL_CONFIGS = {"fwd": triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps
                   "dq": triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)}
 
 
-def _prune_for(kernel: str):
+def _prune_for(kernel: str, arch: int | None = None):
+    """The tuner's early_config_prune for `kernel`, against this GPU (or sm_<arch>, for the tests)."""
     estimate = functools.partial(capability.attention_shared_memory, kernel=kernel)
 
     def prune(configs, named_args, **launch_args):
         kept = capability.prune_configs_by_shared_memory(configs, named_args, estimate=estimate, empty_ok=True,
-                                                         **launch_args)
+                                                         arch=arch, **launch_args)
         return kept or [_SMALL_CONFIGS[kernel]]
     return {"early_config_prune": prune}
 
@@ -569,6 +573,14 @@ attention_bwd_dq_tuned = triton.autotune(configs=dq_configs(), key=_KEY,
 
 V2_CONFIG = (dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1) if common.INTERPRETER
              else dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2))
+
+
+
+def v2_config(dtype: torch.dtype, head_dim: int, arch: int | None = None) -> dict:
+    """V2_CONFIG with its blocks fitted to this GPU's shared memory (unchanged on an H100)."""
+    blocks = {k: v for k, v in V2_CONFIG.items() if k.startswith("BLOCK")}
+    options = {k: v for k, v in V2_CONFIG.items() if not k.startswith("BLOCK")}
+    return {**_fit_blocks(blocks, options, dtype, "fwd", head_dim, arch), **options}
 
 
 def _check_qkv(q, k, v) -> None:
@@ -611,9 +623,10 @@ def attention_v2(q, k, v, causal: bool = False, sm_scale: float | None = None, o
     out = _check_out(q, out)
     B, H, N, D = q.shape
     sm_scale = D ** -0.5 if sm_scale is None else sm_scale
-    grid = (triton.cdiv(N, V2_CONFIG["BLOCK_M"]), B * H)
+    config = v2_config(q.dtype, D)
+    grid = (triton.cdiv(N, config["BLOCK_M"]), B * H)
     attention_fwd_v2_kernel[grid](q, k, v, out, sm_scale, *_qkv_strides(q, k, v), H, N, HEAD_DIM=D,
-                                  DOT_PRECISION=_dot_precision(q.dtype), **V2_CONFIG)
+                                  DOT_PRECISION=_dot_precision(q.dtype), **config)
     return out
 
 

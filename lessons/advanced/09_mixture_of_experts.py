@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from common import Table, section
+from common import Table, capability, section
 
 # %% [markdown]
 # ## Motivation
@@ -441,8 +441,43 @@ def gemm_configs(swiglu: bool) -> list:
             triton.Config({"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4)]
 
 
-grouped_gemm_tuned = triton.autotune(configs=gemm_configs(swiglu=False), key=["N", "K"])(grouped_gemm_kernel)
-grouped_swiglu_tuned = triton.autotune(configs=gemm_configs(swiglu=True), key=["N", "K"])(grouped_gemm_kernel)
+def _gemm_estimate(swiglu: bool, fp32: bool = False):
+    """Shared memory of the K loop (common/capability.py): an A tile and one B tile per step, two
+    for the fused gate / up GEMM (W_gate and W_up); fp32's IEEE products on the CUDA cores."""
+    return functools.partial(capability.matmul_shared_memory, b_tiles=2 if swiglu else 1, tensor_cores=not fp32)
+
+
+def fixed_gemm_config(dtype: torch.dtype, swiglu: bool, arch: int | None = None) -> dict:
+    """GEMM_CONFIG (GEMM_CONFIG_FP32 for fp32), BLOCK_N and BLOCK_K halved until it fits this GPU's
+    shared memory (or sm_<arch>'s). On an H100 nothing changes; on a T4 the fused gate / up GEMM's
+    128 x 128 x 64 tiles are 96 KiB of its 64 as fp32 copies (BLOCK_M stays: the tile table is built for it)."""
+    config = GEMM_CONFIG_FP32 if dtype == torch.float32 else GEMM_CONFIG
+    blocks = {k: v for k, v in config.items() if k in ("BLOCK_N", "BLOCK_K")}
+    rest = {k: v for k, v in config.items() if k not in blocks}
+    launch = {"num_warps": rest["num_warps"], "num_stages": rest["num_stages"]}
+    estimate = _gemm_estimate(swiglu, dtype == torch.float32)
+    return {**capability.fit_blocks(blocks, launch, dtype.itemsize, estimate=estimate,
+                                    arch=arch, BLOCK_M=BLOCK_M), **rest}
+
+
+def _prune_for(swiglu: bool, arch: int | None = None):
+    """The tuner's early_config_prune: the configs this GPU's (or sm_<arch>'s) shared memory holds;
+    where none does, the fitted fixed config."""
+    def prune(configs, named_args, **launch_args):
+        kept = capability.prune_configs_by_shared_memory(configs, named_args, estimate=_gemm_estimate(swiglu),
+                                                         arch=arch, empty_ok=True, **launch_args)
+        if kept:
+            return kept
+        fixed = fixed_gemm_config(next(v.dtype for v in named_args.values() if hasattr(v, "dtype")), swiglu, arch)
+        return [triton.Config({k: v for k, v in fixed.items() if k.isupper()}, num_warps=fixed["num_warps"],
+                              num_stages=fixed["num_stages"])]
+    return {"early_config_prune": prune}
+
+
+grouped_gemm_tuned = triton.autotune(configs=gemm_configs(swiglu=False), key=["N", "K"],
+                                     prune_configs_by=_prune_for(swiglu=False))(grouped_gemm_kernel)
+grouped_swiglu_tuned = triton.autotune(configs=gemm_configs(swiglu=True), key=["N", "K"],
+                                       prune_configs_by=_prune_for(swiglu=True))(grouped_gemm_kernel)
 
 
 def _check_top_k(top_k, n_experts: int) -> None:
@@ -550,12 +585,10 @@ def grouped_gemm(a: torch.Tensor, w: torch.Tensor, perm: Permutation, w_up: torc
         if out.shape != (n_rows, N):
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {(n_rows, N)}")
     swiglu = w_up is not None
-    if a.dtype == torch.float32:
-        kernel, config = grouped_gemm_kernel, GEMM_CONFIG_FP32
-    elif tuned:
+    if tuned and a.dtype != torch.float32:
         kernel, config = (grouped_swiglu_tuned if swiglu else grouped_gemm_tuned), {}
     else:
-        kernel, config = grouped_gemm_kernel, GEMM_CONFIG
+        kernel, config = grouped_gemm_kernel, fixed_gemm_config(a.dtype, swiglu)
     grid = lambda meta: (perm.max_tiles * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731 (BLOCK_N may be tuned)
     kernel[grid](a, perm.sorted_token, w, w_up if swiglu else w, out, perm.tile_expert, perm.tile_start,
                  perm.offsets, perm.num_tiles, N, K, perm.max_tiles, a.stride(0), GATHER=gather, SWIGLU=swiglu,

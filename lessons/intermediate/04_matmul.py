@@ -521,10 +521,37 @@ STAGE_SWEEP = (1, 2, 3, 4)  # at 128 x 256 x 64, 8 warps
 SWEEP_N = 4096 if common.HAS_GPU else 64
 
 
-def _fits(bm: int, bn: int, bk: int, stages: int) -> bool:
-    """Whether `stages` A and B tiles (fp16) fit the shared memory one program may use on this GPU:
-    a config that does not fit fails to launch (OutOfResources), so the sweeps leave it out."""
-    return capability.fits_shared_memory(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages), 2)
+def _fits(bm: int, bn: int, bk: int, stages: int, arch: int | None = None) -> bool:
+    """Whether `stages` A and B tiles (fp16) fit the shared memory one program may use on this GPU
+    (or on sm_<arch>): a config that does not fit fails to launch (OutOfResources), so the sweeps
+    leave it out."""
+    return capability.fits_shared_memory(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages), 2, arch=arch)
+
+
+def tile_sweep_cases(arch: int | None = None) -> list:
+    return [c for c in TILE_SWEEP if _fits(*c[:3], 3, arch)]
+
+
+def stage_sweep_cases(arch: int | None = None) -> list:
+    """The stage counts of STAGE_SWEEP this GPU holds. None on a T4 (sm_75): tl.dot runs on its
+    CUDA cores with fp32 copies of the tiles, 96 KiB for one stage of 128 x 256 x 64, of its 64,
+    and Triton does not pipeline there anyway (common/capability.py, pipeline_buffers)."""
+    return [s for s in STAGE_SWEEP if _fits(128, 256, 64, s, arch)]
+
+
+def _stage_sweep_unavailable(arch: int | None = None) -> str:
+    """Why this GPU runs no case of the stage sweep ("" where it runs some)."""
+    if stage_sweep_cases(arch):
+        return ""
+    need = capability.matmul_shared_memory(dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, num_stages=1), 2,
+                                           arch=arch or capability.current_arch())
+    limit = capability.shared_memory_limit(arch)
+    return (f"128 x 256 x 64 tiles need {common.fmt_bytes(need)} of shared memory even with one stage, more "
+            f"than the {common.fmt_bytes(limit)} one program may use here")
+
+
+def _first_fitting(preferred, cases: list) -> list:
+    return [preferred] if preferred in cases else cases[:1]
 
 
 def _v3_with(a, b, config):
@@ -550,7 +577,7 @@ BENCHMARKS = [
     *(_versus_cublas(dtype) for dtype in VERSUS_DTYPES),
     common.Benchmark(
         f"v3 tile sweep at {SWEEP_N}^3 fp16 (num_stages=3, GROUP_M=8)", op=None,
-        cases=[c for c in TILE_SWEEP if _fits(*c[:3], 3)], quick_cases=[(128, 128, 64, 4)], cpu_cases=[(32, 32, 64, 4)],
+        cases=tile_sweep_cases(), quick_cases=_first_fitting((128, 128, 64, 4), tile_sweep_cases()), cpu_cases=[(32, 32, 64, 4)],
         setup=lambda bm, bn, bk, warps: (*random_problem(SWEEP_N, SWEEP_N, SWEEP_N, torch.float16), dict(
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=3)),
         kernels={"v3": _v3_with}, flops=_flops, ceiling="matmul", dtype=torch.float16, label=_tile_label,
@@ -559,13 +586,14 @@ BENCHMARKS = [
                                      "hold are left out."),
     common.Benchmark(
         f"v3 num_stages at 128 x 256 x 64, 8 warps, {SWEEP_N}^3 fp16", op=None,
-        cases=[s for s in STAGE_SWEEP if _fits(128, 256, 64, s)], quick_cases=[3], cpu_cases=[1],
+        cases=stage_sweep_cases(), quick_cases=_first_fitting(3, stage_sweep_cases()), cpu_cases=[1],
         setup=lambda stages: (*random_problem(SWEEP_N, SWEEP_N, SWEEP_N, torch.float16), dict(
             BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=stages)),
         kernels={"v3": _v3_with}, flops=_flops, ceiling="matmul", dtype=torch.float16,
         label=lambda s: f"{s} stage(s): {common.fmt_bytes(s * (128 + 256) * 64 * 2)} of shared memory",
         note="One stage: every K step waits for its own loads. More stages keep more loads in flight "
-             "(in more shared memory); once the loads are hidden, more stages add nothing."),
+             "(in more shared memory); once the loads are hidden, more stages add nothing.",
+        unavailable=_stage_sweep_unavailable()),
     ROOFLINE,
     common.Benchmark(
         "fp32 matmul: v3's input_precision vs torch.matmul (fp32 inputs, allow_tf32=False)", op="matmul",
