@@ -141,6 +141,7 @@ def test_quick_runs_state_no_bars_and_skip_compile(fake_op, capsys):
 
 def test_interpreter_smoke_runs_every_provider_once(fake_op, capsys, monkeypatch):
     monkeypatch.setattr(benchmark, "HAS_GPU", False)
+    monkeypatch.setattr(common.device, "HAS_GPU", False)  # require_gpu's, for the message (on a GPU too)
     b = _benchmark(cpu_cases=[3])
     assert b.run(quick=True) == []  # no GPU clock here: the smoke path
     assert sorted(CALLS) == sorted(["mine", registry.EAGER, "lib"])
