@@ -12,9 +12,10 @@ from .report import Table, new_figure, perf_bar, save_plot, section
 from .timing import (Timing, bench, bench_graphed, compiled, copy_bandwidth, gpu_kernel_count, matmul_rate,
                      median_ratio, pct_of_copy, read_bandwidth, wall_timing, wall_us_per_call)
 from .benchmark import Bar, Benchmark, Version, Versions, run_benchmarks
-from .traffic import access_widths, count_torch_traffic, fmt_bytes, min_bytes, peak_extra_memory
+from .traffic import count_torch_traffic, fmt_bytes, min_bytes, peak_extra_memory
 from .validate import check_tensors
 from .cli import lesson_args
+from .compiler import KernelReport, inspect_kernel, inspect_kernels
 
 __all__ = [
     "DEVICE", "HAS_GPU", "INTERPRETER", "banner", "dtype_name", "is_hopper", "require_gpu", "supports_bf16", "supports_fp8",
@@ -24,6 +25,7 @@ __all__ = [
     "Bar", "Benchmark", "Version", "Versions", "run_benchmarks",
     "Timing", "bench", "bench_graphed", "compiled", "copy_bandwidth", "gpu_kernel_count", "matmul_rate", "median_ratio",
     "pct_of_copy", "read_bandwidth", "wall_timing", "wall_us_per_call",
-    "access_widths", "count_torch_traffic", "fmt_bytes", "min_bytes", "peak_extra_memory",
+    "count_torch_traffic", "fmt_bytes", "min_bytes", "peak_extra_memory",
     "check_tensors", "lesson_args",
+    "KernelReport", "inspect_kernel", "inspect_kernels",
 ]

@@ -31,19 +31,26 @@ class Card:
     arch: int  # compute capability as one number: 75 for sm_75
     names: str  # the cards of that capability the course is run on
     max_shared_per_block: int  # bytes of shared memory one program may use (the opt-in maximum)
+    # What an SM holds at once, which decides how many programs run on it together (occupancy,
+    # common/compiler.py): threads, programs, shared memory; 64 K registers on every one of them.
+    max_threads_per_sm: int
+    max_programs_per_sm: int
+    shared_per_sm: int
+    registers_per_sm: int = 65536
+    reserved_shared_per_program: int = 1 * KiB  # kept by CUDA for each resident block on sm_80+
 
 
-# cudaDevAttrMaxSharedMemoryPerBlockOptin of each capability, from the CUDA C++ Programming Guide
-# ("Compute Capabilities": 7.x shared memory, 64 KB on Turing; 8.x, 163 KB on 8.0 and 99 KB on
-# 8.6 / 8.9) and the Hopper Tuning Guide (227 KB on 9.0). It is what torch reports as
-# shared_memory_per_block_optin and Triton's driver as max_shared_mem; the SM has 1 KB more,
-# which CUDA keeps for itself.
+# From the CUDA C++ Programming Guide ("Compute Capabilities": per-capability technical
+# specifications; shared memory per SM and the opt-in maximum per block, 64 KB on Turing, 163 KB
+# on 8.0 and 99 KB on 8.6 / 8.9) and the Hopper Tuning Guide (227 KB on 9.0). The per-block
+# maximum is what torch reports as shared_memory_per_block_optin and Triton's driver as
+# max_shared_mem; the SM has 1 KB more, which CUDA keeps for itself.
 CARDS = (
-    Card(75, "T4", 64 * KiB),
-    Card(80, "A100", 163 * KiB),
-    Card(86, "RTX 3090 / A10 / A40", 99 * KiB),
-    Card(89, "L4 / RTX 4090 / L40S", 99 * KiB),
-    Card(90, "H100 / H200", 227 * KiB),
+    Card(75, "T4", 64 * KiB, 1024, 16, 64 * KiB, reserved_shared_per_program=0),
+    Card(80, "A100", 163 * KiB, 2048, 32, 164 * KiB),
+    Card(86, "RTX 3090 / A10 / A40", 99 * KiB, 1536, 16, 100 * KiB),
+    Card(89, "L4 / RTX 4090 / L40S", 99 * KiB, 1536, 24, 100 * KiB),
+    Card(90, "H100 / H200", 227 * KiB, 2048, 32, 228 * KiB),
 )
 CARD_BY_ARCH = {card.arch: card for card in CARDS}
 

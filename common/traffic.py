@@ -7,7 +7,6 @@ Memory-bound kernels are judged by bytes, so every lesson prints three things:
   - achieved GB/s and % of the copy bandwidth measured in the same run (timing.copy_bandwidth).
 """
 
-import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -137,25 +136,3 @@ def fmt_bytes(n: float) -> str:
         n /= 1024
     raise AssertionError("unreachable")
 
-
-_PTX_ACCESS = re.compile(r"\b(ld|st)\.global[\w.:]*")
-
-
-def access_widths(compiled) -> str:
-    """'load/store' bits of the widest global load and store in a compiled kernel's PTX.
-
-    128 means 16-byte vector instructions (ld.global.v4.b32); 32 means one fp32 per instruction.
-    """
-    try:
-        ptx = compiled.asm["ptx"]
-    except Exception:  # an interpreter run returns no compiled kernel, or a Triton without .asm
-        return "?"
-    widest = {"ld": 0, "st": 0}
-    for match in _PTX_ACCESS.finditer(ptx):
-        token = match.group(0)
-        vector = re.search(r"\.v(\d)\b", token)
-        bits = re.search(r"\.[bfsu](\d+)$", token)
-        if bits:
-            width = (int(vector.group(1)) if vector else 1) * int(bits.group(1))
-            widest[match.group(1)] = max(widest[match.group(1)], width)
-    return f"{widest['ld']}/{widest['st']}"

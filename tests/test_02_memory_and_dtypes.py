@@ -3,6 +3,8 @@
 IMPL=exercises (default) grades exercises/02_memory_and_dtypes.py; IMPL=solutions grades the answers.
 """
 
+from collections import Counter
+
 import pytest
 import torch
 import triton
@@ -10,6 +12,7 @@ import triton.language as tl
 
 import common
 from common import CheckError, assert_close, awkward_sizes, poisoned_empty, randn
+from common.compiler import memory_ops
 from common.grading import Exercise, expect_rejected, lesson_tests, load_impl
 from common.lessons import lesson_module
 
@@ -401,7 +404,6 @@ def test_lesson_models(lesson):
     ptx = ("@%p1 ld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];\n"
            "ld.global.b32 %r5, [ %rd2 + 0 ];\n@%p2 st.global.v2.b32 [ %rd3 + 0 ], { %r6, %r7 };")
 
-    class Fake:
-        asm = {"ptx": ptx}
-    assert common.access_widths(Fake()) == "128/64"
-    assert common.access_widths(None) == "?"
+    loads, stores = memory_ops(ptx)  # what the lesson's access-width table reads
+    assert loads == Counter({"128-bit ld.global": 1, "32-bit ld.global": 1})
+    assert stores == Counter({"64-bit st.global": 1})

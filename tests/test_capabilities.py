@@ -90,32 +90,6 @@ def _label(meta: dict) -> str:
     return f"{blocks} w{meta.get('num_warps', 4)} s{meta.get('num_stages', 3)}" + (" " + " ".join(extra) if extra else "")
 
 
-def compile_for(fn, arch: int, args: tuple, meta: dict):
-    """triton.compile of `fn` as `fn[grid](*args, **meta)` would compile it, for sm_<arch>.
-
-    The argument specialisation (pointer dtypes, integers divisible by 16, constexprs) comes from
-    the JIT's own binder, so the kernel is the one a launch on that card would build; only the
-    target is ours instead of the driver's (there is no GPU to ask).
-    """
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.autotuner import Heuristics
-    from triton.runtime.jit import create_function_from_signature
-
-    meta = dict(meta)
-    while isinstance(fn, Heuristics):  # triton.heuristics: its values computed as a launch does
-        for name, rule in fn.values.items():
-            meta[name] = rule({**dict(zip(fn.arg_names, args)), **meta})
-        fn = fn.fn
-    target = GPUTarget("cuda", arch, 32)
-    backend = make_backend(target)
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-    bound_args, specialization, options = binder(*args, **meta)
-    options, signature, constexprs, attrs = fn._pack_args(backend, meta, bound_args, specialization, options)
-    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
-
-
 def _meta_tensor(*shape, dtype):
     import torch
     return torch.empty(*shape, dtype=dtype, device="meta")
@@ -140,7 +114,6 @@ def _load(number: str):
 
 def _matmul_cases(quick: bool) -> list[Case]:
     import torch
-    from common import capability as cap
 
     cases = []
     M = N = K = 4096
@@ -460,6 +433,7 @@ def _first_dtype(args) -> str:
 def _worker(archs: list[int], quick: bool, only: str | None, out, shard: tuple[int, int] = (0, 1)) -> None:
     import common  # noqa: F401  (first: COURSE_INTERPRETER=0 keeps the kernels compilable)
     from common import capability as cap
+    from common.compiler import compile_for
 
     cases = [c for c in _cases(quick) if not only or re.search(only, f"{c.lesson} {c.kernel} {c.source} {c.label}")]
     compiled_shared: dict = {}
@@ -732,6 +706,7 @@ def _gpu_check(only: str | None, out, shard: tuple[int, int] = (0, 1)) -> None:
     import torch
     import triton
     from common import capability as cap
+    from common.compiler import compile_for
     from triton.runtime.autotuner import Heuristics
 
     arch = cap.current_arch()

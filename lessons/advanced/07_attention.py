@@ -490,9 +490,10 @@ DTYPES = (torch.float32, torch.float16) + ((torch.bfloat16,) if common.supports_
 HEAD_DIMS = (16, 32, 64, 128)
 
 
-def fwd_configs() -> list:
-    """The configs v3's autotuner times on the first call for each (N, D, causal) and dtype."""
-    if common.INTERPRETER:
+def fwd_configs(for_gpu: bool = False) -> list:
+    """The configs v3's autotuner times on the first call for each (N, D, causal) and dtype
+    (for_gpu: the GPU's list under the interpreter too, for common.inspect_kernel)."""
+    if common.INTERPRETER and not for_gpu:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     # Hopper: 128 queries per program over 8 warps (two warpgroups of wgmma), keys in blocks of
     # 64 or 128, 3 or 4 stages of K/V tiles in flight. Configs whose tiles do not fit in shared
@@ -1075,9 +1076,47 @@ def check_at_benchmark_size(quick: bool) -> None:
 
 
 # %%
+# %% [markdown]
+# ## What the compiler made
+# The forward's first config (128 queries over 8 warps, 64 keys a step, 3 stages), fp16, at
+# D = 64 and D = 128, as common.inspect_kernel compiles it for this GPU (for an H100 without
+# one): the accumulator (BLOCK_M x D fp32) and the score tile (BLOCK_M x BLOCK_N) live in
+# registers, so doubling D adds registers; K and V tiles stream through shared memory, so it
+# adds shared memory too. The layouts line of the TTGIR says how the tensor cores hold them.
+
+
+# %%
+def compiled_forward() -> None:
+    section("What the compiler made of the forward (fp16, the first autotuned config)")
+    config = fwd_configs(for_gpu=True)[0]
+    calls = []
+    for d in (64, 128):
+        q = torch.empty(1, 1, 4096, d, dtype=torch.float16, device=common.DEVICE)  # nothing is launched
+        lse = torch.empty(1, 1, 4096, device=common.DEVICE)
+        strides = (4096 * d, 4096 * d, d) * 3
+        calls.append((attention_fwd_v3_kernel, (q, q, q, q, lse, d ** -0.5, *strides, 1, 4096),
+                      dict(config.kwargs, HEAD_DIM=d, CAUSAL=False, DOT_PRECISION="tf32",
+                           num_warps=config.num_warps, num_stages=config.num_stages)))
+    reports = common.inspect_kernels(calls)
+    table = Table(f"attention_fwd_v3_kernel compiled for sm_{reports[0].arch}: "
+                  f"{config.kwargs['BLOCK_M']} x {config.kwargs['BLOCK_N']}, {config.num_warps} warps, "
+                  f"{config.num_stages} stages",
+                  ["D", "registers/thread", "spilled", "shared", "programs/SM", "bound by", "tensor cores"])
+    for d, r in zip((64, 128), reports):
+        programs, binding, _ = r.occupancy()
+        table.add(d, r.registers, fmt_bytes(r.local_bytes or 0), fmt_bytes(r.shared), programs, binding,
+                  "wgmma" if r.features["wgmma"] else "mma.sync" if r.features["mma"] else "none")
+    table.print()
+    if reports[0].note:
+        print(reports[0].note)
+    print("The layouts of the D = 128 kernel (TTGIR):")
+    print(reports[1].excerpt("ttgir", r"^#(mma|shared|blocked|smem)\w* =", lines=6))
+
+
 if __name__ == "__main__":
     args = common.lesson_args(__doc__.strip().splitlines()[0])
     check(args.quick)
+    compiled_forward()
     if common.HAS_GPU:
         check_at_benchmark_size(args.quick)
         traffic(*BAR_CASE, torch.bfloat16)

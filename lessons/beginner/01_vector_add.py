@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from common import section
+from common import Table, section
 
 # %% [markdown]
 # ## Motivation
@@ -172,6 +172,45 @@ def traffic(n: int) -> None:
 
 
 # %% [markdown]
+# ## What the compiler made
+# common.inspect_kernel compiles add_kernel as a launch would (for this GPU; for an H100 without
+# one, so a CPU learner sees the same numbers) and reads the registers, the load widths and how
+# many programs fit on one SM at once. A program of 4 warps is 128 threads: BLOCK_SIZE = 64 leaves
+# half of them without an element, 1024 gives each thread 8 (two 16-byte loads per input). The
+# last column is the most bytes of x and y one SM can have requested at once: to keep the memory
+# busy, an SM needs about bandwidth x latency / SMs bytes in flight (Little's law). On an H100
+# (lessons/results): BLOCK_SIZE = 64, at most 8 KiB an SM (1.08 MB over 132 SMs), ran at
+# 1,275 GB/s, so a load took about 1.08 MB / 1,275 GB/s = 0.85 us; 3.0 TB/s then needs 2.5 MB
+# in flight, 18.8 KiB an SM: 128 (16 KiB) reached 84% of copy, 256 (32 KiB) and up all of it.
+
+
+# %%
+INSPECTED_BLOCK_SIZES = (64, 256, 1024, 4096, 16384)
+
+
+def compiled_kernel() -> None:
+    section("What the compiler made of add_kernel (num_warps = 4)")
+    x = torch.empty(2**20, device=common.DEVICE)  # nothing is launched: only the dtype and alignment matter
+    reports = common.inspect_kernels([(add_kernel, (x, x, x, x.numel()), dict(BLOCK_SIZE=block, num_warps=4))
+                                      for block in INSPECTED_BLOCK_SIZES])
+    table = Table(f"add_kernel compiled for sm_{reports[0].arch}",
+                  ["BLOCK_SIZE", "elements/thread", "registers/thread", "spilled", "loads of x, y", "programs/SM",
+                   "bound by", "x, y requested/SM"])
+    for block, r in zip(INSPECTED_BLOCK_SIZES, reports):
+        programs, binding, _ = r.occupancy()
+        loads = ", ".join(f"{n} x {kind.split()[0]}" for kind, n in sorted(r.loads.items(), reverse=True))
+        table.add(block, f"{block / r.threads:g}", r.registers, common.fmt_bytes(r.local_bytes or 0), loads,
+                  programs, binding, common.fmt_bytes(programs * block * 2 * x.element_size()))
+    table.print()
+    if reports[0].note:
+        print(reports[0].note)
+    by_threads = [b for b, r in zip(INSPECTED_BLOCK_SIZES, reports) if r.occupancy()[1] == "threads"]
+    print(f"Up to BLOCK_SIZE = {max(by_threads)} an SM is full by threads (programs of 128 threads); past it the "
+          f"registers holding each thread's elements bind. What grows with BLOCK_SIZE is the bytes each program "
+          f"requests at once: Little's law (lesson 01's md) says how many an SM needs in flight.")
+
+
+# %% [markdown]
 # ## Benchmark
 # Declared once, run by common.Benchmark: every provider is timed on every size in alternating
 # rounds, in GB/s counting bytes read plus bytes written, as a % of a device-to-device copy
@@ -251,4 +290,5 @@ if __name__ == "__main__":
     args = common.lesson_args(__doc__.strip().splitlines()[0])
     check(args.quick)
     traffic(2**20 if common.INTERPRETER else 2**28)
+    compiled_kernel()
     common.run_benchmarks(BENCHMARKS, args.quick)

@@ -539,42 +539,44 @@ def rounding(quick: bool) -> None:
 
 # %% [markdown]
 # ## What the compiler could prove
-# The widest global load and store in the PTX of each variant the benchmarks time, read from the
-# compiled kernel a launch returns (128/128: 16-byte instructions; 32/32: one fp32 each). Triton
-# specializes on n % 16 and on 16-byte alignment, not on sizes: a small launch compiles the same
-# kernel as the timed ones.
+# The widest global load and store in the PTX of each variant the benchmarks time (128/128:
+# 16-byte instructions; 32/32: one fp32 each), from common.inspect_kernel: the kernel compiled as
+# a launch with these arguments would compile it, for this GPU (for an H100 without one: the same
+# PTX a GPU learner sees). Triton specializes on n % 16 and on 16-byte alignment, not on sizes:
+# these small arguments compile the same kernels as the timed ones.
 
 
 # %%
 def access_widths() -> None:
     section("What the compiler could prove: the widest global load/store in the PTX (bits)")
-    if not common.HAS_GPU:
-        print(common.require_gpu("PTX access widths (the interpreter compiles no PTX)"))
-        return
-    n, odd, grid = 2**16, 2**16 - 3, (1,)
-    src, out = torch.randn(32 * n + 64, device=common.DEVICE), torch.empty(n + 64, device=common.DEVICE)
+    n, odd = 2**16, 2**16 - 3
+    src, out = torch.empty(32 * n + 64, device=common.DEVICE), torch.empty(n + 64, device=common.DEVICE)
     start = torch.full((1,), 32, dtype=torch.int32, device=common.DEVICE)
     rows = [("copy, n % 16 == 0", "n is a multiple of 16: whole vectors are in or out",
-             lambda: copy_kernel[grid](src, out, n, BLOCK_SIZE=1024)),
+             copy_kernel, (src, out, n), dict(BLOCK_SIZE=1024)),
             ("copy, n % 16 != 0", "nothing about n: the mask may change at any element",
-             lambda: copy_kernel[grid](src, out, odd, BLOCK_SIZE=1024)),
+             copy_kernel, (src, out, odd), dict(BLOCK_SIZE=1024)),
             ("split-tail copy, n % 16 != 0", "full blocks need no mask",
-             lambda: copy_split_tail_kernel[grid](src, out, odd, BLOCK_SIZE=1024))]
+             copy_split_tail_kernel, (src, out, odd), dict(BLOCK_SIZE=1024))]
     rows += [(f"copy, both shifted {4 * s} bytes", "16-byte aligned" if s % 4 == 0 else "not 16-byte aligned",
-              lambda s=s: copy_kernel[grid](src[s:], out[s:], n, BLOCK_SIZE=1024)) for s in (1, 2, 4, 8)]
+              copy_kernel, (src[s:], out[s:], n), dict(BLOCK_SIZE=1024)) for s in (1, 2, 4, 8)]
     rows += [(f"copy_strided, stride {s}", "stride == 1: contiguous" if s == 1 else "a gather",
-              lambda s=s: copy_strided_kernel[grid](src[::s], out, n, s, BLOCK_SIZE=BLOCK_SIZE)) for s in (1, 2, 8)]
+              copy_strided_kernel, (src[::s], out, n, s), dict(BLOCK_SIZE=BLOCK_SIZE)) for s in (1, 2, 8)]
     rows += [(f"copy, {common.dtype_name(d)}", f"BLOCK_SIZE = {BLOCK_BYTES // d.itemsize}: 4096 bytes per program",
-              lambda d=d: copy_kernel[grid](src[:n].view(d), out[:n].view(d), n, BLOCK_SIZE=BLOCK_BYTES // d.itemsize))
+              copy_kernel, (src[:n].view(d), out[:n].view(d), n), dict(BLOCK_SIZE=BLOCK_BYTES // d.itemsize))
              for d in COPY_DTYPES]
-    rows.append(("slice at 32, arg", SLICE_HOWS["arg"],
-                 lambda: copy_slice_kernel[grid](src, out, 32, n, BLOCK_SIZE=BLOCK_SIZE)))
-    rows += [(f"slice at 32, {how}", knows, lambda hint=how.partition("+")[2] or "none": copy_slice_loaded_kernel[grid](
-        src, out, start, n, BLOCK_SIZE=BLOCK_SIZE, HINT=hint)) for how, knows in SLICE_HOWS.items() if how != "arg"]
-    table = Table("copy variants: widest global load/store", ["variant", "what the compiler knows", "load/store bits"])
-    for name, knows, launch in rows:
-        table.add(name, knows, common.access_widths(launch()))
+    rows.append(("slice at 32, arg", SLICE_HOWS["arg"], copy_slice_kernel, (src, out, 32, n), dict(BLOCK_SIZE=BLOCK_SIZE)))
+    rows += [(f"slice at 32, {how}", knows, copy_slice_loaded_kernel, (src, out, start, n),
+              dict(BLOCK_SIZE=BLOCK_SIZE, HINT=how.partition("+")[2] or "none"))
+             for how, knows in SLICE_HOWS.items() if how != "arg"]
+    reports = common.inspect_kernels([(kernel, args, meta) for _, _, kernel, args, meta in rows])
+    table = Table(f"copy variants compiled for sm_{reports[0].arch}: widest global load/store",
+                  ["variant", "what the compiler knows", "load/store bits"])
+    for (name, knows, *_), report in zip(rows, reports):
+        table.add(name, knows, f"{report.widest_load_bits()}/{report.widest_store_bits()}")
     table.print()
+    if reports[0].note:
+        print(reports[0].note)
     print("The bits say what the compiler could prove; the benchmarks below say whether it mattered.")
 
 

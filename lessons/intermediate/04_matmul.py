@@ -222,11 +222,13 @@ DTYPES = (torch.float32, torch.float16) + ((torch.bfloat16,) if common.supports_
 PRECISIONS = ("ieee", "tf32", "tf32x3")
 
 # In the interpreter every program runs one after another on numpy: small tiles, fast checks.
-V1_BLOCK = 32 if common.INTERPRETER else 64
+V1_GPU_BLOCK = 64
+V1_BLOCK = 32 if common.INTERPRETER else V1_GPU_BLOCK
 # v2 and v3: one middle-sized tile and no software pipelining (num_stages=1: each K step waits
 # for its own loads), so that what v3 and v4 add can be seen on its own.
+V23_GPU_CONFIG = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=1)
 V23_CONFIG = (dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1) if common.INTERPRETER
-              else dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32, num_warps=4, num_stages=1))
+              else V23_GPU_CONFIG)
 V3_GROUP_M = 4 if common.INTERPRETER else 8
 
 
@@ -654,10 +656,51 @@ def roofline(results) -> None:
 
 
 # %%
+# %% [markdown]
+# ## What the compiler made
+# num_warps is how many warps of 32 threads run one program: 4 warps are 128 threads sharing one
+# C tile, each holding its share of the fp32 accumulator in registers (128 x 128 over 128 threads:
+# 128 values a thread). common.inspect_kernel compiles each version as the benchmarks launch it
+# (fp16, for this GPU; for an H100 without one) and reads its registers, spills, shared memory,
+# how many programs an SM holds, and which instructions do the work: v1's loop multiplies on the
+# CUDA cores (no mma), v2 and up use the tensor cores (wgmma on sm_90, mma.sync before), and
+# num_stages > 1 adds asynchronous copies into shared memory (cp.async), one buffer per stage.
+
+
+# %%
+def compiled_versions() -> None:
+    section("What the compiler made: registers, spills, shared memory and occupancy, fp16")
+    n = 4096
+    a = torch.empty(n, n, dtype=torch.float16, device=common.DEVICE)  # nothing is launched
+    args = (a, a, a, n, n, n, n, 1, n, 1, n, 1)
+    rows = [("v1", f"{V1_GPU_BLOCK} x {V1_GPU_BLOCK}, CUDA cores", matmul_v1_kernel, args,
+             dict(BLOCK_M=V1_GPU_BLOCK, BLOCK_N=V1_GPU_BLOCK)),
+            ("v2", "V23_CONFIG", matmul_v2_kernel, args, dict(V23_GPU_CONFIG, INPUT_PRECISION="ieee"))]
+    rows += [("v3", f"{bm}x{bn}x{bk}, {s} stage(s)", matmul_v3_kernel, args,
+              dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s, INPUT_PRECISION="ieee"))
+             for bm, bn, bk, w, s in [(*t, 3) for t in TILE_SWEEP[1:]] + [(128, 256, 64, 8, s) for s in (1, 2, 4)]]
+    reports = common.inspect_kernels([(kernel, a_, meta) for _, _, kernel, a_, meta in rows])
+    table = Table(f"matmul kernels compiled for sm_{reports[0].arch}",
+                  ["version", "tile, stages", "warps", "registers/thread", "spilled", "shared", "programs/SM",
+                   "bound by", "multiplies with", "async copies"])
+    for (version, what, *_), r in zip(rows, reports):
+        programs, binding, _ = r.occupancy()
+        multiply = "wgmma" if r.features["wgmma"] else "mma.sync" if r.features["mma"] else "CUDA cores (FMA)"
+        copies = ", ".join(k for k in ("TMA", "cp.async") if r.features[k]) or "-"
+        table.add(version, what, r.num_warps, r.registers, common.fmt_bytes(r.local_bytes or 0),
+                  common.fmt_bytes(r.shared), programs, binding, multiply, copies)
+    table.print()
+    if reports[0].note:
+        print(reports[0].note)
+    print("A program needs its shared memory and registers for its whole life: big tiles with many stages "
+          "leave room for one or two programs per SM, which is why they need enough tiles to fill 132 SMs.")
+
+
 if __name__ == "__main__":
     args = common.lesson_args(__doc__.strip().splitlines()[0])
     check(args.quick)
     traffic()
+    compiled_versions()
     if common.HAS_GPU:
         if not args.quick:
             precision(4096, 4096, 4096)

@@ -19,6 +19,7 @@ Run:  python lessons/intermediate/05_memory_patterns.py [--quick]
 """
 
 import functools
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -647,39 +648,45 @@ def stencil_reuse(results) -> None:
 
 
 def inspect_compiled() -> None:
-    section("What Triton put in shared memory (compiled kernels, small launch)")
-    x = torch.randn(256, 256, device=common.DEVICE)
-    out = torch.empty(256, 256, device=common.DEVICE)
-    launches = {"v1 naive": lambda: _launch_v1(x, out, V1_BLOCK_SIZE),
-                "v2 tiled": lambda: _launch_v2(x, out, BLOCK_M, BLOCK_N, GROUP_M, "", NUM_WARPS)}
+    section("What Triton put in shared memory (compiled kernels, common.inspect_kernel)")
+    M = N = 256
+    x = torch.empty(M, N, device=common.DEVICE)  # nothing is launched: dtypes and alignment only
+    out = torch.empty(M, N, device=common.DEVICE)
+    strides = (x.stride(0), x.stride(1), out.stride(0), out.stride(1))
+    calls = {"v1 naive": (transpose_v1_kernel, (x, out, M, N, *strides), dict(BLOCK_SIZE=V1_BLOCK_SIZE)),
+             "v2 tiled": (transpose_v2_kernel, (x, out, M, N, *strides),
+                          dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, GROUP_M=GROUP_M, EVICT="", num_warps=NUM_WARPS))}
     if BLOCK_PTR_MISSING:
         print(f"v3 block pointers: skipped, {BLOCK_PTR_MISSING}")
     else:
-        launches["v3 block pointers"] = lambda: _launch_v3(x, out, BLOCK_M, BLOCK_N, GROUP_M, NUM_WARPS)
-    if tma_problem(x, out) is None:
-        launches["v4 tensor descriptors"] = lambda: _launch_v4(x, out, BLOCK_M, BLOCK_N, GROUP_M, NUM_WARPS)
+        calls["v3 block pointers"] = (transpose_v3_kernel, (x, out, M, N, *strides),
+                                      dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, GROUP_M=GROUP_M, num_warps=NUM_WARPS))
+    problem = tma_problem(x, out) if common.HAS_GPU else None  # without a GPU: compiled for an H100
+    if problem is None:
+        calls["v4 tensor descriptors"] = (transpose_v4_kernel, (x, out, M, N, x.stride(0), out.stride(0)),
+                                          dict(BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, GROUP_M=GROUP_M, num_warps=NUM_WARPS))
     else:
-        print(f"v4 tensor descriptors: skipped, {tma_problem(x, out)}")
-    launches["laplacian"] = lambda: laplacian_kernel[_tiled_grid(256, 256, 32, 64)](
-        x, out, 256, 256, x.stride(0), out.stride(0), BLOCK_H=32, BLOCK_W=64, GROUP_M=1, EVICT="", CACHE="")
-    table = Table("compiled kernels: shared memory and memory instructions",
-                  ["kernel", "shared bytes", "convert_layout", "local_alloc", "TMA ops", "widest global store"])
-    for name, launch in launches.items():
-        try:
-            compiled = launch()
-            ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
-            widest = ("TMA (cp.async.bulk)" if "cp.async.bulk.tensor" in ptx else
-                      "128-bit (st.global.v4)" if "st.global.v4" in ptx else
-                      "64-bit (st.global.v2)" if "st.global.v2" in ptx else "32-bit or narrower")
-            table.add(name, int(compiled.metadata.shared), ttgir.count("convert_layout"),
-                      ttgir.count("local_alloc"), ttgir.count("tma"), widest)
-        except Exception as err:  # the compiled-kernel object differs between Triton versions
-            print(f"{name}: skipped, could not read the compiled kernel ({type(err).__name__}: {err})")
-    if table.rows:
-        table.print()
-        print("'shared bytes' > 0 with a convert_layout: the compiler staged a tile through shared "
-              "memory to change which thread holds which element; nobody wrote that in the kernel. "
-              "'widest global store' shows whether the stores were vectorized (coalesced).")
+        print(f"v4 tensor descriptors: skipped, {problem}")
+    calls["laplacian"] = (laplacian_kernel, (x, out, M, N, x.stride(0), out.stride(0)),
+                          dict(BLOCK_H=32, BLOCK_W=64, GROUP_M=1, EVICT="", CACHE=""))
+    reports = dict(zip(calls, common.inspect_kernels(list(calls.values()))))
+    table = Table(f"compiled for sm_{next(iter(reports.values())).arch}: shared memory and memory instructions",
+                  ["kernel", "shared bytes", "convert_layout", "local_alloc", "TMA", "widest load/store",
+                   "registers", "shared tile layout (TTGIR)"])
+    for name, r in reports.items():
+        ttgir = r.asm["ttgir"]
+        swizzle = re.search(r"#shared\w* = #ttg\.\w+<\{[^}]*swizzlingByteWidth = (\d+)", ttgir)
+        table.add(name, r.shared, ttgir.count("convert_layout"), ttgir.count("local_alloc"),
+                  "yes" if r.features["TMA"] else "-", f"{r.widest_load_bits()}/{r.widest_store_bits()}", r.registers,
+                  f"{swizzle.group(1)}-byte swizzle" if swizzle else "-")
+    table.print()
+    note = next(iter(reports.values())).note
+    if note:
+        print(note)
+    print("'shared bytes' > 0 with a convert_layout: the compiler staged a tile through shared memory to change "
+          "which thread holds which element; nobody wrote that in the kernel. How that scratch is laid out "
+          "(padded or swizzled, so that 32 threads hit 32 different banks) is chosen when it is lowered to "
+          "LLVM, after the TTGIR; TMA's tiles are declared in the TTGIR with their 128-byte swizzle.")
 
 
 # %% [markdown]
@@ -700,8 +707,5 @@ if __name__ == "__main__":
     args = common.lesson_args(__doc__.strip().splitlines()[0])
     check(args.quick)
     traffic(512 if common.INTERPRETER else 8192)
-    if common.HAS_GPU:
-        inspect_compiled()
-    else:
-        print(common.require_gpu("The compiled-kernel inspection (shared memory, layouts, TMA)"))
+    inspect_compiled()
     stencil_reuse(common.run_benchmarks(BENCHMARKS, args.quick)[STENCIL.title])
