@@ -10,9 +10,10 @@ learner on a CPU sees the same registers and PTX as one on the GPU. Registers an
 (where spills go) come from the cubin, read with the cuobjdump Triton ships: the numbers the
 driver reports as `n_regs` and `n_spills` once it loads the kernel.
 
-Under the CPU interpreter the lesson's @triton.jit functions run on numpy and cannot be
-compiled in this process: the helper compiles them in a child process (COURSE_INTERPRETER=0)
-that imports the kernel's file, a few seconds a call.
+Under the CPU interpreter the lesson's @triton.jit functions run on numpy. A kernel that calls
+no other @triton.jit function is compiled in this process all the same; one that does (the
+compiler cannot take the interpreter's functions) is compiled in a child process
+(COURSE_INTERPRETER=0) that imports the kernel's file: a few seconds for all of a lesson's.
 """
 
 from __future__ import annotations
@@ -232,16 +233,26 @@ def inspect_kernel(fn, *args, arch: int | None = None, **meta) -> KernelReport:
 def inspect_kernels(calls: list, arch: int | None = None) -> list[KernelReport]:
     """inspect_kernel for several (fn, args, meta) launches: under the interpreter, in one child process."""
     target, note = _target(arch)
-    if not INTERPRETER:
-        reports = []
-        for fn, args, meta in calls:
-            jit, meta = _unwrap(fn, args, meta)
-            pointers = tuple(_Pointer.of(a) if _is_tensor(a) else a for a in args)
-            reports.append(_report(compile_for(jit, target, pointers, meta), _name(fn), target, note))
-        return reports
-    specs = [_spec(fn, args, meta) for fn, args, meta in calls]
-    return [KernelReport.from_json({**d, "note": "; ".join(x for x in (note, d["note"]) if x)})
-            for d in _compile_in_child(specs, target)]
+    reports: list = [None] * len(calls)
+    in_child = {}
+    for i, (fn, args, meta) in enumerate(calls):
+        jit, meta = _unwrap(fn, args, meta)
+        pointers = tuple(_Pointer.of(a) if _is_tensor(a) else a for a in args)
+        if not INTERPRETER:
+            reports[i] = _report(compile_for(jit, target, pointers, meta), _name(fn), target, note)
+            continue
+        # The interpreter's function, compiled as a @triton.jit one: works unless it calls other
+        # @triton.jit functions (the interpreter's, which the compiler cannot take): those compile
+        # in a child process that imports the kernel's file without the interpreter.
+        try:
+            from triton.runtime.jit import JITFunction
+            reports[i] = _report(compile_for(JITFunction(jit.fn), target, pointers, meta), _name(fn), target, note)
+        except Exception as err:  # noqa: BLE001  (the child process compiles it, or says why not)
+            in_child[i] = _spec(jit, args, meta, err)
+    if in_child:
+        for i, d in zip(in_child, _compile_in_child(list(in_child.values()), target)):
+            reports[i] = KernelReport.from_json({**d, "note": "; ".join(x for x in (note, d["note"]) if x)})
+    return reports
 
 
 def _name(fn) -> str:
@@ -273,22 +284,23 @@ def _is_tensor(a) -> bool:
 
 # -- the interpreter: compile in a child process -------------------------------------------------
 
-def _spec(fn, args: tuple, meta: dict) -> dict:
-    """A launch described in JSON: the kernel's file and function name, tensors as shape + dtype."""
+def _spec(fn, args: tuple, meta: dict, why: Exception) -> dict:
+    """A launch described in JSON for the child: the kernel's file and function name, tensors as
+    dtype and alignment. `why`: the in-process compile's error, for the message without a file."""
     import inspect
 
     import torch
 
-    fn, meta = _unwrap(fn, args, meta)
     python_fn = getattr(fn, "fn", fn)
     try:
         path = inspect.getsourcefile(python_fn)
     except TypeError:
         path = None
     if not path or not Path(path).is_file():
-        raise ValueError(f"inspect_kernel: {_name(fn)} has no source file to compile it from in the child "
-                         f"process the interpreter needs (a kernel defined in a notebook cell?); run with "
-                         f"COURSE_INTERPRETER=0 or on a GPU")
+        raise ValueError(f"inspect_kernel: {_name(fn)} could not be compiled under the interpreter "
+                         f"({type(why).__name__}: {str(why).splitlines()[0][:200] if str(why) else ''}) and has no "
+                         f"source file to compile it from in a child process (a kernel defined in a notebook "
+                         f"cell?); run with COURSE_INTERPRETER=0, or on a GPU")
     encoded = []
     for a in args:
         if isinstance(a, torch.Tensor):

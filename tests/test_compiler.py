@@ -51,6 +51,17 @@ def test_alignment_decides_the_load_width():
     assert (shifted.widest_load_bits(), shifted.widest_store_bits()) == (32, 32)
 
 
+def test_a_kernel_calling_other_jit_functions_compiles():
+    """Lesson 05's v2 calls common.kernels' @triton.jit tile helper: under the interpreter the
+    compiler cannot take that helper, so the child process compiles the kernel from its file."""
+    L05 = lesson_module("05")
+    x = torch.empty(256, 256)
+    r = inspect_kernel(L05.transpose_v2_kernel, x, x, 256, 256, 256, 1, 256, 1, arch=90,
+                       BLOCK_M=64, BLOCK_N=64, GROUP_M=1, EVICT="", num_warps=4)
+    assert r.name == "transpose_v2_kernel" and r.shared == 64 * 64 * 4, r  # the tile, staged to turn it
+    assert (r.widest_load_bits(), r.widest_store_bits()) == (128, 128)
+
+
 def test_occupancy_arithmetic():
     """Registers are allocated per warp in units of 256; shared memory per program plus 1 KiB."""
     def report(**kw):
@@ -103,13 +114,22 @@ def test_bad_requests_name_the_problem():
                           asm={"ptx": ""})
     with pytest.raises(ValueError, match="ir must be one of"):
         report.excerpt("sass")
-    if common.INTERPRETER:  # a kernel with no source file (a notebook cell): told what to do
+    if common.INTERPRETER:  # notebook cells (no source file): a plain kernel compiles in-process,
+        import linecache    # one that calls another @triton.jit function is told what to do
         import triton
         import triton.language as tl
+        source = ("@triton.jit\ndef helper(x):\n    return x + 1\n\n"
+                  "@triton.jit\ndef plain_kernel(x_ptr, BLOCK: tl.constexpr):\n"
+                  "    tl.store(x_ptr + tl.arange(0, BLOCK), tl.load(x_ptr + tl.arange(0, BLOCK)) + 1.0)\n\n"
+                  "@triton.jit\ndef nested_kernel(x_ptr, BLOCK: tl.constexpr):\n"
+                  "    tl.store(x_ptr + tl.arange(0, BLOCK), helper(tl.load(x_ptr + tl.arange(0, BLOCK))))\n")
+        cell = "<notebook cell 1>"  # as IPython does: the cell's source in linecache, no file on disk
+        linecache.cache[cell] = (len(source), None, source.splitlines(True), cell)
         namespace = {"triton": triton, "tl": tl}
-        exec("@triton.jit\ndef cell_kernel(x_ptr, BLOCK: tl.constexpr):\n    pass\n", namespace)
+        exec(compile(source, cell, "exec"), namespace)
+        assert inspect_kernel(namespace["plain_kernel"], x, BLOCK=16).loads
         with pytest.raises(ValueError, match="no source file"):
-            inspect_kernel(namespace["cell_kernel"], x, BLOCK=16)
+            inspect_kernel(namespace["nested_kernel"], x, BLOCK=16)
 
 
 @pytest.mark.skipif(not common.HAS_GPU, reason="needs a CUDA GPU: the driver's own counts")
