@@ -5,6 +5,8 @@ Sizes stay small: the interpreter takes milliseconds per program, and every know
 below writes at most one tile past its output, inside the guard zone of common.poisoned_empty.
 """
 
+import random
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -495,3 +497,49 @@ def test_without_block_pointers_v3_is_named_not_a_crash(lesson, monkeypatch):
     monkeypatch.setattr(lesson, "_launch_v3", lambda *a: pytest.fail("v4 fell back to v3's block pointers"))
     x = randn(40, 37)  # rows 148 bytes apart: no TMA, the fallback runs
     assert_close(lesson.transpose_v4(x, out=poisoned_empty(37, 40)), x.double().t(), name="v4 fallback to v2")
+
+
+@pytest.mark.parametrize("version", ["direct", "igemm"])
+def test_lesson_conv2d_matches_f_conv2d(lesson, version):
+    """Random odd shapes, 3x3 / 1x1 / 5x5, strides 1-2, paddings 0-2, outputs poisoned."""
+    rng = random.Random(5)
+    for _ in range(3 if common.INTERPRETER else 12):
+        R = rng.choice((1, 3, 5))
+        N, C, K = rng.randint(1, 3), rng.randint(1, 6), rng.randint(1, 7)
+        H, W = rng.randint(R, R + 9), rng.randint(R, R + 9)
+        stride, pad = rng.randint(1, 2), rng.randint(0, R // 2)
+        for dtype in (torch.float32, torch.float16):
+            x, w = randn(N, C, H, W, dtype=dtype), randn(K, C, R, R, dtype=dtype, scale=0.3)
+            expected = F.conv2d(x.double(), w.double(), stride=stride, padding=pad)
+            out = poisoned_empty(*expected.shape, dtype=dtype)
+            lesson.conv2d(x, w, stride, pad, version=version, out=out)
+            assert_close(out, expected, name=f"{version} {(N, C, H, W)} * {(K, C, R, R)} s{stride} p{pad} {dtype}")
+
+
+def test_lesson_conv2d_bad_inputs_name_the_problem(lesson):
+    x, w = randn(1, 3, 8, 8), randn(4, 3, 3, 3)
+    with pytest.raises(ValueError, match="3 channels but weight expects 2"):
+        lesson.conv2d(x, randn(4, 2, 3, 3))
+    with pytest.raises(ValueError, match="does not fit a 8x8 image"):
+        lesson.conv2d(x, randn(4, 3, 9, 9))
+    with pytest.raises(ValueError, match="version must be one of"):
+        lesson.conv2d(x, w, version="winograd")
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        lesson.conv2d(x, w, stride=0)
+    with pytest.raises(ValueError, match="4 dimension"):
+        lesson.conv2d(x[0], w)
+    with pytest.raises(ValueError, match="out has shape"):
+        lesson.conv2d(x, w, padding=1, out=torch.empty(1, 4, 6, 6, device=x.device))
+
+
+def test_lesson_conv2d_implicit_gemm_uses_the_tensor_cores(lesson):
+    """What the compiler made, for an H100: the implicit GEMM multiplies with wgmma, the direct
+    kernel on the CUDA cores (common.inspect_kernel, no launch)."""
+    x, w = torch.empty(32, 64, 56, 56, dtype=torch.float16), torch.empty(64, 64, 3, 3, dtype=torch.float16)
+    out = torch.empty(32, 64, 56, 56, dtype=torch.float16)
+    shapes = (32, 64, 56, 56, 64, 56, 56, 1, 1)
+    igemm = common.inspect_kernel(lesson.conv2d_igemm_kernel, x, w, out, *shapes, arch=90, R=3, S=3, BLOCK_M=128,
+                                  BLOCK_N=64, BLOCK_K=32, INPUT_PRECISION="ieee", num_warps=4, num_stages=3)
+    direct = common.inspect_kernel(lesson.conv2d_direct_kernel, x, w, out, *shapes[1:], arch=90, R=3, S=3,
+                                   BLOCK_K=32, BLOCK_PQ=128)
+    assert igemm.features["wgmma"] and not direct.features["wgmma"] and not direct.features["mma"]

@@ -202,6 +202,81 @@ def laplacian_kernel(
 
 
 # %% [markdown]
+# ### Convolution with many channels: direct, then as a GEMM
+# A 2-D convolution of x (N, C, H, W) with weights (K, C, R, S) at a stride and a zero padding
+# gives out (N, K, P, Q): out[n, k, p, q] = sum over c, r, s of
+# w[k, c, r, s] * x[n, c, p * stride - pad + r, q * stride - pad + s]. The stencil above is the
+# case C = K = 1 with fixed weights. The direct kernel walks c, r and s, each step an outer
+# product of a column of weights and a row of input pixels on the CUDA cores. The implicit GEMM
+# sees the same sum as a matrix product: rows m = (n, p, q) the output pixels, columns the K
+# output channels, and the reduction over the C * R * S taps; A[m, (c, r, s)] is gathered from
+# x on the fly (never written out, unlike im2col), B is the weights viewed as (K, C * R * S),
+# and tl.dot puts the tensor cores to work.
+
+
+# %%
+@triton.jit
+def conv2d_direct_kernel(
+    x_ptr, w_ptr, out_ptr,  # x (N, C, H, W), w (K, C, R, S), out (N, K, P, Q): all contiguous
+    C, H, W, K, P, Q,
+    stride, pad,
+    R: tl.constexpr, S: tl.constexpr,  # the filter's height and width
+    BLOCK_K: tl.constexpr,  # output channels per program
+    BLOCK_PQ: tl.constexpr,  # output pixels per program
+):
+    n = tl.program_id(2).to(tl.int64)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    pq = tl.program_id(0) * BLOCK_PQ + tl.arange(0, BLOCK_PQ)
+    p, q = pq // Q, pq % Q
+    acc = tl.zeros((BLOCK_K, BLOCK_PQ), dtype=tl.float32)
+    for c in range(0, C):
+        for r in tl.static_range(R):
+            for s in tl.static_range(S):
+                h = p * stride - pad + r
+                w = q * stride - pad + s
+                inside = (pq < P * Q) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+                x = tl.load(x_ptr + ((n * C + c) * H + h) * W + w, mask=inside, other=0.0).to(tl.float32)
+                wk = tl.load(w_ptr + ((offs_k * C + c) * R + r) * S + s, mask=offs_k < K, other=0.0).to(tl.float32)
+                acc += wk[:, None] * x[None, :]
+    out_ptrs = out_ptr + (n * K + offs_k[:, None]) * (P * Q) + pq[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_k[:, None] < K) & (pq[None, :] < P * Q))
+
+
+@triton.jit
+def conv2d_igemm_kernel(
+    x_ptr, w_ptr, out_ptr,  # x (N, C, H, W), w (K, C, R, S), out (N, K, P, Q): all contiguous
+    N, C, H, W, K, P, Q,
+    stride, pad,
+    R: tl.constexpr, S: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # output pixels (n, p, q) per program: the GEMM's rows
+    BLOCK_N: tl.constexpr,  # output channels per program: the GEMM's columns
+    BLOCK_K: tl.constexpr,  # taps (c, r, s) per step: the GEMM's reduction
+    INPUT_PRECISION: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = (offs_m // (P * Q)).to(tl.int64)
+    pq = offs_m % (P * Q)
+    h0 = (pq // Q) * stride - pad  # the input row and column of tap (r, s) = (0, 0)
+    w0 = (pq % Q) * stride - pad
+    taps = C * R * S
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, taps, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        c, r, s = kk // (R * S), (kk // S) % R, kk % S  # tap kk of the reduction
+        h = h0[:, None] + r[None, :]
+        w = w0[:, None] + s[None, :]
+        a_mask = ((offs_m[:, None] < N * P * Q) & (kk[None, :] < taps)
+                  & (h >= 0) & (h < H) & (w >= 0) & (w < W))  # padding: zeros outside the image
+        a = tl.load(x_ptr + ((n[:, None] * C + c[None, :]) * H + h) * W + w, mask=a_mask, other=0.0)
+        b = tl.load(w_ptr + offs_n[None, :].to(tl.int64) * taps + kk[:, None],
+                    mask=(kk[:, None] < taps) & (offs_n[None, :] < K), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    out_ptrs = out_ptr + (n[:, None] * K + offs_n[None, :]) * (P * Q) + pq[:, None]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < N * P * Q) & (offs_n[None, :] < K))
+
+
+# %% [markdown]
 # ## Wrapper
 # validate, allocate, grid, launch, return. The tiled versions launch one program per tile on
 # a 1-D grid, so that grouped_tile_position (not the hardware's grid order) decides the program order.
@@ -408,6 +483,56 @@ def laplacian(x: torch.Tensor, block_h: int = 32, block_w: int = 64, group_m: in
     return out
 
 
+# Tiles of the convolutions: tiny in the interpreter. On a GPU the implicit GEMM takes lesson 04's
+# tensor-core tile with 3 stages; fp32 (IEEE products on the CUDA cores) a smaller one. Not tuned yet.
+if common.INTERPRETER:
+    CONV_DIRECT_BLOCKS, CONV_IGEMM_CONFIG, CONV_IGEMM_FP32_CONFIG = (16, 32), dict(
+        BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1), None
+else:
+    CONV_DIRECT_BLOCKS = (32, 128)
+    CONV_IGEMM_CONFIG = dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+    CONV_IGEMM_FP32_CONFIG = dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=2)
+CONV_VERSIONS = ("direct", "igemm")
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int = 1, padding: int = 0, version: str = "igemm",
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """F.conv2d(x, weight, stride=stride, padding=padding) for contiguous NCHW x and (K, C, R, S)
+    weights, no bias, no dilation or groups; accumulated in fp32."""
+    common.check_tensors(x=x, ndim=4, dtypes=DTYPES)
+    common.check_tensors(weight=weight, ndim=4, dtypes=DTYPES)
+    common.check_tensors(x=x, weight=weight, same_shape=False)
+    if version not in CONV_VERSIONS:
+        raise ValueError(f"version must be one of {CONV_VERSIONS}, got {version!r}")
+    if stride < 1 or padding < 0:
+        raise ValueError(f"stride must be >= 1 and padding >= 0, got stride={stride}, padding={padding}")
+    (N, C, H, W), (K, C_w, R, S) = x.shape, weight.shape
+    if C_w != C:
+        raise ValueError(f"x has {C} channels but weight expects {C_w} (weight is (K, C, R, S) = {tuple(weight.shape)})")
+    P, Q = (H + 2 * padding - R) // stride + 1, (W + 2 * padding - S) // stride + 1
+    if P < 1 or Q < 1:
+        raise ValueError(f"a {R}x{S} filter at stride {stride}, padding {padding} does not fit a {H}x{W} image")
+    if out is None:
+        out = torch.empty((N, K, P, Q), dtype=x.dtype, device=x.device)
+    else:
+        common.check_tensors(x=x, out=out, same_shape=False)
+        if out.shape != (N, K, P, Q):
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {(N, K, P, Q)}")
+    if out.numel() == 0:
+        return out
+    if version == "direct":
+        block_k, block_pq = CONV_DIRECT_BLOCKS
+        grid = (triton.cdiv(P * Q, block_pq), triton.cdiv(K, block_k), N)
+        conv2d_direct_kernel[grid](x, weight, out, C, H, W, K, P, Q, stride, padding, R=R, S=S,
+                                   BLOCK_K=block_k, BLOCK_PQ=block_pq)
+        return out
+    config = CONV_IGEMM_FP32_CONFIG if x.dtype == torch.float32 and CONV_IGEMM_FP32_CONFIG else CONV_IGEMM_CONFIG
+    grid = (triton.cdiv(N * P * Q, config["BLOCK_M"]), triton.cdiv(K, config["BLOCK_N"]))
+    conv2d_igemm_kernel[grid](x, weight, out, N, C, H, W, K, P, Q, stride, padding, R=R, S=S,
+                              INPUT_PRECISION="ieee", **config)
+    return out
+
+
 # %% [markdown]
 # ## Check
 # Awkward shapes (not multiples of any tile), inputs that are contiguous, column slices and
@@ -475,8 +600,36 @@ def check(quick: bool) -> None:
           f"{'contiguous and transposed' if quick else 'contiguous, column-sliced and transposed'} "
           f"fp32 inputs, every program order and cache hint the benchmark times: OK")
     check_tma(dtypes, quick)
+    check_conv2d(dtypes, quick)
     if not common.supports_bf16():
         print("bfloat16: skipped, the interpreter has no bfloat16 (numpy lacks it); runs on a GPU")
+
+
+# (N, C, H, W, K, R = S, stride, padding): odd sizes, 3x3 and 1x1, stride 2, a filter wider than
+# the padding can cover, and an image the filter barely fits
+CONV_CHECK_CASES = [(2, 3, 9, 11, 5, 3, 1, 1), (1, 4, 10, 7, 6, 3, 2, 1), (2, 5, 8, 8, 3, 1, 1, 0),
+                    (1, 2, 5, 6, 4, 3, 2, 0), (1, 3, 4, 4, 2, 5, 1, 2)]
+
+
+def conv2d_reference(x: torch.Tensor, weight: torch.Tensor, stride: int = 1, padding: int = 0) -> torch.Tensor:
+    return F.conv2d(x, weight, stride=stride, padding=padding)
+
+
+def check_conv2d(dtypes, quick: bool) -> None:
+    cases = CONV_CHECK_CASES[:3] if quick else CONV_CHECK_CASES
+    if common.HAS_GPU:  # and two ResNet-50 layers (halved batch), where the tiles are full
+        cases = cases + [(4, 64, 56, 56, 64, 3, 1, 1), (4, 256, 56, 56, 64, 1, 1, 0)]
+    for N, C, H, W, K, R, stride, pad in cases:
+        for dtype in dtypes:
+            x, weight = common.randn(N, C, H, W, dtype=dtype), common.randn(K, C, R, R, dtype=dtype, scale=0.2)
+            expected = conv2d_reference(x.double(), weight.double(), stride, pad)
+            for version in CONV_VERSIONS:
+                out = common.poisoned_empty(*expected.shape, dtype=dtype)
+                conv2d(x, weight, stride, pad, version=version, out=out)
+                common.assert_close(out, expected, name=f"conv2d {version} {(N, C, H, W)} * {(K, C, R, R)} "
+                                                        f"stride {stride} pad {pad} {common.dtype_name(dtype)}")
+    print(f"conv2d direct and implicit GEMM match F.conv2d (float64) for (N, C, H, W, K, R, stride, padding) "
+          f"in {cases}: OK")
 
 
 def check_tma(dtypes, quick: bool) -> None:
@@ -592,6 +745,36 @@ STENCIL = common.Benchmark(
     label=lambda n: f"{n} x {n}", note="torch eager is the pad + slices reference (6 kernels); F.conv2d runs "
                                        "the same 3x3 weights through cuDNN.")
 
+# ResNet-50's layers at batch 32, fp16: conv2_x's 3x3 (64 -> 64 channels, 56 x 56) and the 1x1
+# that reduces 256 channels to 64 before it. op "conv2d" races F.conv2d (cuDNN) and torch.compile
+# (both at padding R // 2: these layers keep their size).
+RESNET_LAYERS = {"3x3, 64 -> 64, 56 x 56": (32, 64, 56, 56, 64, 3), "1x1, 256 -> 64, 56 x 56": (32, 256, 56, 56, 64, 1)}
+
+
+def _conv_inputs(layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    N, C, H, W, K, R = RESNET_LAYERS[layer] if common.HAS_GPU else (1, 4, 9, 9, 4, RESNET_LAYERS[layer][-1])
+    dtype = torch.float16 if common.HAS_GPU else torch.float32
+    return (common.randn(N, C, H, W, dtype=dtype), common.randn(K, C, R, R, dtype=dtype, scale=0.1))
+
+
+def _conv_flops(x, weight) -> float:
+    (N, _, H, W), (K, C, R, S) = x.shape, weight.shape
+    return 2.0 * N * K * H * W * C * R * S  # stride 1, same padding: P x Q = H x W
+
+
+def _same(version: str):
+    return lambda x, weight: conv2d(x, weight, padding=weight.shape[-1] // 2, version=version)
+
+
+CONV = common.Benchmark(
+    "conv2d at ResNet-50 layers (batch 32, fp16): direct and implicit GEMM vs cuDNN", op="conv2d",
+    cases=list(RESNET_LAYERS), cpu_cases=list(RESNET_LAYERS), setup=_conv_inputs,
+    kernels={"triton direct (CUDA cores)": _same("direct"), "triton implicit GEMM (tl.dot)": _same("igemm")},
+    reference=lambda x, weight: F.conv2d(x, weight, padding=weight.shape[-1] // 2), flops=_conv_flops,
+    ceiling="matmul", dtype=torch.float16, label=str,
+    note="TFLOP/s of 2 N K P Q C R S; % matmul: of cuBLAS's fp16 rate measured now. Not yet measured on a GPU: "
+         "no perf bar until it is.")
+
 BENCHMARKS = [
     common.Benchmark(
         "transpose v1..v4 vs PyTorch, fp32", op="transpose", cases=[4096, 16384], quick_cases=[4096],
@@ -633,6 +816,7 @@ BENCHMARKS = [
              "overlapping loads must be served by L2. Both kernels read each byte from memory once: hints pay "
              "off when one tensor is reused while another streams past it."),
     STENCIL,
+    CONV,
 ]
 
 
