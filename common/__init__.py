@@ -15,7 +15,7 @@ from .benchmark import Bar, Benchmark, Version, Versions, run_benchmarks
 from .traffic import count_torch_traffic, fmt_bytes, min_bytes, peak_extra_memory
 from .validate import check_tensors
 from .cli import lesson_args
-from .compiler import KernelReport, inspect_kernel, inspect_kernels
+from .compiler import InspectionUnavailable, KernelReport, inspect_kernel, inspect_kernels
 
 __all__ = [
     "DEVICE", "HAS_GPU", "INTERPRETER", "banner", "dtype_name", "is_hopper", "require_gpu", "supports_bf16", "supports_fp8",
@@ -27,5 +27,5 @@ __all__ = [
     "pct_of_copy", "read_bandwidth", "wall_timing", "wall_us_per_call",
     "count_torch_traffic", "fmt_bytes", "min_bytes", "peak_extra_memory",
     "check_tensors", "lesson_args",
-    "KernelReport", "inspect_kernel", "inspect_kernels",
+    "InspectionUnavailable", "KernelReport", "inspect_kernel", "inspect_kernels",
 ]

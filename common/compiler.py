@@ -230,8 +230,25 @@ def inspect_kernel(fn, *args, arch: int | None = None, **meta) -> KernelReport:
     return inspect_kernels([(fn, args, meta)], arch=arch)[0]
 
 
-def inspect_kernels(calls: list, arch: int | None = None) -> list[KernelReport]:
-    """inspect_kernel for several (fn, args, meta) launches: under the interpreter, in one child process."""
+class InspectionUnavailable(ValueError):
+    """The kernel cannot be compiled here: under the interpreter, from a notebook cell, where the
+    in-process compile fails (Triton 3.9's interpreter, or a kernel calling other @triton.jit ones)."""
+
+
+def inspect_kernels(calls: list, arch: int | None = None, skip_with_reason: bool = False) -> list[KernelReport] | None:
+    """inspect_kernel for several (fn, args, meta) launches: under the interpreter, in one child
+    process for those that need it. skip_with_reason: where they cannot be compiled here, print
+    why and return None (what a lesson does) instead of raising InspectionUnavailable."""
+    try:
+        return _inspect_kernels(calls, arch)
+    except InspectionUnavailable as err:
+        if not skip_with_reason:
+            raise
+        print(f"What the compiler made: skipped here. {err}")
+        return None
+
+
+def _inspect_kernels(calls: list, arch: int | None) -> list[KernelReport]:
     target, note = _target(arch)
     reports: list = [None] * len(calls)
     in_child = {}
@@ -297,7 +314,7 @@ def _spec(fn, args: tuple, meta: dict, why: Exception) -> dict:
     except TypeError:
         path = None
     if not path or not Path(path).is_file():
-        raise ValueError(f"inspect_kernel: {_name(fn)} could not be compiled under the interpreter "
+        raise InspectionUnavailable(f"inspect_kernel: {_name(fn)} could not be compiled under the interpreter "
                          f"({type(why).__name__}: {str(why).splitlines()[0][:200] if str(why) else ''}) and has no "
                          f"source file to compile it from in a child process (a kernel defined in a notebook "
                          f"cell?); run with COURSE_INTERPRETER=0, or on a GPU")

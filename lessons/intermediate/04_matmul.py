@@ -679,7 +679,9 @@ def compiled_versions() -> None:
     rows += [("v3", f"{bm}x{bn}x{bk}, {s} stage(s)", matmul_v3_kernel, args,
               dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=s, INPUT_PRECISION="ieee"))
              for bm, bn, bk, w, s in [(*t, 3) for t in TILE_SWEEP[1:]] + [(128, 256, 64, 8, s) for s in (1, 2, 4)]]
-    reports = common.inspect_kernels([(kernel, a_, meta) for _, _, kernel, a_, meta in rows])
+    reports = common.inspect_kernels([(kernel, a_, meta) for _, _, kernel, a_, meta in rows], skip_with_reason=True)
+    if reports is None:
+        return
     table = Table(f"matmul kernels compiled for sm_{reports[0].arch}",
                   ["version", "tile, stages", "warps", "registers/thread", "spilled", "shared", "programs/SM",
                    "bound by", "multiplies with", "async copies"])
