@@ -56,9 +56,11 @@ def deinterleave(x: torch.Tensor, channels: int, out: torch.Tensor | None = None
 
 # --------------------------------------------------------------------------------------------
 # Exercise 2.2: a saturating cast
-# A plain fp32 -> float16 cast turns every |x| > 65504 into inf. Write a cast that saturates
-# instead: values beyond the largest finite value of the output type become that value (with
-# their sign); everything else rounds to nearest even, exactly as x.to(dtype) does.
+# A plain fp32 -> float16 cast turns every |x| >= 65520 into inf (from 65504 up to 65520 it rounds
+# to 65504; 65520 is halfway to the next step, 65536, and that tie rounds up, past the range).
+# Write a cast that saturates instead: values beyond the largest finite value of the output type
+# become that value (with their sign); everything else rounds to nearest even, exactly as
+# x.to(dtype) does.
 # Write the kernel AND the wrapper (validate, allocate, grid, launch, return).
 
 SATURATING_DTYPES = (torch.float16, torch.bfloat16)

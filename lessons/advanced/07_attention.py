@@ -496,8 +496,8 @@ def fwd_configs(for_gpu: bool = False) -> list:
     if common.INTERPRETER and not for_gpu:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
     # Hopper: 128 queries per program over 8 warps (two warpgroups of wgmma), keys in blocks of
-    # 64 or 128, 3 or 4 stages of K/V tiles in flight. Configs whose tiles do not fit in shared
-    # memory fail to compile and the autotuner skips them.
+    # 64 or 128, 3 or 4 stages of K/V tiles in flight. Configs whose tiles do not fit this GPU's
+    # shared memory are pruned before timing (_prune_for, below).
     return [triton.Config({"BLOCK_M": 128, "BLOCK_N": bn}, num_warps=8, num_stages=s)
             for bn in (64, 128) for s in (3, 4)]
 

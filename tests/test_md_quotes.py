@@ -1,0 +1,53 @@
+"""Code a lesson's markdown quotes from its script is still in the script (issue 16).
+
+A ```python block that shows a function of the lesson (a `def` or `class` of a name the lesson's
+.py defines, or one of its decorator lines) is a quote: every code line of it must still be a line of the
+.py, so that an edit to the kernel cannot leave the explanation showing the old code. Blocks
+that show no line of the script (usage, pseudo-code) are not quotes, and the Exercises section
+(its hints show answers, not the script) is not read.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from common.lessons import LESSONS
+
+FENCE = re.compile(r"```python\n(.*?)```", re.S)
+DEFINED = re.compile(r"^\s*(?:async\s+)?(?:def|class)\s+(\w+)", re.M)
+
+
+def code_lines(block: str) -> list[str]:
+    """The block's lines that are code: stripped, without blanks, comments and `...` elisions."""
+    return [line.strip() for line in block.splitlines()
+            if line.strip() and not line.strip().startswith("#") and line.strip() != "..."]
+
+
+def stale_quotes(markdown: str, script: str) -> list[str]:
+    """Lines of quoted blocks (see the module docstring) that the script no longer has."""
+    script_lines = {line.strip() for line in script.splitlines()}
+    defined = set(DEFINED.findall(script))
+    stale = []
+    for block in FENCE.findall(markdown):
+        lines = code_lines(block)
+        shows = set(DEFINED.findall("\n".join(lines))) & defined
+        if shows or any(line.startswith("@") and line in script_lines for line in lines):
+            stale += [line for line in lines if line not in script_lines]
+    return stale
+
+
+@pytest.mark.parametrize("lesson", [lesson for lesson in LESSONS if lesson.written], ids=lambda lesson: lesson.stem)
+def test_quoted_code_is_in_the_script(lesson):
+    markdown = lesson.script.with_suffix(".md").read_text().split("\n## Exercises")[0]
+    stale = stale_quotes(markdown, lesson.script.read_text())
+    assert not stale, f"{lesson.script.with_suffix('.md').name} quotes lines its .py no longer has:\n" + "\n".join(stale)
+
+
+def test_a_stale_quote_is_caught():
+    script = "def kernel(x):\n    y = x + 1\n    return y\n"
+    assert stale_quotes("```python\ndef kernel(x):\n    y = x + 1\n    ...\n```", script) == []
+    assert stale_quotes("```python\ndef kernel(x):\n    y = x + 2\n```", script) == ["y = x + 2"]
+    assert stale_quotes("```python\ndef kernel(x, z):\n    y = x + 1\n```", script) == ["def kernel(x, z):"]
+    assert stale_quotes("```python\ndef other(x):\n    y = x + 2\n```", script) == []  # not a quote
