@@ -633,9 +633,13 @@ def test_lesson_w4a16_gemv(lesson, m, dtype):
     x = randn(m, k, dtype=dtype)
     out = poisoned_empty(m, n, dtype=dtype)
     lesson.w4a16_gemv(x, w_packed, scales, out=out)
-    # 16 sum (1 + u/16) x - 24 sum x cancels a few bits: in fp32 the tolerance of a K-term sum
-    assert_close(out, x.double() @ w64.t(), name=f"w4a16_gemv M={m} N={n} K={k}",
-                 **common.checks.sum_tolerance(dtype, k))
+    # 16 sum (1 + u/16) x - 24 sum x cancels: the rounding is that of sums as large as 24 sum |x|,
+    # not of the result (an all-zero row: expected 0, got -1.2e-4 at K = 128 with sum |x| near
+    # 100, once in CI). In fp32 the tolerance is twice that rounding; fp16's own rounding is larger.
+    tol = dict(common.checks.sum_tolerance(dtype, k))
+    if dtype == torch.float32:
+        tol["atol"] = max(tol["atol"], 2 * 24 * float(x.abs().sum(dim=-1).max()) * torch.finfo(torch.float32).eps)
+    assert_close(out, x.double() @ w64.t(), name=f"w4a16_gemv M={m} N={n} K={k}", **tol)
     assert_close(lesson.w4a16_reference(x, w_packed, scales), x.double() @ w64.t(), name="w4a16_reference",
                  **({"atol": 1e-4, "rtol": 1e-4} if dtype == torch.float32 else {}))
     with pytest.raises(ValueError, match="scales must be"):

@@ -115,3 +115,103 @@ def test_patching_the_grader_is_caught(tmp_path):
     proc, lines = _grade(tmp_path, patch)
     assert lines["1.1 axpy"].startswith("FAILED"), lines
     assert "replaced common.grading.grade_function" in lines["1.1 axpy"], lines
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGSEGV"])
+def test_a_killed_or_crashed_exercise_fails_alone(tmp_path, signal_name):
+    """A segfault or a SIGKILL in one exercise: that one fails with the signal named, a fresh
+    child grades the rest."""
+    patch = f"import signal\ndef axpy(a, x, y, out=None):\n    os.kill(os.getpid(), signal.{signal_name})\n"
+    proc, lines = _grade(tmp_path, patch)
+    assert lines["1.1 axpy"].startswith("FAILED") and f"crashed the grader process ({signal_name})" in lines["1.1 axpy"]
+    _clamp_and_strided_still_pass(lines)
+    assert proc.returncode == 1 and "2 of 3 passed, 1 failed" in proc.stdout
+
+
+def test_a_wrong_output_dtype_fails(tmp_path):
+    """An fp16 answer for an fp32 reference used to pass (assert_close compared values only)."""
+    patch = "_axpy = axpy\ndef axpy(a, x, y, out=None):\n    return _axpy(a, x, y, out) if out is not None else _axpy(a, x, y).half()\n"
+    proc, lines = _grade(tmp_path, patch)
+    assert lines["1.1 axpy"].startswith("FAILED") and "dtype float16, expected float32" in lines["1.1 axpy"], lines
+
+
+def test_an_answer_that_changes_its_input_fails(tmp_path):
+    patch = "_axpy = axpy\ndef axpy(a, x, y, out=None):\n    result = _axpy(a, x, y, out)\n    x.zero_()\n    return result\n"
+    proc, lines = _grade(tmp_path, patch)
+    assert lines["1.1 axpy"].startswith("FAILED") and "changed its input 'x'" in lines["1.1 axpy"], lines
+
+
+def _start_endless(tmp_path):
+    """The grader on a copy whose clamp never ends, returned once it has printed clamp's line."""
+    import time
+    folder = tmp_path / "learner"
+    folder.mkdir()
+    (folder / "01_vector_add.py").write_text(SOLUTION + "\n\ndef clamp(x, lo, hi, out=None):\n    while True:\n        pass\n")
+    proc = subprocess.Popen([sys.executable, "tests/grader.py", "check", "01", "--impl", str(folder)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "COURSE_TIMEOUT": "120"})
+    shown, start = "", time.monotonic()
+    while "1.2 clamp" not in shown and time.monotonic() - start < 120:
+        char = proc.stdout.read(1)  # the exercise's line has no newline until its result
+        if not char:
+            break
+        shown += char
+    assert "1.2 clamp" in shown, shown
+    time.sleep(2)  # inside the endless loop
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert children, "the grader runs each exercise in a child process"
+    return proc, shown, [int(pid) for pid in children]
+
+
+def _gone(pids, seconds=10):
+    import time
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+                alive.append(pid)
+            except ProcessLookupError:
+                pass
+        if not alive:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_ctrl_c_ends_with_one_clean_line_and_no_child_left(tmp_path):
+    import signal
+    proc, _, children = _start_endless(tmp_path)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err + out, err
+    assert "interrupted: grading stopped; nothing in your files was changed" in err
+    assert _gone(children), "the exercise's child process outlived the interrupted grader"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_killing_the_grader_kills_the_exercise_it_runs(tmp_path):
+    import signal
+    proc, _, children = _start_endless(tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert _gone(children), "a child left spinning after its grader was killed"
+
+
+def test_an_error_inside_a_kernel_points_at_the_kernel_line(tmp_path):
+    """Not the launch line: the line of the learner's kernel that failed, with its text."""
+    patch = ("import triton\nimport triton.language as tl\n\n@triton.jit\n"
+             "def broken_axpy_kernel(x_ptr, y_ptr, out_ptr, a, n, BLOCK_SIZE: tl.constexpr):\n"
+             "    offsets = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)\n"
+             "    x = tl.load(x_ptr + offsets + tl.arange(0, 16), mask=offsets < n)  # lengths 1024 and 16\n"
+             "    tl.store(out_ptr + offsets, a * x, mask=offsets < n)\n\n"
+             "def axpy(a, x, y, out=None):\n    out = torch.empty_like(x) if out is None else out\n"
+             "    broken_axpy_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, out, a, x.numel(), BLOCK_SIZE=1024)\n"
+             "    return out\n")
+    proc, lines = _grade(tmp_path, patch)
+    assert lines["1.1 axpy"].startswith("FAILED"), lines
+    where = next(line for line in proc.stdout.splitlines() if "raised at" in line)
+    assert "01_vector_add.py:" in where and "tl.load(x_ptr + offsets + tl.arange(0, 16)" in where, proc.stdout
+    _clamp_and_strided_still_pass(lines)
