@@ -116,7 +116,7 @@ test: setup
 	IMPL=solutions $(PY) -m pytest $$PYTEST
 
 # What the next release will break: the newest torch and triton pip finds, in a venv of their own
-# (2026-12-06: torch 2.15 / triton 3.9 pass on the CPU). A pip constraint file can cap them.
+# (2026-12-07: torch 2.15 / triton 3.9 pass on the CPU, 657 tests). A pip constraint file can cap them.
 test-newest:
 	$(PYTHON) -m venv .venv-newest
 	.venv-newest/bin/pip install --upgrade torch triton numpy matplotlib pytest
