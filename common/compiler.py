@@ -367,9 +367,6 @@ def _find_jit(module, name: str):
             value = value.fn  # through triton.autotune / triton.heuristics
         if isinstance(value, JITFunction) and value.fn.__name__ == name:
             return value
-    for value in vars(module).values():  # a kernel imported from elsewhere (common.kernels)
-        if isinstance(value, type(module)) and hasattr(value, name):
-            return _find_jit(value, name)
     raise ValueError(f"no @triton.jit function {name} in {module.__file__}")
 
 
