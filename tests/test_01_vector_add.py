@@ -245,3 +245,35 @@ def test_lesson_add_bad_input(lesson):
 def test_lesson_add_wrong_device(lesson):
     with pytest.raises(ValueError, match="CUDA device"):
         lesson.add(torch.randn(10), torch.randn(10, device="cuda"))
+
+
+# --------------------------------------------------------------------------- CUDA C++ side by side
+
+def test_side_by_side_counts_lines_and_says_why_cuda_is_not_built(lesson, capsys):
+    lines = lesson._source_lines()
+    assert set(lines) == set(lesson.SIDE_BY_SIDE_DECISIONS)
+    # the float4 version is the scalar one plus a kernel: it must count more lines
+    assert 0 < lines["cuda add, 1 float/thread"] < lines["cuda add, float4"], lines
+    lesson.side_by_side()
+    printed = capsys.readouterr().out
+    reason = common.cuda_unavailable()
+    assert (f"not built or run here ({reason})" in printed) if reason else "matches PyTorch" in printed
+
+
+def test_code_lines_skips_blanks_comments_and_docstrings():
+    source = 'def f():\n    """Doc\n    more doc\n    """\n    # a comment\n\n    return 1  # counted\n// c++ comment\nint x;\n'
+    assert common.code_lines(source) == 3
+
+
+@pytest.mark.skipif(bool(common.cuda_unavailable()), reason=common.cuda_unavailable() or "runs")
+@pytest.mark.parametrize("vec4", [False, True])
+def test_cuda_add_matches_and_checks_its_input(lesson, vec4):
+    for n in awkward_sizes(3, include=(1, 3, 5)):
+        x, y = randn(n), randn(n)
+        out = poisoned_empty(n)
+        lesson.cuda_add(x, y, vec4, out=out)
+        assert_close(out, x.double() + y.double(), name=f"cuda add n={n}")
+    x, y = randn(1001), randn(1001)
+    assert_close(lesson.cuda_add(x[1:], y[1:], vec4), x[1:].double() + y[1:].double(), name="misaligned")
+    with pytest.raises(RuntimeError, match="float32"):
+        lesson.cuda_add(x.half(), y.half(), vec4)

@@ -395,3 +395,28 @@ def test_lesson_tf32_loses_precision_ieee_does_not(lesson):
 def test_lesson_wrong_device(lesson):
     with pytest.raises(ValueError, match="CUDA device"):
         lesson.matmul(torch.randn(10, 10), torch.randn(10, 10, device="cuda"))
+
+
+# --------------------------------------------------------------------------- CUDA C++ side by side
+
+def test_side_by_side_counts_lines_and_says_why_cuda_is_not_built(lesson, capsys):
+    lines = lesson._source_lines()
+    assert set(lines) == set(lesson.SIDE_BY_SIDE_DECISIONS)
+    assert 0 < lines[lesson.CUDA_TILED] < lines[lesson.CUDA_WMMA], lines
+    lesson.side_by_side()
+    printed = capsys.readouterr().out
+    reason = common.cuda_unavailable()
+    assert (f"not built or run here ({reason})" in printed) if reason else "matches PyTorch" in printed
+
+
+@pytest.mark.skipif(bool(common.cuda_unavailable()), reason=common.cuda_unavailable() or "runs")
+@pytest.mark.parametrize("tensor_cores", [False, True])
+def test_cuda_matmul_matches_and_checks_its_input(lesson, tensor_cores):
+    for M, N, K in [(1, 1, 1), (17, 300, 33), (129, 131, 257), (256, 128, 64)]:
+        a, b = lesson.random_problem(M, N, K, torch.float16)
+        out = common.poisoned_empty(M, N, dtype=torch.float16)
+        lesson.cuda_matmul(a, b, tensor_cores, out=out)
+        common.assert_close(out, a.double() @ b.double(), name=f"cuda matmul {M}x{N}x{K}")
+    a, b = lesson.random_problem(64, 64, 64, torch.float16)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        lesson.cuda_matmul(a, b.t(), tensor_cores)

@@ -15,6 +15,7 @@ Run:  python lessons/beginner/01_vector_add.py [--quick]
 """
 
 import functools
+import inspect
 import sys
 from pathlib import Path
 
@@ -213,6 +214,138 @@ def compiled_kernel() -> None:
 
 
 # %% [markdown]
+# ## The same kernel in CUDA C++
+# In CUDA you write what one *thread* does and choose everything around it: threads per block,
+# elements per thread, the grid, the bounds check of every element, 16-byte vector loads (and
+# what to do when a pointer is not 16-byte aligned), the stream, the launch-error check. Below
+# are two CUDA versions, built with torch's load_inline where nvcc exists: the textbook one
+# (one float per thread) and one with float4 loads, which is what Triton's compiler emits for
+# add_kernel (two 16-byte loads per input per thread at BLOCK_SIZE = 1024).
+
+
+# %%
+CUDA_ADD_KERNELS = r"""
+#include <cstdint>
+#include <cuda_runtime.h>
+
+// The textbook version: thread i adds element i. 256 threads a block, n / 256 blocks.
+__global__ void add_scalar_kernel(const float* __restrict__ x, const float* __restrict__ y,
+                                  float* __restrict__ out, int64_t n) {
+    int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+    if (i < n) out[i] = x[i] + y[i];
+}
+
+// Four floats a thread, in one 16-byte load per input (ld.global.v4.f32). Needs 16-byte aligned
+// pointers (the launcher checks); the thread holding the last partial group adds it one by one.
+__global__ void add_vec4_kernel(const float* __restrict__ x, const float* __restrict__ y,
+                                float* __restrict__ out, int64_t n) {
+    int64_t i = 4 * (blockIdx.x * (int64_t)blockDim.x + threadIdx.x);
+    if (i + 3 < n) {
+        float4 a = *reinterpret_cast<const float4*>(x + i);
+        float4 b = *reinterpret_cast<const float4*>(y + i);
+        *reinterpret_cast<float4*>(out + i) = make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+    } else {
+        for (; i < n; ++i) out[i] = x[i] + y[i];
+    }
+}
+
+cudaError_t launch_add(const float* x, const float* y, float* out, int64_t n, bool vec4, cudaStream_t stream) {
+    const int threads = 256;
+    bool aligned = (reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(y) |
+                    reinterpret_cast<uintptr_t>(out)) % 16 == 0;
+    if (vec4 && aligned) {
+        int64_t blocks = ((n + 3) / 4 + threads - 1) / threads;
+        add_vec4_kernel<<<blocks, threads, 0, stream>>>(x, y, out, n);
+    } else {
+        add_scalar_kernel<<<(n + threads - 1) / threads, threads, 0, stream>>>(x, y, out, n);
+    }
+    return cudaGetLastError();
+}
+"""
+
+CUDA_ADD_HOST = r"""
+#include <torch/extension.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+cudaError_t launch_add(const float* x, const float* y, float* out, int64_t n, bool vec4, cudaStream_t stream);
+
+void add(torch::Tensor x, torch::Tensor y, torch::Tensor out, bool vec4) {
+    for (const torch::Tensor& t : {x, y, out}) {
+        TORCH_CHECK(t.is_cuda() && t.scalar_type() == torch::kFloat && t.is_contiguous(),
+                    "x, y and out must be contiguous float32 CUDA tensors");
+        TORCH_CHECK(t.sizes() == x.sizes(), "x, y and out must have one shape");
+    }
+    const c10::cuda::CUDAGuard guard(x.device());
+    cudaError_t err = launch_add(x.data_ptr<float>(), y.data_ptr<float>(), out.data_ptr<float>(), x.numel(), vec4,
+                                 c10::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, "add kernel launch failed: ", cudaGetErrorString(err));
+}
+"""
+
+
+def cuda_add(x: torch.Tensor, y: torch.Tensor, vec4: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x + y by the CUDA C++ kernels above (float32, GPU with nvcc; common.cuda_unavailable says why not)."""
+    module = common.load_cuda("course_vector_add", CUDA_ADD_KERNELS, CUDA_ADD_HOST, ("add",))
+    if module is None:
+        raise RuntimeError(f"the CUDA C++ add is not built here: {common.cuda_unavailable()}")
+    common.check_tensors(x=x, y=y)
+    out = torch.empty_like(x) if out is None else out
+    module.add(x, y, out, vec4)
+    return out
+
+
+# What each version made its programmer write down. Lines of code are counted from the sources
+# (common.code_lines: no blank or comment lines).
+SIDE_BY_SIDE_DECISIONS = {
+    "triton add": "BLOCK_SIZE (elements a program); num_warps kept at 4; the mask. The compiler picked "
+                  "16-byte loads and how the block is spread over the threads",
+    "cuda add, 1 float/thread": "threads a block (256), the grid, the bounds check, the stream, the launch "
+                                "error check, the tensor checks in C++",
+    "cuda add, float4": "all of the above, plus elements a thread (4), float4 casts, a fallback for pointers "
+                        "that are not 16-byte aligned, the tail of a partial group",
+}
+
+
+def _source_lines() -> dict[str, int]:
+    triton_lines = common.code_lines(inspect.getsource(add_kernel.fn)) + common.code_lines(inspect.getsource(_launch))
+    kernel_scalar = CUDA_ADD_KERNELS.split("// Four floats")[0]
+    launcher = CUDA_ADD_KERNELS[CUDA_ADD_KERNELS.index("cudaError_t launch_add"):]
+    host = common.code_lines(CUDA_ADD_HOST)
+    return {"triton add": triton_lines,
+            "cuda add, 1 float/thread": common.code_lines(kernel_scalar) + common.code_lines(launcher) + host,
+            "cuda add, float4": common.code_lines(CUDA_ADD_KERNELS) + host}
+
+
+def side_by_side() -> None:
+    section("Triton vs CUDA C++: what each made the programmer decide")
+    lines = _source_lines()
+    table = Table("vector add, three ways (timed in the benchmark 'Triton vs CUDA C++' below)",
+                  ["version", "lines of code (kernel + host)"])
+    for name in SIDE_BY_SIDE_DECISIONS:
+        table.add(name, lines[name])
+    table.print()
+    print("What each made its programmer decide:")
+    for name, decided in SIDE_BY_SIDE_DECISIONS.items():
+        print(f"  {name}: {decided}")
+    reason = common.cuda_unavailable()
+    if reason:
+        print(f"CUDA C++: not built or run here ({reason}).")
+        return
+    sizes = common.awkward_sizes(count=3, lo=1000, hi=10_000_000, include=(1, 3, 17))
+    for n in sizes:
+        x, y = common.randn(n), common.randn(n)
+        for vec4 in (False, True):
+            out = common.poisoned_empty(n)
+            cuda_add(x, y, vec4, out=out)
+            common.assert_close(out, add_reference(x.double(), y.double()), name=f"cuda add n={n} vec4={vec4}")
+    x, y = common.randn(sizes[-1] + 1), common.randn(sizes[-1] + 1)
+    common.assert_close(cuda_add(x[1:], y[1:]), add_reference(x[1:].double(), y[1:].double()),
+                        name="cuda add, inputs 4 bytes off 16-byte alignment (the scalar fallback)")
+    print(f"CUDA C++ add (both kernels) matches PyTorch for n in {sizes} and for misaligned inputs: OK")
+
+
+# %% [markdown]
 # ## Benchmark
 # Declared once, run by common.Benchmark: every provider is timed on every size in alternating
 # rounds, in GB/s counting bytes read plus bytes written, as a % of a device-to-device copy
@@ -273,6 +406,15 @@ BENCHMARKS = [
               # "On par": within the 2% that repeated timings of one kernel differ by.
               common.Bar("triton add", 2**28, "baseline", 0.98)]),
     common.Benchmark(
+        "Triton vs CUDA C++: add at n = 2^28 fp32", op="elementwise", cases=[2**28],
+        setup=_two_vectors, kernels={"triton add": add,
+                                     "cuda add, 1 float/thread": functools.partial(cuda_add, vec4=False),
+                                     "cuda add, float4": cuda_add},
+        reference=add_reference, nbytes=_add_bytes, ceiling="copy", dtype=torch.float32, label=_pow2,
+        unavailable=common.cuda_unavailable() if common.HAS_GPU else "",
+        note="Lines of code and what each version made its programmer decide: the table 'vector add, three "
+             "ways' above."),
+    common.Benchmark(
         "sub at n = 2^28 fp32: same bytes as add, same time", op="elementwise", cases=[2**28], cpu_cases=[1000],
         setup=_two_vectors, kernels={"triton sub": sub}, reference=sub_reference, nbytes=_add_bytes,
         ceiling="copy", dtype=torch.float32, label=_pow2),
@@ -293,4 +435,5 @@ if __name__ == "__main__":
     check(args.quick)
     traffic(2**20 if common.INTERPRETER else 2**28)
     compiled_kernel()
+    side_by_side()
     common.run_benchmarks(BENCHMARKS, args.quick)

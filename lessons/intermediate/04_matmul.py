@@ -16,6 +16,7 @@ Run:  python lessons/intermediate/04_matmul.py [--quick]
 """
 
 import functools
+import inspect
 import sys
 import time
 from pathlib import Path
@@ -501,6 +502,198 @@ def tuning(n: int, dtypes) -> None:
               f"{getattr(matmul_v4_kernel, 'best_config', '?')}; output checked against float64: OK")
 
 
+# %% [markdown]
+# ## The same matmul in CUDA C++
+# Two CUDA versions, built with torch's load_inline where nvcc exists. The textbook one stages
+# 32 x 32 tiles of A and B in shared memory and gives each thread one output (fp32 FMAs on the
+# CUDA cores). The second uses the tensor cores through WMMA (16 x 16 x 16 fragments, which
+# compile to mma.sync): a 128 x 128 tile a block of 8 warps, each warp 32 x 64 of it, K in steps
+# of 32 staged in padded shared memory, 16-byte loads where a row allows them. What it still
+# lacks, and v4 gets from Triton's compiler: asynchronous copies with several stages in flight
+# (cp.async or TMA), Hopper's wgmma, swizzled shared memory, grouped program order, and a tuned
+# tile per shape. The lines of each are counted below.
+
+
+# %%
+CUDA_MATMUL_KERNELS = r"""
+#include <cstdint>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+using namespace nvcuda;
+
+constexpr int T = 32;  // the textbook tile: 32 x 32 outputs, 32 x 32 threads
+
+__global__ void matmul_tiled_kernel(const half* __restrict__ A, const half* __restrict__ B, half* __restrict__ C,
+                                    int M, int N, int K) {
+    __shared__ float As[T][T], Bs[T][T];
+    int row = blockIdx.y * T + threadIdx.y, col = blockIdx.x * T + threadIdx.x;
+    float acc = 0.f;
+    for (int k0 = 0; k0 < K; k0 += T) {
+        int ka = k0 + threadIdx.x, kb = k0 + threadIdx.y;  // zero past the edges: the sum is unchanged
+        As[threadIdx.y][threadIdx.x] = row < M && ka < K ? __half2float(A[(int64_t)row * K + ka]) : 0.f;
+        Bs[threadIdx.y][threadIdx.x] = kb < K && col < N ? __half2float(B[(int64_t)kb * N + col]) : 0.f;
+        __syncthreads();
+        for (int k = 0; k < T; ++k) acc += As[threadIdx.y][k] * Bs[k][threadIdx.x];  // As: one address a warp
+        __syncthreads();
+    }
+    if (row < M && col < N) C[(int64_t)row * N + col] = __float2half(acc);
+}
+
+constexpr int BM = 128, BN = 128, BK = 32;
+constexpr int PAD = 8;  // 16 bytes more a row: the rows of a fragment start in different banks
+
+// Copy the ROWS x COLS tile at (r0, c0) of a rows x cols matrix (row stride ld) into shared memory,
+// zero outside the matrix; 8 halves (16 bytes) at a time where they are inside and 16-byte aligned.
+template <int ROWS, int COLS>
+__device__ void load_tile(half (*dst)[COLS + PAD], const half* src, int r0, int c0, int rows, int cols, int ld) {
+    for (int chunk = threadIdx.x; chunk < ROWS * COLS / 8; chunk += blockDim.x) {
+        int r = chunk / (COLS / 8), c = chunk % (COLS / 8) * 8;
+        int gr = r0 + r, gc = c0 + c;
+        const half* p = src + (int64_t)gr * ld + gc;
+        if (gr < rows && gc + 7 < cols && reinterpret_cast<uintptr_t>(p) % 16 == 0) {
+            *reinterpret_cast<uint4*>(&dst[r][c]) = *reinterpret_cast<const uint4*>(p);
+        } else {
+            for (int i = 0; i < 8; ++i) dst[r][c + i] = gr < rows && gc + i < cols ? p[i] : __float2half(0.f);
+        }
+    }
+}
+
+__global__ void __launch_bounds__(256) matmul_wmma_kernel(const half* __restrict__ A, const half* __restrict__ B,
+                                                          half* __restrict__ C, int M, int N, int K) {
+    __shared__ __align__(32) half As[BM][BK + PAD];
+    __shared__ __align__(32) half Bs[BK][BN + PAD];
+    __shared__ __align__(32) float Cs[8][16][16];  // one 16 x 16 fp32 fragment a warp, on its way out
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int wm = warp / 2 * 32, wn = warp % 2 * 64;  // 4 x 2 warps; each owns 32 x 64 outputs = 2 x 4 fragments
+    int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][4];
+    for (int i = 0; i < 2; ++i)
+        for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+    for (int k0 = 0; k0 < K; k0 += BK) {
+        load_tile<BM, BK>(As, A, m0, k0, M, K, K);
+        load_tile<BK, BN>(Bs, B, k0, n0, K, N, N);
+        __syncthreads();
+        for (int kk = 0; kk < BK; kk += 16) {
+            wmma::fragment<wmma::matrix_a, 16, 16, 16, half, wmma::row_major> a[2];
+            wmma::fragment<wmma::matrix_b, 16, 16, 16, half, wmma::row_major> b[4];
+            for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], &As[wm + 16 * i][kk], BK + PAD);
+            for (int j = 0; j < 4; ++j) wmma::load_matrix_sync(b[j], &Bs[kk][wn + 16 * j], BN + PAD);
+            for (int i = 0; i < 2; ++i)
+                for (int j = 0; j < 4; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+    for (int i = 0; i < 2; ++i) {
+        for (int j = 0; j < 4; ++j) {  // through shared memory: a fragment's element-to-lane map is opaque
+            wmma::store_matrix_sync(&Cs[warp][0][0], acc[i][j], 16, wmma::mem_row_major);
+            __syncwarp();
+            for (int e = lane; e < 256; e += 32) {
+                int r = m0 + wm + 16 * i + e / 16, c = n0 + wn + 16 * j + e % 16;
+                if (r < M && c < N) C[(int64_t)r * N + c] = __float2half(Cs[warp][e / 16][e % 16]);
+            }
+            __syncwarp();
+        }
+    }
+}
+
+cudaError_t launch_matmul(const half* A, const half* B, half* C, int M, int N, int K, bool tensor_cores,
+                          cudaStream_t stream) {
+    if (tensor_cores) {
+        matmul_wmma_kernel<<<dim3((N + BN - 1) / BN, (M + BM - 1) / BM), 256, 0, stream>>>(A, B, C, M, N, K);
+    } else {
+        matmul_tiled_kernel<<<dim3((N + T - 1) / T, (M + T - 1) / T), dim3(T, T), 0, stream>>>(A, B, C, M, N, K);
+    }
+    return cudaGetLastError();
+}
+"""
+
+CUDA_MATMUL_HOST = r"""
+#include <torch/extension.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_fp16.h>
+
+cudaError_t launch_matmul(const half* A, const half* B, half* C, int M, int N, int K, bool tensor_cores,
+                          cudaStream_t stream);
+
+void matmul(torch::Tensor a, torch::Tensor b, torch::Tensor c, bool tensor_cores) {
+    for (const torch::Tensor& t : {a, b, c}) {
+        TORCH_CHECK(t.is_cuda() && t.scalar_type() == torch::kHalf && t.dim() == 2 && t.is_contiguous(),
+                    "a, b and out must be contiguous 2-D float16 CUDA tensors");
+    }
+    TORCH_CHECK(a.size(1) == b.size(0), "a.shape[1] must equal b.shape[0] (the K both share)");
+    TORCH_CHECK(c.size(0) == a.size(0) && c.size(1) == b.size(1), "out must have shape (M, N)");
+    TORCH_CHECK(a.size(0) < (1 << 31) / 2 && b.size(1) < (1 << 31) / 2 && a.size(1) < (1 << 31) / 2,
+                "each of M, N, K must fit an int");
+    const c10::cuda::CUDAGuard guard(a.device());
+    auto ptr = [](const torch::Tensor& t) { return reinterpret_cast<half*>(t.data_ptr<at::Half>()); };
+    cudaError_t err = launch_matmul(ptr(a), ptr(b), ptr(c), a.size(0), b.size(1), a.size(1), tensor_cores,
+                                    c10::cuda::getCurrentCUDAStream());
+    TORCH_CHECK(err == cudaSuccess, "matmul kernel launch failed: ", cudaGetErrorString(err));
+}
+"""
+
+
+def cuda_matmul(a: torch.Tensor, b: torch.Tensor, tensor_cores: bool = True,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b by the CUDA C++ kernels above (contiguous float16; GPU with nvcc, else common.cuda_unavailable)."""
+    module = common.load_cuda("course_matmul", CUDA_MATMUL_KERNELS, CUDA_MATMUL_HOST, ("matmul",))
+    if module is None:
+        raise RuntimeError(f"the CUDA C++ matmul is not built here: {common.cuda_unavailable()}")
+    M, N, K, out = _prepare(a, b, out, "ieee")
+    if M and N:
+        module.matmul(a, b, out, tensor_cores)
+    return out
+
+
+CUDA_TILED = "cuda tiled, CUDA cores"
+CUDA_WMMA = "cuda wmma, tensor cores"
+SIDE_BY_SIDE_DECISIONS = {
+    VERSIONS["v4"].label: "BLOCK_M/N/K, GROUP_M, num_warps, num_stages as configs to time; masks. The compiler "
+                          "picked the tensor-core instructions, the shared-memory layout and the pipelining",
+    CUDA_TILED: "tile size, threads a block, staging in shared memory, two __syncthreads a step, bounds and "
+                "zero-fill, grid, stream, launch check, tensor checks",
+    CUDA_WMMA: "all of the above, plus the warp layout (4 x 2 warps of 2 x 4 fragments), WMMA fragment types, "
+               "padding against bank conflicts, 16-byte loads with a scalar edge path, the fp32 -> fp16 store "
+               "through shared memory",
+}
+
+
+def _source_lines() -> dict[str, int]:
+    triton_lines = sum(common.code_lines(inspect.getsource(f)) for f in
+                       (matmul_v3_kernel.fn, v4_configs, _prepare, matmul_v4))
+    cu, host = CUDA_MATMUL_KERNELS, common.code_lines(CUDA_MATMUL_HOST)
+    tiled = cu[:cu.index("constexpr int BM")] + cu[cu.index("cudaError_t launch_matmul"):]
+    return {VERSIONS["v4"].label: triton_lines, CUDA_TILED: common.code_lines(tiled) + host,
+            CUDA_WMMA: common.code_lines(cu) + host}
+
+
+def side_by_side() -> None:
+    section("Triton vs CUDA C++: what each made the programmer decide")
+    lines = _source_lines()
+    table = Table("fp16 matmul, three ways (timed in the benchmark 'Triton vs CUDA C++' below)",
+                  ["version", "lines of code (kernel + host)"])
+    for name in SIDE_BY_SIDE_DECISIONS:
+        table.add(name, lines[name])
+    table.print()
+    print("What each made its programmer decide:")
+    for name, decided in SIDE_BY_SIDE_DECISIONS.items():
+        print(f"  {name}: {decided}")
+    reason = common.cuda_unavailable()
+    if reason:
+        print(f"CUDA C++: not built or run here ({reason}).")
+        return
+    for M, N, K in [(1, 37, 5), (67, 45, 83), (130, 257, 100), (512, 384, 1000)]:
+        a, b = random_problem(M, N, K, torch.float16)
+        for tensor_cores in (False, True):
+            out = common.poisoned_empty(M, N, dtype=torch.float16)
+            cuda_matmul(a, b, tensor_cores, out=out)
+            common.assert_close(out, matmul_reference(a.double(), b.double()),
+                                name=f"cuda matmul {M}x{N}x{K} tensor_cores={tensor_cores}")
+    print("CUDA C++ matmul (both kernels) matches PyTorch on shapes with edges (1 x 37 x 5 to 512 x 384 x 1000): OK")
+
+
 def _versus_cublas(dtype: torch.dtype) -> common.Benchmark:
     name = common.dtype_name(dtype)
     return common.Benchmark(
@@ -596,6 +789,14 @@ BENCHMARKS = [
         note="One stage: every K step waits for its own loads. More stages keep more loads in flight "
              "(in more shared memory); once the loads are hidden, more stages add nothing.",
         unavailable=_stage_sweep_unavailable()),
+    common.Benchmark(
+        "Triton vs CUDA C++: matmul fp16", op="matmul", cases=[4096], setup=lambda n: random_problem(n, n, n, torch.float16),
+        kernels={VERSIONS["v4"].label: matmul_v4, CUDA_TILED: functools.partial(cuda_matmul, tensor_cores=False),
+                 CUDA_WMMA: cuda_matmul},
+        reference=matmul_reference, flops=_flops, ceiling="matmul", dtype=torch.float16, label=lambda n: f"{n}^3",
+        unavailable=common.cuda_unavailable() if common.HAS_GPU else "",
+        note="Lines of code and what each version made its programmer decide: the table 'fp16 matmul, three "
+             "ways' above."),
     ROOFLINE,
     common.Benchmark(
         "fp32 matmul: v3's input_precision vs torch.matmul (fp32 inputs, allow_tf32=False)", op="matmul",
@@ -703,6 +904,7 @@ if __name__ == "__main__":
     check(args.quick)
     traffic()
     compiled_versions()
+    side_by_side()
     if common.HAS_GPU:
         if not args.quick:
             precision(4096, 4096, 4096)
