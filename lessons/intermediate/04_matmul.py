@@ -759,6 +759,33 @@ def _tile_label(case) -> str:
     return f"{bm}x{bn}x{bk} w{warps} ({matmul_flops(SWEEP_N, SWEEP_N, SWEEP_N) / loaded:,.0f} flop/B loaded)"
 
 
+# Grouped order pays where the B strips one row of tiles needs overflow L2: at 4096^3 fp16 A and B
+# are 32 MiB each and stay in an H100's 50 MB L2 whatever the order.
+ORDER_SHAPES = [(4096, 4096, 4096), (16384, 16384, 4096)] if common.HAS_GPU else [(64, 96, 32)]
+ORDER_GROUPS = (1, 8, 32)
+
+
+def _order_config(group_m: int) -> dict:
+    stages = next((s for s in (4, 3, 2, 1) if _fits(128, 128, 64, s)), 1)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=group_m, num_warps=4, num_stages=stages)
+
+
+def _order_label(shape) -> str:
+    M, N, K = shape
+    b_bytes = K * N * 2  # every strip of B, which one row of tiles reads in row-by-row order
+    return f"{M}x{N}x{K} (B is {common.fmt_bytes(b_bytes)})"
+
+
+ORDER = common.Benchmark(
+    "v3 program order: GROUP_M at two shapes, fp16, 128x128x64 tiles", op=None, cases=ORDER_SHAPES,
+    quick_cases=ORDER_SHAPES[:1], cpu_cases=[(64, 96, 32)],
+    setup=lambda M, N, K: random_problem(M, N, K, torch.float16),
+    kernels={("GROUP_M=1 (row by row)" if g == 1 else f"GROUP_M={g}"):
+             functools.partial(_v3_with, config=_order_config(g)) for g in ORDER_GROUPS},
+    flops=_flops, ceiling="matmul", dtype=torch.float16, label=_order_label,
+    note="Row by row, the programs running at once (one or two rows of tiles) read every strip of B: "
+         "when B is larger than L2 they read it from HBM again for every row of tiles.")
+
 ROOFLINE = common.Benchmark(
     "roofline shapes, fp16: v4 vs torch.matmul (cuBLAS)", op="matmul", cases=[s[1:] for s in SHAPES],
     quick_cases=[(1024, 1024, 1024)], cpu_cases=[(33, 20, 47), (1, 64, 64)],
@@ -798,6 +825,7 @@ BENCHMARKS = [
         note="Lines of code and what each version made its programmer decide: the table 'fp16 matmul, three "
              "ways' above."),
     ROOFLINE,
+    ORDER,
     common.Benchmark(
         "fp32 matmul: v3's input_precision vs torch.matmul (fp32 inputs, allow_tf32=False)", op="matmul",
         cases=[4096], quick_cases=[2048], cpu_cases=[32], setup=lambda n: random_problem(n, n, n, torch.float32),
