@@ -1007,6 +1007,48 @@ def matmul_even_k(a: torch.Tensor, b: torch.Tensor, even_k: bool) -> torch.Tenso
     return out
 
 
+# %% [markdown]
+# ## triton.testing.perf_report: Triton's own benchmark harness
+# Triton's tutorials benchmark with `triton.testing.perf_report`: a decorator that takes a
+# `triton.testing.Benchmark` (the x values, one line per provider, the y label) and calls the
+# function once per (x, provider); the function times its call with `triton.testing.do_bench`
+# and returns the value to plot. The course's `common.Benchmark` is the same idea with more
+# rules: providers are timed in alternating rounds (drift hits all alike), the baselines come
+# from a registry (cuBLAS, torch.compile), each number has its spread, and perf bars are stated
+# and recorded. perf_report tables need pandas (not a course requirement).
+
+
+# %%
+PERF_REPORT_SIZES = (1024, 2048, 4096)
+
+
+def perf_report_demo(quick: bool) -> None:
+    section("triton.testing.perf_report: the autotuned matmul against torch.matmul")
+    if not common.HAS_GPU:
+        print(common.require_gpu("perf_report (it times with do_bench)"))
+        return
+    try:
+        import pandas  # noqa: F401 (perf_report builds its table with it)
+    except ImportError:
+        print("perf_report: skipped, it needs pandas (pip install pandas)")
+        return
+
+    @triton.testing.perf_report(triton.testing.Benchmark(
+        x_names=["n"], x_vals=list(PERF_REPORT_SIZES[:2] if quick else PERF_REPORT_SIZES),
+        line_arg="provider", line_vals=["triton", "torch"], line_names=["autotuned Triton", "torch.matmul"],
+        xlabel="n (an n x n x n fp16 matmul)", ylabel="TFLOP/s", plot_name="10_perf_report_matmul", args={}))
+    def matmul_tflops(n: int, provider: str):
+        a, b = _inputs(n, n, n)
+        fn = (lambda: matmul_tuned(a, b)) if provider == "triton" else (lambda: torch.matmul(a, b))
+        ms, slow, fast = triton.testing.do_bench(fn, quantiles=[0.5, 0.8, 0.2])  # median, 80th, 20th percentile
+        rate = lambda t: 2 * n**3 / (t * 1e-3) / 1e12  # noqa: E731
+        return rate(ms), rate(slow), rate(fast)
+
+    matmul_tflops.run(print_data=True, show_plots=False, save_path=str(common.report.plots_dir()))
+    print("One do_bench per (n, provider), one after another: no rounds, no spread column, no bar. The "
+          "benchmarks below time the same kernels the course's way.")
+
+
 TUNED = "autotuned (full search)"
 HAND = {f"hand-picked {config_label(c)}": functools.partial(matmul, config=config_dict(c)) for c in HAND_PICKED}
 MATMUL = dict(setup=_inputs, cpu_cases=[CPU_SHAPE], flops=_flops, ceiling="matmul", dtype=torch.float16)
@@ -1111,6 +1153,7 @@ if __name__ == "__main__":
     roofline(args.quick)
     waves_table([QUICK_SHAPE] if args.quick and common.HAS_GPU else PERSISTENT_SHAPES if common.HAS_GPU
                 else [CPU_SHAPE])
+    perf_report_demo(args.quick)
     common.run_benchmarks(BENCHMARKS, args.quick)
     if common.HAS_GPU and not args.quick:
         disk_cache()
