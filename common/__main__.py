@@ -1,5 +1,6 @@
 """python -m common results DIR: gather one `make bench` run's JSON files into DIR/results.md and
-DIR/results.json. python -m common table DIR: the README's results table from DIR/results.json."""
+DIR/results.json (for lessons/results, also each lesson md's "What the GPU printed" block).
+python -m common table DIR: the README's results table from DIR/results.json."""
 
 import json
 import sys

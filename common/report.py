@@ -217,13 +217,67 @@ def bars_table(bars: list[dict]) -> str:
     return "\n".join(rows)
 
 
-def write_results(results_dir: Path) -> tuple[Path, Path]:
-    """results.md and results.json of one results folder (python -m common results DIR)."""
+def write_results(results_dir: Path) -> tuple[Path, ...]:
+    """results.md and results.json of one results folder (python -m common results DIR), and the
+    "What the GPU printed" block of every lesson md it has a run of."""
     page, record = gather(results_dir)
     md, js = results_dir / "results.md", results_dir / "results.json"
     md.write_text("# Benchmark results (make bench)\n\n" + page)
     js.write_text(json.dumps(record, indent=2) + "\n")
-    return md, js
+    # The mds quote the course's own record only: a results folder elsewhere (a test's) leaves them alone.
+    ours = results_dir.resolve() == (REPO / "lessons" / "results").resolve()
+    return md, js, *(write_md_excerpts(results_dir) if ours else [])
+
+
+EXCERPT_START = "<!-- gpu-output: written by `python -m common results lessons/results`; do not edit -->"
+EXCERPT_END = "<!-- gpu-output end -->"
+EXCERPT_TABLES = 2  # the tables of the benchmarks that state the lesson's bars, at most this many
+
+
+def gpu_output_excerpt(run: dict, results_link: str = "../results/results.md") -> str:
+    """What a lesson's md shows of its last `make bench` run (issue 16: a learner on a CPU sees what
+    the GPU printed): the machine, every perf bar, and the tables of the benchmarks the bars are in."""
+    lines = [f"Printed by `make bench` on {run['gpu']} ({run['versions']}, {run['date']}); the whole run is in "
+             f"[lessons/results/results.md]({results_link}).", ""]
+    for b in run["bars"]:
+        sign = ">=" if b["higher_is_better"] else "<="
+        what = f"{b['kernel']} at {b['shape']}, {_against(b)}" if b.get("kernel") else b["name"]
+        result = "PASS" if b["passed"] else "MISS" + (f" ({b['why']})" if b.get("why") else "")
+        lines.append(f"- {what}: **{fmt_value(b['value'], b['bar'])} {b['unit']}** (bar {sign} {b['bar']:g} "
+                     f"{b['unit']}): {result}")
+    benchmarks = list(dict.fromkeys(b["benchmark"] for b in run["bars"] if b.get("benchmark")))
+    tables = [t for t in run["tables"] if t["title"] in benchmarks][:EXCERPT_TABLES] or run["tables"][:1]
+    for table in tables:
+        lines += ["", table["markdown"]]
+    return "\n".join(lines).strip()
+
+
+def excerpt_block(run: dict) -> str:
+    return f"{EXCERPT_START}\n{gpu_output_excerpt(run)}\n{EXCERPT_END}"
+
+
+def write_md_excerpts(results_dir: Path) -> list[Path]:
+    """Each lesson md's "What the GPU printed" block, rewritten from its JSON in results_dir. A lesson
+    whose md has no block gets one, as a section before its Takeaways (or at its end)."""
+    from .lessons import LESSONS
+    written = []
+    for lesson in LESSONS:
+        path = results_dir / f"{lesson.stem}.json"
+        if not path.exists() or not lesson.markdown.exists():
+            continue
+        block = excerpt_block(json.loads(path.read_text()))
+        md = lesson.markdown.read_text()
+        if EXCERPT_START in md:
+            head, rest = md.split(EXCERPT_START, 1)
+            new = head + block + rest.split(EXCERPT_END, 1)[1]
+        else:
+            section_text = f"## What the GPU printed\n\n{block}\n\n"
+            at = md.find("\n## Takeaways")
+            new = md[:at + 1] + section_text + md[at + 1:] if at >= 0 else md.rstrip("\n") + "\n\n" + section_text
+        if new != md:
+            lesson.markdown.write_text(new)
+            written.append(lesson.markdown)
+    return written
 
 
 def measured_on_gpu(stem: str, results_dir: Path | None = None) -> str:

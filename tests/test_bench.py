@@ -205,7 +205,7 @@ def test_results_json_is_written_and_parses(fake_op, tmp_path, monkeypatch):
     monkeypatch.setenv("COURSE_RESULTS", str(tmp_path))
     monkeypatch.setattr("sys.argv", ["lessons/beginner/01_vector_add.py"])
     report._write_results()
-    md, js = report.write_results(tmp_path)
+    md, js = report.write_results(tmp_path)  # a folder other than lessons/results: no md is touched
     bars = json.loads(js.read_text())["bars"]
     assert len(bars) == 2
     for record in bars:

@@ -283,3 +283,37 @@ def test_further_reading_check_rejects_a_missing_or_short_section():
     urls = "## Further reading\n\n- A, 2019. http://example.org/a.\n- B, 2020. https://arxiv.org/abs/22.1.\n"
     assert reference_problems(further_reading(urls)) == [
         "http://example.org/a: not https", "https://arxiv.org/abs/22.1: not an arxiv.org/abs/NNNN.NNNNN address"]
+
+
+# --------------------------------------------------------------------------- what the GPU printed
+
+def excerpt_problems(markdown: str, run: dict | None) -> list[str]:
+    """What is wrong with a lesson md's "What the GPU printed" block against its recorded run."""
+    from common.report import EXCERPT_END, EXCERPT_START, excerpt_block
+    if run is None:
+        return []
+    if EXCERPT_START not in markdown or EXCERPT_END not in markdown:
+        return ["no 'What the GPU printed' block (python -m common results lessons/results writes it)"]
+    block = EXCERPT_START + markdown.split(EXCERPT_START, 1)[1].split(EXCERPT_END, 1)[0] + EXCERPT_END
+    if block != excerpt_block(run):
+        return ["its 'What the GPU printed' block differs from lessons/results: re-run "
+                "python -m common results lessons/results"]
+    return []
+
+
+@pytest.mark.parametrize("lesson", LESSONS, ids=lambda lesson: lesson.number)
+def test_md_shows_what_the_gpu_printed(lesson):
+    import json
+    path = REPO / "lessons" / "results" / f"{lesson.stem}.json"
+    run = json.loads(path.read_text()) if path.exists() else None
+    assert excerpt_problems(lesson.markdown.read_text(), run) == []
+
+
+def test_excerpt_check_rejects_a_stale_or_missing_block():
+    from common.report import excerpt_block
+    run = {"gpu": "GPU", "versions": "v", "date": "d", "tables": [{"title": "t", "markdown": "| a |"}],
+           "bars": [{"kernel": "k", "shape": "s", "vs": "ceiling", "baseline": "copy ceiling", "value": 90.0,
+                     "bar": 80, "unit": "%", "higher_is_better": True, "passed": True, "benchmark": "t"}]}
+    good = "# L\n\n" + excerpt_block(run) + "\n"
+    assert excerpt_problems(good, run) == []
+    assert excerpt_problems("# L\n", run) and excerpt_problems(good.replace("90.00", "99.00"), run)
