@@ -7,7 +7,8 @@ Fill in the TODOs, then grade your answers with:
     make check LESSON=05
 
 Each exercise reuses an idea of lessons/intermediate/05_memory_patterns.py: 5.1 the tiled
-transpose, 5.2 the stencil's shifted masked loads, 5.3 a gather at data-dependent addresses.
+transpose, 5.2 the stencil's shifted masked loads, 5.3 a gather at data-dependent addresses,
+5.4 the convolution with many channels as an implicit GEMM.
 Hints, from gentle to explicit, are in lessons/intermediate/05_memory_patterns.md under
 "Exercises".
 """
@@ -21,6 +22,10 @@ import triton.language as tl
 BLOCK_M, BLOCK_N = 32, 32  # transpose tile
 BLOCK_H, BLOCK_W = 32, 64  # convolution output tile
 BLOCK_D = 64  # embedding columns per program
+# implicit-GEMM convolution tile: output pixels, output channels, taps per step. tl.dot needs 16
+# or more along each side; the interpreter's small test images still span several tiles.
+CONV_BLOCK_M, CONV_BLOCK_N, CONV_BLOCK_K = (32, 16, 16) if common.INTERPRETER else (64, 32, 32)
+CONV_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,3 +150,85 @@ def embedding(ids: torch.Tensor, table: torch.Tensor, out: torch.Tensor | None =
     # TODO: allocate out (shape ids.shape + (D,)) when it is None, launch the grid
     #       (n_tokens, cdiv(D, BLOCK_D)) when there is at least one token, return out (about 5 lines)
     raise NotImplementedError("TODO: exercise 5.3")
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise 5.4: conv2d as an implicit GEMM
+# x (N, C, H, W) convolved with weight (K, C, R, S) at a stride and a zero padding gives
+# out (N, K, P, Q): what F.conv2d(x, weight, stride=stride, padding=padding) computes. Seen as a
+# matrix product, its rows are the N * P * Q output pixels, its columns the K output channels,
+# and its reduction runs over the C * R * S taps; the A tile is gathered from x inside the loop.
+# The wrapper is written for you; write the kernel.
+
+
+@triton.jit
+def conv2d_gemm_kernel(
+    x_ptr,  # pointer to x[0, 0, 0, 0]; x has shape (N, C, H, W), contiguous
+    w_ptr,  # pointer to weight[0, 0, 0, 0]; weight has shape (K, C, R, S), contiguous
+    out_ptr,  # pointer to out[0, 0, 0, 0]; out has shape (N, K, P, Q), contiguous
+    N, C, H, W,  # images, input channels, input height and width
+    K, P, Q,  # output channels, output height and width
+    stride, padding,  # the same along both image axes
+    R: tl.constexpr, S: tl.constexpr,  # filter height and width
+    BLOCK_M: tl.constexpr,  # output pixels (n, p, q) per program: the GEMM's rows
+    BLOCK_N: tl.constexpr,  # output channels per program: the GEMM's columns
+    BLOCK_K: tl.constexpr,  # taps (c, r, s) per step of the reduction
+    INPUT_PRECISION: tl.constexpr,  # tl.dot's input_precision: "ieee" (fp32 products in full fp32)
+):
+    """out[n, k, p, q] = sum over c, r, s of weight[k, c, r, s] * x[n, c, p * stride - padding + r,
+    q * stride - padding + s], where x is 0 outside the image (rows 0..H-1, columns 0..W-1).
+
+    The GEMM: row m = (n * P + p) * Q + q is an output pixel, column k an output channel, and
+    tap t = (c * R + r) * S + s runs over the C * R * S products of one output. A[m, t] is the
+    pixel of x that tap t of output pixel m reads; B[t, k] = weight[k, c, r, s], the weights
+    viewed as a (K, C * R * S) matrix, transposed. Grid: (cdiv(N * P * Q, BLOCK_M),
+    cdiv(K, BLOCK_N)); program (i, j) computes rows i * BLOCK_M ... and columns j * BLOCK_N ...,
+    BLOCK_K taps per step. Accumulate in fp32 with tl.dot(a, b, acc, input_precision=INPUT_PRECISION),
+    store in out's dtype. No size is a multiple of a block.
+    """
+    # TODO: rows (BLOCK_M output pixels m) and cols (BLOCK_N output channels k) of this program,
+    #       with their masks; split m into the image n (as tl.int64) and the pixel (p, q); the
+    #       input row and column that tap (r, s) = (0, 0) reads: p * stride - padding and
+    #       q * stride - padding (about 10 lines)
+    # TODO: an fp32 (BLOCK_M, BLOCK_N) accumulator, then a loop over the C * R * S taps, BLOCK_K
+    #       at a time; in it, split the taps t into (c, r, s) and make the input rows h and
+    #       columns w (BLOCK_M, BLOCK_K) by broadcasting (about 9 lines)
+    # TODO: in the loop: load A = x[n, c, h, w] with a mask that is False (load 0.0) where h or w
+    #       falls outside the image, where the row is past N * P * Q and where the tap is past
+    #       C * R * S; load B = weight[k, t] as a (BLOCK_K, BLOCK_N) tile, masked too; then
+    #       acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION) (about 5 lines)
+    # TODO: store acc, cast to out's dtype, at out[n, k, p, q], masked to the rows and columns
+    #       that exist (about 3 lines)
+    pass
+
+
+def conv2d_gemm(x: torch.Tensor, weight: torch.Tensor, stride: int = 1, padding: int = 0,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """F.conv2d(x, weight, stride=stride, padding=padding) for contiguous x (N, C, H, W) and weight
+    (K, C, R, S), fp32 / fp16 / bf16; no bias, dilation or groups. Writes into `out` when given."""
+    common.check_tensors(x=x, weight=weight, same_shape=False, ndim=4, dtypes=CONV_DTYPES)
+    (N, C, H, W), (K, C_w, R, S) = x.shape, weight.shape
+    if C_w != C:
+        raise ValueError(f"x has {C} channels but weight expects {C_w} (weight is (K, C, R, S) = "
+                         f"{tuple(weight.shape)})")
+    if not isinstance(stride, int) or stride < 1 or not isinstance(padding, int) or padding < 0:
+        raise ValueError(f"stride must be an int >= 1 and padding an int >= 0, got stride={stride!r}, "
+                         f"padding={padding!r}")
+    P, Q = (H + 2 * padding - R) // stride + 1, (W + 2 * padding - S) // stride + 1
+    if P < 1 or Q < 1:
+        raise ValueError(f"a {R}x{S} filter at padding {padding} does not fit a {H}x{W} image")
+    if out is None:
+        out = torch.empty((N, K, P, Q), dtype=x.dtype, device=x.device)
+    else:
+        common.check_tensors(x=x, out=out, same_shape=False)
+        if tuple(out.shape) != (N, K, P, Q):
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {(N, K, P, Q)}")
+    if out.numel() == 0:
+        return out
+    grid = (triton.cdiv(N * P * Q, CONV_BLOCK_M), triton.cdiv(K, CONV_BLOCK_N))
+    # "ieee": on a GPU, fp32 products run in full fp32 (tl.dot's default, tf32, keeps 10 mantissa
+    # bits and misses fp32's 1e-5 tolerance). fp16 and bf16 products are exact in fp32 either way.
+    conv2d_gemm_kernel[grid](x, weight, out, N, C, H, W, K, P, Q, stride, padding, R=R, S=S,
+                             BLOCK_M=CONV_BLOCK_M, BLOCK_N=CONV_BLOCK_N, BLOCK_K=CONV_BLOCK_K,
+                             INPUT_PRECISION="ieee")
+    return out

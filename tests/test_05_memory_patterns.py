@@ -15,7 +15,7 @@ import triton.language as tl
 
 import common
 from common import CheckError, assert_close, awkward_sizes, poisoned_empty, randn
-from common.grading import Exercise, expect_rejected, lesson_tests, load_impl
+from common.grading import Exercise, expect_rejected, grade_function, lesson_tests, load_impl
 from common.lessons import lesson_module
 
 # v3's block pointers are deprecated in Triton 3.8 (the lesson explains why it keeps them).
@@ -29,6 +29,8 @@ HI = 150 if common.INTERPRETER else 1000
 BM = BN = 32  # the exercises' tiles (the known-wrong kernels use the same)
 BH, BW = 32, 64
 BD = 64
+# 5.4's tile, as in the exercise (tl.dot needs 16 or more along each side)
+CBM, CBN, CBK = (32, 16, 16) if common.INTERPRETER else (64, 32, 32)
 
 
 def _same_output(result, out, name):
@@ -161,10 +163,107 @@ def check_embedding(embedding):
                  mistakes=_embedding_mistakes(big, table, ids))
 
 
+# 5.4: (R, S, stride, padding, N); C, K, H and W are drawn fresh for each. The "same" 3x3 comes
+# first: it shows most mistakes (wrapped columns, r and s swapped, a tail, a store) at stride 1,
+# so that a mistake of the stride or the padding is named at the second case. The sizes keep a
+# store without a mask (rows of image N, channels past K) inside the guard zone of 65536 elements.
+CONV_GEMM_CASES = (
+    (3, 3, 1, 1, 2),  # padded on all four sides, two images
+    (5, 3, 2, 2, 1),  # a filter taller than wide, every other pixel, padded by 2
+    (1, 1, 2, 0, 2),  # 1x1: a GEMM over the channels alone (C > 16: more than one step of taps)
+)
+
+
+def _conv_at(x, weight, stride, top, P, Q):
+    """out[n, k, p, q] = sum over c, a, b of weight[k, c, a, b] * x[n, c, p * stride - top + a,
+    q * stride - top + b] with x 0 outside the image, for P x Q output pixels, in float64: the
+    convolution, or a mistaken one (a filter read transposed, a stride or padding left out)."""
+    (H, W), (A, B) = x.shape[-2:], weight.shape[-2:]
+    bottom = max(0, (P - 1) * stride + A - top - H)
+    right = max(0, (Q - 1) * stride + B - top - W)
+    padded = F.pad(x.double(), (top, right, top, bottom))
+    return F.conv2d(padded, weight.double(), stride=stride)[..., :P, :Q]
+
+
+def _conv_wrapping_columns(x, weight, stride, padding, P, Q):
+    """What a kernel computes when it masks the flat index h * W + w (inside the H * W pixels of
+    a channel) instead of h and w: a column left of 0 or right of W - 1 is read from the
+    neighbouring row."""
+    N, C, H, W = x.shape
+    K, _, R, S = weight.shape
+    flat_x = x.double().reshape(N, C, H * W)
+    p = torch.arange(P, device=x.device)[:, None]
+    q = torch.arange(Q, device=x.device)[None, :]
+    out = torch.zeros(N, K, P, Q, dtype=torch.float64, device=x.device)
+    for r in range(R):
+        for s in range(S):
+            flat = (p * stride - padding + r) * W + q * stride - padding + s
+            inside = (flat >= 0) & (flat < H * W)
+            pixels = flat_x[:, :, flat.clamp(0, H * W - 1)] * inside
+            out += torch.einsum("kc,ncpq->nkpq", weight.double()[:, :, r, s], pixels)
+    return out
+
+
+def _tf32(t):
+    """t rounded as the tensor cores read fp32 for tf32: the low 13 of 23 mantissa bits cut."""
+    return (t.contiguous().view(torch.int32) & -(1 << 13)).view(torch.float32)
+
+
+def _conv_gemm_mistakes(x, weight, stride, padding, expected):
+    (N, C, H, W), (K, _, R, S) = x.shape, weight.shape
+    P, Q = expected.shape[-2:]
+    taps = C * R * S
+    mistakes = {
+        "input columns left of 0 or right of W - 1 were read from the neighbouring row: mask h and w "
+        "separately (0 <= h < H and 0 <= w < W), not the flat index h * W + w":
+            _conv_wrapping_columns(x, weight, stride, padding, P, Q),
+        "the stride was ignored: output pixel (p, q) reads from input row p * stride - padding + r "
+        "and column q * stride - padding + s": _conv_at(x, weight, 1, padding, P, Q),
+        "the padding was not subtracted: output pixel (p, q) reads from input row p * stride - padding + r "
+        "(negative rows and columns are the zero padding, masked)": _conv_at(x, weight, stride, 0, P, Q),
+        "r and s are swapped: tap t = (c * R + r) * S + s, so s = t % S (the fastest), "
+        "r = (t // S) % R and c = t // (R * S)": _conv_at(x, weight.transpose(2, 3), stride, padding, P, Q),
+        "the weights were read as a (C * R * S, K) matrix: B[t, k] = weight[k, t] is at "
+        "w_ptr + k * (C * R * S) + t": F.conv2d(x.double(), weight.double().reshape(taps, K).t().reshape(
+            K, C, R, S), stride=stride, padding=padding),
+        "out was written as (N, P, Q, K), pixel-major: out[n, k, p, q] is at "
+        "out_ptr + (n * K + k) * P * Q + p * Q + q": expected.permute(0, 2, 3, 1).reshape(N, K, P, Q),
+    }
+    # Only a hint, not yet seen on a GPU: where the tensor cores round to tf32 rather than cut, this
+    # one may not match, and the generic "precision loss" hint shows instead.
+    if x.dtype == torch.float32 and not common.INTERPRETER:
+        mistakes["tl.dot ran the fp32 products as tf32 (10 mantissa bits), its default on a GPU: pass "
+                 "input_precision=INPUT_PRECISION (the wrapper's \"ieee\")"] = F.conv2d(
+            _tf32(x).double(), _tf32(weight).double(), stride=stride, padding=padding)
+    return mistakes
+
+
+def check_conv2d_gemm(conv2d_gemm):
+    for dtype in DTYPES:
+        for R, S, stride, padding, N in CONV_GEMM_CASES:
+            C = awkward_sizes(1, lo=17, hi=40, include=())[0] if R * S == 1 else int(torch.randint(2, 8, ()))
+            K = awkward_sizes(1, lo=17, hi=40, include=())[0]
+            H, W = awkward_sizes(2, lo=10, hi=30, include=())
+            # weights of 1 / sqrt(C * R * S): outputs of about 1, where fp16's tolerance is meant for
+            x, weight = randn(N, C, H, W, dtype=dtype), randn(K, C, R, S, dtype=dtype, scale=(C * R * S) ** -0.5)
+            expected = F.conv2d(x.double(), weight.double(), stride=stride, padding=padding)
+            out = poisoned_empty(*expected.shape, dtype=dtype)
+            _same_output(conv2d_gemm(x, weight, stride=stride, padding=padding, out=out), out, "conv2d_gemm")
+            assert_close(out, expected, name=f"conv2d_gemm x {(N, C, H, W)} * weight {(K, C, R, S)}, stride "
+                         f"{stride}, padding {padding}, {dtype}",
+                         mistakes=_conv_gemm_mistakes(x, weight, stride, padding, expected))
+    # Last: a plain output has no guard zones, so a store past its end must be caught above first.
+    x, weight = randn(2, 3, 11, 13), randn(20, 3, 3, 3, scale=0.2)
+    expected = F.conv2d(x.double(), weight.double(), padding=1)
+    assert_close(conv2d_gemm(x, weight, padding=1), expected, name="conv2d_gemm (out=None)",
+                 mistakes=_conv_gemm_mistakes(x, weight, 1, 1, expected))
+
+
 EXERCISES = [
     Exercise("5.1", "batched_transpose", check_batched_transpose, kernels=("batched_transpose_kernel",)),
     Exercise("5.2", "conv3x3", check_conv3x3, kernels=("conv3x3_kernel",)),
     Exercise("5.3", "embedding", check_embedding, kernels=("embedding_kernel",)),
+    Exercise("5.4", "conv2d_gemm", check_conv2d_gemm, kernels=("conv2d_gemm_kernel",)),
 ]
 BY_NAME = {e.name: e for e in EXERCISES}
 
@@ -336,6 +435,67 @@ def _embedding_with(kernel, grid_d=lambda D: triton.cdiv(D, BD), validate=True):
     return embedding
 
 
+# 5.4: one kernel, the mistake picked by a constexpr (MISTAKE="none" is a correct answer, tested
+# below, so each rejection is the mistake's doing).
+
+@triton.jit
+def _conv_gemm_wrong_kernel(x_ptr, w_ptr, out_ptr, N, C, H, W, K, P, Q, stride, padding,
+                            R: tl.constexpr, S: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, MISTAKE: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n = (offs_m // (P * Q)).to(tl.int64)
+    p, q = (offs_m % (P * Q)) // Q, offs_m % Q
+    if MISTAKE == "stride":
+        h0, w0 = p - padding, q - padding  # wrong: as if the stride were 1
+    elif MISTAKE == "padding":
+        h0, w0 = p * stride, q * stride  # wrong: the padding is not subtracted
+    else:
+        h0, w0 = p * stride - padding, q * stride - padding
+    taps = C * R * S
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, taps, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        if MISTAKE == "swap":
+            r, s = kk % S, (kk // S) % R  # wrong: r and s swapped
+        else:
+            r, s = (kk // S) % R, kk % S
+        c = kk // (R * S)
+        h = h0[:, None] + r[None, :]
+        w = w0[:, None] + s[None, :]
+        if MISTAKE == "tail":
+            in_taps = kk >= 0  # wrong: the last step's taps past C * R * S are loaded too
+        else:
+            in_taps = kk < taps
+        if MISTAKE == "wrap":  # wrong: only the flat index is kept inside the image, so columns wrap
+            inside = (h * W + w >= 0) & (h * W + w < H * W)
+        else:
+            inside = (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        a = tl.load(x_ptr + ((n[:, None] * C + c[None, :]) * H + h) * W + w,
+                    mask=(offs_m[:, None] < N * P * Q) & in_taps[None, :] & inside, other=0.0)
+        b = tl.load(w_ptr + offs_n[None, :] * taps + kk[:, None], mask=in_taps[:, None] & (offs_n[None, :] < K),
+                    other=0.0)
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    out_ptrs = out_ptr + (n[:, None] * K + offs_n[None, :]) * (P * Q) + (offs_m % (P * Q))[:, None]
+    if MISTAKE == "store":
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty))  # wrong: rows past N * P * Q, channels past K
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty),
+                 mask=(offs_m[:, None] < N * P * Q) & (offs_n[None, :] < K))
+
+
+def _conv2d_gemm_with(mistake):
+    def conv2d_gemm(x, weight, stride=1, padding=0, out=None):
+        (N, C, H, W), (K, _, R, S) = x.shape, weight.shape
+        P, Q = (H + 2 * padding - R) // stride + 1, (W + 2 * padding - S) // stride + 1
+        out = torch.empty((N, K, P, Q), dtype=x.dtype, device=x.device) if out is None else out
+        _conv_gemm_wrong_kernel[(triton.cdiv(N * P * Q, CBM), triton.cdiv(K, CBN))](
+            x, weight, out, N, C, H, W, K, P, Q, stride, padding, R=R, S=S, BLOCK_M=CBM, BLOCK_N=CBN, BLOCK_K=CBK,
+            MISTAKE=mistake)
+        return out
+    return conv2d_gemm
+
+
 def _solution(name):
     return getattr(load_impl(STEM, "solutions"), name)
 
@@ -360,12 +520,50 @@ KNOWN_WRONG = [
      "never written"),
     ("embedding", "ids not validated", lambda: _embedding_with(_solution("embedding_kernel"), validate=False),
      "instead of raising ValueError"),
+    ("conv2d_gemm", "columns wrap across rows", lambda: _conv2d_gemm_with("wrap"), "mask h and w separately"),
+    ("conv2d_gemm", "stride ignored", lambda: _conv2d_gemm_with("stride"), "stride was ignored"),
+    ("conv2d_gemm", "padding not subtracted", lambda: _conv2d_gemm_with("padding"), "padding was not subtracted"),
+    ("conv2d_gemm", "r and s swapped", lambda: _conv2d_gemm_with("swap"), "r and s are swapped"),
+    ("conv2d_gemm", "store not masked", lambda: _conv2d_gemm_with("store"), "past the end"),
 ]
 
 
 @pytest.mark.parametrize("name,mistake,make_wrong,hint", KNOWN_WRONG, ids=[f"{k[0]}: {k[1]}" for k in KNOWN_WRONG])
 def test_grader_rejects_known_wrong(name, mistake, make_wrong, hint):
     expect_rejected(BY_NAME[name], make_wrong(), hint)
+
+
+@pytest.mark.skipif(not common.INTERPRETER, reason="only the interpreter checks the address of each load: on a "
+                    "GPU the taps past the end read what lies beyond x and weight, or fault")
+def test_grader_rejects_conv2d_gemm_with_an_unmasked_reduction_tail():
+    """The last step's taps past C * R * S read the next image and the next channel's weights,
+    and past the end of x and weight for the last of each."""
+    expect_rejected(BY_NAME["conv2d_gemm"], _conv2d_gemm_with("tail"), "read outside every tensor")
+
+
+def test_conv2d_gemm_wrong_kernel_is_right_without_its_mistake():
+    result = grade_function(BY_NAME["conv2d_gemm"], _conv2d_gemm_with("none"))
+    assert result.status == "passed", result.detail
+
+
+def test_conv2d_gemm_bad_inputs_name_the_problem():
+    """The wrapper is given in the exercise: the solution's copy of it is tested here."""
+    conv2d_gemm = _solution("conv2d_gemm")
+    x = randn(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="3 channels but weight expects 2"):
+        conv2d_gemm(x, randn(4, 2, 3, 3))
+    with pytest.raises(ValueError, match="does not fit a 8x8 image"):
+        conv2d_gemm(x, randn(4, 3, 9, 9))
+    with pytest.raises(ValueError, match="stride must be an int >= 1"):
+        conv2d_gemm(x, randn(4, 3, 3, 3), stride=0)
+    with pytest.raises(ValueError, match="padding an int >= 0"):
+        conv2d_gemm(x, randn(4, 3, 3, 3), padding=-1)
+    with pytest.raises(ValueError, match="4 dimension"):
+        conv2d_gemm(x[0], randn(4, 3, 3, 3))
+    with pytest.raises(TypeError, match="dtype"):
+        conv2d_gemm(x, randn(4, 3, 3, 3, dtype=torch.float16))
+    with pytest.raises(ValueError, match="out has shape"):
+        conv2d_gemm(x, randn(4, 3, 3, 3), padding=1, out=torch.empty(1, 4, 6, 6, device=x.device))
 
 
 # --------------------------------------------------------------------------- the lesson's kernels
