@@ -16,6 +16,7 @@ import pytest
 from common.lessons import LESSONS
 
 FENCE = re.compile(r"```python\n(.*?)```", re.S)
+CUDA_FENCE = re.compile(r"```cuda\n(.*?)```", re.S)  # the CUDA C++ that lessons 01 and 04 hold as strings
 DEFINED = re.compile(r"^\s*(?:async\s+)?(?:def|class)\s+(\w+)", re.M)
 
 
@@ -35,6 +36,9 @@ def stale_quotes(markdown: str, script: str) -> list[str]:
         shows = set(DEFINED.findall("\n".join(lines))) & defined
         if shows or any(line.startswith("@") and line in script_lines for line in lines):
             stale += [line for line in lines if line not in script_lines]
+    for block in CUDA_FENCE.findall(markdown):  # every CUDA block quotes the script's CUDA source
+        stale += [line.strip() for line in block.splitlines()
+                  if line.strip() and not line.strip().startswith("//") and line.strip() not in script_lines]
     return stale
 
 
@@ -43,6 +47,12 @@ def test_quoted_code_is_in_the_script(lesson):
     markdown = lesson.script.with_suffix(".md").read_text().split("\n## Exercises")[0]
     stale = stale_quotes(markdown, lesson.script.read_text())
     assert not stale, f"{lesson.script.with_suffix('.md').name} quotes lines its .py no longer has:\n" + "\n".join(stale)
+
+
+def test_a_stale_cuda_quote_is_caught():
+    script = 'SOURCE = r"""\n__global__ void k(float* x) {\n    x[0] = 1.f;\n}\n"""\n'
+    assert stale_quotes("```cuda\n__global__ void k(float* x) {\n    // why\n    x[0] = 1.f;\n}\n```", script) == []
+    assert stale_quotes("```cuda\n__global__ void k(float* x) {\n    x[0] = 2.f;\n}\n```", script) == ["x[0] = 2.f;"]
 
 
 def test_a_stale_quote_is_caught():
