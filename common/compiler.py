@@ -18,6 +18,7 @@ compiler cannot take the interpreter's functions) is compiled in a child process
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -263,13 +264,52 @@ def _inspect_kernels(calls: list, arch: int | None) -> list[KernelReport]:
         # in a child process that imports the kernel's file without the interpreter.
         try:
             from triton.runtime.jit import JITFunction
-            reports[i] = _report(compile_for(JITFunction(jit.fn), target, pointers, meta), _name(fn), target, note)
+            with _real_triton_language():
+                compiled = compile_for(JITFunction(jit.fn), target, pointers, meta)
+            reports[i] = _report(compiled, _name(fn), target, note)
         except Exception as err:  # noqa: BLE001  (the child process compiles it, or says why not)
             in_child[i] = _spec(jit, args, meta, err)
     if in_child:
         for i, d in zip(in_child, _compile_in_child(list(in_child.values()), target)):
             reports[i] = KernelReport.from_json({**d, "note": "; ".join(x for x in (note, d["note"]) if x)})
     return reports
+
+
+def _language_objects() -> list:
+    import triton.language as tl
+    objects = [tl, tl.core, tl.math, tl.tensor, getattr(tl.core, "tensor_descriptor_base", None)]
+    return [obj for obj in objects if obj is not None]
+
+
+# triton.language as it was when common was imported, before any kernel ran (see below).
+_LANGUAGE = [(obj, dict(vars(obj))) for obj in _language_objects()] if INTERPRETER else []
+_ABSENT = object()
+
+
+@contextlib.contextmanager
+def _real_triton_language():
+    """The compiler needs triton.language's own functions. The interpreter swaps in numpy ones
+    while a kernel runs and swaps them back after, but a @triton.jit function called from plain
+    Python (outside a kernel: a helper tried in a notebook, a kernel called without [grid]) swaps
+    them in for good (Triton 3.6 to 3.8). An in-process compile after that fails
+    ("'block_argument' object has no attribute 'dtype'"). So the functions saved at import are put
+    back for the compile, and whatever was there before is put back after it."""
+    swapped = []
+    for obj, saved in _LANGUAGE:
+        now = vars(obj)
+        for name, value in saved.items():
+            current = now.get(name, _ABSENT)
+            if current is not value:
+                swapped.append((obj, name, current))
+                setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        for obj, name, value in swapped:
+            if value is _ABSENT:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, value)
 
 
 def _name(fn) -> str:

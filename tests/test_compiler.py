@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import random
+
 from collections import Counter
 
 import pytest
@@ -135,6 +138,36 @@ def test_bad_requests_name_the_problem(capsys):
             inspect_kernel(namespace["nested_kernel"], x, BLOCK=16)
         assert inspect_kernels([(namespace["nested_kernel"], (x,), dict(BLOCK=16))], skip_with_reason=True) is None
         assert "What the compiler made: skipped here" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not common.INTERPRETER, reason="the interpreter's own quirk: on a GPU kernels are compiled")
+def test_a_jit_function_called_from_python_does_not_break_inspection():
+    # Calling a @triton.jit function outside a kernel leaves triton.language patched with the
+    # interpreter's functions (Triton 3.6-3.8); a CI run once failed an in-process compile after it.
+    import linecache
+    import triton
+    import triton.language as tl
+    from common.kernels import grouped_tile_position
+    # A factor new to Triton's compile cache: a cached kernel would skip the code generator that fails.
+    factor = 1.0 + random.random()
+    source = ("@triton.jit\ndef cell_kernel(x_ptr, BLOCK: tl.constexpr):\n"
+              f"    tl.store(x_ptr + tl.arange(0, BLOCK), tl.load(x_ptr + tl.arange(0, BLOCK)) * {factor!r})\n")
+    cell = "<notebook cell 2>"  # no source file: only the in-process compile can take it
+    linecache.cache[cell] = (len(source), None, source.splitlines(True), cell)
+    namespace = {"triton": triton, "tl": tl}
+    exec(compile(source, cell, "exec"), namespace)
+    x = torch.randn(16)
+    try:
+        inspect_kernel(lesson_module("01").add_kernel, x, x, x, 16, BLOCK_SIZE=16)  # a compile before the leak
+        with contextlib.suppress(Exception):
+            grouped_tile_position(0, 64, 64, 16, 16, 1)
+        inspect_kernel(lesson_module("01").add_kernel, x, x, x, 16, BLOCK_SIZE=16)
+        assert inspect_kernel(namespace["cell_kernel"], x, BLOCK=16).loads
+    except InspectionUnavailable as err:  # Triton 3.9's interpreter: no in-process compile at all
+        assert tuple(map(int, triton.__version__.split(".")[:2])) >= (3, 9), err
+    out = torch.empty(16)
+    lesson_module("01").add(x, x, out=out)  # and the interpreter still runs kernels afterwards
+    assert torch.equal(out, x + x)
 
 
 @pytest.mark.skipif(not common.HAS_GPU, reason="needs a CUDA GPU: the driver's own counts")
