@@ -289,11 +289,13 @@ _ABSENT = object()
 @contextlib.contextmanager
 def _real_triton_language():
     """The compiler needs triton.language's own functions. The interpreter swaps in numpy ones
-    while a kernel runs and swaps them back after, but a @triton.jit function called from plain
-    Python (outside a kernel: a helper tried in a notebook, a kernel called without [grid]) swaps
-    them in for good (Triton 3.6 to 3.8). An in-process compile after that fails
-    ("'block_argument' object has no attribute 'dtype'"). So the functions saved at import are put
-    back for the compile, and whatever was there before is put back after it."""
+    while a kernel runs and swaps them back after, but only in the modules the kernel's own file
+    sees. tl.sum, tl.max and the other reductions are @triton.jit functions of
+    triton/language/standard.py: running one patches triton.language.core, and nothing restores
+    it (Triton 3.6 to 3.8; a @triton.jit function called from plain Python does the same). An
+    in-process compile after that fails ("'block_argument' object has no attribute 'dtype'")
+    unless Triton's cache already holds the kernel. So the functions saved at import are put back
+    for the compile, and whatever was there before is put back after it."""
     swapped = []
     for obj, saved in _LANGUAGE:
         now = vars(obj)
