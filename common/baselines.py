@@ -188,6 +188,7 @@ _OPS = [
        (Baseline("torch._scaled_mm (fast accum)", _scaled_mm, gpu_only=True),), eager=False, compile=False,
        what="fp8 e4m3 (M, K) x (N, K)^T with per-tensor scales, bf16 out"),
     Op("dpo_loss", "the lesson's tensors", what="DPO loss of a policy and a reference model's logits"),
+    Op("grpo_loss", "the lesson's tensors", what="GRPO policy-gradient loss of a policy's logits"),
     Op("decode_step", "the lesson's tensors", compile=False,
        what="a whole decode step's kernels: eager launches vs a CUDA graph of the same kernels"),
 ]

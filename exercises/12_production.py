@@ -9,8 +9,9 @@ Fill in the TODOs, then grade your answers with:
 12.1 turns a finished Triton kernel into a torch.library custom op (what the lesson does for
 its own kernel, for another one); 12.2 is a variant of the lesson's fused DPO loss (the mean
 log-prob over the response instead of the sum, and label smoothing); 12.3 captures a decode
-step in a CUDA graph (it needs a CUDA GPU; without one it is reported as skipped). Hints, from
-gentle to explicit, are in lessons/expert/12_production.md under "Exercises".
+step in a CUDA graph (it needs a CUDA GPU; without one it is reported as skipped); 12.4 is the
+lesson's GRPO loss as one kernel per token row that writes the loss and the gradient in one
+launch. Hints, from gentle to explicit, are in lessons/expert/12_production.md under "Exercises".
 """
 
 import common  # first: picks the GPU, or Triton's CPU interpreter without one
@@ -267,3 +268,144 @@ def graph_decode_step(step, example_inputs, warmup: int = 3):
     #       static output (about 10 lines)
     # TODO: return replay (1 line)
     raise NotImplementedError("TODO: exercise 12.3")
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise 12.4: a fused GRPO loss, whose forward kernel writes the gradient too
+# GRPO (Group Relative Policy Optimization) tunes a policy from its own samples: G completions of
+# each prompt, each scored by a reward; B = n_prompts * G completions in all, each prompt's G
+# consecutive. logits (B, T, V) are the policy's, targets (B, T) the sampled next tokens (valid
+# ids everywhere), mask (B, T) is True at the completion tokens (False at the prompt and the
+# padding), old_logps (B, T) are the log-probs the sampling policy gave the targets, ref_logps
+# (B, T) the frozen reference model's, rewards (B,) one per completion.
+#
+#   A[b]       = (rewards[b] - mean of its group) / (std of its group + 1e-4)   (grpo_advantages, given)
+#   logp[b, t] = log_softmax(logits[b, t])[targets[b, t]]
+#   ratio      = exp(logp - old_logps)
+#   surrogate  = min(ratio * A, clamp(ratio, 1 - eps, 1 + eps) * A)
+#   kl         = exp(ref_logps - logp) - (ref_logps - logp) - 1                (the k3 estimator)
+#   loss[b, t] = -(surrogate - beta * kl)
+#   L          = sum_b sum_t w[b] * mask[b, t] * loss[b, t],   w[b] = 1 / (B * sum_t mask[b, t])
+#
+# (L is the mean over the sequences of each sequence's mean over its completion tokens.) A token's
+# derivative is known as soon as its row has been read, unlike DPO's, which needs the whole pair
+# first, so one kernel computes the loss and the gradient (for an upstream gradient of 1):
+#   dsurrogate          = ratio * A where ratio * A <= clamp(ratio, 1 - eps, 1 + eps) * A, else 0
+#   g[b, t] = dL/dlogp  = w[b] * mask[b, t] * (beta * (1 - exp(ref_logps - logp)) - dsurrogate)
+#   dL/dlogits[b, t, v] = g[b, t] * (onehot(v == targets[b, t]) - softmax(logits[b, t])[v])
+# and the backward pass only multiplies that by grad_output.
+#
+# One program per token row (N = B * T rows of V logits): pass 1 over the row's chunks, the online
+# log-sum-exp; the loss and g in registers; pass 2 over the same chunks, the gradient. The wrappers
+# are written for you; write the kernel.
+
+
+@triton.jit
+def grpo_loss_kernel(
+    logits_ptr,  # N x V logits, row r at logits_ptr + r * stride_row, columns contiguous
+    targets_ptr,  # N int64 target ids in [0, V)
+    mask_ptr,  # N int8: 1 at completion tokens, 0 at the prompt and the padding
+    old_logp_ptr,  # N fp32: the sampling policy's log-probs of the targets
+    ref_logp_ptr,  # N fp32: the reference model's log-probs of the targets
+    adv_ptr,  # N fp32: the advantage A of each row's completion
+    weight_ptr,  # N fp32: the weight w of each row's completion, 1 / (B * its completion tokens)
+    loss_ptr,  # output N fp32: w * loss of the row's token, 0 where mask is 0
+    dlogits_ptr,  # output N x V, contiguous, the logits' dtype: dL/dlogits, zeros where mask is 0
+    n_cols,  # V
+    stride_row,  # elements between logits[r, 0] and logits[r + 1, 0]
+    eps,  # the clip range
+    beta,  # the weight of the KL penalty
+    BLOCK_V: tl.constexpr,  # columns per chunk, a power of 2
+):
+    """Program r: if mask[r], lse by an online log-sum-exp over chunks of BLOCK_V columns, logp =
+    x[target] - lse, the row's loss w * -(surrogate - beta * kl) and g = dL/dlogp from the formulas
+    above; then, in a second pass over the chunks, dlogits = g * (onehot - exp(x - lse)). Where mask
+    is 0: a loss of 0 and a row of zeros, without reading that row's logits.
+    """
+    # TODO: this program's row (as int64), the column offsets, this row of dlogits, and an fp32 zero
+    #       for the row's loss (tl.zeros((), dtype=tl.float32)) (about 4 lines)
+    # TODO: if the row's mask is not 0: pass 1, the online log-sum-exp of exercise 12.2 (a running max m
+    #       and sum d over chunks of BLOCK_V, other=-inf past V), lse, and logp = x[target] - lse (about 10 lines)
+    # TODO: still inside the if: load old, ref, A and w; ratio, the unclipped and clipped terms, kl; the
+    #       row's loss w * -(surrogate - beta * kl) and g = dL/dlogp from the formulas above (about 9 lines)
+    # TODO: still inside the if: pass 2 over the same chunks: g * (onehot - exp(x - lse)), stored in
+    #       the output's dtype, masked past V (about 4 lines)
+    # TODO: else (a prompt or padding row): store a row of zeros, chunk by chunk, without reading the
+    #       logits (about 3 lines)
+    # TODO: store the row's loss (1 line)
+    pass
+
+
+def grpo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(r - mean of its group) / (std of its group + 1e-4), fp32, groups of group_size consecutive rewards."""
+    groups = rewards.float().view(-1, group_size)
+    return ((groups - groups.mean(dim=1, keepdim=True)) / (groups.std(dim=1, keepdim=True) + 1e-4)).view(-1)
+
+
+def grpo_rows(logits, targets, mask, old_logps, ref_logps, adv, weight, eps: float, beta: float,
+              block_v: int = DPO_BLOCK_V):
+    """(loss, dlogits): N fp32 weighted token losses and the N x V gradient of their sum, for N x V
+    logits (rows contiguous) and the N-long per-row inputs of grpo_loss_kernel."""
+    n_rows, n_cols = logits.shape
+    loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    dlogits = torch.empty(n_rows, n_cols, dtype=logits.dtype, device=logits.device)
+    grpo_loss_kernel[(n_rows,)](logits, targets, mask, old_logps, ref_logps, adv, weight, loss, dlogits, n_cols,
+                                logits.stride(0), float(eps), float(beta),
+                                BLOCK_V=min(block_v, triton.next_power_of_2(n_cols)), num_warps=DPO_NUM_WARPS)
+    return loss, dlogits
+
+
+class GRPOLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, mask, old_logps, ref_logps, rewards, group_size, eps, beta):
+        n_seq, seq_len, n_cols = logits.shape
+
+        def per_row(t):  # (B,) -> (B * T,): each sequence's value on every one of its rows
+            return t[:, None].expand(n_seq, seq_len).reshape(-1).contiguous()
+
+        adv = grpo_advantages(rewards, group_size)
+        weight = 1.0 / (n_seq * mask.sum(dim=1, dtype=torch.float32))  # >= 1 token per row (grpo_loss checks)
+        loss, dlogits = grpo_rows(logits.view(-1, n_cols), targets.reshape(-1), mask.reshape(-1).to(torch.int8),
+                                  old_logps.reshape(-1).contiguous(), ref_logps.reshape(-1).contiguous(),
+                                  per_row(adv), per_row(weight), eps, beta)
+        ctx.save_for_backward(dlogits.view(n_seq, seq_len, n_cols))
+        return loss.sum()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (dlogits,) = ctx.saved_tensors  # written by the forward kernel: only the chain rule's scalar is left
+        return dlogits * grad_loss, None, None, None, None, None, None, None, None
+
+
+def grpo_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, old_logps: torch.Tensor,
+              ref_logps: torch.Tensor, rewards: torch.Tensor, group_size: int, eps: float = 0.2,
+              beta: float = 0.04) -> torch.Tensor:
+    """The GRPO loss, a scalar fp32 tensor, differentiable in logits.
+
+    logits (B, T, V) contiguous float, targets (B, T) int64 in [0, V), mask (B, T) bool with at
+    least one True per row, old_logps and ref_logps (B, T) fp32, rewards (B,) float, B a multiple
+    of group_size (each prompt's group_size completions consecutive).
+    """
+    common.check_tensors(logits=logits, ndim=3, dtypes=FLOAT_DTYPES)
+    common.check_tensors(targets=targets, ndim=2, dtypes=(torch.int64,))
+    common.check_tensors(mask=mask, ndim=2, dtypes=(torch.bool,))
+    common.check_tensors(old_logps=old_logps, ref_logps=ref_logps, ndim=2, same_shape=False, dtypes=(torch.float32,))
+    common.check_tensors(rewards=rewards, ndim=1, dtypes=(torch.float32, torch.float64))
+    n_seq, seq_len, _ = logits.shape
+    for name, t, shape in (("targets", targets, (n_seq, seq_len)), ("mask", mask, (n_seq, seq_len)),
+                           ("old_logps", old_logps, (n_seq, seq_len)), ("ref_logps", ref_logps, (n_seq, seq_len)),
+                           ("rewards", rewards, (n_seq,))):
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} to match logits {tuple(logits.shape)}, "
+                             f"got {tuple(t.shape)}")
+    if not isinstance(group_size, int) or group_size < 2 or n_seq % group_size:
+        raise ValueError(f"group_size must be an int >= 2 that divides B = {n_seq}, got {group_size!r}")
+    if not 0.0 <= eps < 1.0 or not beta >= 0.0:
+        raise ValueError(f"need 0 <= eps < 1 and beta >= 0, got eps={eps}, beta={beta}")
+    # One host sync: a sequence with no completion token has no mean (0 / 0), which would make the
+    # loss NaN; say so here instead.
+    empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"every sequence needs at least one completion token (a mask row with a True); "
+                         f"rows {empty} have none")
+    return GRPOLossFunction.apply(logits, targets, mask, old_logps, ref_logps, rewards, group_size, eps, beta)

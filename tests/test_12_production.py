@@ -443,10 +443,192 @@ def check_graph_decode_step(graph_decode_step):
                          f"dtype or device differs from the captured one")
 
 
+# --------------------------------------------------------------------------- 12.4 GRPO loss
+
+def _grpo_case(n_prompts, group_size, seq_len, n_cols, dtype, eps, offset=0.0):
+    """Logits (B, T, V), targets, a mask with a prompt, a completion and padding per row, old and reference
+    log-probs near the policy's own (ratios inside and outside the clip range, for A > 0 and A < 0),
+    binary rewards: prompt 0's all 1 (A = 0), prompt 1's first two 1 and 0 (A > 0 and A < 0)."""
+    n_seq = n_prompts * group_size
+    logits = (randn(n_seq, seq_len, n_cols, scale=3.0) + offset).to(dtype)
+    targets = torch.randint(0, n_cols, (n_seq, seq_len), device=common.DEVICE)  # valid ids at the prompt too
+    mask = torch.zeros(n_seq, seq_len, dtype=torch.bool)
+    for r in range(n_seq):
+        start = int(torch.randint(0, seq_len - 1, ()))
+        stop = int(torch.randint(start + 1, seq_len + 1, ()))
+        mask[r, start:stop] = True
+    mask[0, :] = True  # a completion with no prompt and no padding
+    for r in (group_size, group_size + 1):  # a prompt, then a completion to the end: its last two tokens
+        mask[r] = torch.arange(seq_len) >= int(torch.randint(1, seq_len - 1, ()))
+    mask = mask.to(common.DEVICE)
+    rewards = (torch.rand(n_seq) < 0.5).float()
+    rewards[:group_size] = 1.0
+    rewards[group_size], rewards[group_size + 1] = 1.0, 0.0
+    logp = torch.log_softmax(logits.double(), -1).gather(-1, targets[..., None])[..., 0]
+    log_ratio = torch.randn(n_seq, seq_len, dtype=torch.float64) * 0.3  # ratio = exp(log_ratio)
+    log_ratio[group_size:group_size + 2, -1] = torch.tensor([0.6, -0.6])  # clipped: A > 0 high, A < 0 low
+    log_ratio[group_size:group_size + 2, -2] = torch.tensor([-0.6, 0.6])  # the far sides: not clipped
+    for edge in (math.log(1 - eps), math.log(1 + eps)):  # away from the edges, where fp32 may branch otherwise
+        log_ratio[(log_ratio - edge).abs() < 1e-3] += 1e-2
+    junk = randn(n_seq, seq_len, scale=0.5) - 3.0  # at the prompt and the padding: must not be used
+    old_logps = torch.where(mask, (logp - log_ratio.to(common.DEVICE)).float(), junk)
+    ref_logps = torch.where(mask, (logp + 0.3 * torch.randn_like(logp)).float(), junk)
+    return logits, targets, mask, old_logps, ref_logps, rewards.to(common.DEVICE)
+
+
+def _grpo64(logits, targets, mask, old_logps, ref_logps, rewards, group_size, eps, beta, grad_loss, *, clip=True,
+            clip_grad=True, kl_sign=1.0, kl_reversed=False, dkl_sign=1.0, count_prompt=False, weighted=True,
+            negated=True, grad_sign=1.0, onehot=True, softmax=True):
+    """(loss, dlogits) in float64, by hand, with one of the likely mistakes switched on (none by default)."""
+    lg = logits.double()
+    logsm = torch.log_softmax(lg, -1)
+    logp = logsm.gather(-1, targets[..., None])[..., 0]
+    groups = rewards.double().view(-1, group_size)
+    adv = ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)).view(-1, 1)
+    ratio = torch.exp(logp - old_logps.double())
+    unclipped, clipped = ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv
+    surrogate = torch.minimum(unclipped, clipped) if clip else unclipped
+    d_surrogate = torch.where(unclipped <= clipped, unclipped, 0.0) if clip and clip_grad else unclipped
+    log_r = ref_logps.double() - logp
+    if kl_reversed:
+        kl, d_kl = torch.exp(-log_r) + log_r - 1, torch.exp(-log_r) - 1
+    else:
+        kl, d_kl = torch.exp(log_r) - log_r - 1, 1 - torch.exp(log_r)
+    sign = 1.0 if negated else -1.0
+    token = -sign * (surrogate - kl_sign * beta * kl)
+    d_token = -sign * (d_surrogate - kl_sign * dkl_sign * beta * d_kl)
+    m = mask.double()
+    weight = (1.0 / (m.shape[0] * m.sum(1)))[:, None] if weighted else 1.0
+    counted = torch.ones_like(m) if count_prompt else m
+    loss = (weight * counted * token).sum()
+    g = grad_loss.double() * grad_sign * weight * counted * d_token
+    term = torch.zeros_like(lg)
+    if onehot:
+        term.scatter_(-1, targets[..., None], 1.0)
+    if softmax:
+        term = term - logsm.exp()
+    return loss, g[..., None] * term
+
+
+def _grpo_reference(logits, targets, mask, old_logps, ref_logps, rewards, group_size, eps, beta, grad_loss):
+    """Loss and dL/dlogits through PyTorch's autograd in float64: the reference."""
+    lg = logits.detach().double().requires_grad_()
+    logp = torch.log_softmax(lg, -1).gather(-1, targets[..., None])[..., 0]
+    groups = rewards.double().view(-1, group_size)
+    adv = ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)).view(-1, 1)
+    ratio = torch.exp(logp - old_logps.double())
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
+    log_r = ref_logps.double() - logp
+    token = -(surrogate - beta * (torch.exp(log_r) - log_r - 1))
+    m = mask.double()
+    loss = ((token * m).sum(1) / m.sum(1)).mean()
+    (dlogits,) = torch.autograd.grad(loss, lg, grad_loss.double())
+    return loss.detach(), dlogits
+
+
+def _grpo_cases():
+    """(prompts, G, T, V, dtype, eps, beta, offset): T odd, V never a multiple of the chunk; the second
+    case has logits around +85, where exp overflows fp32 without the running max."""
+    if common.INTERPRETER:
+        n_cols = awkward_sizes(2, lo=300, hi=1200)
+        cases = [(2, 3, 7, n_cols[0], torch.float32, 0.2, 0.04, 0.0),
+                 (2, 2, 5, n_cols[1], torch.float32, 0.2, 0.1, 85.0),
+                 (3, 2, 5, n_cols[1], torch.float16, 0.1, 0.5, 0.0)]
+    else:
+        n_cols = awkward_sizes(2, lo=5000, hi=40_000)
+        cases = [(3, 4, 33, n_cols[0], torch.float32, 0.2, 0.04, 0.0),
+                 (2, 4, 17, n_cols[1], torch.float32, 0.2, 0.1, 85.0),
+                 (3, 4, 21, n_cols[1], torch.float16, 0.1, 0.5, 0.0)]
+        if common.supports_bf16():
+            cases.append((2, 4, 19, n_cols[0], torch.bfloat16, 0.2, 0.04, 0.0))
+    return cases
+
+
+def check_grpo_loss(grpo_loss):
+    for n_prompts, group_size, seq_len, n_cols, dtype, eps, beta, offset in _grpo_cases():
+        logits, targets, mask, old_logps, ref_logps, rewards = _grpo_case(n_prompts, group_size, seq_len, n_cols,
+                                                                         dtype, eps, offset)
+        grad_loss = (0.5 + torch.rand(())).to(common.DEVICE)
+        name = (f"{n_prompts} prompts x G={group_size} T={seq_len} V={n_cols} {common.dtype_name(dtype)} eps={eps} "
+                f"beta={beta}" + (f" logits around {offset:+.0f}" if offset else ""))
+        x = logits.detach().clone().requires_grad_()
+        with PoisonedAllocations() as allocations:
+            loss = grpo_loss(x, targets, mask, old_logps, ref_logps, rewards, group_size, eps=eps, beta=beta)
+            if not isinstance(loss, torch.Tensor) or loss.shape != ():
+                raise CheckError(f"grpo_loss must return the loss as a scalar tensor, got "
+                                 f"{getattr(loss, 'shape', type(loss).__name__)}")
+            if loss.grad_fn is None:
+                raise CheckError("the loss has no grad_fn: return GRPOLossFunction.apply(...)")
+            (dlogits,) = torch.autograd.grad(loss, x, grad_loss)
+        allocations.check_guards()
+        loss_ref, dlogits_ref = _grpo_reference(logits, targets, mask, old_logps, ref_logps, rewards, group_size,
+                                                eps, beta, grad_loss)
+        args = (logits, targets, mask, old_logps, ref_logps, rewards, group_size, eps, beta, grad_loss)
+
+        if not torch.isfinite(loss):
+            if offset:
+                big = float(logits.float().abs().max())
+                raise CheckError(
+                    f"loss {name}: {loss.item()} is not finite, for logits up to |x| = {big:.0f}.\n  hint: exp(x) "
+                    f"overflows fp32 above x = 88.7: subtract the running max before exp (online log-sum-exp: "
+                    f"m_new = max(m, max(x)); d = d * exp(m - m_new) + sum(exp(x - m_new)))")
+            raise CheckError(
+                f"loss {name}: {loss.item()} is not finite although the logits are small.\n  hint: the loss must "
+                f"be stored for every row, 0 for the prompt and padding tokens (the buffers hold NaN before the "
+                f"kernel runs)")
+        loss_mistakes = {
+            "the ratio was not clipped: surrogate = min(ratio * A, clamp(ratio, 1 - eps, 1 + eps) * A)":
+                _grpo64(*args, clip=False)[0],
+            "the KL penalty has the wrong sign: loss = -(surrogate - beta * kl), so the KL is added to the loss":
+                _grpo64(*args, kl_sign=-1.0)[0],
+            "the KL estimator is reversed: k3 = exp(ref - logp) - (ref - logp) - 1, with ref_logps - logp":
+                _grpo64(*args, kl_reversed=True)[0],
+            "the prompt and padding tokens were counted: only completion tokens (mask 1) enter the loss; store 0 "
+            "for the others": _grpo64(*args, count_prompt=True)[0],
+            "the loss was not negated: loss = -(surrogate - beta * kl) (minimising it raises the surrogate)":
+                _grpo64(*args, negated=False)[0],
+            "the weight was not applied: each token's loss (and gradient) is multiplied by its row's w = "
+            "1 / (B * completion tokens)": _grpo64(*args, weighted=False)[0],
+        }
+        assert_close(loss, loss_ref, name=f"loss {name}", mistakes=loss_mistakes)
+
+        # Entries of w * ratio * A * p, most of them tiny: compare relative to the largest one.
+        scale = 1.0 / float(dlogits_ref.abs().max())
+        unwritten = dlogits_ref.clone()
+        unwritten[~mask] = math.nan
+        grad_mistakes = {
+            "clipped tokens got a surrogate gradient: where the clipped term is the smaller, it is a constant, "
+            "d surrogate / d logp = 0 there": _grpo64(*args, clip_grad=False)[1],
+            "the ratio was not clipped in the gradient: d surrogate / d logp = ratio * A only where "
+            "ratio * A <= clamp(ratio, 1 - eps, 1 + eps) * A": _grpo64(*args, clip=False)[1],
+            "the KL term's derivative has the wrong sign: d kl / d logp = 1 - exp(ref - logp)":
+                _grpo64(*args, dkl_sign=-1.0)[1],
+            "the KL penalty has the wrong sign in the gradient: g = w * (beta * (1 - exp(ref - logp)) - "
+            "d surrogate)": _grpo64(*args, kl_sign=-1.0)[1],
+            "the KL estimator is reversed in the gradient: kl = exp(ref - logp) - (ref - logp) - 1":
+                _grpo64(*args, kl_reversed=True)[1],
+            "the gradient has the wrong sign: d logp / d logits = onehot - softmax (softmax - onehot is the "
+            "gradient of -logp)": _grpo64(*args, grad_sign=-1.0)[1],
+            "the softmax term is missing: d logp / d x[v] = onehot[v] - exp(x[v] - lse)":
+                _grpo64(*args, softmax=False)[1],
+            "the onehot term is missing: d logp / d x[v] = onehot[v] - exp(x[v] - lse), +1 at the target":
+                _grpo64(*args, onehot=False)[1],
+            "the prompt and padding rows got a gradient: their loss is 0, so their row of dlogits is zeros":
+                _grpo64(*args, count_prompt=True)[1],
+            "the weight w is missing from the gradient: g = w * (beta * (1 - exp(ref - logp)) - d surrogate)":
+                _grpo64(*args, weighted=False)[1],
+            "the prompt and padding rows of dlogits were never written: store a row of zeros where mask is 0":
+                unwritten,
+        }
+        assert_close(dlogits * scale, dlogits_ref * scale, name=f"dlogits (divided by its largest value) {name}",
+                     mistakes={hint: g * scale for hint, g in grad_mistakes.items()})
+
+
 EXERCISES = [
     Exercise("12.1", "register_softcap", check_register_softcap),
     Exercise("12.2", "dpo_loss", check_dpo_loss, kernels=("dpo_logp_kernel", "dpo_grad_kernel")),
     Exercise("12.3", "graph_decode_step", check_graph_decode_step),
+    Exercise("12.4", "grpo_loss", check_grpo_loss, kernels=("grpo_loss_kernel",)),
 ]
 BY_NAME = {e.name: e for e in EXERCISES}
 
@@ -625,6 +807,74 @@ def _dpo_loss_without_length_check(logits, targets, mask, ref_logps, beta=0.1, e
     return _solutions().DPOLossFunction.apply(logits, targets, mask, ref_logps, beta, eps)
 
 
+# 12.4: a known-wrong GRPO kernel, one flag per mistake.
+@triton.jit
+def _grpo_wrong_kernel(logits_ptr, targets_ptr, mask_ptr, old_logp_ptr, ref_logp_ptr, adv_ptr, weight_ptr, loss_ptr,
+                       dlogits_ptr, n_cols, stride_row, eps, beta, BLOCK_V: tl.constexpr, MISTAKE: tl.constexpr = ""):
+    row = tl.program_id(axis=0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_V)
+    out_row = dlogits_ptr + row * n_cols
+    row_loss = tl.zeros((), dtype=tl.float32)
+    keep = tl.load(mask_ptr + row) != 0
+    if MISTAKE == "mask ignored":
+        keep = row >= 0  # wrong: the prompt and padding tokens are scored too
+    if keep:
+        row_ptr = logits_ptr + row * stride_row
+        m = -float("inf")
+        d = 0.0
+        for start in range(0, n_cols, BLOCK_V):
+            x = tl.load(row_ptr + start + cols, mask=start + cols < n_cols, other=-float("inf")).to(tl.float32)
+            if MISTAKE == "no max":
+                d += tl.sum(tl.exp(x), axis=0)  # wrong: exp(x) overflows fp32 for x > 88.7
+            else:
+                m_new = tl.maximum(m, tl.max(x, axis=0))
+                d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+                m = m_new
+        if MISTAKE == "no max":
+            lse = tl.log(d)
+        else:
+            lse = m + tl.log(d)
+        target = tl.load(targets_ptr + row)
+        logp = tl.load(row_ptr + target).to(tl.float32) - lse
+        adv = tl.load(adv_ptr + row)
+        weight = tl.load(weight_ptr + row)
+        ratio = tl.exp(logp - tl.load(old_logp_ptr + row))
+        unclipped = ratio * adv
+        clipped = tl.minimum(tl.maximum(ratio, 1.0 - eps), 1.0 + eps) * adv
+        if MISTAKE == "no clip":
+            clipped = unclipped  # wrong: PPO's clip is what keeps the update near the sampling policy
+        log_r = tl.load(ref_logp_ptr + row) - logp
+        if MISTAKE == "kl reversed":
+            log_r = -log_r  # wrong: k3 uses ref - logp
+        e = tl.exp(log_r)
+        kl = e - log_r - 1.0
+        d_kl = 1.0 - e
+        if MISTAKE == "kl reversed":
+            d_kl = e - 1.0
+        kl_sign = -1.0 if MISTAKE == "kl plus" else 1.0  # wrong if -1: the KL is a penalty
+        row_loss = weight * -(tl.minimum(unclipped, clipped) - kl_sign * beta * kl)
+        d_surrogate = tl.where(unclipped <= clipped, unclipped, 0.0)
+        if MISTAKE == "clip grad":
+            d_surrogate = unclipped  # wrong: a clipped term is a constant, it has no gradient
+        g = weight * (kl_sign * beta * d_kl - d_surrogate)
+        for start in range(0, n_cols, BLOCK_V):
+            x = tl.load(row_ptr + start + cols, mask=start + cols < n_cols, other=0.0).to(tl.float32)
+            grad = g * (tl.where(start + cols == target, 1.0, 0.0) - tl.exp(x - lse))
+            if MISTAKE == "grad sign":
+                grad = -grad  # wrong: that is the gradient of -logp
+            tl.store(out_row + start + cols, grad.to(dlogits_ptr.dtype.element_ty), mask=start + cols < n_cols)
+    else:
+        if MISTAKE != "prompt rows unwritten":  # wrong when skipped: dlogits starts as garbage
+            for start in range(0, n_cols, BLOCK_V):
+                tl.store(out_row + start + cols, tl.zeros([BLOCK_V], dtype=dlogits_ptr.dtype.element_ty),
+                         mask=start + cols < n_cols)
+    tl.store(loss_ptr + row, row_loss)
+
+
+def _grpo_wrong(mistake):
+    return solution_with(STEM, grpo_loss_kernel=with_flags(_grpo_wrong_kernel, MISTAKE=mistake)).grpo_loss
+
+
 # 12.3: graph helpers with one mistake each (GPU only: their tests skip without one).
 def _graph_with(mistake):
     def graph_decode_step(step, example_inputs, warmup=3):
@@ -699,6 +949,15 @@ KNOWN_WRONG = [
     ("dpo_loss", "backward not divided by the length",
      lambda: solution_with(STEM, DPOLossFunction=_dpo_function_with("backward sum")).dpo_loss, "response length"),
     ("dpo_loss", "empty response accepted", lambda: _dpo_loss_without_length_check, "at least one response token"),
+    ("grpo_loss", "no clipping", lambda: _grpo_wrong("no clip"), "ratio was not clipped"),
+    ("grpo_loss", "gradient through the clipped term", lambda: _grpo_wrong("clip grad"),
+     "clipped tokens got a surrogate gradient"),
+    ("grpo_loss", "KL added instead of subtracted", lambda: _grpo_wrong("kl plus"), "KL penalty has the wrong sign"),
+    ("grpo_loss", "KL estimator reversed", lambda: _grpo_wrong("kl reversed"), "KL estimator is reversed"),
+    ("grpo_loss", "mask ignored", lambda: _grpo_wrong("mask ignored"), "prompt and padding tokens were counted"),
+    ("grpo_loss", "no max subtraction", lambda: _grpo_wrong("no max"), "running max"),
+    ("grpo_loss", "gradient sign flipped", lambda: _grpo_wrong("grad sign"), "gradient has the wrong sign"),
+    ("grpo_loss", "prompt gradient rows unwritten", lambda: _grpo_wrong("prompt rows unwritten"), "never written"),
     ("graph_decode_step", "no graph", lambda: _graph_with("eager"), "never ran step"),
     ("graph_decode_step", "captures on every call", lambda: _graph_with("recapture"), "capture the graph once"),
     ("graph_decode_step", "new inputs not copied", lambda: _graph_with("no copy"), "copy each new input"),
@@ -722,6 +981,16 @@ def test_graph_check_skips_without_gpu():
     assert result.status == "skipped" and "needs a CUDA GPU" in result.detail, result
 
 
+def test_grpo_hand_formula_is_the_reference():
+    """The float64 formula the grpo_loss mistakes are built from equals autograd of the reference."""
+    case = _grpo_case(2, 3, 5, 41, torch.float32, 0.2)
+    grad_loss = torch.tensor(1.7, device=common.DEVICE)
+    loss, dlogits = _grpo64(*case, 3, 0.2, 0.04, grad_loss)
+    loss_ref, dlogits_ref = _grpo_reference(*case, 3, 0.2, 0.04, grad_loss)
+    assert torch.allclose(loss, loss_ref, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(dlogits, dlogits_ref, rtol=1e-10, atol=1e-12)
+
+
 # --------------------------------------------------------------------------- the given wrappers
 
 def test_given_wrappers_reject_bad_input():
@@ -743,3 +1012,21 @@ def test_given_wrappers_reject_bad_input():
         sol.dpo_loss(logits, targets, mask, ref_logps, beta=0.0)
     with pytest.raises(ValueError, match="contiguous"):
         sol.dpo_loss(logits.transpose(1, 2).contiguous().transpose(1, 2), targets, mask, ref_logps)
+    logits, targets, mask, old_logps, ref_logps, rewards = _grpo_case(2, 2, 5, 33, torch.float32, 0.2)
+    args = (logits, targets, mask, old_logps, ref_logps, rewards, 2)
+    with pytest.raises(ValueError, match="old_logps must have shape"):
+        sol.grpo_loss(logits, targets, mask, old_logps[:, :4].contiguous(), ref_logps, rewards, 2)
+    with pytest.raises(ValueError, match="rewards must have shape"):
+        sol.grpo_loss(*args[:5], rewards[:3], 2)
+    with pytest.raises(TypeError, match="dtype"):
+        sol.grpo_loss(logits, targets, mask.float(), old_logps, ref_logps, rewards, 2)
+    with pytest.raises(ValueError, match="group_size"):
+        sol.grpo_loss(*args[:6], 3)
+    with pytest.raises(ValueError, match="group_size"):
+        sol.grpo_loss(*args[:6], 1)
+    with pytest.raises(ValueError, match="eps"):
+        sol.grpo_loss(*args, eps=1.0)
+    empty = mask.clone()
+    empty[1] = False
+    with pytest.raises(ValueError, match=r"rows \[1\] have none"):
+        sol.grpo_loss(logits, targets, empty, old_logps, ref_logps, rewards, 2)

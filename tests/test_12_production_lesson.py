@@ -1,7 +1,7 @@
 """Lesson 12 (production systems): the lesson script's own functions.
 
 The registered LayerNorm op (forward, autograd, opcheck, torch.compile), the nn.Module's errors
-and fallbacks, the fused DPO loss against float64 autograd, the tensor-parallel MLP (gloo on the
+and fallbacks, the fused DPO and GRPO losses against float64 autograd, the tensor-parallel MLP (gloo on the
 CPU everywhere, NCCL where two GPUs are visible), and the GPU-only CUDA-graph helper.
 The exercises' grader tests are in tests/test_12_production.py.
 """
@@ -222,6 +222,111 @@ def test_dpo_bad_input(lesson):
         call(ref_c=ref_c[:1])
     with pytest.raises(ValueError, match=r"reference log-probs must have shape \(2,\)"):
         call(ref_c=ref_c[:1], ref_r=ref_r[:1])
+
+
+# --------------------------------------------------------------------------- the GRPO loss
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grpo_loss_matches_float64(lesson, dtype):
+    n_vocab = common.awkward_sizes(1, lo=100, hi=700 if common.INTERPRETER else 20_000)[0]
+    case = lesson._grpo_case(2, 3, 5, n_vocab, dtype)
+    assert all(lesson.grpo_branches(case, 0.2).values()), "every branch of the surrogate must be exercised"
+    lesson.check_grpo_once(case, 0.2, 0.04, f"2 prompts x G=3 T=5 V={n_vocab} {dtype}")
+
+
+def test_grpo_loss_extreme_values(lesson):
+    lesson.check_grpo_once(lesson._grpo_case(2, 2, 3, 257, torch.float32, shift=100.0), 0.2, 0.04, "shift +100")
+    # eps = 0: every ratio off 1 is clipped on one side; beta = 0: no KL term (PPO's clipped objective)
+    lesson.check_grpo_once(lesson._grpo_case(2, 2, 5, 33, torch.float32, eps=0.0), 0.0, 0.0, "eps 0, beta 0")
+
+
+def test_grpo_blocks_and_grad_output(lesson, monkeypatch):
+    logits, targets, mask, old, ref, rewards, group = lesson._grpo_case(2, 2, 9, 100, torch.float32, binary=False)
+    ref_fn = lambda lg: 2.5 * lesson.grpo_loss_reference(lg, targets, mask, old.double(), ref.double(),  # noqa: E731
+                                                          rewards.double(), group, 0.3, 0.1)
+    loss_ref, (grad_ref,) = common.grads_float64(ref_fn, (logits,))
+    for blocks in ((1, 16, 4), (4, 64, 4), (16, 512, 4)):  # one row per program ... whole sequences, one chunk
+        monkeypatch.setattr(lesson, "_dpo_blocks", lambda t, v, b=blocks: b)
+        loss, (grad,) = common.grads_of(lambda lg: 2.5 * lesson.grpo_loss(lg, targets, mask, old, ref, rewards,
+                                                                         group, 0.3, 0.1)[0], (logits,))
+        assert_close(loss, loss_ref, name=f"2.5 * grpo loss, blocks {blocks}")
+        assert_close(grad * 36, grad_ref * 36, name=f"grad of 2.5 * grpo loss x B*T, blocks {blocks}", atol=1e-5)
+
+
+def test_grpo_advantages(lesson):
+    rewards = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.5, 2.0, -1.0], device=common.DEVICE)
+    adv = lesson.grpo_advantages(rewards, 3)
+    assert torch.equal(adv[:3], torch.zeros(3, device=common.DEVICE)), "equal rewards: advantage exactly 0"
+    groups = rewards.double().view(3, 3)
+    want = ((groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + 1e-4)).view(-1)
+    assert_close(adv, want, name="grpo_advantages")
+    assert adv.dtype == torch.float32 and lesson.grpo_advantages(rewards.double(), 3).dtype == torch.float64
+
+
+def test_grpo_prompt_rows_get_exact_zero_gradient(lesson):
+    logits, targets, mask, old, ref, rewards, group = lesson._grpo_case(2, 2, 7, 40, torch.float32)
+    x = logits.detach().clone().requires_grad_()
+    loss, logp = lesson.grpo_loss(x, targets, mask, old, ref, rewards, group)
+    assert not logp.requires_grad and torch.equal(logp[~mask], torch.zeros_like(logp[~mask]))
+    (grad,) = torch.autograd.grad(loss, x)
+    assert torch.equal(grad[~mask], torch.zeros_like(grad[~mask]))
+    assert_close(grad[mask].sum(-1), torch.zeros(int(mask.sum()), dtype=torch.float64),
+                 name="each completion row's gradient sums to 0 (onehot - softmax)", atol=1e-7)
+
+
+def test_grpo_second_backward_fails_loudly(lesson):
+    logits, targets, mask, old, ref, rewards, group = lesson._grpo_case(2, 2, 5, 40, torch.float32)
+    x = logits.detach().clone().requires_grad_()
+    loss, _ = lesson.grpo_loss(x, targets, mask, old, ref, rewards, group)
+    loss.backward(retain_graph=True)  # the gradient buffer is scaled in place by grad_output ...
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()  # ... so a second backward must not silently scale it again
+
+
+def test_grpo_bad_input(lesson):
+    logits, targets, mask, old, ref, rewards, group = lesson._grpo_case(2, 2, 5, 30, torch.float32)
+    args = dict(logits=logits, targets=targets, mask=mask, old_logps=old, ref_logps=ref, rewards=rewards,
+                group_size=group)
+
+    def call(**changes):
+        return lesson.grpo_loss(**{**args, **changes})
+
+    bad = targets.clone()
+    first = tuple(mask.nonzero()[0].tolist())
+    bad[first] = 30  # outside [0, 30): no host check; the kernel reads nothing and gives NaN
+    loss, logp = call(targets=bad)
+    assert torch.isnan(loss) and torch.isnan(logp[first]), "a target outside the vocabulary must give NaN"
+    with pytest.raises(ValueError, match=r"mask must have shape \(4, 5\)"):
+        call(mask=mask[:, :3])
+    with pytest.raises(ValueError, match="old_logps must have shape"):
+        call(old_logps=old[:3])
+    with pytest.raises(TypeError, match="dtype"):
+        call(ref_logps=ref.half())
+    with pytest.raises(TypeError, match="dtype"):
+        call(targets=targets.int())
+    with pytest.raises(ValueError, match="3 dimension"):
+        call(logits=logits[0])
+    with pytest.raises(ValueError, match="contiguous rows"):
+        call(logits=randn(4, 30, 5).transpose(1, 2))
+    with pytest.raises(ValueError, match=r"rewards must have shape \(4,\)"):
+        call(rewards=rewards[:2])
+    with pytest.raises(ValueError, match="must divide"):
+        call(group_size=3)
+    with pytest.raises(ValueError, match="at least 2"):
+        call(group_size=1)
+    with pytest.raises(TypeError, match="group_size must be an int"):
+        call(group_size=2.0)
+    with pytest.raises(ValueError, match="eps"):
+        call(eps=1.0)
+    with pytest.raises(ValueError, match="beta"):
+        call(beta=-0.1)
+    empty = mask.clone()
+    empty[3] = False
+    with pytest.raises(ValueError, match=r"sequences \[3\] have no completion token"):
+        call(mask=empty)
+    if not common.supports_bf16():
+        with pytest.raises(TypeError, match="interpreter"):
+            call(logits=logits.bfloat16())
 
 
 # --------------------------------------------------------------------------- tensor parallel

@@ -5,7 +5,8 @@ Lesson 12: production systems
 Use the course's kernels from PyTorch for real: as registered operators that torch.compile,
 autograd and opcheck understand, inside an nn.Module that validates its input and falls back
 when a kernel does not apply, replayed from CUDA graphs, profiled, split over two GPUs, and
-finally training a tiny model from preference pairs with a fused DPO loss kernel.
+finally training a tiny model from preference pairs with a fused DPO loss kernel; a fused GRPO
+loss shows the same machinery for reinforcement learning from rewards.
 
 You will learn:
 - how to register Triton kernels as a `torch.library` operator (`triton_op` + `wrap_triton` on
@@ -22,6 +23,8 @@ You will learn:
   fused GeGLU, checked against one process (NCCL on two GPUs, gloo on the CPU)
 - the capstone: a fused DPO loss (forward and backward kernels, online logsumexp over the
   vocabulary) that tunes a tiny language model from preferred / rejected pairs
+- a GRPO policy-gradient loss (clipped ratio, group-normalised advantages, a k3 KL penalty) in one
+  kernel that also writes the logits' gradient, so its backward pass only scales it
 
 Run:  python lessons/expert/12_production.py [--quick] [--profile]
 """
@@ -31,6 +34,7 @@ import copy
 import csv
 import itertools
 import json
+import math
 import os
 import shutil
 import socket
@@ -118,6 +122,37 @@ def dpo_loss_reference(logits_c, logits_r, targets_c, targets_r, mask_c, mask_r,
     # log_softmax backward (reads 2 STV, writes STV), the cast back: about 10 passes over the logits
 
 
+def grpo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """A_b = (r_b - mean of its group) / (std of its group + 1e-4), groups of group_size consecutive
+    completions (one prompt each); std with Bessel's correction, as torch.std and TRL's GRPO use."""
+    groups = _upcast(rewards).view(-1, group_size)  # reads B, writes B: tiny
+    return ((groups - groups.mean(-1, keepdim=True)) / (groups.std(-1, keepdim=True) + 1e-4)).view(-1)
+
+
+def grpo_loss_reference(logits, targets, mask, old_logps, ref_logps, rewards, group_size: int,
+                        eps: float = 0.2, beta: float = 0.04):
+    """Group Relative Policy Optimization (Shao et al., 2024): PPO's clipped surrogate with a
+    group-normalised advantage and a k3 KL penalty to the reference model, masked mean per
+    sequence, mean over the B sequences.
+
+    ratio = exp(logp - old); surrogate = min(ratio * A, clamp(ratio, 1 - eps, 1 + eps) * A);
+    kl = exp(ref - logp) - (ref - logp) - 1; per-token loss = -(surrogate - beta * kl).
+    """
+    logp = torch.log_softmax(_upcast(logits), dim=-1)  # reads BTV, writes BTV fp32 (kept for backward)
+    safe = torch.where(mask.bool(), targets, 0)  # prompt tokens may carry -100
+    logp = logp.gather(-1, safe.unsqueeze(-1)).squeeze(-1)  # reads BT, writes BT
+    adv = grpo_advantages(rewards, group_size).to(logp.dtype)[:, None]
+    ratio = torch.exp(logp - old_logps)  # BT, like every line below
+    surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
+    log_r = ref_logps - logp
+    kl = torch.exp(log_r) - log_r - 1
+    per_token = -(surrogate - beta * kl)
+    m = mask.to(logp.dtype)
+    return ((per_token * m).sum(-1) / m.sum(-1)).mean()
+    # forward: upcast BTV, log_softmax BTV, then a dozen small BT ops; backward: a zero-filled BTV
+    # gradient for the gather, log_softmax backward (reads 2 BTV, writes BTV), the cast back
+
+
 # %% [markdown]
 # ## Kernel
 # LayerNorm and GeGLU are lesson 08's kernels (`L08.layernorm_fwd_kernel`, ...). New here: the
@@ -126,6 +161,9 @@ def dpo_loss_reference(logits_c, logits_r, targets_c, targets_r, mask_c, mask_r,
 # and its target log-prob; prompt and padding rows are never read. A second, tiny kernel sums each
 # pair's log-probs and computes the loss and dloss/ddelta. Backward: the same tiles again, writing
 # dlogits = coef * mask * (onehot - softmax) from the saved logsumexp.
+# Then the GRPO loss in one kernel: the same logsumexp pass, the per-token loss and d loss / d logp
+# (each token's coefficient is known at once, unlike DPO's), and a second pass over the same rows
+# writing d loss / d logits, so no backward kernel is needed.
 
 
 # %%
@@ -246,6 +284,82 @@ def dpo_grad_kernel(
         p = tl.exp(x - lse[:, None])
         g = (tl.where(c[None, :] == target[:, None], 1.0, 0.0) - p) * scale[:, None]
         tl.store(grad_row[:, None] + c[None, :], g.to(grad_ptr.dtype.element_ty), mask=in_seq[:, None] & in_vocab)
+
+
+@triton.jit
+def grpo_loss_kernel(
+    logits_ptr,  # (B, T, V): row (b, t) at logits_ptr + b * stride_lb + t * stride_lt, columns contiguous
+    target_ptr,  # (B, T) int64 target ids, contiguous
+    mask_ptr,  # (B, T) fp32 completion mask, contiguous: 1 for a completion token, 0 for prompt / padding
+    old_logp_ptr,  # (B, T) fp32: the sampling policy's log-probs of the targets
+    ref_logp_ptr,  # (B, T) fp32: the reference model's log-probs of the targets
+    adv_ptr,  # (B,) fp32: each completion's group-normalised advantage
+    weight_ptr,  # (B,) fp32: 1 / (completion tokens of the sequence * B), the two means in one weight
+    loss_ptr,  # (B, T) fp32 out: weight * per-token loss, 0 off the completion
+    logp_ptr,  # (B, T) fp32 out: the policy's log-probs of the targets, 0 off the completion
+    grad_ptr,  # (B, T, V) contiguous out: d loss / d logits in the logits' dtype (when WRITE_GRAD)
+    stride_lb,  # elements between logits[b, 0, 0] and logits[b + 1, 0, 0]
+    stride_lt,  # elements between logits[b, t, 0] and logits[b, t + 1, 0]
+    n_tokens,  # T
+    n_vocab,  # V
+    eps,  # the clip range: past 1 + eps (A > 0) or below 1 - eps (A < 0) a token's surrogate is constant
+    beta,  # the weight of the KL penalty
+    BLOCK_T: tl.constexpr,  # tokens (rows) per program
+    BLOCK_V: tl.constexpr,  # vocabulary columns per chunk
+    WRITE_GRAD: tl.constexpr,  # False under torch.no_grad: the loss only, one pass
+):
+    seq = tl.program_id(axis=0).to(tl.int64)
+    toks = tl.program_id(axis=1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_seq = toks < n_tokens
+    st = seq * n_tokens + toks
+    resp = tl.load(mask_ptr + st, mask=in_seq, other=0.0) != 0.0
+    target = tl.load(target_ptr + st, mask=resp, other=0)
+    bad = resp & ((target < 0) | (target >= n_vocab))  # NaN for it, as in dpo_token_logps_kernel
+    row_ptr = logits_ptr + seq * stride_lb + toks.to(tl.int64) * stride_lt
+    cols = tl.arange(0, BLOCK_V)
+    # Pass 1 over the vocabulary: the online logsumexp of dpo_token_logps_kernel.
+    m = tl.full([BLOCK_T], -1e30, dtype=tl.float32)
+    d = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for start in range(0, n_vocab, BLOCK_V):
+        load = resp[:, None] & (start + cols < n_vocab)[None, :]
+        x = tl.load(row_ptr[:, None] + start + cols[None, :], mask=load, other=-float("inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+        m = m_new
+    # 0 off the completion: pass 2 then computes exp(0 - 0) * 0 there, not exp(0 + 1e30) * 0 = NaN.
+    lse = tl.where(resp, m + tl.log(tl.where(resp, d, 1.0)), 0.0)
+    x_target = tl.load(row_ptr + target, mask=resp & ~bad, other=0.0).to(tl.float32)
+    logp = tl.where(bad, float("nan"), x_target - lse)
+    # The per-token loss and its derivative in logp, all in registers.
+    old = tl.load(old_logp_ptr + st, mask=resp, other=0.0)
+    ref = tl.load(ref_logp_ptr + st, mask=resp, other=0.0)
+    adv = tl.load(adv_ptr + seq)
+    weight = tl.load(weight_ptr + seq)
+    ratio = tl.exp(logp - old)
+    unclipped = ratio * adv
+    clipped = tl.minimum(tl.maximum(ratio, 1.0 - eps), 1.0 + eps) * adv
+    # d surrogate / d logp: ratio * A where the unclipped term is the min (inside the clip range the
+    # two terms are equal), 0 where the clipped one is (a constant there: the ratio is past the clip).
+    d_surrogate = tl.where(unclipped <= clipped, unclipped, 0.0)
+    log_r = ref - logp
+    e = tl.exp(log_r)
+    kl = e - log_r - 1.0  # k3: >= 0, an unbiased estimate of KL(policy || reference) per sampled token
+    loss = -(tl.minimum(unclipped, clipped) - beta * kl)
+    tl.store(loss_ptr + st, tl.where(resp, weight * loss, 0.0), mask=in_seq)
+    tl.store(logp_ptr + st, tl.where(resp, logp, 0.0), mask=in_seq)
+    if WRITE_GRAD:
+        # d loss / d logp = weight * (beta * (1 - exp(ref - logp)) - d surrogate / d logp); pass 2
+        # writes it times d logp / d logits = onehot(target) - softmax, 0 on prompt and padding rows.
+        g = tl.where(resp, weight * (beta * (1.0 - e) - d_surrogate), 0.0)
+        grad_row = grad_ptr + st * n_vocab
+        for start in range(0, n_vocab, BLOCK_V):
+            c = start + cols
+            in_vocab = (c < n_vocab)[None, :]
+            x = tl.load(row_ptr[:, None] + c[None, :], mask=resp[:, None] & in_vocab, other=0.0).to(tl.float32)
+            p = tl.exp(x - lse[:, None])
+            grad = (tl.where(c[None, :] == target[:, None], 1.0, 0.0) - p) * g[:, None]
+            tl.store(grad_row[:, None] + c[None, :], grad.to(grad_ptr.dtype.element_ty),
+                     mask=in_seq[:, None] & in_vocab)
 
 
 # %% [markdown]
@@ -598,7 +712,123 @@ def dpo_loss(logits_c, logits_r, targets_c, targets_r, mask_c, mask_r, ref_c, re
 
 
 # %% [markdown]
-# ### 4. Tensor parallelism
+# ### 4. GRPO: a policy-gradient loss
+# `grpo_loss` takes the policy's logits for B sampled completions (B, T, V), G per prompt, their
+# targets and completion masks (B, T), the sampling policy's and the reference model's per-token
+# log-probs (B, T) and one reward per completion (B,). The advantages are computed here in PyTorch
+# (B numbers); one kernel does the rest, the logits' gradient included. It returns the loss and,
+# detached, the policy's per-token log-probs (the next update's old_logps when a batch is reused).
+
+
+# %%
+def _check_grpo_args(logits, targets, mask, old_logps, ref_logps, rewards, group_size, eps, beta):
+    """validate: TypeError / ValueError naming the bad argument; returns the kernel's (B, T) inputs."""
+    common.check_tensors(logits=logits, contiguous=False, ndim=3, dtypes=FLOAT_DTYPES)
+    if logits.dtype not in KERNEL_DTYPES:
+        raise TypeError("logits are bfloat16, which Triton's CPU interpreter cannot compute (numpy has no "
+                        "bfloat16): pass float32 or float16 logits here, bfloat16 on a GPU")
+    if logits.stride(-1) != 1:
+        raise ValueError(f"logits must have contiguous rows (stride(-1) == 1), got strides {logits.stride()}; "
+                         f"pass .contiguous()")
+    if 0 in logits.shape:
+        raise ValueError(f"logits must not be empty, got shape {tuple(logits.shape)}")
+    n_seqs, n_tokens = logits.shape[:2]
+    common.check_tensors(targets=targets, ndim=2, contiguous=False, dtypes=(torch.int64,))
+    common.check_tensors(mask=mask, ndim=2, contiguous=False,
+                         dtypes=(torch.bool, torch.float32, torch.int64, torch.int32, torch.uint8))
+    common.check_tensors(old_logps=old_logps, ref_logps=ref_logps, ndim=2, contiguous=False, same_shape=False,
+                         same_dtype=False, dtypes=(torch.float32, torch.float64))
+    for name, t in (("targets", targets), ("mask", mask), ("old_logps", old_logps), ("ref_logps", ref_logps)):
+        if t.shape != logits.shape[:2]:
+            raise ValueError(f"{name} must have shape {(n_seqs, n_tokens)} (B, T) of logits {tuple(logits.shape)}, "
+                             f"got {tuple(t.shape)}")
+    common.check_tensors(rewards=rewards, ndim=1, contiguous=False, dtypes=(torch.float32, torch.float64))
+    if rewards.shape[0] != n_seqs:
+        raise ValueError(f"rewards must have shape ({n_seqs},), one per completion, got {tuple(rewards.shape)}")
+    if not isinstance(group_size, int) or isinstance(group_size, bool):
+        raise TypeError(f"group_size must be an int (completions per prompt), got {type(group_size).__name__}")
+    if group_size < 2:
+        raise ValueError(f"group_size must be at least 2, got {group_size}: a group of one has no spread, "
+                         f"its advantage would be 0 / 0")
+    if n_seqs % group_size:
+        raise ValueError(f"group_size {group_size} must divide the number of completions B = {n_seqs} "
+                         f"(B = prompts * group_size, each prompt's completions consecutive)")
+    if not isinstance(eps, (int, float)) or not 0 <= eps < 1:
+        raise ValueError(f"eps (the clip range) must be a number in [0, 1), got {eps!r}")
+    if not isinstance(beta, (int, float)) or not beta >= 0:
+        raise ValueError(f"beta (the KL weight) must be a number >= 0, got {beta!r}")
+    mask = mask.to(torch.float32).contiguous()
+    # One host sync: a sequence with no completion token has no masked mean (0 / 0), which would
+    # make the loss and every gradient NaN; say which ones instead.
+    n_valid = mask.sum(-1)
+    empty = (n_valid == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"sequences {empty} have no completion token (their mask rows are all 0): the "
+                         f"per-sequence mean over completion tokens is 0 / 0; drop them or unmask a token")
+    return (targets.contiguous(), mask, old_logps.float().contiguous(), ref_logps.float().contiguous(),
+            n_valid)
+
+
+def grpo_token_loss(logits, targets, mask, old_logps, ref_logps, advantages, weights, eps: float, beta: float,
+                    loss: torch.Tensor | None = None, logp: torch.Tensor | None = None,
+                    grad: torch.Tensor | None = None, write_grad: bool = True):
+    """One launch of grpo_loss_kernel on validated inputs (fp32 contiguous (B, T) arrays, (B,)
+    advantages and weights): (weighted per-token loss, log-probs, d loss / d logits or None)."""
+    n_seqs, n_tokens, n_vocab = logits.shape
+    dev = logits.device
+    loss = torch.empty(n_seqs, n_tokens, dtype=torch.float32, device=dev) if loss is None else loss
+    logp = torch.empty(n_seqs, n_tokens, dtype=torch.float32, device=dev) if logp is None else logp
+    for label, t in (("loss", loss), ("logp", logp)):
+        if t.shape != (n_seqs, n_tokens) or t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"{label} must be a contiguous fp32 tensor of shape {(n_seqs, n_tokens)}")
+    if write_grad:
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=dev) if grad is None else grad
+        if grad.shape != logits.shape or grad.dtype != logits.dtype or not grad.is_contiguous():
+            raise ValueError(f"grad must be a contiguous {logits.dtype} tensor of shape {tuple(logits.shape)}")
+    block_t, block_v, warps = _dpo_blocks(n_tokens, n_vocab)  # DPO's tiles: the same rows, chunks and sweep
+    grpo_loss_kernel[(n_seqs, triton.cdiv(n_tokens, block_t))](
+        logits, targets, mask, old_logps, ref_logps, advantages, weights, loss, logp,
+        grad if write_grad else loss,  # never written without WRITE_GRAD
+        logits.stride(0), logits.stride(1), n_tokens, n_vocab, float(eps), float(beta),
+        BLOCK_T=block_t, BLOCK_V=block_v, WRITE_GRAD=write_grad, num_warps=warps)
+    return loss, logp, grad if write_grad else None
+
+
+class GRPOLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, mask, old_logps, ref_logps, rewards, group_size, eps, beta, write_grad):
+        targets, mask, old_logps, ref_logps, n_valid = _check_grpo_args(
+            logits, targets, mask, old_logps, ref_logps, rewards, group_size, eps, beta)
+        advantages = grpo_advantages(rewards.float(), group_size).contiguous()  # (B,): a few tiny kernels
+        weights = 1.0 / (n_valid * logits.shape[0])  # masked mean per sequence, then mean over sequences
+        loss, logp, grad = grpo_token_loss(logits, targets, mask, old_logps, ref_logps, advantages, weights,
+                                           eps, beta, write_grad=write_grad)
+        if grad is not None:
+            ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(logp)
+        return loss.sum(), logp  # a fixed-order sum of B x T numbers: the same bits on every run
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_logp):
+        (grad,) = ctx.saved_tensors
+        # The gradient was written by the forward kernel: all that is left is the chain rule's
+        # scalar, in place (no second B x T x V buffer), on the device (no host sync). In place
+        # also means a second backward through the same graph fails loudly (autograd sees the saved
+        # tensor changed) instead of scaling twice.
+        return grad.mul_(grad_loss), None, None, None, None, None, None, None, None, None
+
+
+def grpo_loss(logits, targets, mask, old_logps, ref_logps, rewards, group_size: int, eps: float = 0.2,
+              beta: float = 0.04):
+    """(GRPO loss, the policy's per-token log-probs (B, T) fp32, detached); the loss is differentiable
+    in logits. B = prompts * group_size completions, each prompt's group_size completions consecutive."""
+    write_grad = torch.is_grad_enabled() and isinstance(logits, torch.Tensor) and logits.requires_grad
+    return GRPOLossFunction.apply(logits, targets, mask, old_logps, ref_logps, rewards, group_size, eps, beta,
+                                  write_grad)
+
+
+# %% [markdown]
+# ### 5. Tensor parallelism
 # The MLP's first two weights are split by rows (column-parallel: each GPU computes its own
 # slice of the hidden units, no communication), the GeGLU runs on the local slice (it is
 # elementwise, so it splits too), and the down projection is split by columns (row-parallel:
@@ -720,7 +950,7 @@ def run_tensor_parallel(backend: str, world_size: int = 2, tokens: int = 5, dim:
 
 
 # %% [markdown]
-# ### 5. CUDA graphs and streams
+# ### 6. CUDA graphs and streams
 # A graph is captured once from real launches (after a warm-up on a side stream, so that Triton's
 # compilation and cuBLAS's workspace allocation happen outside the capture) and replayed with one
 # call. Inputs and outputs are fixed buffers: new data is copied into the static input.
@@ -764,7 +994,7 @@ class DecodeStack(nn.Module):
 
 
 # %% [markdown]
-# ### 6. The capstone's model and data
+# ### 7. The capstone's model and data
 # A bigram language model (the next token from the current one) over a toy vocabulary, with
 # lesson 08's GeGLU in its MLP. The preference data: a prompt counts up from a random token;
 # the chosen response keeps counting (s+1, s+2, ...), the rejected one is random tokens.
@@ -875,7 +1105,7 @@ def train_dpo(steps: int, n_train: int, n_eval: int, batch: int, vocab: int, dim
 # ## Check
 # The registered op against float64 (forward and autograd), `opcheck`'s four tests,
 # torch.compile(fullgraph=True) forward and backward; the module's errors and fallbacks; the DPO
-# kernels against float64 autograd on awkward sizes with poisoned outputs.
+# and GRPO kernels against float64 autograd on awkward sizes with poisoned outputs.
 
 
 # %%
@@ -1066,8 +1296,120 @@ def check_dpo(quick: bool) -> list:
     return vocabs
 
 
+def _grpo_case(n_prompts, group_size, n_tokens, n_vocab, dtype, eps=0.2, scale=3.0, shift=0.0, binary=True):
+    """GRPO inputs: random logits; targets (-100 off the completion) and masks with a prompt and
+    padding; old and reference log-probs near the policy's own, so that ratios fall inside and
+    outside [1 - eps, 1 + eps] for advantages of both signs; rewards 0 / 1 (or normal) per completion,
+    the first group all 1 (advantage 0: only the KL term moves it)."""
+    n_seqs = n_prompts * group_size
+    logits = common.randn(n_seqs, n_tokens, n_vocab, dtype=dtype, scale=scale) + shift
+    targets = torch.randint(0, n_vocab, (n_seqs, n_tokens), device=common.DEVICE)
+    mask = torch.ones(n_seqs, n_tokens, dtype=torch.bool, device=common.DEVICE)
+    for i, p in enumerate(torch.randint(0, max(1, n_tokens - 1), (n_seqs,)).tolist()):
+        mask[i, :p] = False  # the prompt
+        if i % 2 and n_tokens - p > 2:
+            mask[i, -1] = False  # padding after a shorter completion
+    mask[group_size:group_size + 2, -2:] = True  # prompt 1's first two completions: both clipped branches
+    targets[~mask] = -100
+    targets[0, -1] = n_vocab - 1  # the last class: the tail chunk's last column
+    mask[0, -1] = True
+    rewards = ((torch.rand(n_seqs) < 0.5).float() if binary else torch.randn(n_seqs)).to(common.DEVICE)
+    rewards[:group_size] = 1.0  # every completion of prompt 0 right: all advantages exactly 0
+    rewards[group_size], rewards[group_size + 1] = 1.0, 0.0  # prompt 1: one better, one worse
+    logp = torch.log_softmax(logits.double(), -1).gather(-1, torch.where(mask, targets, 0)[..., None])[..., 0]
+    log_ratio = common.randn(n_seqs, n_tokens, dtype=torch.float64, scale=0.3)
+    # ratio = exp(log_ratio). Prompt 1's completion 0 has A > 0, its completion 1 A < 0: their last
+    # tokens are clipped (ratio 1.82 with A > 0, 0.55 with A < 0), the tokens before on the far side.
+    log_ratio[group_size:group_size + 2, -1] = torch.tensor([0.6, -0.6], dtype=torch.float64)
+    log_ratio[group_size:group_size + 2, -2] = torch.tensor([-0.6, 0.6], dtype=torch.float64)
+    # Keep the ratios away from the clip edges, where fp32 and float64 may take different branches.
+    for edge in (math.log(1 - eps), math.log(1 + eps)):
+        log_ratio[(log_ratio - edge).abs() < 1e-3] += 1e-2
+    junk = common.randn(n_seqs, n_tokens, scale=0.5) - 3.0  # off the completion: never read
+    old_logps = torch.where(mask, (logp - log_ratio).float(), junk)
+    ref_logps = torch.where(mask, (logp + common.randn(n_seqs, n_tokens, dtype=torch.float64, scale=0.3)).float(),
+                            junk)
+    return logits, targets, mask, old_logps, ref_logps, rewards, group_size
+
+
+def grpo_branches(case, eps: float) -> dict:
+    """Completion tokens per branch of the clipped surrogate, for the case's float64 values."""
+    logits, targets, mask, old_logps, _, rewards, group_size = case
+    logp = torch.log_softmax(logits.double(), -1).gather(-1, torch.where(mask, targets, 0)[..., None])[..., 0]
+    ratio = torch.exp(logp - old_logps.double())
+    adv = grpo_advantages(rewards.double(), group_size)[:, None].expand_as(ratio)
+    return {"A > 0, ratio > 1 + eps (clipped)": int((mask & (adv > 0) & (ratio > 1 + eps)).sum()),
+            "A < 0, ratio < 1 - eps (clipped)": int((mask & (adv < 0) & (ratio < 1 - eps)).sum()),
+            "A != 0, unclipped": int((mask & (adv != 0)).sum()) - int((mask & (adv > 0) & (ratio > 1 + eps)).sum())
+            - int((mask & (adv < 0) & (ratio < 1 - eps)).sum()),
+            "A = 0 (KL only)": int((mask & (adv == 0)).sum())}
+
+
+def check_grpo_once(case, eps: float, beta: float, name: str) -> None:
+    """Loss, per-token log-probs and dlogits (through autograd, with grad_output 2.5, and into
+    poisoned buffers) against float64 autograd of grpo_loss_reference; the no-grad loss."""
+    logits, targets, mask, old_logps, ref_logps, rewards, group_size = case
+    ref = lambda lg: grpo_loss_reference(lg, targets, mask, old_logps.double(), ref_logps.double(),  # noqa: E731
+                                         rewards.double(), group_size, eps, beta)
+    loss_ref, (grad_ref,) = common.grads_float64(ref, (logits,))
+    logp_ref = torch.log_softmax(logits.double(), -1).gather(-1, torch.where(mask, targets, 0)[..., None])[..., 0]
+    x = logits.detach().clone().requires_grad_()
+    loss, logp = grpo_loss(x, targets, mask, old_logps, ref_logps, rewards, group_size, eps, beta)
+    (grad,) = torch.autograd.grad(loss, x, torch.tensor(2.5, device=common.DEVICE))
+    common.assert_close(loss.detach(), loss_ref, name=f"grpo loss {name}", atol=1e-5, rtol=1e-5)
+    common.assert_close(logp, logp_ref * mask, name=f"grpo log-probs {name}", atol=1e-4, rtol=1e-5)
+    # dlogits = weight * d loss / d logp * (onehot - p): compared after multiplying by B * T, so that
+    # the tolerance is for entries of order ratio * A * p.
+    unit = logits.shape[0] * logits.shape[1]
+    tol = _dpo_grad_tolerance(logits.dtype)
+    tol["atol"] += 2 * torch.finfo(torch.float32).eps * float(logits.abs().max())  # see check_dpo_once
+    common.assert_close(grad * (unit / 2.5), grad_ref * unit, name=f"grpo dlogits x B*T {name}", **tol)
+    with torch.no_grad():  # the loss alone (WRITE_GRAD=False): one pass, no gradient buffer
+        common.assert_close(grpo_loss(logits, targets, mask, old_logps, ref_logps, rewards, group_size, eps,
+                                      beta)[0], loss_ref, name=f"grpo loss under no_grad {name}", atol=1e-5,
+                            rtol=1e-5)
+    # Poisoned outputs: every token of the (B, T) arrays and every row of the gradient is written.
+    n_seqs, n_tokens = mask.shape
+    args = _check_grpo_args(logits, targets, mask, old_logps, ref_logps, rewards, group_size, eps, beta)
+    adv = grpo_advantages(rewards.float(), group_size).contiguous()
+    out_loss, out_logp = common.poisoned_empty(n_seqs, n_tokens), common.poisoned_empty(n_seqs, n_tokens)
+    out_grad = common.poisoned_empty(*logits.shape, dtype=logits.dtype)
+    grpo_token_loss(logits, *args[:4], adv, 1.0 / (args[4] * n_seqs), eps, beta, loss=out_loss, logp=out_logp,
+                    grad=out_grad)
+    common.assert_close(out_logp, logp_ref * mask, name=f"grpo logp (poisoned out) {name}", atol=1e-4, rtol=1e-5)
+    common.assert_close(out_loss.sum(), loss_ref, name=f"grpo loss (poisoned out) {name}", atol=1e-5, rtol=1e-5)
+    check_guards(out_loss, "grpo per-token loss")
+    common.assert_close(out_grad * unit, grad_ref * unit, name=f"grpo dlogits (poisoned out) {name}", **tol)
+
+
+def check_grpo(quick: bool) -> list:
+    vocabs = common.awkward_sizes(1 if quick or common.INTERPRETER else 2, lo=100,
+                                  hi=600 if common.INTERPRETER else 40_000, include=(17,))
+    branches: dict = {}
+    for dtype in _dtypes(quick):
+        for n_vocab in vocabs:
+            group_size = int(torch.randint(2, 5 if common.INTERPRETER else 9, ()).item())
+            n_prompts = int(torch.randint(2, 4 if common.INTERPRETER else 5, ()).item())
+            n_tokens = 2 * int(torch.randint(1, 4 if common.INTERPRETER else 20, ()).item()) + 1  # odd
+            case = _grpo_case(n_prompts, group_size, n_tokens, n_vocab, dtype)
+            for what, count in grpo_branches(case, 0.2).items():
+                branches[what] = branches.get(what, 0) + count
+            check_grpo_once(case, 0.2, 0.04, f"{n_prompts} prompts x G={group_size} T={n_tokens} V={n_vocab} "
+                                             f"{dtype}")
+    check_grpo_once(_grpo_case(2, 3, 5, 300, torch.float32, shift=100.0), 0.2, 0.04, "logits shifted by +100")
+    check_grpo_once(_grpo_case(3, 2, 7, 50, torch.float32, eps=0.1, binary=False), 0.1, 0.5,
+                    "eps 0.1, beta 0.5, normal rewards")
+    missing = [what for what, count in branches.items() if count == 0]
+    if missing:
+        raise AssertionError(f"the GRPO checks never reached {missing}: _grpo_case must make every branch")
+    print(f"grpo_loss forward, per-token log-probs and dlogits match float64 autograd for V in {vocabs} (T odd, "
+          f"prompt and padding masked, shift +100); completion tokens per branch: "
+          + ", ".join(f"{what} {count}" for what, count in branches.items()) + ": OK")
+    return vocabs
+
+
 def check(quick: bool) -> None:
-    section("Check: the registered op, the module, and the DPO kernels against float64")
+    section("Check: the registered op, the module, and the DPO and GRPO kernels against float64")
     print(f"op kind here: {OP_KIND} (namespace {NAMESPACE})")
     check_layer_norm_op(quick)
     start = time.perf_counter()
@@ -1080,6 +1422,7 @@ def check(quick: bool) -> None:
     for what, result in check_module():
         print(f"  {what:<34} -> {result}")
     check_dpo(quick)
+    check_grpo(quick)
     if not common.supports_bf16():
         print("bfloat16: skipped, the interpreter has no bfloat16 (numpy lacks it); runs on a GPU")
 
@@ -1125,7 +1468,8 @@ def tensor_parallel(quick: bool) -> None:
 # ## Benchmark
 # Declared for common.Benchmark (timings on a GPU): a decode step at batch 1, eager launches against
 # the CUDA-graph replay of the same kernels (host wall time, which is what the graph saves); two
-# independent steps on one stream vs two; the DPO loss against its eager reference and torch.compile.
+# independent steps on one stream vs two; the DPO and GRPO losses against their eager references and
+# torch.compile.
 
 # %%
 DECODE_DIM, DECODE_HIDDEN = 1024, 2816
@@ -1182,9 +1526,32 @@ def _dpo_bytes(logits_c, logits_r, targets_c, targets_r, mask_c, mask_r, *_) -> 
                for lg, m in ((logits_c, mask_c), (logits_r, mask_r)))
 
 
+def _grpo_inputs(n_seqs: int, n_tokens: int, n_vocab: int) -> tuple:
+    """grpo_loss's arguments: GRPO_GROUP completions per prompt, the first eighth of every sequence
+    prompt; old and reference log-probs within about 0.1 of the policy's, binary rewards."""
+    dtype = torch.bfloat16 if common.supports_bf16() else torch.float32
+    logits = torch.randn(n_seqs, n_tokens, n_vocab, device=common.DEVICE, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, n_vocab, (n_seqs, n_tokens), device=common.DEVICE)
+    mask = torch.ones(n_seqs, n_tokens, dtype=torch.bool, device=common.DEVICE)
+    mask[:, :n_tokens // 8] = False
+    with torch.no_grad():
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
+    old_logps, ref_logps = (logp + 0.1 * torch.randn_like(logp) for _ in range(2))
+    rewards = (torch.rand(n_seqs, device=common.DEVICE) < 0.5).float()
+    return logits, targets, mask, old_logps, ref_logps, rewards, GRPO_GROUP, 0.2, 0.04
+
+
+def _grpo_bytes(logits, targets, mask, old_logps, ref_logps, rewards, *_) -> int:
+    # The minimum: the completion rows of the logits read once, the gradient (every row) written
+    # once, the per-token inputs read once.
+    return (logits.element_size() * logits.shape[-1] * (int(mask.sum()) + mask.numel())
+            + common.min_bytes(targets, mask, old_logps, ref_logps, rewards))
+
+
 DECODE = "decode step at batch 1 (dim 1024, hidden 2816, fp16): host wall time per step"
 DECODE_PAIR = "two independent decode steps at batch 1 (fp16): one stream vs two, host wall time per pair"
 DPO_BAR = (8, 512, 32000)
+GRPO_GROUP = 4  # completions per prompt in the GRPO benchmark: B = 16 is 4 prompts
 # CUDA graphs and streams need a GPU: the decode benchmarks have nothing to run in the interpreter.
 BENCHMARKS = [
     common.Benchmark(
@@ -1209,6 +1576,16 @@ BENCHMARKS = [
         memory=True, bars=[common.Bar("triton DPOLossFunction", DPO_BAR, "baseline", 1.0)],
         note="GB/s of the minimum bytes: the response rows of both logits read once, both gradients (every row) "
              "written once. Peak extra memory includes the two gradients every provider returns."),
+    common.Benchmark(  # raced against the lesson's reference, eager and under torch.compile
+        "GRPO loss forward + backward, bf16: completions x tokens x vocabulary", op="grpo_loss",
+        cases=[(8, 256, 32000), (16, 512, 32000)], quick_cases=[(8, 256, 32000)], cpu_cases=[(4, 7, 50)],
+        setup=_grpo_inputs, kernels={"triton GRPOLossFunction": lambda *args: grpo_loss(*args)[0]},
+        reference=grpo_loss_reference, grad="fwd+bwd", nbytes=_grpo_bytes, ceiling="copy", dtype=torch.bfloat16,
+        memory=True,
+        note="GB/s of the minimum bytes: the completion rows of the logits read once, the gradient (every row) "
+             "written once. The Triton forward reads each completion row twice (logsumexp, then the gradient "
+             "pass, mostly from L2) and the backward scales the gradient in place (one more read and write of "
+             "it). Peak extra memory includes the gradient every provider returns."),
 ]
 
 
@@ -1410,6 +1787,8 @@ def capstone(quick: bool) -> None:
 #   process to rounding.
 # - A preference loss is a cross-entropy in disguise: the same online logsumexp, the gradient
 #   onehot - softmax, scaled per sequence by the pair's sigmoid.
+# - When every token's coefficient is known as soon as its row is read (GRPO), the forward kernel
+#   writes the gradient too: one launch, no fp32 softmax kept, a backward that only scales.
 
 
 # %%
