@@ -17,6 +17,7 @@ from .validate import check_tensors
 from .cli import lesson_args
 from .compiler import InspectionUnavailable, KernelReport, inspect_kernel, inspect_kernels
 from .cuda_extension import code_lines, cuda_unavailable, load_cuda
+from .ncu import ncu_counters, parse_ncu_csv
 
 __all__ = [
     "DEVICE", "HAS_GPU", "INTERPRETER", "banner", "dtype_name", "is_hopper", "require_gpu", "supports_bf16", "supports_fp8",
@@ -29,5 +30,5 @@ __all__ = [
     "count_torch_traffic", "fmt_bytes", "min_bytes", "peak_extra_memory",
     "check_tensors", "lesson_args",
     "InspectionUnavailable", "KernelReport", "inspect_kernel", "inspect_kernels",
-    "code_lines", "cuda_unavailable", "load_cuda",
+    "code_lines", "cuda_unavailable", "load_cuda", "ncu_counters", "parse_ncu_csv",
 ]

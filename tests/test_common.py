@@ -380,3 +380,35 @@ def test_interpreter_switch(choice, interpreter):
     bad = subprocess.run([sys.executable, "-c", probe], env={**env, "COURSE_INTERPRETER": "yes"}, cwd=REPO,
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "COURSE_INTERPRETER='yes'" in bad.stderr
+
+
+# --------------------------------------------------------------------------- Nsight Compute's CSV
+
+NCU_CSV = '''==PROF== Connected to process 123
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
+"0","123","python3","h","transpose_v2_kernel","1","7","(128, 1, 1)","(4096, 1, 1)","0","9.0","Command line profiler metrics","l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum","","1,024"
+"0","123","python3","h","transpose_v2_kernel","1","7","(128, 1, 1)","(4096, 1, 1)","0","9.0","Command line profiler metrics","l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum","","65,536"
+"1","123","python3","h","void at::native::elementwise_kernel<...>","1","7","(128, 1, 1)","(4096, 1, 1)","0","9.0","Command line profiler metrics","l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum","","0"
+"2","123","python3","h","transpose_v2_kernel","1","7","(128, 1, 1)","(4096, 1, 1)","0","9.0","Command line profiler metrics","l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum","","1"
+==PROF== Disconnected
+'''
+
+
+def test_parse_ncu_csv_reads_counters_per_kernel():
+    counters = common.parse_ncu_csv(NCU_CSV, ["transpose_v2_kernel"])
+    assert counters["transpose_v2_kernel"] == {"l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum": 1024.0,
+                                               "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum": 65537.0}
+    assert counters["void at::native::elementwise_kernel<...>"] == {
+        "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum": 0.0}
+    assert common.parse_ncu_csv("==PROF== no metrics\n") == {}
+    assert common.parse_ncu_csv('"a","b"\n"1","2"\n') == {}  # no Kernel Name / Metric columns: nothing
+
+
+def test_ncu_counters_says_why_not_without_ncu_or_gpu(monkeypatch):
+    import common.ncu as ncu
+    monkeypatch.setattr(ncu.shutil, "which", lambda name: None)
+    counters, problem, _ = common.ncu_counters(["m"], "k", ["python3", "-c", "pass"])
+    assert counters == {} and "not on PATH" in problem
+    monkeypatch.setattr(ncu.shutil, "which", lambda name: "/usr/bin/ncu")
+    monkeypatch.setattr(ncu, "HAS_GPU", False)
+    assert "needs a CUDA GPU" in common.ncu_counters(["m"], "k", ["python3"])[1]

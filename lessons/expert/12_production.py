@@ -31,7 +31,6 @@ Run:  python lessons/expert/12_production.py [--quick] [--profile]
 
 import argparse
 import copy
-import csv
 import itertools
 import json
 import math
@@ -1650,40 +1649,18 @@ def profile_step(fn, title: str) -> None:
 def ncu_dram_bytes() -> None:
     """Nsight Compute measures the DRAM bytes of the LayerNorm and GeGLU kernels in a child process."""
     section("Profile: Nsight Compute, measured DRAM bytes vs the modelled minimum")
-    ncu = shutil.which("ncu")
-    if ncu is None:
-        print("Nsight Compute (ncu) is not on PATH: no measured DRAM bytes. Install it with the CUDA toolkit "
-              "(or add its folder to PATH) and run with --profile again; the torch.profiler view above is what "
-              "this run can show.")
+    print("running: ncu --metrics dram__bytes_read.sum,dram__bytes_write.sum python 12_production.py --ncu-target")
+    measured, problem, child_out = common.ncu_counters(
+        ["dram__bytes_read.sum", "dram__bytes_write.sum"], "layernorm_fwd_kernel|geglu_fwd_kernel",
+        [sys.executable, LESSON_SCRIPT, "--ncu-target"], launch_count=2)
+    if problem:
+        print(problem + ("" if shutil.which("ncu") else "; the torch.profiler view above is what this run can show."))
         return
-    if not common.HAS_GPU:
-        print("ncu is installed, but measuring DRAM bytes needs a CUDA GPU.")
-        return
-    cmd = [ncu, "--metrics", "dram__bytes_read.sum,dram__bytes_write.sum", "--kernel-name",
-           "regex:layernorm_fwd_kernel|geglu_fwd_kernel", "--launch-count", "2", "--csv", "--print-units", "base",
-           sys.executable, str(LESSON_SCRIPT), "--ncu-target"]
-    print("running: ncu " + " ".join(cmd[1:-3]) + " python 12_production.py --ncu-target")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    modelled, measured = {}, {}
-    for line in proc.stdout.splitlines():
+    modelled = {}
+    for line in child_out.splitlines():
         if line.startswith("@@min "):
             _, kernel, read, write, what = line.split(" ", 4)
             modelled[kernel] = (int(read), int(write), what)
-    rows = [r for r in csv.reader(l for l in proc.stdout.splitlines() if l.startswith('"'))]
-    if rows:
-        head = rows[0]
-        try:
-            k_col, m_col, v_col = head.index("Kernel Name"), head.index("Metric Name"), head.index("Metric Value")
-            for r in rows[1:]:
-                kernel = next((k for k in modelled if k in r[k_col]), r[k_col])
-                measured.setdefault(kernel, {})[r[m_col]] = float(r[v_col].replace(",", ""))
-        except (ValueError, IndexError):
-            measured = {}
-    if proc.returncode != 0 or not measured:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-8:])
-        print(f"ncu gave no metrics (exit {proc.returncode}); its last lines:\n{tail}\n(hardware counters may "
-              f"need permission: ERR_NVGPUCTRPERM means run as root or allow profiling for all users)")
-        return
     table = Table("DRAM traffic: Nsight Compute's counters vs common.min_bytes (each tensor moved once)",
                   ["kernel", "tensors", "modelled read", "measured read", "read ratio", "modelled write",
                    "measured write", "write ratio"])

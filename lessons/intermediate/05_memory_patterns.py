@@ -877,6 +877,58 @@ def inspect_compiled() -> None:
 
 
 # %% [markdown]
+# ## Shared-memory bank conflicts, counted
+# Shared memory is 32 banks of 4 bytes: a warp's access that puts two threads on different words
+# of one bank is split into several wavefronts (a conflict). Where Nsight Compute (ncu) is
+# installed, the lesson re-runs itself under it and reads, for each transpose, the shared-memory
+# wavefronts and how many of them were conflicts (the counters
+# l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld/st). The CUDA programmer pads the tile by
+# one column to avoid them; here the question is what Triton's layout conversion costs.
+
+
+# %%
+BANK_COUNTERS = {
+    "shared load wavefronts": "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum",
+    "load conflicts": "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum",
+    "shared store wavefronts": "l1tex__data_pipe_lsu_wavefronts_mem_shared_op_st.sum",
+    "store conflicts": "l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_st.sum",
+}
+NCU_SIZE = 4096  # the child transposes one 4096 x 4096 fp32 matrix with each version
+
+
+def bank_conflicts() -> None:
+    section(f"Shared-memory bank conflicts of the transposes (Nsight Compute, {NCU_SIZE}^2 fp32)")
+    script = Path(globals().get("__file__", "05_memory_patterns.py")).resolve()
+    kernels = [f"transpose_{v.key}_kernel" for v in VERSIONS]
+    counters, problem, _ = common.ncu_counters(list(BANK_COUNTERS.values()), "|".join(kernels),
+                                               [sys.executable, script, "--ncu-target"])
+    if problem:
+        print(problem)
+        return
+    table = Table("shared memory per transpose: wavefronts and the conflicts among them",
+                  ["version", *BANK_COUNTERS, "conflicts / wavefronts"])
+    for v in VERSIONS:
+        got = counters.get(f"transpose_{v.key}_kernel")
+        if got is None:
+            continue
+        values = [got.get(metric, float("nan")) for metric in BANK_COUNTERS.values()]
+        wavefronts = values[0] + values[2]
+        table.add(v.label, *(f"{x:,.0f}" for x in values),
+                  f"{(values[1] + values[3]) / wavefronts:.1%}" if wavefronts else "-")
+    table.print()
+    print("A version with no shared wavefronts keeps the tile in registers or copies it with TMA, which "
+          "writes shared memory in its own swizzled layout without the load/store pipeline counted here.")
+
+
+def _ncu_target() -> None:
+    """The child ncu profiles: each transpose version once."""
+    x = torch.randn(NCU_SIZE, NCU_SIZE, device=common.DEVICE)
+    for v in VERSIONS:
+        v.fn(x)
+    torch.cuda.synchronize()
+
+
+# %% [markdown]
 # ## Takeaways
 # - A transpose is a copy with one strided side; tiles make both sides coalesced. In Triton,
 #   `tl.trans(tile)` plus a store along the other axis is all it takes: the compiler stages the
@@ -891,8 +943,15 @@ def inspect_compiled() -> None:
 
 # %%
 if __name__ == "__main__":
+    if "--ncu-target" in sys.argv:  # the child bank_conflicts runs under ncu: no banner, no lesson
+        _ncu_target()
+        sys.exit(0)
     args = common.lesson_args(__doc__.strip().splitlines()[0])
     check(args.quick)
     traffic(512 if common.INTERPRETER else 8192)
     inspect_compiled()
+    if args.quick:
+        print("\nBank conflicts (Nsight Compute): counted in full GPU runs (make bench), where ncu is installed")
+    else:
+        bank_conflicts()
     stencil_reuse(common.run_benchmarks(BENCHMARKS, args.quick)[STENCIL.title])
