@@ -16,7 +16,7 @@ from .traffic import count_torch_traffic, fmt_bytes, min_bytes, peak_extra_memor
 from .validate import check_tensors
 from .cli import lesson_args
 from .compiler import InspectionUnavailable, KernelReport, inspect_kernel, inspect_kernels
-from .cuda_extension import code_lines, cuda_unavailable, load_cuda
+from .cuda_extension import code_lines, cuda_unavailable, load_cuda, print_side_by_side
 from .ncu import ncu_counters, parse_ncu_csv
 
 __all__ = [
@@ -30,5 +30,5 @@ __all__ = [
     "count_torch_traffic", "fmt_bytes", "min_bytes", "peak_extra_memory",
     "check_tensors", "lesson_args",
     "InspectionUnavailable", "KernelReport", "inspect_kernel", "inspect_kernels",
-    "code_lines", "cuda_unavailable", "load_cuda", "ncu_counters", "parse_ncu_csv",
+    "code_lines", "cuda_unavailable", "load_cuda", "print_side_by_side", "ncu_counters", "parse_ncu_csv",
 ]

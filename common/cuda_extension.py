@@ -70,3 +70,20 @@ def code_lines(source: str) -> int:
             continue
         count += 1
     return count
+
+
+def print_side_by_side(title: str, lines: dict[str, int], decisions: dict[str, str]) -> str:
+    """The lessons' Triton-vs-CUDA table: lines of code of each version and what each left its
+    programmer to decide. Returns why the CUDA versions cannot run here ("" where they can)."""
+    from .report import Table
+    table = Table(title, ["version", "lines of code (kernel + host)"])
+    for name in decisions:
+        table.add(name, lines[name])
+    table.print()
+    print("What each made its programmer decide:")
+    for name, decided in decisions.items():
+        print(f"  {name}: {decided}")
+    reason = cuda_unavailable()
+    if reason:
+        print(f"CUDA C++: not built or run here ({reason}).")
+    return reason

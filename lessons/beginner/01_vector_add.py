@@ -319,19 +319,9 @@ def _source_lines() -> dict[str, int]:
 
 def side_by_side() -> None:
     section("Triton vs CUDA C++: what each made the programmer decide")
-    lines = _source_lines()
-    table = Table("vector add, three ways (timed in the benchmark 'Triton vs CUDA C++' below)",
-                  ["version", "lines of code (kernel + host)"])
-    for name in SIDE_BY_SIDE_DECISIONS:
-        table.add(name, lines[name])
-    table.print()
-    print("What each made its programmer decide:")
-    for name, decided in SIDE_BY_SIDE_DECISIONS.items():
-        print(f"  {name}: {decided}")
-    reason = common.cuda_unavailable()
-    if reason:
-        print(f"CUDA C++: not built or run here ({reason}).")
-        return
+    if common.print_side_by_side("vector add, three ways (timed in the benchmark 'Triton vs CUDA C++' below)",
+                                 _source_lines(), SIDE_BY_SIDE_DECISIONS):
+        return  # no CUDA here: the reason is printed
     sizes = common.awkward_sizes(count=3, lo=1000, hi=10_000_000, include=(1, 3, 17))
     for n in sizes:
         x, y = common.randn(n), common.randn(n)

@@ -671,19 +671,9 @@ def _source_lines() -> dict[str, int]:
 
 def side_by_side() -> None:
     section("Triton vs CUDA C++: what each made the programmer decide")
-    lines = _source_lines()
-    table = Table("fp16 matmul, three ways (timed in the benchmark 'Triton vs CUDA C++' below)",
-                  ["version", "lines of code (kernel + host)"])
-    for name in SIDE_BY_SIDE_DECISIONS:
-        table.add(name, lines[name])
-    table.print()
-    print("What each made its programmer decide:")
-    for name, decided in SIDE_BY_SIDE_DECISIONS.items():
-        print(f"  {name}: {decided}")
-    reason = common.cuda_unavailable()
-    if reason:
-        print(f"CUDA C++: not built or run here ({reason}).")
-        return
+    if common.print_side_by_side("fp16 matmul, three ways (timed in the benchmark 'Triton vs CUDA C++' below)",
+                                 _source_lines(), SIDE_BY_SIDE_DECISIONS):
+        return  # no CUDA here: the reason is printed
     for M, N, K in [(1, 37, 5), (67, 45, 83), (130, 257, 100), (512, 384, 1000)]:
         a, b = random_problem(M, N, K, torch.float16)
         for tensor_cores in (False, True):
