@@ -23,10 +23,11 @@ class Lesson:
     level: str
     stem: str
     title: str
+    root: Path = REPO  # the repository the lesson lives in (a test's tree elsewhere)
 
     @property
     def script(self) -> Path:
-        return REPO / "lessons" / self.level / f"{self.stem}.py"
+        return self.root / "lessons" / self.level / f"{self.stem}.py"
 
     @property
     def markdown(self) -> Path:
@@ -34,19 +35,26 @@ class Lesson:
 
     @property
     def exercises(self) -> Path:
-        return REPO / "exercises" / f"{self.stem}.py"
+        return self.root / "exercises" / f"{self.stem}.py"
 
     @property
     def solutions(self) -> Path:
-        return REPO / "solutions" / f"{self.stem}.py"
+        return self.root / "solutions" / f"{self.stem}.py"
 
     @property
     def test(self) -> Path:
-        return REPO / "tests" / f"test_{self.stem}.py"
+        return self.root / "tests" / f"test_{self.stem}.py"
 
     @property
     def written(self) -> bool:
         return self.script.exists()
+
+    @property
+    def parts(self) -> list[Path]:
+        """Scripts that continue the lesson in a file of their own, NN_topic_<part>.py beside it
+        (lesson 12's capstone): run after the lesson by `common/lessons.py run`, so make bench and
+        make test run them too."""
+        return sorted(self.script.parent.glob(f"{self.stem}_*.py"))
 
 
 LEVELS = ("beginner", "intermediate", "advanced", "expert")
@@ -64,8 +72,12 @@ def discover(root: Path = REPO) -> list[Lesson]:
     grader, the tests and the README table (tests/test_lessons_run.py checks the README against it)."""
     found = []
     for level in LEVELS:
-        for script in sorted((root / "lessons" / level).glob("[0-9][0-9]_*.py")):
-            found.append(Lesson(script.stem[:2], level, script.stem, _title(script.with_suffix(".md"), script.stem)))
+        scripts = sorted((root / "lessons" / level).glob("[0-9][0-9]_*.py"))
+        stems = {script.stem for script in scripts}
+        for script in scripts:
+            if any(script.stem.startswith(f"{stem}_") for stem in stems):
+                continue  # a part of that lesson (Lesson.parts), not a lesson of its own
+            found.append(Lesson(script.stem[:2], level, script.stem, _title(script.with_suffix(".md"), script.stem), root))
     return sorted(found, key=lambda lesson: lesson.number)
 
 
@@ -138,7 +150,12 @@ def main(argv: list[str]) -> int:
     if argv[0] == "written":
         return 0 if lesson.written else 1
     require_written(lesson)
-    return subprocess.call([sys.executable, str(lesson.script), *argv[2:]])
+    status = subprocess.call([sys.executable, str(lesson.script), *argv[2:]])
+    if set(argv[2:]) <= {"--quick"}:  # a plain or quick run goes on with the lesson's parts; --profile does not
+        for part in lesson.parts:
+            print(f"\n=== {part.name} ===", flush=True)
+            status = subprocess.call([sys.executable, str(part), *argv[2:]]) or status
+    return status
 
 
 if __name__ == "__main__":

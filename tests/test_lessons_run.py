@@ -12,15 +12,16 @@ import common
 from common.lessons import LESSONS, REPO
 
 WRITTEN = [lesson for lesson in LESSONS if lesson.written]
+SCRIPTS = [script for lesson in WRITTEN for script in [lesson.script, *lesson.parts]]
 
 
-@pytest.mark.parametrize("lesson", WRITTEN, ids=lambda l: l.stem)
-def test_lesson_script_runs_quick(lesson, tmp_path):
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda s: s.stem)
+def test_lesson_script_runs_quick(script, tmp_path):
     env = dict(os.environ, MPLBACKEND="Agg", COURSE_RESULTS="")
-    proc = subprocess.run([sys.executable, str(lesson.script), "--quick"], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, str(script), "--quick"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{lesson.script.name} exited {proc.returncode}:\n{output[-4000:]}"
+    assert proc.returncode == 0, f"{script.name} exited {proc.returncode}:\n{output[-4000:]}"
     assert common.banner().split("|")[0].strip() in output, "the script must print the device banner first"
     if common.INTERPRETER:
         assert "needs a CUDA GPU" in output, "without a GPU the script must say that timings need one"
@@ -63,9 +64,11 @@ def test_discover_reads_a_tree(tmp_path):
     (tmp_path / "lessons" / "beginner").mkdir(parents=True)
     (tmp_path / "lessons" / "expert" / "13_new_topic.py").write_text("")
     (tmp_path / "lessons" / "expert" / "13_new_topic.md").write_text("# Lesson 13: a new topic\n")
+    (tmp_path / "lessons" / "expert" / "13_new_topic_capstone.py").write_text("")  # a part of lesson 13
     (tmp_path / "lessons" / "beginner" / "01_first.py").write_text("")
     found = discover(tmp_path)
     assert [(l.number, l.level, l.title) for l in found] == [("01", "beginner", "First"), ("13", "expert", "A new topic")]
+    assert [p.name for p in found[1].parts] == ["13_new_topic_capstone.py"] and found[0].parts == []
 
 
 def test_make_check_bad_lesson_fails_with_the_map():

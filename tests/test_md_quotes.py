@@ -42,11 +42,14 @@ def stale_quotes(markdown: str, script: str) -> list[str]:
     return stale
 
 
-@pytest.mark.parametrize("lesson", [lesson for lesson in LESSONS if lesson.written], ids=lambda lesson: lesson.stem)
-def test_quoted_code_is_in_the_script(lesson):
-    markdown = lesson.script.with_suffix(".md").read_text().split("\n## Exercises")[0]
-    stale = stale_quotes(markdown, lesson.script.read_text())
-    assert not stale, f"{lesson.script.with_suffix('.md').name} quotes lines its .py no longer has:\n" + "\n".join(stale)
+SCRIPTS = [script for lesson in LESSONS if lesson.written for script in [lesson.script, *lesson.parts]]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda script: script.stem)
+def test_quoted_code_is_in_the_script(script):
+    markdown = script.with_suffix(".md").read_text().split("\n## Exercises")[0]
+    stale = stale_quotes(markdown, script.read_text())
+    assert not stale, f"{script.with_suffix('.md').name} quotes lines its .py no longer has:\n" + "\n".join(stale)
 
 
 def test_a_stale_cuda_quote_is_caught():

@@ -42,11 +42,12 @@ def prose_lines_with_code(script_text: str) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("lesson", LESSONS, ids=lambda lesson: lesson.stem)
-def test_markdown_cells_hold_prose_only(lesson):
-    text = lesson.script.read_text()
+@pytest.mark.parametrize("script", [s for lesson in LESSONS for s in [lesson.script, *lesson.parts]],
+                         ids=lambda script: script.stem)
+def test_markdown_cells_hold_prose_only(script):
+    text = script.read_text()
     assert not prose_lines_with_code(text), (
-        f"{lesson.script.name}: code inside a markdown cell; put a `# %%` line before it:\n"
+        f"{script.name}: code inside a markdown cell; put a `# %%` line before it:\n"
         + "\n".join(prose_lines_with_code(text)[:5]))
     cells = jupytext.reads(text, fmt="py:percent").cells
     assert cells[0].cell_type == "code" and "import common" in cells[0].source, \
