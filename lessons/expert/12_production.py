@@ -60,6 +60,7 @@ import triton.language as tl
 from common import Table, fmt_bytes, section
 from common.baselines import EAGER
 from common.checks import check_guards
+from common.kernels import logsumexp_step  # lesson 08's online logsumexp, one chunk at a time
 from common.lessons import lesson_module
 
 # Lesson 08's kernels, used as they are: LayerNorm forward / backward and the fused GeGLU.
@@ -198,9 +199,7 @@ def dpo_token_logps_kernel(
     for start in range(0, n_vocab, BLOCK_V):
         load = resp[:, None] & (start + cols < n_vocab)[None, :]
         x = tl.load(row_ptr[:, None] + start + cols[None, :], mask=load, other=-float("inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=1))
-        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
-        m = m_new
+        m, d = logsumexp_step(m, d, x, AXIS=1)
     lse = m + tl.log(tl.where(resp, d, 1.0))  # d >= 1 on response rows (their max adds exp(0))
     x_target = tl.load(row_ptr + target, mask=resp & ~bad, other=0.0).to(tl.float32)
     logp = tl.where(bad, float("nan"), x_target - lse)
@@ -322,9 +321,7 @@ def grpo_loss_kernel(
     for start in range(0, n_vocab, BLOCK_V):
         load = resp[:, None] & (start + cols < n_vocab)[None, :]
         x = tl.load(row_ptr[:, None] + start + cols[None, :], mask=load, other=-float("inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(x, axis=1))
-        d = d * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
-        m = m_new
+        m, d = logsumexp_step(m, d, x, AXIS=1)
     # 0 off the completion: pass 2 then computes exp(0 - 0) * 0 there, not exp(0 + 1e30) * 0 = NaN.
     lse = tl.where(resp, m + tl.log(tl.where(resp, d, 1.0)), 0.0)
     x_target = tl.load(row_ptr + target, mask=resp & ~bad, other=0.0).to(tl.float32)
