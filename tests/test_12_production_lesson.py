@@ -358,10 +358,36 @@ def test_tensor_parallel_shards_add_up(lesson):
 
 # --------------------------------------------------------------------------- capstone, GPU parts
 
-def test_capstone_learns_the_preference(lesson):
-    h = lesson.train_dpo(steps=12, n_train=6, n_eval=6, batch=6, vocab=12, dim=8, hidden=16, lr=3e-2, eval_every=6)
-    assert abs(h["loss"][0] - 0.693147) < 1e-4, "policy = reference at step 0: the loss is log 2"
-    assert h["loss"][-1] < h["loss"][0] and h["eval_accuracy"][-1] > h["eval_accuracy"][0], h
+def test_counting_reward_scores_the_rule(lesson):
+    prompt_last = torch.tensor([5, 5, 5, 14])
+    response = torch.tensor([[6, 7, 8, 9],  # keeps counting: 1
+                             [5, 5, 5, 5],  # repeats: each token 1 away from previous + 1
+                             [14, 7, 0, 9],  # each token V/2 = 8 away from previous + 1: 0
+                             [15, 0, 1, 2]])  # counting on through the wrap-around: 1
+    reward = lesson.counting_reward(prompt_last, response, vocab=16)
+    assert torch.allclose(reward, torch.tensor([1.0, 1 - 1 / 8, 0.0, 1.0])), reward
+
+
+def test_sampled_pairs_choose_the_higher_reward(lesson):
+    gen = torch.Generator(device=common.DEVICE).manual_seed(3)
+    model = lesson.TinyLM(16, 8, 16).to(common.DEVICE)
+    prompt = lesson.counting_prompts(32, 16, 3, gen)
+    data, ties = lesson.sampled_pairs(model, prompt, 4, 16, gen)
+    n = data["ids_c"].shape[0]
+    assert n + ties == 32 and n > 0
+    chosen, rejected = (data[f"targets_{k}"][:, -4:] for k in "cr")
+    prev = data["prompt_last"]
+    assert (lesson.counting_reward(prev, chosen, 16) > lesson.counting_reward(prev, rejected, 16)).all()
+    assert torch.equal(data["ids_c"][:, :3], data["ids_r"][:, :3]), "both responses follow the same prompt"
+
+
+def test_one_round_of_tuning_from_feedback(lesson):
+    h = lesson.tune_from_feedback(rounds=1, prompts_per_round=12, steps=6, batch=12, n_eval=12, vocab=12, dim=8,
+                                  hidden=16, lr=3e-2)
+    assert h["round"] == [0, 1] and h["kl"][0] == 0.0 and h["accuracy"][0] == 0.0, h
+    assert h["pairs"][1] + h["ties"][1] == 12 and h["pairs"][1] > 0, h
+    assert h["loss"][1] < 0.693147, "DPO on the round's pairs: the mean loss falls below log 2"
+    assert h["kl"][1] > 0 and h["accuracy"][1] > 0 and 0 <= h["reward"][1] <= 1, h
 
 
 @pytest.mark.skipif(not common.HAS_GPU, reason="needs a CUDA GPU: CUDA graphs")

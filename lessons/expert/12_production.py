@@ -22,7 +22,8 @@ You will learn:
 - tensor parallelism with torch.distributed: a column- then row-parallel MLP around lesson 08's
   fused GeGLU, checked against one process (NCCL on two GPUs, gloo on the CPU)
 - the capstone: a fused DPO loss (forward and backward kernels, online logsumexp over the
-  vocabulary) that tunes a tiny language model from preferred / rejected pairs
+  vocabulary) that tunes a tiny language model, round after round, from pairs of its own
+  samples ranked by a rule
 - a GRPO policy-gradient loss (clipped ratio, group-normalised advantages, a k3 KL penalty) in one
   kernel that also writes the logits' gradient, so its backward pass only scales it
 
@@ -990,10 +991,13 @@ class DecodeStack(nn.Module):
 
 
 # %% [markdown]
-# ### 7. The capstone's model and data
+# ### 7. The capstone's model, its samples and the preference rule
 # A bigram language model (the next token from the current one) over a toy vocabulary, with
-# lesson 08's GeGLU in its MLP. The preference data: a prompt counts up from a random token;
-# the chosen response keeps counting (s+1, s+2, ...), the rejected one is random tokens.
+# lesson 08's GeGLU in its MLP. A prompt counts up from a random token. The policy writes the
+# responses itself: each round it samples two completions per prompt, a rule scores them (the
+# counting reward below), the better one is "chosen", and DPO trains on those pairs against a
+# frozen copy of the initial policy (the reference). Nothing is hand-labelled and no pair is
+# random tokens: each round's pairs come from the policy that the last round trained.
 
 
 # %%
@@ -1012,21 +1016,53 @@ class TinyLM(nn.Module):
         return self.head(x)
 
 
-def preference_pairs(n_pairs: int, vocab: int, prompt_len: int, response_len: int, seed: int) -> dict:
-    """Inputs, targets and response masks for the chosen and the rejected sequences, (B, T) each."""
-    g = torch.Generator().manual_seed(seed)
-    start = torch.randint(0, vocab, (n_pairs, 1), generator=g)
-    prompt = (start + torch.arange(prompt_len)) % vocab
-    chosen = (prompt[:, -1:] + 1 + torch.arange(response_len)) % vocab
-    rejected = torch.randint(0, vocab, (n_pairs, response_len), generator=g)
-    mask = (torch.arange(prompt_len + response_len - 1) >= prompt_len - 1).expand(n_pairs, -1)
-    data = {}
+def counting_reward(prompt_last: torch.Tensor, response: torch.Tensor, vocab: int) -> torch.Tensor:
+    """The preference rule: per sequence, the mean over the response of 1 - dist / (V // 2), dist
+    the circular distance of each token from (previous token + 1). 1 for a response that keeps
+    counting, about 0.5 for random tokens; dense, so two samples almost never tie."""
+    previous = torch.cat([prompt_last[:, None], response[:, :-1]], dim=1)
+    dist = (response - previous - 1) % vocab
+    dist = torch.minimum(dist, vocab - dist)
+    return 1.0 - dist.float().mean(dim=1) / (vocab // 2)
+
+
+def counting_prompts(n: int, vocab: int, prompt_len: int, generator: torch.Generator) -> torch.Tensor:
+    start = torch.randint(0, vocab, (n, 1), generator=generator, device=generator.device)
+    return (start + torch.arange(prompt_len, device=generator.device)) % vocab
+
+
+@torch.no_grad()
+def sample_responses(model: nn.Module, prompt: torch.Tensor, length: int, generator: torch.Generator) -> torch.Tensor:
+    """length tokens per prompt, sampled at temperature 1 (a bigram model needs only the last token)."""
+    token, out = prompt[:, -1], []
+    for _ in range(length):
+        probs = torch.softmax(model(token[:, None])[:, -1].float(), dim=-1)
+        token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        out.append(token)
+    return torch.stack(out, dim=1)
+
+
+def pair_data(prompt: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
+    """Inputs, targets and response masks of the chosen and rejected sequences, (B, T) each."""
+    n_pairs, prompt_len = prompt.shape
+    mask = (torch.arange(prompt_len + chosen.shape[1] - 1, device=prompt.device) >= prompt_len - 1).expand(n_pairs, -1)
+    data = {"prompt_last": prompt[:, -1]}
     for name, response in (("c", chosen), ("r", rejected)):
         seq = torch.cat([prompt, response], dim=1)
         data[f"ids_{name}"], data[f"targets_{name}"] = seq[:, :-1], seq[:, 1:]
         data[f"mask_{name}"] = mask
-    data["prompt_last"] = prompt[:, -1]
-    return {k: v.contiguous().to(common.DEVICE) for k, v in data.items()}
+    return {k: v.contiguous() for k, v in data.items()}
+
+
+def sampled_pairs(model: nn.Module, prompt: torch.Tensor, response_len: int, vocab: int,
+                  generator: torch.Generator) -> tuple[dict, int]:
+    """Two samples per prompt, the higher counting reward chosen; ties dropped. (pairs, ties)."""
+    a, b = (sample_responses(model, prompt, response_len, generator) for _ in range(2))
+    reward_a, reward_b = (counting_reward(prompt[:, -1], r, vocab) for r in (a, b))
+    keep = reward_a != reward_b
+    a_wins = (reward_a > reward_b)[:, None]
+    chosen, rejected = torch.where(a_wins, a, b)[keep], torch.where(a_wins, b, a)[keep]
+    return pair_data(prompt[keep], chosen, rejected), int((~keep).sum())
 
 
 def _pair_logits(model: nn.Module, data: dict, idx=slice(None)):
@@ -1045,55 +1081,59 @@ def reference_logps(model: nn.Module, data: dict) -> tuple[torch.Tensor, torch.T
 
 
 @torch.no_grad()
-def greedy_rule_accuracy(model: nn.Module, data: dict, steps: int, vocab: int) -> float:
-    """Fraction of greedily generated tokens that keep counting up (the preferred behaviour)."""
-    token, hits = data["prompt_last"], 0
-    for _ in range(steps):
-        nxt = model(token[:, None])[:, -1].argmax(-1)
-        hits += int((nxt == (token + 1) % vocab).sum())
-        token = nxt
-    return hits / (steps * token.numel())
+def kl_to_reference(policy: nn.Module, reference: nn.Module, prompt: torch.Tensor, response: torch.Tensor) -> float:
+    """Mean over sequences of sum over response positions of KL(policy || reference) of the
+    next-token distributions, exact over the vocabulary, on the policy's own samples."""
+    current = torch.cat([prompt[:, -1:], response[:, :-1]], dim=1)
+    logp = torch.log_softmax(policy(current).float(), dim=-1)
+    logr = torch.log_softmax(reference(current).float(), dim=-1)
+    return float((logp.exp() * (logp - logr)).sum(dim=-1).sum(dim=1).mean())
 
 
-def train_dpo(steps: int, n_train: int, n_eval: int, batch: int, vocab: int, dim: int, hidden: int,
-              prompt_len: int = 3, response_len: int = 4, beta: float = 0.1, lr: float = 1e-3, seed: int = 0,
-              eval_every: int = 5) -> dict:
-    """DPO from a frozen copy of the initial model; the loss, margins and accuracy along the way."""
+def tune_from_feedback(rounds: int, prompts_per_round: int, steps: int, batch: int, n_eval: int, vocab: int,
+                       dim: int, hidden: int, prompt_len: int = 3, response_len: int = 4, beta: float = 0.1,
+                       lr: float = 1e-3, seed: int = 0) -> dict:
+    """Iterative DPO: each round samples pairs from the policy, ranks them by counting_reward and
+    trains `steps` DPO steps on them against the frozen initial policy. Returns one row per round
+    (round 0: before any training) of the held-out reward, preference accuracy and KL."""
     torch.manual_seed(seed)
     policy = TinyLM(vocab, dim, hidden).to(common.DEVICE)
     reference = copy.deepcopy(policy).eval().requires_grad_(False)
-    train = preference_pairs(n_train, vocab, prompt_len, response_len, seed + 1)
-    held_out = preference_pairs(n_eval, vocab, prompt_len, response_len, seed + 2)
-    # The reference is frozen: its log-probs are computed once, not at every step.
-    ref_train, ref_eval = reference_logps(reference, train), reference_logps(reference, held_out)
+    gen = torch.Generator(device=common.DEVICE).manual_seed(seed + 1)
+    # Held out: prompts the policy never trains on, and pairs sampled once from the initial policy
+    # and ranked by the rule, to measure whether the implicit reward ranks them as the rule does.
+    eval_prompts = counting_prompts(n_eval, vocab, prompt_len, gen)
+    eval_pairs, _ = sampled_pairs(policy, eval_prompts, response_len, vocab, gen)
+    ref_eval = reference_logps(reference, eval_pairs)
     opt = torch.optim.Adam(policy.parameters(), lr=lr)
-    history = {"step": [], "loss": [], "margin": [], "eval_step": [], "eval_accuracy": [], "eval_margin": []}
+    history = {"round": [], "reward": [], "accuracy": [], "kl": [], "pairs": [], "ties": [], "loss": []}
 
-    def evaluate(step):
-        pc, pr = reference_logps(policy, held_out)  # the same sums, for the policy
+    def evaluate(round_, pairs, ties, loss):
+        response = sample_responses(policy, eval_prompts, response_len, gen)
+        pc, pr = reference_logps(policy, eval_pairs)
         margin = beta * ((pc - ref_eval[0]) - (pr - ref_eval[1]))
-        history["eval_step"].append(step)
-        history["eval_accuracy"].append(float((margin > 0).float().mean()))
-        history["eval_margin"].append(float(margin.mean()))
+        for key, value in (("round", round_), ("pairs", pairs), ("ties", ties), ("loss", loss),
+                           ("reward", float(counting_reward(eval_prompts[:, -1], response, vocab).mean())),
+                           ("accuracy", float((margin > 0).float().mean())),
+                           ("kl", kl_to_reference(policy, reference, eval_prompts, response))):
+            history[key].append(value)
 
-    history["rule_before"] = greedy_rule_accuracy(policy, held_out, response_len, vocab)
-    gen = torch.Generator().manual_seed(seed + 3)
-    for step in range(steps):
-        if step % eval_every == 0:
-            evaluate(step)
-        idx = torch.randperm(n_train, generator=gen)[:batch].to(common.DEVICE)
-        logits_c, logits_r = _pair_logits(policy, train, idx)
-        loss, pc, pr = dpo_loss(logits_c, logits_r, train["targets_c"][idx], train["targets_r"][idx],
-                                train["mask_c"][idx], train["mask_r"][idx], ref_train[0][idx], ref_train[1][idx],
-                                beta)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        history["step"].append(step)
-        history["loss"].append(float(loss.detach()))
-        history["margin"].append(float((beta * ((pc - ref_train[0][idx]) - (pr - ref_train[1][idx]))).mean()))
-    evaluate(steps)
-    history["rule_after"] = greedy_rule_accuracy(policy, held_out, response_len, vocab)
+    evaluate(0, 0, 0, float("nan"))
+    for round_ in range(1, rounds + 1):
+        prompts = counting_prompts(prompts_per_round, vocab, prompt_len, gen)
+        data, ties = sampled_pairs(policy, prompts, response_len, vocab, gen)
+        ref = reference_logps(reference, data)  # the reference is frozen: once per round's pairs
+        n_pairs, losses = data["ids_c"].shape[0], []
+        for _ in range(steps):
+            idx = torch.randint(0, n_pairs, (min(batch, n_pairs),), generator=gen, device=gen.device)
+            logits_c, logits_r = _pair_logits(policy, data, idx)
+            loss, _, _ = dpo_loss(logits_c, logits_r, data["targets_c"][idx], data["targets_r"][idx],
+                                  data["mask_c"][idx], data["mask_r"][idx], ref[0][idx], ref[1][idx], beta)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        evaluate(round_, n_pairs, ties, float(torch.stack(losses).mean()))
     return history
 
 
@@ -1703,44 +1743,45 @@ def profile(quick: bool) -> None:
 
 
 # %% [markdown]
-# ## Capstone: DPO on a tiny model
-# A few hundred steps on a GPU (a few dozen in the interpreter): the loss starts at log 2 (the
-# policy equals the reference), the reward margin grows, held-out preference accuracy rises,
-# and the greedy generations follow the preferred rule.
+# ## Capstone: tuning a tiny model from its own samples
+# Rounds of iterative DPO on a GPU (two in the interpreter). Round 0 is the untrained policy: its
+# samples score about 0.5 (random tokens), its KL to the reference is 0 and every held-out margin
+# is exactly 0. Each round the reward of fresh samples should rise, the held-out preference
+# accuracy with it, and the KL to the reference grows: the price DPO's beta charges for moving.
 
 
 # %%
 def capstone(quick: bool) -> None:
     if common.INTERPRETER:
-        sizes = dict(steps=24, n_train=8, n_eval=8, batch=8, vocab=16, dim=16, hidden=32, lr=2e-2, eval_every=4)
+        sizes = dict(rounds=2, prompts_per_round=16, steps=8, batch=16, n_eval=16, vocab=16, dim=16, hidden=32,
+                     lr=2e-2)
     else:
-        sizes = dict(steps=150 if quick else 300, n_train=1024, n_eval=256, batch=64, vocab=64, dim=64, hidden=128,
-                     lr=1e-3, eval_every=10)
-    section(f"Capstone: DPO, {sizes['steps']} steps, vocabulary {sizes['vocab']}, batch {sizes['batch']} pairs")
+        sizes = dict(rounds=4 if quick else 8, prompts_per_round=1024, steps=40, batch=128, n_eval=512, vocab=64,
+                     dim=64, hidden=128, lr=1e-3)
+    section(f"Capstone: iterative DPO from the policy's own samples, {sizes['rounds']} rounds of "
+            f"{sizes['prompts_per_round']} prompts x 2 samples, {sizes['steps']} steps each, vocabulary {sizes['vocab']}")
     start = time.perf_counter()
-    history = train_dpo(**sizes)
+    history = tune_from_feedback(**sizes)
     took = time.perf_counter() - start
-    table = Table("DPO training: held-out pairs", ["step", "preference accuracy", "mean reward margin"])
-    evals = list(zip(history["eval_step"], history["eval_accuracy"], history["eval_margin"]))
-    every = max(1, len(evals) // 8)  # about 8 rows; the plot has them all
-    for i, (step, acc, margin) in enumerate(evals):
-        if i % every == 0 or i == len(evals) - 1:
-            table.add(step, acc, margin)
+    table = Table("Iterative DPO: per round, on held-out prompts",
+                  ["round", "pairs trained (ties dropped)", "mean DPO loss", "reward of samples",
+                   "held-out preference accuracy", "KL to reference (nats / response)"])
+    for row in zip(*(history[k] for k in ("round", "pairs", "ties", "loss", "reward", "accuracy", "kl"))):
+        round_, pairs, ties, loss, reward, accuracy, kl = row
+        table.add(round_, f"{pairs} ({ties})" if round_ else "-", loss, reward, accuracy, kl)
     table.print()
-    print(f"training loss: {history['loss'][0]:.4f} at step 0 (log 2 = 0.6931: policy = reference), "
-          f"{statistics.mean(history['loss'][-5:]):.4f} over the last 5 steps ({took:.1f} s)")
-    print(f"greedy generations that keep counting (the chosen behaviour): {100 * history['rule_before']:.0f}% "
-          f"before, {100 * history['rule_after']:.0f}% after")
-    print("preference accuracy: held-out pairs whose reward margin beta * ((pc - rc) - (pr - rr)) is > 0; at step "
-          "0 every margin is exactly 0 (policy = reference), so it starts at 0.")
-    fig, ax = common.new_figure("DPO on a tiny bigram LM: loss, held-out accuracy and reward margin", "step",
-                                "DPO loss / preference accuracy")
-    ax.plot(history["step"], history["loss"], label="training loss", color="tab:blue")
-    ax.plot(history["eval_step"], history["eval_accuracy"], label="held-out preference accuracy",
-            color="tab:orange", marker="o", markersize=3)
-    ax2 = ax.twinx()  # the margin grows without bound: its own axis
-    ax2.plot(history["eval_step"], history["eval_margin"], label="held-out mean reward margin", color="tab:green")
-    ax2.set_ylabel("reward margin")
+    print(f"reward of the policy's samples: {history['reward'][0]:.3f} before, {history['reward'][-1]:.3f} after "
+          f"{sizes['rounds']} rounds (1 = always counting on; random tokens score about 0.5) ({took:.1f} s)")
+    print("preference accuracy: held-out pairs (sampled once from the initial policy, ranked by the rule) whose "
+          "reward margin beta * ((pc - rc) - (pr - rr)) is > 0; 0 at round 0, where policy = reference.")
+    fig, ax = common.new_figure("Iterative DPO on a tiny bigram LM: reward of its samples over rounds", "round",
+                                "reward / preference accuracy")
+    ax.plot(history["round"], history["reward"], marker="o", label="reward of sampled responses", color="tab:blue")
+    ax.plot(history["round"], history["accuracy"], marker="s", label="held-out preference accuracy",
+            color="tab:orange")
+    ax2 = ax.twinx()
+    ax2.plot(history["round"], history["kl"], marker="^", label="KL to reference", color="tab:green")
+    ax2.set_ylabel("KL to reference (nats per response)")
     lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     ax.legend(lines, [line.get_label() for line in lines], fontsize=8, loc="center right")
     common.save_plot(fig, "12_production_dpo")
