@@ -75,20 +75,20 @@ def peer_missing(baseline: Baseline) -> str | None:
 
 
 def _sdpa(backend_name: str | None):
-    def run(q, k, v, causal=False):
+    def run(q, k, v, causal=False, gqa=False):  # gqa: k, v have fewer heads than q, each shared by a group
         from torch.nn.attention import SDPBackend, sdpa_kernel
         if backend_name is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
         with sdpa_kernel(getattr(SDPBackend, backend_name)):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
     return run
 
 
 def _sdpa_decode(backend_name: str | None):
     attend = _sdpa(backend_name)
 
-    def run(q, k_cache, v_cache):  # q (B, H, D): one new token over the whole cache
-        return attend(q.unsqueeze(2), k_cache, v_cache).squeeze(2)
+    def run(q, k_cache, v_cache):  # q (B, HQ, D): one new token over the whole cache (B, HKV, ctx, D)
+        return attend(q.unsqueeze(2), k_cache, v_cache, gqa=q.shape[1] != k_cache.shape[1]).squeeze(2)
     return run
 
 
@@ -169,7 +169,7 @@ _OPS = [
             "flash_attn").flash_attn_with_kvcache(q.unsqueeze(1), k_cache.transpose(1, 2),
                                                   v_cache.transpose(1, 2)).squeeze(1),
             peer="flash_attn", gpu_only=True),),
-       what="one query token (B, H, D) over a full KV cache (B, H, ctx, D)"),
+       what="one query token (B, HQ, D) over a full KV cache (B, HKV, ctx, D), HKV dividing HQ"),
     Op("moe", "the lesson's tensors", (Baseline("torch._grouped_mm"),),
        what="a routed MoE layer; eager is the PyTorch loop over experts"),
     Op("topk_routing", "logits", what="softmax + top-k over the expert logits"),

@@ -241,15 +241,17 @@ def _attention_cases(quick: bool) -> list[Case]:
                         cases.append(Case("07", kernel.__name__, f"{source} {L07.common.dtype_name(dtype)}",
                                           _label(meta), kernel, args, meta, min_arch,
                                           _attention_estimate(kernel.__name__, dtype), dtype.itemsize, used_on))
-    D, dtype = 128, torch.float16
-    q, cache = _meta_tensor(B, H, D, dtype=dtype), _meta_tensor(B, H, N, D, dtype=dtype)
+    D, dtype, group = 128, torch.float16, 4
+    HKV = H // group  # grouped-query attention, as the decode benchmark runs it
+    q, cache = _meta_tensor(B, H, D, dtype=dtype), _meta_tensor(B, HKV, N, D, dtype=dtype)
     splits = 64
     parts = (_meta_tensor(B * H, splits, D, dtype=torch.float32), _meta_tensor(B * H, splits, dtype=torch.float32),
              _meta_tensor(B * H, splits, dtype=torch.float32))
-    meta = dict(HEAD_DIM=D, BLOCK_N=L07.DECODE_BLOCK_N, num_warps=4)
+    meta = dict(GROUP=group, BLOCK_G=16, PAGE_SIZE=0, HEAD_DIM=D, BLOCK_N=L07.DECODE_BLOCK_N, DOT_PRECISION="tf32",
+                num_warps=4)
     cases.append(Case("07", "decode_split_kernel", "DECODE_BLOCK_N", _label(meta), L07.decode_split_kernel,
-                      (q, cache, cache, *parts, 0.125, H * D, D, H * N * D, N * D, D, H * N * D, N * D, D, H, N, 64,
-                       splits), meta))
+                      (q, cache, cache, q, q, *parts, 0.125, H * D, D, HKV * N * D, N * D, D, HKV * N * D, N * D, D,
+                       D, HKV, N, 64, splits), meta))
     meta = dict(HEAD_DIM=D, BLOCK_S=L07.DECODE_BLOCK_S)
     cases.append(Case("07", "decode_reduce_kernel", "DECODE_BLOCK_S", _label(meta), L07.decode_reduce_kernel,
                       (*parts, _meta_tensor(B, H, D, dtype=dtype), splits), meta))

@@ -85,8 +85,12 @@ def attention_flops(B: int, H: int, N: int, D: int, causal: bool) -> float:
 
 def decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      sm_scale: float | None = None) -> torch.Tensor:
-    """One query token per (batch, head): q (B, H, D) against caches (B, H, ctx, D)."""
+    """One query token per (batch, head): q (B, HQ, D) against caches (B, HKV, ctx, D), each KV head
+    shared by HQ / HKV consecutive query heads (grouped-query attention when HKV < HQ)."""
     sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    group = q.shape[1] // k_cache.shape[1]
+    if group > 1:  # repeat each KV head for its query heads (copies the cache: fine for a reference)
+        k_cache, v_cache = k_cache.repeat_interleave(group, dim=1), v_cache.repeat_interleave(group, dim=1)
     s = torch.einsum("bhd,bhnd->bhn", q, k_cache) * sm_scale  # reads the K cache, writes BH*ctx
     p = torch.softmax(s, dim=-1)  # reads and writes BH*ctx
     return torch.einsum("bhn,bhnd->bhd", p, v_cache)  # reads the V cache, writes BHD
@@ -393,62 +397,93 @@ def attention_bwd_dq_kernel(
 
 
 # %% [markdown]
-# Flash-decoding. One new token per (batch, head) attends to the ctx positions of the KV cache.
-# One program per (batch, head) would leave most SMs idle at small batch and stream the whole
-# cache through one SM each; instead the context is split: program (bh, split) runs the online
-# softmax over its slice of SPLIT_SIZE keys and writes its partial (max, sum, unnormalised
-# output); a second kernel combines the partials of each (batch, head), rescaling each by
-# exp2(m_split - m_max). With one query there is no matrix product: q . k is an elementwise
-# product and a row sum, on the CUDA cores, and the speed is the speed of reading the cache.
+# Flash-decoding. One new token per (batch, query head) attends to the ctx positions of the KV
+# cache. One program per head would leave most SMs idle at small batch and stream the whole
+# cache through one SM each; instead the context is split: program (b, kv head, split) runs the
+# online softmax over its slice of SPLIT_SIZE keys and writes its partial (max, sum,
+# unnormalised output); a second kernel combines the partials of each (batch, head), rescaling
+# each by exp2(m_split - m_max).
+#
+# Grouped-query attention (GQA): HQ query heads share HKV = HQ / GROUP key/value heads (Llama 3
+# 8B: 32 and 8). One program loads the GROUP queries of a KV head as a (BLOCK_G, D) tile and
+# reads each K and V block once for all of them: the scores are a (BLOCK_G, BLOCK_N) tl.dot on
+# the tensor cores, not a row sum per query. BLOCK_G pads GROUP to 16 (tl.dot's smallest tile);
+# the padded rows are zero queries, never stored. GROUP = 1 is plain multi-head attention.
+#
+# Paged KV cache (vLLM's layout): the cache is a pool of pages of PAGE_SIZE positions,
+# (pages, PAGE_SIZE, HKV, D), and a block table row per sequence lists its pages in order, so
+# sequences grow without reallocating and share no contiguous memory. The only change in the
+# kernel is where a block's rows live: position n of sequence b is slot n % PAGE_SIZE of page
+# block_table[b, n // PAGE_SIZE]. Each sequence has its own length (seq_lens); splits past it
+# write an empty partial (max -inf, sum 0), which the reduction weighs 0.
 
 
 # %%
 @triton.jit
 def decode_split_kernel(
-    q_ptr,  # (B, H, D): the new token's queries
-    k_ptr, v_ptr,  # (B, H, >= CTX, D) KV caches (a prefix view of a bigger cache is fine)
-    part_o_ptr,  # (B*H, NUM_SPLITS, D) fp32 output: each split's unnormalised output
-    part_m_ptr, part_l_ptr,  # (B*H, NUM_SPLITS) fp32 outputs: each split's max (log2 units) and sum
+    q_ptr,  # (B, HQ, D): the new token's queries
+    k_ptr, v_ptr,  # contiguous: (B, HKV, >= CTX, D) caches; paged: (pages, PAGE_SIZE, HKV, D) page pools
+    block_table_ptr, seq_lens_ptr,  # paged only: (B, pages per sequence) int32 page ids, (B,) int32 lengths
+    part_o_ptr,  # (B*HQ, NUM_SPLITS, D) fp32 output: each split's unnormalised output
+    part_m_ptr, part_l_ptr,  # (B*HQ, NUM_SPLITS) fp32 outputs: each split's max (log2 units) and sum
     sm_scale,
     stride_qb, stride_qh,  # q's strides over batch and head
-    stride_kb, stride_kh, stride_kn,  # the K cache's strides over batch, head, position
-    stride_vb, stride_vh, stride_vn,  # the V cache's strides
-    H, CTX,  # heads, and how many cache positions to attend to
-    SPLIT_SIZE, NUM_SPLITS,  # keys per split, and cdiv(CTX, SPLIT_SIZE)
+    stride_kb, stride_kh, stride_kn,  # K's strides: contiguous over batch, kv head, position; paged over page, kv head, slot
+    stride_vb, stride_vh, stride_vn,  # the same for V
+    stride_bt,  # elements between block_table[b, 0] and block_table[b + 1, 0]
+    HKV, CTX,  # kv heads; contiguous: how many positions to attend to (paged: seq_lens[b])
+    SPLIT_SIZE, NUM_SPLITS,  # keys per split, and how many splits the grid has
+    GROUP: tl.constexpr,  # query heads per kv head, HQ // HKV (1: multi-head attention)
+    BLOCK_G: tl.constexpr,  # GROUP padded to a tile tl.dot accepts (>= 16)
+    PAGE_SIZE: tl.constexpr,  # 0: contiguous caches; else positions per page of a paged cache
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,  # D, and keys per loop step
+    DOT_PRECISION: tl.constexpr,
 ):
-    bh = tl.program_id(0)
+    bg = tl.program_id(0)  # (batch, kv head)
     split = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b = (bg // HKV).to(tl.int64)
+    g = (bg % HKV).to(tl.int64)
     offs_d = tl.arange(0, HEAD_DIM)
     offs_n = tl.arange(0, BLOCK_N)
+    offs_g = tl.arange(0, BLOCK_G)
+    in_g = offs_g < GROUP
+    heads = g * GROUP + offs_g  # the query heads that read kv head g
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=in_g[:, None], other=0.0)
     qk_scale = sm_scale * LOG2E
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_d).to(tl.float32) * qk_scale
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
+    if PAGE_SIZE == 0:
+        length = CTX
+    else:
+        length = tl.load(seq_lens_ptr + b)
     lo = split * SPLIT_SIZE
-    hi = tl.minimum(lo + SPLIT_SIZE, CTX)
-    m_i = -float("inf")  # scalars carried through the loop: max and sum of this split
-    l_i = 0.0
-    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    hi = tl.minimum(lo + SPLIT_SIZE, length)  # hi <= lo for a split past this sequence: no iteration
+    m_i = tl.full([BLOCK_G], -float("inf"), tl.float32)  # per query head of the group
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         in_n = cols < hi
-        k = tl.load(k_base + cols[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=in_n[:, None], other=0.0)
-        v = tl.load(v_base + cols[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=in_n[:, None], other=0.0)
-        s = tl.sum(k.to(tl.float32) * q[None, :], 1)  # (BLOCK_N,) scores, in log2 units
-        s = tl.where(in_n, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 0))
-        p = tl.exp2(s - m_new)
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 0)
-        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), 0)
+        if PAGE_SIZE == 0:
+            rows_k = b * stride_kb + cols.to(tl.int64) * stride_kn
+            rows_v = b * stride_vb + cols.to(tl.int64) * stride_vn
+        else:  # each row's page from the block table (a block may span pages when PAGE_SIZE < BLOCK_N)
+            page = tl.load(block_table_ptr + b * stride_bt + cols // PAGE_SIZE, mask=in_n, other=0).to(tl.int64)
+            slot = (cols % PAGE_SIZE).to(tl.int64)
+            rows_k = page * stride_kb + slot * stride_kn
+            rows_v = page * stride_vb + slot * stride_vn
+        k = tl.load(k_ptr + g * stride_kh + rows_k[:, None] + offs_d[None, :], mask=in_n[:, None], other=0.0)
+        v = tl.load(v_ptr + g * stride_vh + rows_v[:, None] + offs_d[None, :], mask=in_n[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_G, BLOCK_N), log2 units
+        s = tl.where(in_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)  # rescales what was summed under the old max
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
-    part = bh.to(tl.int64) * NUM_SPLITS + split
-    tl.store(part_o_ptr + part * HEAD_DIM + offs_d, acc)
-    tl.store(part_m_ptr + part, m_i)
-    tl.store(part_l_ptr + part, l_i)
+    part = ((b * HKV + g) * GROUP + offs_g) * NUM_SPLITS + split  # the partial rows of query heads (b, heads)
+    tl.store(part_o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=in_g[:, None])
+    tl.store(part_m_ptr + part, m_i, mask=in_g)
+    tl.store(part_l_ptr + part, l_i, mask=in_g)
 
 
 @triton.jit
@@ -721,51 +756,120 @@ DECODE_BLOCK_N = 16 if common.INTERPRETER else 64
 DECODE_BLOCK_S = 16
 
 
-def default_split_size(ctx: int, batch_heads: int) -> int:
-    """Keys per split: enough splits for about 16 programs per SM, each at least one block long."""
+def default_split_size(ctx: int, programs: int) -> int:
+    """Keys per split: enough splits for about 16 programs per SM (programs = B * HKV per split),
+    each at least one block long."""
     if not common.HAS_GPU:  # the interpreter (or compile-only, COURSE_INTERPRETER=0)
         return 32  # several splits even on tiny caches, so the reduce kernel is exercised
     n_sm = torch.cuda.get_device_properties(common.DEVICE).multi_processor_count
-    splits = max(1, triton.cdiv(16 * n_sm, batch_heads))
+    splits = max(1, triton.cdiv(16 * n_sm, programs))
     return max(DECODE_BLOCK_N, triton.cdiv(triton.cdiv(ctx, splits), DECODE_BLOCK_N) * DECODE_BLOCK_N)
 
 
-def decode_attention(q, k_cache, v_cache, ctx: int | None = None, sm_scale: float | None = None,
-                     split_size: int | None = None, out=None) -> torch.Tensor:
-    """Attention of one token q (B, H, D) over the first ctx positions of caches (B, H, max_ctx, D)."""
+def _check_decode_q(q, k_pool, v_pool, kv_heads_dim: int) -> tuple[int, int, int, int]:
+    """(B, HQ, HKV, D) of a decode call; raises on the mistakes a caller makes."""
     common.check_tensors(q=q, dtypes=DTYPES, ndim=3, contiguous=False)
-    common.check_tensors(k_cache=k_cache, v_cache=v_cache, dtypes=DTYPES, ndim=4, contiguous=False)
-    common.check_tensors(q=q, k_cache=k_cache, same_shape=False, contiguous=False)
-    B, H, D = q.shape
-    if k_cache.shape[:2] != (B, H) or k_cache.shape[3] != D:
-        raise ValueError(f"k_cache has shape {tuple(k_cache.shape)}; for q of shape {tuple(q.shape)} it "
-                         f"must be ({B}, {H}, max_ctx, {D})")
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+    common.check_tensors(k_cache=k_pool, v_cache=v_pool, dtypes=DTYPES, ndim=4, contiguous=False)
+    common.check_tensors(q=q, k_cache=k_pool, same_shape=False, contiguous=False)
+    B, HQ, D = q.shape
+    HKV = k_pool.shape[kv_heads_dim]
+    if k_pool.shape[3] != D or HKV < 1 or HQ % HKV:
+        raise ValueError(f"k_cache has shape {tuple(k_pool.shape)}: for q of shape {tuple(q.shape)} its last "
+                         f"dimension must be {D} and its kv heads (dimension {kv_heads_dim}) must divide {HQ}")
+    for name, t in (("q", q), ("k_cache", k_pool), ("v_cache", v_pool)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last (head) dimension, got strides {t.stride()}")
     if D not in HEAD_DIMS:
         raise ValueError(f"the head dimension must be one of {HEAD_DIMS}, got {D}")
-    ctx = k_cache.shape[2] if ctx is None else ctx
-    if not 1 <= ctx <= k_cache.shape[2]:
-        raise ValueError(f"ctx must be in [1, {k_cache.shape[2]}] (the cache length), got {ctx}")
-    split_size = default_split_size(ctx, B * H) if split_size is None else split_size
+    return B, HQ, HKV, D
+
+
+def _decode(q, k_pool, v_pool, block_table, seq_lens, HKV, ctx, page_size, split_size, max_len, sm_scale, out):
+    """Allocate the partials, launch split + reduce; shared by the contiguous and the paged caches."""
+    B, HQ, D = q.shape
+    split_size = default_split_size(max_len, B * HKV) if split_size is None else split_size
     if split_size < 1:
         raise ValueError(f"split_size must be at least 1, got {split_size}")
     if out is None:
-        out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)
+        out = torch.empty((B, HQ, D), dtype=q.dtype, device=q.device)
     else:
         common.check_tensors(q=q, out=out)
     sm_scale = D ** -0.5 if sm_scale is None else sm_scale
-    num_splits = triton.cdiv(ctx, split_size)
-    part_o = torch.empty((B * H, num_splits, D), dtype=torch.float32, device=q.device)
-    part_m = torch.empty((B * H, num_splits), dtype=torch.float32, device=q.device)
-    part_l = torch.empty((B * H, num_splits), dtype=torch.float32, device=q.device)
-    decode_split_kernel[(B * H, num_splits)](
-        q, k_cache, v_cache, part_o, part_m, part_l, sm_scale, q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-        v_cache.stride(2), H, ctx, split_size, num_splits, HEAD_DIM=D, BLOCK_N=DECODE_BLOCK_N, num_warps=4)
-    decode_reduce_kernel[(B * H,)](part_o, part_m, part_l, out, num_splits, HEAD_DIM=D, BLOCK_S=DECODE_BLOCK_S)
+    group = HQ // HKV
+    num_splits = triton.cdiv(max_len, split_size)
+    part_o = torch.empty((B * HQ, num_splits, D), dtype=torch.float32, device=q.device)
+    part_m = torch.empty((B * HQ, num_splits), dtype=torch.float32, device=q.device)
+    part_l = torch.empty((B * HQ, num_splits), dtype=torch.float32, device=q.device)
+    table = block_table if block_table is not None else q  # not read when PAGE_SIZE = 0
+    decode_split_kernel[(B * HKV, num_splits)](
+        q, k_pool, v_pool, table, seq_lens if seq_lens is not None else q, part_o, part_m, part_l, sm_scale,
+        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1 if page_size == 0 else 2),
+        k_pool.stride(2 if page_size == 0 else 1), v_pool.stride(0), v_pool.stride(1 if page_size == 0 else 2),
+        v_pool.stride(2 if page_size == 0 else 1), table.stride(0), HKV, ctx, split_size, num_splits,
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), PAGE_SIZE=page_size, HEAD_DIM=D,
+        BLOCK_N=DECODE_BLOCK_N, DOT_PRECISION=_dot_precision(q.dtype), num_warps=4)
+    decode_reduce_kernel[(B * HQ,)](part_o, part_m, part_l, out, num_splits, HEAD_DIM=D, BLOCK_S=DECODE_BLOCK_S)
     return out
+
+
+def decode_attention(q, k_cache, v_cache, ctx: int | None = None, sm_scale: float | None = None,
+                     split_size: int | None = None, out=None) -> torch.Tensor:
+    """Attention of one token q (B, HQ, D) over the first ctx positions of caches (B, HKV, max_ctx, D);
+    HQ a multiple of HKV (grouped-query attention; HQ == HKV is multi-head attention)."""
+    B, HQ, HKV, D = _check_decode_q(q, k_cache, v_cache, kv_heads_dim=1)
+    if k_cache.shape[0] != B or v_cache.shape != k_cache.shape:
+        raise ValueError(f"k_cache and v_cache must both have shape ({B}, HKV, max_ctx, {D}) for q of shape "
+                         f"{tuple(q.shape)}, got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    ctx = k_cache.shape[2] if ctx is None else ctx
+    if not 1 <= ctx <= k_cache.shape[2]:
+        raise ValueError(f"ctx must be in [1, {k_cache.shape[2]}] (the cache length), got {ctx}")
+    return _decode(q, k_cache, v_cache, None, None, HKV, ctx, 0, split_size, ctx, sm_scale, out)
+
+
+def paged_decode_attention(q, k_pages, v_pages, block_table, seq_lens, sm_scale: float | None = None,
+                           split_size: int | None = None, max_seq_len: int | None = None, out=None) -> torch.Tensor:
+    """Decode over a paged KV cache: pools k_pages, v_pages (pages, page_size, HKV, D), block_table
+    (B, pages per sequence) int32 (sequence b's positions [i * page_size, (i + 1) * page_size) are in
+    page block_table[b, i]) and seq_lens (B,) int32 in [1, pages per sequence * page_size].
+    max_seq_len: an upper bound of seq_lens that sizes the grid (default: the block table's capacity;
+    the lengths stay on the device, no host sync). The lengths are not checked on the device: a
+    length past the block table reads the pages its extra entries name."""
+    B, HQ, HKV, D = _check_decode_q(q, k_pages, v_pages, kv_heads_dim=2)
+    if v_pages.shape != k_pages.shape:
+        raise ValueError(f"v_pages must have the shape of k_pages {tuple(k_pages.shape)}, got {tuple(v_pages.shape)}")
+    for name, t, shape in (("block_table", block_table, (B, None)), ("seq_lens", seq_lens, (B,))):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.int32 or t.dim() != len(shape) or t.shape[0] != B:
+            got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be an int32 tensor of shape ({B}{', pages' if len(shape) == 2 else ''}) "
+                             f"on q's device, got {got}")
+        common.check_tensors(q=q, **{name: t}, same_shape=False, same_dtype=False, contiguous=len(shape) == 1)
+    if block_table.stride(-1) != 1:
+        raise ValueError(f"block_table must be contiguous along its pages, got strides {block_table.stride()}")
+    page_size = k_pages.shape[1]
+    capacity = block_table.shape[1] * page_size
+    max_seq_len = capacity if max_seq_len is None else max_seq_len
+    if not 1 <= max_seq_len <= capacity:
+        raise ValueError(f"max_seq_len must be in [1, {capacity}] (pages per sequence x page size), got {max_seq_len}")
+    return _decode(q, k_pages, v_pages, block_table, seq_lens, HKV, 0, page_size, split_size, max_seq_len,
+                   sm_scale, out)
+
+
+def to_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, page_size: int, generator: torch.Generator | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Contiguous caches (B, HKV, ctx, D) as page pools (B * pages, page_size, HKV, D) in shuffled
+    page order, and their block table (B, pages) int32: what a paged cache looks like after
+    sequences have grown in turn. Slots past ctx in the last pages are NaN, never to be read."""
+    B, HKV, ctx, D = k_cache.shape
+    n_pages = triton.cdiv(ctx, page_size)
+    order = torch.randperm(B * n_pages, generator=generator).to(k_cache.device)  # pool slot of each page
+    pools = []
+    for cache in (k_cache, v_cache):
+        padded = torch.full((B, HKV, n_pages * page_size, D), float("nan"), dtype=cache.dtype, device=cache.device)
+        padded[:, :, :ctx] = cache
+        pool = torch.empty((B * n_pages, page_size, HKV, D), dtype=cache.dtype, device=cache.device)
+        pool[order] = padded.view(B, HKV, n_pages, page_size, D).permute(0, 2, 3, 1, 4).reshape(pool.shape)
+        pools.append(pool)
+    return pools[0], pools[1], order.view(B, n_pages).to(torch.int32)
 
 
 # %% [markdown]
@@ -854,17 +958,44 @@ def check_decode(shapes, dtypes) -> None:
         for i, (B, H, N, D) in enumerate(shapes):
             ctx = max(N, 3)
             contexts.append(ctx)
-            q = common.randn(B, H, D, dtype=dtype)
-            k_cache = common.randn(B, H, ctx + 5, D, dtype=dtype)  # 5 positions past ctx: must be ignored
-            v_cache = common.randn(B, H, ctx + 5, D, dtype=dtype)
-            expected = decode_reference(q.double(), k_cache[:, :, :ctx].double(), v_cache[:, :, :ctx].double())
-            # the default split, then (first shape only) one not a multiple of the block and one split only
-            for split in (None, 48, ctx + 100) if i == 0 else (None,):
-                out = common.poisoned_empty(B, H, D, dtype=dtype)
-                decode_attention(q, k_cache, v_cache, ctx, split_size=split, out=out)
-                common.assert_close(out, expected, name=f"decode B={B} H={H} ctx={ctx} D={D} split={split} {dtype}")
-    print(f"decode (split-K + reduce) matches for contexts {sorted(set(contexts))}, reading a prefix of a "
-          f"longer cache, with several split sizes: OK")
+            for hkv in sorted({H, 1}):  # multi-head, and every query head sharing one KV head (MQA)
+                q = common.randn(B, H, D, dtype=dtype)
+                k_cache = common.randn(B, hkv, ctx + 5, D, dtype=dtype)  # 5 positions past ctx: must be ignored
+                v_cache = common.randn(B, hkv, ctx + 5, D, dtype=dtype)
+                expected = decode_reference(q.double(), k_cache[:, :, :ctx].double(), v_cache[:, :, :ctx].double())
+                # the default split, then (first shape only) one not a multiple of the block and one split only
+                for split in (None, 48, ctx + 100) if i == 0 else (None,):
+                    out = common.poisoned_empty(B, H, D, dtype=dtype)
+                    decode_attention(q, k_cache, v_cache, ctx, split_size=split, out=out)
+                    common.assert_close(out, expected, name=f"decode B={B} HQ={H} HKV={hkv} ctx={ctx} D={D} "
+                                                            f"split={split} {dtype}")
+        for page_size, group, split in ((16, 4, None), (8, 1, 24), (64, 2, None)):
+            q, k_pages, v_pages, table, seq_lens, expected = paged_inputs(3, 4 * group if group > 1 else 2,
+                                                                          4 if group > 1 else 2, 16,
+                                                                          [37, 1, 70], page_size, dtype)
+            out = common.poisoned_empty(*q.shape, dtype=dtype)
+            paged_decode_attention(q, k_pages, v_pages, table, seq_lens, split_size=split, out=out)
+            common.assert_close(out, expected, name=f"paged decode, pages of {page_size}, lengths 37, 1, 70, "
+                                                    f"group {group}, split {split}, {dtype}")
+    print(f"decode (split-K + reduce) matches for contexts {sorted(set(contexts))}, multi-head and one KV head "
+          f"for all query heads, reading a prefix of a longer cache, with several split sizes; paged caches "
+          f"(pages of 8, 16, 64 in shuffled order, sequences of 37, 1 and 70 tokens, NaN wherever none is): OK")
+
+
+def paged_inputs(B, HQ, HKV, D, lengths, page_size, dtype):
+    """q, paged caches holding sequences of the given lengths (pages shuffled, NaN past each
+    sequence), block table, lengths, and the float64 reference of each sequence's decode."""
+    ctx = max(lengths)
+    q = common.randn(B, HQ, D, dtype=dtype)
+    k_cache, v_cache = common.randn(B, HKV, ctx, D, dtype=dtype), common.randn(B, HKV, ctx, D, dtype=dtype)
+    expected = torch.stack([decode_reference(q[b:b + 1].double(), k_cache[b:b + 1, :, :n].double(),
+                                             v_cache[b:b + 1, :, :n].double())[0] for b, n in enumerate(lengths)])
+    for b, n in enumerate(lengths):  # past a sequence's length: never to be read
+        k_cache[b, :, n:] = float("nan")
+        v_cache[b, :, n:] = float("nan")
+    k_pages, v_pages, table = to_pages(k_cache, v_cache, page_size, torch.Generator().manual_seed(page_size))
+    seq_lens = torch.tensor(lengths, dtype=torch.int32, device=q.device)
+    return q, k_pages, v_pages, table, seq_lens, expected
 
 
 # %% [markdown]
@@ -894,7 +1025,8 @@ def traffic(B: int, H: int, N: int, D: int, dtype: torch.dtype) -> None:
           f"flop/byte (N / element size: it grows with N)")
     decode_bytes = 2 * B * H * N * D * q.element_size()  # one token against a cache of N positions
     print(f"decode, one query against a cache of {N} positions: K and V {fmt_bytes(decode_bytes)} read for "
-          f"{4 * B * H * N * D / decode_bytes:.1f} flop/byte, whatever the context length")
+          f"{4 * B * H * N * D / decode_bytes:.1f} flop/byte, whatever the context length; with grouped-query "
+          f"attention each K, V head serves GROUP queries, GROUP times that (4 for Llama 3 8B's 32 / 8 heads)")
     if common.HAS_GPU:
         ridge = common.matmul_rate(dtype) * 1e12 / (common.copy_bandwidth() * 1e9)
         print(f"this GPU's ridge point (matmul TFLOP/s / copy GB/s, both measured now): {ridge:,.0f} flop/byte: "
@@ -928,11 +1060,13 @@ def memory_model(B: int, H: int, D: int, element_size: int, lengths: list[int]) 
 # %%
 BENCH_DTYPE = torch.bfloat16 if common.supports_bf16() else torch.float32  # no bf16 in the interpreter
 BAR_CASE = (4, 32, 4096, 128)  # B, H, N, D of the perf bars
-DECODE_CASES = [(8, 32, 128, ctx) for ctx in (8192, 16384, 32768)]  # B, H, D, ctx
+DECODE_CASES = [(8, 32, 8, 128, ctx) for ctx in (8192, 32768, 131072)]  # B, HQ, HKV, D, ctx: Llama-3-8B's heads
+DECODE_PAGE = 64 if common.HAS_GPU else 16  # positions per page of the paged benchmark
 SWEEP_CTX = 8192
 V3 = VERSIONS["v3"].label
 BACKWARD = "v3 backward: preprocess, dK/dV and dQ kernels"
-DECODE = "split-K + reduce"
+DECODE = "split-K + reduce, grouped"
+DECODE_PAGED = f"paged ({DECODE_PAGE} per page), split-K + reduce, grouped"
 MEMORY_TITLE = "forward: peak extra memory over N, B1 H8 D128"
 # What the bars' fastest baselines do that these kernels do not (a known miss prints it):
 FORWARD_WHY = ("SDPA's fastest Hopper kernel (cuDNN) loads tiles with TMA and runs warp-specialized, persistent "
@@ -947,9 +1081,25 @@ def attention_inputs(B, H, N, D, causal, requires_grad=False) -> tuple:
     return one(), one(), one(), causal
 
 
-def decode_inputs(B, H, D, ctx) -> tuple:
-    q = torch.randn(B, H, D, device=common.DEVICE, dtype=BENCH_DTYPE)
-    return q, *(torch.randn(B, H, ctx, D, device=common.DEVICE, dtype=BENCH_DTYPE) for _ in range(2))
+def decode_inputs(B, HQ, HKV, D, ctx) -> tuple:
+    q = torch.randn(B, HQ, D, device=common.DEVICE, dtype=BENCH_DTYPE)
+    return q, *(torch.randn(B, HKV, ctx, D, device=common.DEVICE, dtype=BENCH_DTYPE) for _ in range(2))
+
+
+_PAGED = {}  # id of a benchmark's k_cache -> its paged copy, built once, outside the timing
+
+
+def paged_copy(q, k_cache, v_cache):
+    """decode_attention's inputs as a paged cache (DECODE_PAGE per page, shuffled): the paged provider
+    of the decode benchmark reads the same values from the same number of bytes, through a block table."""
+    key = (id(k_cache), id(v_cache))
+    if key not in _PAGED:
+        _PAGED.clear()  # one case at a time: the copies of a 128K context are GiBs
+        k_pages, v_pages, table = to_pages(k_cache, v_cache, DECODE_PAGE)
+        seq_lens = torch.full((q.shape[0],), k_cache.shape[2], dtype=torch.int32, device=q.device)
+        _PAGED[key] = (k_pages, v_pages, table, seq_lens, k_cache.shape[2])
+    k_pages, v_pages, table, seq_lens, ctx = _PAGED[key]
+    return paged_decode_attention(q, k_pages, v_pages, table, seq_lens, max_seq_len=ctx)
 
 
 def _attention_flops(q, k, v, causal) -> float:
@@ -967,7 +1117,7 @@ def _shape(case) -> str:
 
 @functools.cache
 def _sweep_inputs() -> tuple:  # one cache for every split size of the sweep
-    return decode_inputs(8, 32, 128, SWEEP_CTX) if common.HAS_GPU else decode_inputs(1, 1, 16, 64)
+    return decode_inputs(8, 32, 8, 128, SWEEP_CTX) if common.HAS_GPU else decode_inputs(1, 4, 2, 16, 64)
 
 
 def _split_label(split: int) -> str:
@@ -1009,23 +1159,26 @@ BENCHMARKS = [
         note="peak extra memory: torch.cuda.max_memory_allocated above what was allocated before one call. "
              "The naive reference (torch eager) grows 4x when N doubles; the flash kernels 2x (out and lse)."),
     common.Benchmark(
-        "decode: one query token over the KV cache, B8 H32 D128", op="decode_attention", cases=DECODE_CASES,
-        quick_cases=DECODE_CASES[:1], cpu_cases=[(1, 1, 16, 64)], setup=decode_inputs,
-        kernels={DECODE: decode_attention}, reference=decode_reference, nbytes=_decode_bytes, ceiling="read",
-        dtype=BENCH_DTYPE, label=lambda case: f"B{case[0]} H{case[1]} D{case[2]} ctx {case[3]:,}",
-        bars=[common.Bar(DECODE, case, vs, at_least) for case in DECODE_CASES
-              for vs, at_least in (("ceiling", 75), ("baseline", 1.0))]),
+        "decode: one query token over the KV cache, B8 HQ32 HKV8 D128", op="decode_attention", cases=DECODE_CASES,
+        quick_cases=DECODE_CASES[:1], cpu_cases=[(1, 4, 2, 16, 64)], setup=decode_inputs,
+        kernels={DECODE: decode_attention, DECODE_PAGED: paged_copy}, reference=decode_reference,
+        nbytes=_decode_bytes, ceiling="read", dtype=BENCH_DTYPE,
+        label=lambda case: f"B{case[0]} HQ{case[1]} HKV{case[2]} D{case[3]} ctx {case[4]:,}",
+        bars=[common.Bar(kernel, case, vs, at_least) for kernel in (DECODE, DECODE_PAGED) for case in DECODE_CASES
+              for vs, at_least in (("ceiling", 90), ("baseline", 1.0))],
+        note="The paged kernel reads the same cache from a pool of shuffled pages through a block table; "
+             "every provider but it reads the contiguous cache. SDPA runs with enable_gqa=True."),
     common.Benchmark(
-        f"decode: keys per split at ctx {SWEEP_CTX:,}, B8 H32 D128", op=None,
+        f"decode: keys per split at ctx {SWEEP_CTX:,}, B8 HQ32 HKV8 D128", op=None,
         cases=[SWEEP_CTX >> i for i in range(7)], cpu_cases=[32],
         setup=lambda split: (*_sweep_inputs(), split),
         kernels={DECODE: lambda q, k_cache, v_cache, split: decode_attention(q, k_cache, v_cache, split_size=split)},
         nbytes=lambda q, k_cache, v_cache, split: _decode_bytes(q, k_cache, v_cache), ceiling="read",
         dtype=BENCH_DTYPE, label=_split_label,
         plot="07_attention_decode_splits", xlabel="keys per split", logx=True,
-        note=f"One split per head is B*H = 256 programs, each streaming the whole context alone; more splits put "
-             f"more programs (and loads) in flight, until the partials and the reduce start to cost. "
-             f"decode_attention's default here: {default_split_size(SWEEP_CTX, 8 * 32)} keys per split."),
+        note=f"One split per KV head is B*HKV = 64 programs, each streaming the whole context alone; more splits "
+             f"put more programs (and loads) in flight, until the partials and the reduce start to cost. "
+             f"decode_attention's default here: {default_split_size(SWEEP_CTX, 8 * 8)} keys per split."),
 ]
 
 
@@ -1055,9 +1208,10 @@ def check_at_benchmark_size(quick: bool) -> None:
         common.assert_close(out[:1, :2], ref_out, name=f"forward causal={causal}")
         for got, ref, what in zip(grads, ref_grads, ("dq", "dk", "dv")):
             common.assert_close(got[:1, :2], ref, name=f"{what} causal={causal}", **grad_tolerance(BENCH_DTYPE))
-    q, k_cache, v_cache = decode_inputs(8, 32, 128, SWEEP_CTX)
-    common.assert_close(decode_attention(q, k_cache, v_cache)[:1, :2], decode_reference(
-        q[:1, :2].double(), k_cache[:1, :2].double(), v_cache[:1, :2].double()), name=f"decode ctx={SWEEP_CTX}")
+    q, k_cache, v_cache = decode_inputs(8, 32, 8, 128, SWEEP_CTX)
+    expected = decode_reference(q[:1, :8].double(), k_cache[:1, :2].double(), v_cache[:1, :2].double())
+    common.assert_close(decode_attention(q, k_cache, v_cache)[:1, :8], expected, name=f"decode ctx={SWEEP_CTX}")
+    common.assert_close(paged_copy(q, k_cache, v_cache)[:1, :8], expected, name=f"paged decode ctx={SWEEP_CTX}")
     print("forward, backward (causal and not) and decode at the benchmark sizes: OK")
 
 
