@@ -117,9 +117,31 @@ def _short_error(err: BaseException, module_file: str | None) -> str:
     if module_file:
         frames = [f for cause in _chain(err) for f in traceback.extract_tb(cause.__traceback__)
                   if f.filename == module_file]
-        if frames:
-            lines.append(f"raised at {Path(module_file).name}:{frames[-1].lineno}: {frames[-1].line}")
+        where = _compiled_kernel_line(err, module_file)
+        if where is None and frames:
+            where = frames[-1].lineno, frames[-1].line
+        if where is not None:
+            lines.append(f"raised at {Path(module_file).name}:{where[0]}: {where[1]}")
     return "\n".join(lines)
+
+
+def _compiled_kernel_line(err: BaseException, module_file: str) -> tuple[int, str] | None:
+    """(line number, text) in module_file of the kernel line a GPU compile rejected. Triton's
+    CompilationError is raised from the launch, and names its line relative to the kernel's
+    source (line 1 is its `def`): found again in the file by that def line."""
+    from triton.compiler.errors import CompilationError
+    for cause in _chain(err):
+        if isinstance(cause, CompilationError) and cause.src and getattr(cause.node, "lineno", None):
+            def_line = cause.src.split("\n", 1)[0].strip()
+            try:
+                file_lines = Path(module_file).read_text().splitlines()
+            except OSError:
+                return None
+            for i, line in enumerate(file_lines):
+                if line.strip() == def_line and i + cause.node.lineno <= len(file_lines):
+                    number = i + cause.node.lineno  # the def is line i + 1
+                    return number, file_lines[number - 1].strip()
+    return None
 
 
 def _chain(err: BaseException | None):

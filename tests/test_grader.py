@@ -215,3 +215,23 @@ def test_an_error_inside_a_kernel_points_at_the_kernel_line(tmp_path):
     where = next(line for line in proc.stdout.splitlines() if "raised at" in line)
     assert "01_vector_add.py:" in where and "tl.load(x_ptr + offsets + tl.arange(0, 16)" in where, proc.stdout
     _clamp_and_strided_still_pass(lines)
+
+
+def test_a_gpu_compile_error_points_at_the_kernel_line(tmp_path):
+    """On a GPU a kernel's error is Triton's CompilationError raised at the launch, its line counted
+    from the kernel's def: the report names the file's line. Built by hand here (no GPU compile)."""
+    import ast
+    from triton.compiler.errors import CompilationError
+    from common.grading import _short_error
+    source = ("import triton\n\n\n@triton.jit\ndef k(x_ptr, BLOCK: tl.constexpr):\n"
+              "    offs = tl.arange(0, BLOCK)\n    x = tl.load(x_ptr + offs + tl.arange(0, 16))\n\n\n"
+              "def launch(x):\n    k[(1,)](x, BLOCK=1024)\n")
+    path = tmp_path / "01_vector_add.py"
+    path.write_text(source)
+    kernel_src = "def k(x_ptr, BLOCK: tl.constexpr):\n    offs = tl.arange(0, BLOCK)\n" \
+                 "    x = tl.load(x_ptr + offs + tl.arange(0, 16))\n"
+    node = ast.parse("x = 1").body[0]
+    node.lineno, node.col_offset = 3, 8  # the load, the kernel's third line
+    err = CompilationError(kernel_src, node, "incompatible shapes 1024 and 16")
+    report = _short_error(err, str(path))
+    assert "raised at 01_vector_add.py:7: x = tl.load(x_ptr + offs + tl.arange(0, 16))" in report, report

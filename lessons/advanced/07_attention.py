@@ -1086,19 +1086,20 @@ def decode_inputs(B, HQ, HKV, D, ctx) -> tuple:
     return q, *(torch.randn(B, HKV, ctx, D, device=common.DEVICE, dtype=BENCH_DTYPE) for _ in range(2))
 
 
-_PAGED = {}  # id of a benchmark's k_cache -> its paged copy, built once, outside the timing
+_PAGED = {}  # the benchmark case's caches and their paged copy, built once, outside the timing
 
 
 def paged_copy(q, k_cache, v_cache):
     """decode_attention's inputs as a paged cache (DECODE_PAGE per page, shuffled): the paged provider
     of the decode benchmark reads the same values from the same number of bytes, through a block table."""
-    key = (id(k_cache), id(v_cache))
-    if key not in _PAGED:
+    # Keyed by the tensors themselves, not their id(): a freed case's id can come back for the next
+    # case's tensors (a first version served the 32K case's pages to the 128K case that way).
+    if _PAGED.get("caches", (None, None))[0] is not k_cache or _PAGED["caches"][1] is not v_cache:
         _PAGED.clear()  # one case at a time: the copies of a 128K context are GiBs
         k_pages, v_pages, table = to_pages(k_cache, v_cache, DECODE_PAGE)
         seq_lens = torch.full((q.shape[0],), k_cache.shape[2], dtype=torch.int32, device=q.device)
-        _PAGED[key] = (k_pages, v_pages, table, seq_lens, k_cache.shape[2])
-    k_pages, v_pages, table, seq_lens, ctx = _PAGED[key]
+        _PAGED.update(caches=(k_cache, v_cache), paged=(k_pages, v_pages, table, seq_lens, k_cache.shape[2]))
+    k_pages, v_pages, table, seq_lens, ctx = _PAGED["paged"]
     return paged_decode_attention(q, k_pages, v_pages, table, seq_lens, max_seq_len=ctx)
 
 

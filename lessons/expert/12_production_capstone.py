@@ -139,8 +139,8 @@ class Block(nn.Module):
         H = self.config.heads
         q, k, v = self.qkv(self.norm(self.norm1, x)).view(B, T, 3, H, d // H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
         if self.ops == "course":
-            # autotune=False: one fixed config per shape, so all three runs start timing at once
-            att = course_op(lambda q_, k_, v_: L07.flash_attention(q_, k_, v_, causal=True, autotune=False),
+            # autotuned on the GPU (its first call per shape, in the warm-up steps that are not timed)
+            att = course_op(lambda q_, k_, v_: L07.flash_attention(q_, k_, v_, causal=True),
                             q, k, v, cast=(0, 1, 2))
         else:
             att = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # the fastest backend there is
@@ -234,6 +234,65 @@ def train(model: nn.Module, config: GPTConfig, steps: int, batch: int, amp: torc
                peak, skipped)
 
 
+# Kernel names -> what they do, first match wins (attention first: cuDNN's SDPA kernels say sm90 too).
+CATEGORIES = (("attention", r"attention|flash|fmha|sdpa|attn"), ("LayerNorm", r"layer_?norm|sum_rows"),
+              ("GeGLU / GELU", r"geglu|gelu"), ("cross-entropy", r"cross_entropy|nll|log_softmax|softmax"),
+              ("matmul (cuBLAS)", r"gemm|nvjet|cutlass|xmma|cublas|matmul"), ("optimizer", r"adam|foreach|multi_tensor"),
+              ("other (adds, casts, copies, embedding)", r"."))
+
+
+def step_breakdown(config: GPTConfig, batch: int, amp, corpus, steps: int = 3) -> dict[str, dict[str, float]]:
+    """GPU milliseconds per training step by kind of kernel (torch.profiler), for the course's model
+    and the eager one: where the tokens/s difference comes from, measured."""
+    import re
+    from torch.profiler import ProfilerActivity, profile
+    result = {}
+    for ops in ("course", "torch"):
+        eager, course = paired_models(config)
+        model = course if ops == "course" else eager
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        data = list(batches(corpus, steps + 2, batch, config.seq, seed=11))
+
+        def step(ids, targets, model=model, opt=opt):
+            with torch.autocast(common.DEVICE.type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss = model.loss(ids, targets)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        for ids, targets in data[:2]:  # warm-up: first launches, compiles
+            step(ids, targets)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for ids, targets in data[2:]:
+                step(ids, targets)
+            torch.cuda.synchronize()
+        ms = dict.fromkeys((c for c, _ in CATEGORIES), 0.0)
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                kind = next(c for c, pattern in CATEGORIES if re.search(pattern, e.name.lower()))
+                ms[kind] += e.time_range.elapsed_us() / 1e3 / steps
+        result["course kernels" if ops == "course" else "eager PyTorch"] = ms
+        del model, eager, course, opt
+    table = Table(f"GPU time per training step by kind of kernel (torch.profiler, {steps} steps)",
+                  ["kernels", "course kernels (ms)", "eager PyTorch (ms)", "difference (ms)"])
+    for kind, _ in CATEGORIES:
+        c, e = result["course kernels"][kind], result["eager PyTorch"][kind]
+        table.add(kind, c, e, c - e)
+    total = {name: sum(ms.values()) for name, ms in result.items()}
+    table.add("all GPU kernels", total["course kernels"], total["eager PyTorch"],
+              total["course kernels"] - total["eager PyTorch"])
+    table.print()
+    return result
+
+
+def slowest_parts(breakdown: dict[str, dict[str, float]], top: int = 2) -> str:
+    """The kinds of kernel that cost the course's model the most GPU time over eager, in words."""
+    diffs = sorted(((breakdown["course kernels"][k] - breakdown["eager PyTorch"][k], k) for k, _ in CATEGORIES),
+                   reverse=True)[:top]
+    return "; ".join(f"{kind} {breakdown['course kernels'][kind]:.2f} ms vs {breakdown['eager PyTorch'][kind]:.2f} ms"
+                     for _, kind in diffs) + " of GPU time per step (profiled)"
+
+
 def tail_mean(losses: list[float], fraction: float = 0.1) -> float:
     n = max(1, int(len(losses) * fraction))
     return statistics.mean(losses[-n:])
@@ -293,11 +352,12 @@ _OPS = {}
 def layer_norm_styles() -> dict:
     """name -> layer_norm(x, w, b); the two registered ops under fresh namespaces of this process."""
     if not _OPS:
+        # op=op binds each lambda to its own op (a plain closure would see the last one registered)
         if common.HAS_GPU and hasattr(torch.library, "triton_op"):
-            fwd, _ = L12.register_layer_norm_ops(L12._free_namespace("capstone_triton_op"), traceable=True)
-            _OPS["torch.library.triton_op"] = lambda x, w, b: fwd(x, w, b, 1e-5)[0]
-        fwd, _ = L12.register_layer_norm_ops(L12._free_namespace("capstone_custom_op"), traceable=False)
-        _OPS["torch.library.custom_op"] = lambda x, w, b: fwd(x, w, b, 1e-5)[0]
+            op, _ = L12.register_layer_norm_ops(L12._free_namespace("capstone_triton_op"), traceable=True)
+            _OPS["torch.library.triton_op"] = lambda x, w, b, op=op: op(x, w, b, 1e-5)[0]
+        op, _ = L12.register_layer_norm_ops(L12._free_namespace("capstone_custom_op"), traceable=False)
+        _OPS["torch.library.custom_op"] = lambda x, w, b, op=op: op(x, w, b, 1e-5)[0]
         if common.HAS_GPU:  # under the interpreter Dynamo would trace Triton's numpy interpreter itself
             _OPS["autograd.Function (lesson 08)"] = lambda x, w, b: L08.layernorm(x, w, b)
         _OPS["F.layer_norm (PyTorch)"] = lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b)
@@ -306,6 +366,23 @@ def layer_norm_styles() -> dict:
 
 def sub_block(norm, x, w, b, w1, w2):
     return x + F.gelu(norm(x, w, b) @ w1) @ w2
+
+
+def aot_graph_code(fn, inputs) -> str:
+    """The code of the forward and backward graphs AOTAutograd hands to the compiler backend: what
+    Inductor gets to see (a triton_op's kernel appears as a triton_kernel_wrapper node)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    codes = []
+
+    def record(gm, example_inputs):
+        codes.append(gm.code)
+        return make_boxed_func(gm.forward)
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend=aot_autograd(fw_compiler=record, bw_compiler=record))(*inputs)
+    torch.autograd.grad(out.sum(), inputs)
+    torch._dynamo.reset()
+    return "\n".join(codes)
 
 
 def compile_interplay(tokens: int, dim: int, time_it: bool) -> Table:
@@ -328,9 +405,9 @@ def compile_interplay(tokens: int, dim: int, time_it: bool) -> Table:
             table.add(name, "-", "-", f"Dynamo failed: {type(err).__name__}", "-", "-")
             print(f"  {name}: torch._dynamo.explain failed: {str(err).splitlines()[0][:160]}")
             continue
-        code = "\n".join(g.code for g in explained.graphs)
+        code = aot_graph_code(fn, inputs)
         visible = ("yes: Triton kernel in the graph" if "triton_kernel_wrapper" in code
-                   else "PyTorch op" if name.startswith("F.") else "no: one opaque call" if "capstone_custom_op" in code
+                   else "PyTorch op" if name.startswith("F.") else "no: one opaque call" if "capstone_" in code
                    else "no")
         eager_ms = compiled_ms = float("nan")
         if time_it:
@@ -435,19 +512,24 @@ def capstone(quick: bool) -> dict[str, Run]:
                                         f"{tail_mean(run.losses):.3f})")
         print(f"loss curves agree: last-10% means differ by {gap:.3f} nats (tolerance {LOSS_TOLERANCE}); fp16 with "
               f"a GradScaler trains with both")
+        breakdown = step_breakdown(config, batch, amp, corpus)
+        step_ms = {name: batch * config.seq / run.tokens_per_s * 1e3 for name, run in runs.items()}
+        gpu_ms = {name: sum(ms.values()) for name, ms in breakdown.items()}
+        print(f"wall time per step: course kernels {step_ms['course kernels']:.2f} ms "
+              f"(GPU busy {gpu_ms['course kernels']:.2f} ms), eager {step_ms['eager PyTorch']:.2f} ms "
+              f"(GPU busy {gpu_ms['eager PyTorch']:.2f} ms), torch.compile {step_ms['torch.compile']:.2f} ms")
         shape = f"{config.layers}L d{config.dim} T{config.seq} B{batch}"
         record = dict(kernel="course kernels", shape=shape, dtype="bf16 autocast")
         compiled_run = runs["torch.compile"]
-        why = ("the matmuls (cuBLAS in all three runs) are most of a step; the kernels replace only the "
-               "non-matmul ops")
+        why = slowest_parts(breakdown)
         common.perf_bar("GPT step: course kernels vs eager, tokens/s", course_run.tokens_per_s / eager_run.tokens_per_s,
                         1.3, "x", record={**record, "baseline": "eager PyTorch (SDPA fastest backend)", "vs": "baseline"},
                         why=why)
         common.perf_bar("GPT step: course kernels vs torch.compile, tokens/s",
                         course_run.tokens_per_s / compiled_run.tokens_per_s, 1.0, "x",
                         record={**record, "baseline": "torch.compile of the eager model", "vs": "baseline"},
-                        why="Inductor fuses the residual adds, casts and embedding into its kernels; the course's "
-                            "model launches them one by one")
+                        why=f"{why}; wall time per step {step_ms['course kernels']:.2f} ms vs torch.compile's "
+                            f"{step_ms['torch.compile']:.2f} ms")
         common.perf_bar("GPT step: course kernels' peak memory vs eager", course_run.peak_bytes / eager_run.peak_bytes,
                         1.0, "x", higher_is_better=False,
                         record={**record, "baseline": "eager PyTorch", "vs": "baseline memory"})

@@ -624,7 +624,7 @@ void matmul(torch::Tensor a, torch::Tensor b, torch::Tensor c, bool tensor_cores
     }
     TORCH_CHECK(a.size(1) == b.size(0), "a.shape[1] must equal b.shape[0] (the K both share)");
     TORCH_CHECK(c.size(0) == a.size(0) && c.size(1) == b.size(1), "out must have shape (M, N)");
-    TORCH_CHECK(a.size(0) < (1 << 31) / 2 && b.size(1) < (1 << 31) / 2 && a.size(1) < (1 << 31) / 2,
+    TORCH_CHECK(a.size(0) <= INT32_MAX && b.size(1) <= INT32_MAX && a.size(1) <= INT32_MAX,  // the kernels index with int
                 "each of M, N, K must fit an int");
     const c10::cuda::CUDAGuard guard(a.device());
     auto ptr = [](const torch::Tensor& t) { return reinterpret_cast<half*>(t.data_ptr<at::Half>()); };
