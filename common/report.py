@@ -209,7 +209,7 @@ def bars_table(bars: list[dict]) -> str:
         sign = ">=" if b["higher_is_better"] else "<="
         unit = b["unit"]
         result = "PASS" if b["passed"] else "MISS" + (f": {b['why']}" if b.get("why") else "")
-        cells = ([b["benchmark"], f"{b['kernel']} at {b['shape']}", _against(b)] if b.get("kernel")
+        cells = ([b.get("benchmark", b["name"]), f"{b['kernel']} at {b['shape']}", _against(b)] if b.get("kernel")
                  else [b["name"], "-", "-"])
         cells = [b["lesson"][:2]] + ([] if one else [f"{b['gpu']}, {b['date']}"]) + cells + [
             f"{fmt_value(b['value'], b['bar'])} {unit}", f"{sign} {b['bar']:g} {unit}", result]
@@ -261,12 +261,12 @@ def write_md_excerpts(results_dir: Path) -> list[Path]:
     whose md has no block gets one, as a section before its Takeaways (or at its end)."""
     from .lessons import LESSONS
     written = []
-    for lesson in LESSONS:
-        path = results_dir / f"{lesson.stem}.json"
-        if not path.exists() or not lesson.markdown.exists():
+    for script in (s for lesson in LESSONS for s in [lesson.script, *lesson.parts]):  # a lesson's parts too
+        path, markdown = results_dir / f"{script.stem}.json", script.with_suffix(".md")
+        if not path.exists() or not markdown.exists():
             continue
         block = excerpt_block(json.loads(path.read_text()))
-        md = lesson.markdown.read_text()
+        md = markdown.read_text()
         if EXCERPT_START in md:
             head, rest = md.split(EXCERPT_START, 1)
             new = head + block + rest.split(EXCERPT_END, 1)[1]
@@ -275,8 +275,8 @@ def write_md_excerpts(results_dir: Path) -> list[Path]:
             at = md.find("\n## Takeaways")
             new = md[:at + 1] + section_text + md[at + 1:] if at >= 0 else md.rstrip("\n") + "\n\n" + section_text
         if new != md:
-            lesson.markdown.write_text(new)
-            written.append(lesson.markdown)
+            markdown.write_text(new)
+            written.append(markdown)
     return written
 
 

@@ -519,7 +519,7 @@ def capstone(quick: bool) -> dict[str, Run]:
               f"(GPU busy {gpu_ms['course kernels']:.2f} ms), eager {step_ms['eager PyTorch']:.2f} ms "
               f"(GPU busy {gpu_ms['eager PyTorch']:.2f} ms), torch.compile {step_ms['torch.compile']:.2f} ms")
         shape = f"{config.layers}L d{config.dim} T{config.seq} B{batch}"
-        record = dict(kernel="course kernels", shape=shape, dtype="bf16 autocast")
+        record = dict(benchmark="GPT training step", kernel="course kernels", shape=shape, dtype="bf16 autocast")
         compiled_run = runs["torch.compile"]
         why = slowest_parts(breakdown)
         common.perf_bar("GPT step: course kernels vs eager, tokens/s", course_run.tokens_per_s / eager_run.tokens_per_s,
