@@ -8,7 +8,7 @@ The reference answers to exercises/07_attention.py. Check them with:
 
 Each exercise changes which keys a query may see, like the kernels in
 lessons/advanced/07_attention.py: a causal mask, a per-sequence cache length, a sliding
-window. Hints, from gentle to explicit, are in lessons/advanced/07_attention.md under "Exercises".
+window, a cache in pages. Hints, from gentle to explicit, are in lessons/advanced/07_attention.md under "Exercises".
 
 All tensors here are contiguous: q, k, v, out of shape (B, H, N, D) hold element [b, h, n, d]
 at ((b * H + h) * N + n) * D + d, so (batch, head) number bh = b * H + h starts at bh * N * D.
@@ -315,4 +315,84 @@ def sliding_window_attention(q, k, v, window: int, sm_scale: float | None = None
     sliding_window_attention_kernel[(triton.cdiv(N, BLOCK_M), B * H)](
         q, k, v, out, sm_scale, N, window, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         DOT_PRECISION=_dot_precision(q.dtype))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise 7.4: decode over a paged KV cache
+# A serving engine keeps the KV cache as a pool of pages of PAGE_SIZE positions (vLLM's
+# layout) and, per sequence, a row of a block table naming its pages in order. Position n of
+# sequence b is slot n % PAGE_SIZE of page block_table[b, n // PAGE_SIZE]; element d of kv
+# head g there is at ((page * PAGE_SIZE + slot) * HKV + g) * D + d.
+#     q: (B, HQ, D)   k_pages, v_pages: (NUM_PAGES, PAGE_SIZE, HKV, D)   block_table: (B, MAX_PAGES) int32
+#     seq_lens: (B,) int32   out: (B, HQ, D); query head hq reads kv head hq // (HQ // HKV) (as in 7.2)
+# One program per (b, hq), as in 7.2; only where a block's rows live changes. The wrapper is
+# written for you; write the kernel.
+
+
+@triton.jit
+def paged_decode_kernel(
+    q_ptr,  # (B, HQ, D) contiguous
+    k_ptr, v_ptr,  # (NUM_PAGES, PAGE_SIZE, HKV, D) contiguous page pools
+    block_table_ptr,  # (B, MAX_PAGES) int32 contiguous: sequence b's pages, in order
+    seq_lens_ptr,  # (B,) int32: positions of sequence b
+    out_ptr,  # (B, HQ, D) contiguous output
+    sm_scale,  # softmax scale
+    HQ, HKV, MAX_PAGES, PAGE_SIZE,  # query heads, kv heads, block-table width, positions per page
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out[b, hq] for program tl.program_id(0) = b * HQ + hq; scores and sums in fp32."""
+    pid = tl.program_id(0)
+    b = pid // HQ
+    hq = pid % HQ
+    g = hq // (HQ // HKV)  # HQ // HKV query heads share one kv head
+    seq_len = tl.load(seq_lens_ptr + b)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    q = tl.load(q_ptr + pid.to(tl.int64) * HEAD_DIM + offs_d).to(tl.float32) * (sm_scale * LOG2E)
+    table_row = block_table_ptr + b.to(tl.int64) * MAX_PAGES
+    m_i = -float("inf")
+    l_i = 0.0
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, seq_len, BLOCK_N):  # positions past seq_len are never read
+        cols = start_n + offs_n
+        in_n = cols < seq_len
+        page = tl.load(table_row + cols // PAGE_SIZE, mask=in_n, other=0).to(tl.int64)  # a block may span pages
+        rows = (page * PAGE_SIZE + cols % PAGE_SIZE) * HKV + g  # (page, slot, kv head) of each position
+        offsets = rows[:, None] * HEAD_DIM + offs_d[None, :]
+        k = tl.load(k_ptr + offsets, mask=in_n[:, None], other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offsets, mask=in_n[:, None], other=0.0).to(tl.float32)
+        s = tl.where(in_n, tl.sum(k * q[None, :], 1), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        p = tl.exp2(s - m_new)
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+        m_i = m_new
+    tl.store(out_ptr + pid.to(tl.int64) * HEAD_DIM + offs_d, (acc / l_i).to(out_ptr.dtype.element_ty))
+
+
+def paged_decode(q, k_pages, v_pages, block_table, seq_lens, sm_scale: float | None = None, out=None) -> torch.Tensor:
+    """Decode attention of q (B, HQ, D) over paged caches (NUM_PAGES, PAGE_SIZE, HKV, D) through
+    block_table (B, MAX_PAGES) int32, sequence b using its first seq_lens[b] positions."""
+    common.check_tensors(q=q, dtypes=DTYPES, ndim=3)
+    common.check_tensors(k_pages=k_pages, v_pages=v_pages, dtypes=DTYPES, ndim=4)
+    common.check_tensors(q=q, k_pages=k_pages, same_shape=False)  # one device, one dtype
+    common.check_tensors(block_table=block_table, dtypes=(torch.int32,), ndim=2)
+    common.check_tensors(seq_lens=seq_lens, dtypes=(torch.int32,), ndim=1)
+    B, HQ, D = q.shape
+    _, page_size, HKV, _ = k_pages.shape
+    if k_pages.shape[3] != D or D not in HEAD_DIMS or HQ % HKV:
+        raise ValueError(f"k_pages has shape {tuple(k_pages.shape)}; for q of shape {tuple(q.shape)} it must be "
+                         f"(NUM_PAGES, PAGE_SIZE, HKV, {D}) with HKV dividing {HQ} and D one of {HEAD_DIMS}")
+    if block_table.shape[0] != B or seq_lens.shape[0] != B:
+        raise ValueError(f"block_table and seq_lens need one row per sequence ({B}), got "
+                         f"{tuple(block_table.shape)} and {tuple(seq_lens.shape)}")
+    if out is None:
+        out = torch.empty_like(q)
+    else:
+        common.check_tensors(q=q, out=out)
+    sm_scale = D ** -0.5 if sm_scale is None else sm_scale
+    paged_decode_kernel[(B * HQ,)](q, k_pages, v_pages, block_table, seq_lens, out, sm_scale, HQ, HKV,
+                                   block_table.shape[1], page_size, HEAD_DIM=D, BLOCK_N=DECODE_BLOCK_N)
     return out

@@ -178,6 +178,77 @@ def check_decode_gqa(decode_gqa):
                  name="decode_gqa (out=None)")
 
 
+# --------------------------------------------------------------------------- 7.4 paged decode
+
+def _paged_cases():
+    """(B, HQ, HKV, D, lengths, page size): pages smaller and larger than a block, GQA, MHA, MQA. The
+    longest length fills its last page, so every slot of the pool holds a value (see paged_problem)."""
+    if common.INTERPRETER:
+        return [(3, 4, 2, 16, [37, 1, 64], 16), (2, 3, 3, 32, [9, 32], 8), (2, 4, 1, 16, [50, 64], 32)]
+    return [(3, 8, 2, 64, [300, 1, 320], 16), (2, 4, 4, 64, [77, 256], 128), (2, 6, 1, 128, [64, 128], 64)]
+
+
+def _paged_expected(q, k_pages, v_pages, table, lengths, kv_head):
+    """float64 reference: sequence b's cache gathered from its pages, kv_head[hq] read by query head hq;
+    lengths None reads every position the table names (past seq_lens too)."""
+    B, HQ, D = q.shape
+    _, page, HKV, _ = k_pages.shape
+    gather = lambda pool: pool.double()[table.long()].reshape(B, -1, HKV, D).transpose(1, 2)  # noqa: E731
+    k, v = gather(k_pages)[:, kv_head], gather(v_pages)[:, kv_head]  # (B, HQ, MAX_PAGES * page, D)
+    past = None
+    if lengths is not None:  # past each length: -inf scores, and 0 for the NaN values (0 * NaN is NaN)
+        past = torch.arange(k.shape[2], device=q.device)[None, None, :] >= lengths.to(q.device)[:, None, None]
+        k, v = k.masked_fill(past[..., None], 0.0), v.masked_fill(past[..., None], 0.0)
+    s = torch.einsum("bhd,bhnd->bhn", q.double(), k) * D ** -0.5
+    if past is not None:
+        s = s.masked_fill(past, float("-inf"))
+    return torch.einsum("bhn,bhnd->bhd", torch.softmax(s, dim=-1), v)
+
+
+def paged_problem(B, HQ, HKV, D, lengths, page, dtype):
+    """q and pools holding sequences of the given lengths, pages shuffled; past each length, large
+    finite garbage (not NaN: a kernel that reads it gets a wrong answer the checks can name, where
+    NaN would look the same for every mistake)."""
+    ctx = max(lengths)
+    assert ctx % page == 0, "the longest sequence fills its last page: no NaN padding in the pool"
+    q = randn(B, HQ, D, dtype=dtype)
+    k_cache, v_cache = randn(B, HKV, ctx, D, dtype=dtype), randn(B, HKV, ctx, D, dtype=dtype)
+    for b, n in enumerate(lengths):
+        k_cache[b, :, n:] = randn(HKV, ctx - n, D, dtype=dtype, scale=4.0) + 3.0
+        v_cache[b, :, n:] = randn(HKV, ctx - n, D, dtype=dtype, scale=4.0) + 3.0
+    k_pages, v_pages, table = lesson_module("07").to_pages(k_cache, v_cache, page,
+                                                          torch.Generator().manual_seed(current_seed()))
+    return q, k_pages, v_pages, table, torch.tensor(lengths, dtype=torch.int32, device=q.device)
+
+
+def check_paged_decode(paged_decode):
+    for dtype in DTYPES:
+        for B, HQ, HKV, D, lengths, page in _paged_cases():
+            q, k_pages, v_pages, table, seq_lens = paged_problem(B, HQ, HKV, D, lengths, page, dtype)
+            out = poisoned_empty(B, HQ, D, dtype=dtype)
+            _same_output(paged_decode(q, k_pages, v_pages, table, seq_lens, out=out), out, "paged_decode")
+            heads = torch.arange(HQ, device=q.device)
+            lens = seq_lens.cpu()
+            in_order = torch.arange(table.numel(), dtype=torch.int32, device=q.device).view(table.shape)
+            head_major = lambda pool: pool.reshape(pool.shape[0], HKV, page, D).transpose(1, 2)  # noqa: E731
+            _close(out, _paged_expected(q, k_pages, v_pages, table, lens, heads // (HQ // HKV)),
+                   f"paged_decode B={B} HQ={HQ} HKV={HKV} D={D} lengths={lengths} page={page} {dtype}", mistakes={
+                       "the block table is ignored: position n of sequence b is in page block_table[b, n // "
+                       "PAGE_SIZE], not page b * MAX_PAGES + n // PAGE_SIZE (the pages are not in order)":
+                           _paged_expected(q, k_pages, v_pages, in_order, lens, heads // (HQ // HKV)),
+                       "wrong kv head: query head hq reads kv head hq // (HQ // HKV), not hq % HKV":
+                           _paged_expected(q, k_pages, v_pages, table, lens, heads % HKV),
+                       "positions past seq_lens[b] were read: mask the loads with cols < seq_len and stop "
+                       "the loop at the sequence's length": _paged_expected(q, k_pages, v_pages, table, None,
+                                                                heads // (HQ // HKV)),
+                       "wrong layout inside a page: a page is (PAGE_SIZE, HKV, D), so row (slot, g) is at "
+                       "(page * PAGE_SIZE + slot) * HKV + g, not (page * HKV + g) * PAGE_SIZE + slot":
+                           _paged_expected(q, head_major(k_pages), head_major(v_pages), table, lens,
+                                           heads // (HQ // HKV)),
+                   }, nan_rows_hint="those rows are 0 / 0: did the loop over the sequence's positions run at "
+                                    "all (range(0, seq_len, BLOCK_N)) and add to l_i?")
+
+
 # --------------------------------------------------------------------------- 7.3 sliding window
 
 WINDOW_NAN_HINT = ("a row that sees no key in a block (its window starts later) keeps m = -inf, and "
@@ -217,6 +288,7 @@ EXERCISES = [
     Exercise("7.2", "decode_gqa", check_decode_gqa, kernels=("decode_gqa_kernel",)),
     Exercise("7.3", "sliding_window_attention", check_sliding_window_attention,
              kernels=("sliding_window_attention_kernel",)),
+    Exercise("7.4", "paged_decode", check_paged_decode, kernels=("paged_decode_kernel",)),
 ]
 BY_NAME = {e.name: e for e in EXERCISES}
 
@@ -330,6 +402,58 @@ def _decode_variants_kernel(q_ptr, k_ptr, v_ptr, seq_lens_ptr, out_ptr, sm_scale
     tl.store(out_ptr + pid.to(tl.int64) * HEAD_DIM + offs_d, (acc / l_i).to(out_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _paged_variants_kernel(q_ptr, k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, out_ptr, sm_scale, HQ, HKV,
+                           MAX_PAGES, PAGE_SIZE, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                           VARIANT: tl.constexpr):
+    # 0 reads the pages in order (no block table); 1 kv head hq % HKV; 2 reads the table's whole
+    # capacity (no seq_lens); 3 takes a page as (HKV, PAGE_SIZE, D)
+    pid = tl.program_id(0)
+    b = pid // HQ
+    hq = pid % HQ
+    if VARIANT == 1:
+        g = hq % HKV
+    else:
+        g = hq // (HQ // HKV)
+    if VARIANT == 2:
+        seq_len = MAX_PAGES * PAGE_SIZE
+    else:
+        seq_len = tl.load(seq_lens_ptr + b)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    q = tl.load(q_ptr + pid.to(tl.int64) * HEAD_DIM + offs_d).to(tl.float32) * (sm_scale * LOG2E)
+    m_i = -float("inf")
+    l_i = 0.0
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, seq_len, BLOCK_N):
+        cols = start_n + offs_n
+        in_n = cols < seq_len
+        if VARIANT == 0:
+            page = (b * MAX_PAGES + cols // PAGE_SIZE).to(tl.int64)
+        else:
+            page = tl.load(block_table_ptr + b * MAX_PAGES + cols // PAGE_SIZE, mask=in_n, other=0).to(tl.int64)
+        if VARIANT == 3:
+            rows = (page * HKV + g) * PAGE_SIZE + cols % PAGE_SIZE
+        else:
+            rows = (page * PAGE_SIZE + cols % PAGE_SIZE) * HKV + g
+        offsets = rows[:, None] * HEAD_DIM + offs_d[None, :]
+        k = tl.load(k_ptr + offsets, mask=in_n[:, None], other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offsets, mask=in_n[:, None], other=0.0).to(tl.float32)
+        s = tl.where(in_n, tl.sum(k * q[None, :], 1), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 0))
+        p = tl.exp2(s - m_new)
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+        m_i = m_new
+    tl.store(out_ptr + pid.to(tl.int64) * HEAD_DIM + offs_d, (acc / l_i).to(out_ptr.dtype.element_ty))
+
+
+def _paged_wrong(variant: int) -> object:
+    """paged_decode of a copy of the solutions whose kernel has one mistake (VARIANT)."""
+    return solution_with(STEM, paged_decode_kernel=with_flags(_paged_variants_kernel, VARIANT=variant)).paged_decode
+
+
 def _decode_wrong(variant: int) -> object:
     """decode_gqa of a copy of the solutions whose kernel has one mistake (VARIANT)."""
     return solution_with(STEM, decode_gqa_kernel=with_flags(_decode_variants_kernel, VARIANT=variant)).decode_gqa
@@ -363,6 +487,10 @@ KNOWN_WRONG = [
     ("decode_gqa", "kv head hq % HKV", lambda: _decode_wrong(1), "wrong kv head"),
     ("decode_gqa", "grid of B * HKV programs", lambda: solution_with(STEM, decode_gqa_kernel=_KvHeadPrograms()).decode_gqa, "B * HQ programs"),
     ("decode_gqa", "no HQ % HKV check", lambda: _decode_without_head_check, "multiple of HKV"),
+    ("paged_decode", "pages in order, no block table", lambda: _paged_wrong(0), "block table is ignored"),
+    ("paged_decode", "kv head hq % HKV", lambda: _paged_wrong(1), "wrong kv head"),
+    ("paged_decode", "reads past seq_lens", lambda: _paged_wrong(2), "past seq_lens"),
+    ("paged_decode", "page taken as (HKV, PAGE_SIZE, D)", lambda: _paged_wrong(3), "layout inside a page"),
     ("sliding_window_attention", "window ignored", lambda: _attention_wrong(4), "window is ignored"),
     ("sliding_window_attention", "window off by one", lambda: _attention_wrong(5), "off by one"),
     ("sliding_window_attention", "no -inf guard", lambda: _attention_wrong(6), "exp2(-inf - (-inf))"),
