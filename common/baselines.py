@@ -75,8 +75,9 @@ def peer_missing(baseline: Baseline) -> str | None:
 
 
 def _sdpa(backend_name: str | None):
-    def run(q, k, v, causal=False, gqa=False):  # gqa: k, v have fewer heads than q, each shared by a group
+    def run(q, k, v, causal=False, gqa=None):  # gqa: k, v have fewer heads than q (default: when they do)
         from torch.nn.attention import SDPBackend, sdpa_kernel
+        gqa = q.shape[-3] != k.shape[-3] if gqa is None else gqa
         if backend_name is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
         with sdpa_kernel(getattr(SDPBackend, backend_name)):

@@ -658,3 +658,13 @@ def test_fixed_tiles_fit_the_card(lesson, monkeypatch):
             assert need <= limit, (arch, name, blocks, need)
             if arch == 90:
                 assert blocks == {key: max(16, value // 2) for key, value in gpu_first.items()}, (name, blocks)
+
+
+def test_lesson_grouped_query_attention(lesson):
+    """v3 forward and the backward with K/V shared by groups of query heads, against float64."""
+    lesson.check_gqa([torch.float32] + ([torch.bfloat16] if common.supports_bf16() else []))
+    q, kv = randn(1, 6, 16, 16), randn(1, 4, 16, 16)  # 6 query heads over 4 K/V heads: no whole groups
+    with pytest.raises(ValueError, match="HKV dividing 6"):
+        lesson.flash_attention(q, kv, kv)
+    with pytest.raises(ValueError, match=r"\(1, 6, 16, 16\)"):
+        lesson.attention_v2(q, randn(1, 3, 16, 16), randn(1, 3, 16, 16))  # v2 is multi-head only

@@ -208,7 +208,7 @@ def _attention_cases(quick: bool) -> list[Case]:
             lse, delta = _meta_tensor(B, H, N, dtype=torch.float32), _meta_tensor(B, H, N, dtype=torch.float32)
             strides = (H * N * D, N * D, D) * 3
             precision = L07._dot_precision(dtype)
-            fwd = (q, k, v, o, lse, 0.125, *strides, H, N)
+            fwd = (q, k, v, o, lse, 0.125, *strides, H, N, 1)
             dkdv = (q, k, v, do, lse, delta, dk, dv, 0.125, N)
             dqa = (q, k, v, do, lse, delta, dq, 0.125, N)
             # (configs, used_on) of each list: which config the lesson launches on which card

@@ -65,8 +65,11 @@ from common.kernels import LN2, LOG2E
 # %%
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
                         sm_scale: float | None = None) -> torch.Tensor:
-    """softmax(q @ k^T * sm_scale) @ v, materialising the N x N scores (per batch and head)."""
+    """softmax(q @ k^T * sm_scale) @ v, materialising the N x N scores (per batch and head); k, v with
+    fewer heads than q are repeated for their groups of query heads (grouped-query attention)."""
     sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
+    if k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
     s = torch.matmul(q, k.transpose(-2, -1)) * sm_scale  # reads 2BHND, writes BHN^2; the scale
     #                                                      reads and writes BHN^2 again
     if causal:
@@ -200,6 +203,7 @@ def attention_fwd_v3_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     H, N_CTX,
+    GROUP,  # query heads per K/V head (grouped-query attention); 1: multi-head attention
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,  # mask keys after the query (BLOCK_M must be a multiple of BLOCK_N)
     DOT_PRECISION: tl.constexpr,
@@ -212,8 +216,8 @@ def attention_fwd_v3_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
                 mask=offs_m[:, None] < N_CTX, other=0.0)
-    k_base = k_ptr + b * stride_kb + h * stride_kh
-    v_base = v_ptr + b * stride_vb + h * stride_vh
+    k_base = k_ptr + b * stride_kb + (h // GROUP) * stride_kh  # GQA: GROUP query heads read one K/V head
+    v_base = v_ptr + b * stride_vb + (h // GROUP) * stride_vh
     qk_scale = sm_scale * LOG2E  # log2(e) folded in: exp(s * scale) = exp2(s * qk_scale)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -619,8 +623,15 @@ def v2_config(dtype: torch.dtype, head_dim: int, arch: int | None = None) -> dic
     return {**_fit_blocks(blocks, options, dtype, "fwd", head_dim, arch), **options}
 
 
-def _check_qkv(q, k, v) -> None:
-    common.check_tensors(q=q, k=k, v=v, ndim=4, contiguous=False, dtypes=DTYPES)
+def _check_qkv(q, k, v, grouped: bool = False) -> None:
+    """grouped: k and v may have fewer heads than q (grouped-query attention), a divisor of q's."""
+    common.check_tensors(q=q, k=k, v=v, ndim=4, contiguous=False, dtypes=DTYPES, same_shape=False)
+    B, H, N, D = q.shape
+    if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != q.shape[2:] or H % max(k.shape[1], 1) or (
+            not grouped and k.shape[1] != H):
+        heads = "HKV" if grouped else str(H)
+        raise ValueError(f"k and v must both have shape ({B}, {heads}, {N}, {D}) for q of shape {tuple(q.shape)}"
+                         + (f", HKV dividing {H}" if grouped else "") + f"; got {tuple(k.shape)} and {tuple(v.shape)}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last (head) dimension, got strides "
@@ -669,16 +680,18 @@ def attention_v2(q, k, v, causal: bool = False, sm_scale: float | None = None, o
 def attention_v3(q, k, v, causal: bool = False, sm_scale: float | None = None, out=None,
                  autotune: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashAttention v3 forward: (out, lse) with lse (B, H, N) fp32 the logsumexp of each row.
+    k and v may have HKV heads, HKV dividing H (grouped-query attention: query head h reads K/V
+    head h // (H // HKV)).
 
     autotune: on a GPU with fp16/bf16, time the configs of fwd_configs() on the first call per
     shape; otherwise (or False) use one fixed config.
     """
-    _check_qkv(q, k, v)
+    _check_qkv(q, k, v, grouped=True)
     out = _check_out(q, out)
     B, H, N, D = q.shape
     sm_scale = D ** -0.5 if sm_scale is None else sm_scale
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    args = (q, k, v, out, lse, sm_scale, *_qkv_strides(q, k, v), H, N)
+    args = (q, k, v, out, lse, sm_scale, *_qkv_strides(q, k, v), H, N, H // k.shape[1])
     meta = dict(HEAD_DIM=D, CAUSAL=bool(causal), DOT_PRECISION=_dot_precision(q.dtype))
     if autotune and common.HAS_GPU and q.dtype != torch.float32:
         grid = lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * H)  # noqa: E731 (the tuner picks BLOCK_M)
@@ -731,14 +744,22 @@ class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, lse = ctx.saved_tensors
+        group = q.shape[1] // k.shape[1]
+        if group > 1:  # GQA: the backward kernels are per head; expand K, V and sum their gradients per group
+            # (simple, not fast: the expanded copies cost GROUP x the K/V memory for the backward)
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         dq, dk, dv = attention_backward(do, q, k, v, out, lse, ctx.causal, ctx.sm_scale, ctx.autotune)
+        if group > 1:
+            B, H, N, D = dk.shape
+            dk, dv = (t.view(B, H // group, group, N, D).sum(dim=2) for t in (dk, dv))
         return dq, dk, dv, None, None, None
 
 
 def flash_attention(q, k, v, causal: bool = False, sm_scale: float | None = None,
                     autotune: bool = True) -> torch.Tensor:
-    """softmax(q k^T * sm_scale [causal mask]) v for (B, H, N, D) tensors, differentiable."""
-    _check_qkv(q, k, v)
+    """softmax(q k^T * sm_scale [causal mask]) v for q (B, H, N, D) and k, v (B, HKV, N, D), HKV
+    dividing H (HKV < H: grouped-query attention), differentiable."""
+    _check_qkv(q, k, v, grouped=True)
     sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
     return FlashAttentionFunction.apply(q, k, v, bool(causal), sm_scale, autotune)
 
@@ -947,9 +968,32 @@ def check(quick: bool) -> None:
                     common.assert_close(got, ref, name=f"{what} {name}", **grad_tolerance(dtype))
     print(f"v2 (non-causal), v3 (causal and not) forward and logsumexp, and the backward (dq, dk, dv) "
           f"match for (B, H, N, D) in {shapes}, dtypes {', '.join(common.dtype_name(d) for d in dtypes)}: OK")
+    check_gqa(dtypes)
     check_decode(shapes, dtypes)
     if not common.supports_bf16():
         print("bfloat16: skipped, the interpreter has no bfloat16 (numpy lacks it); runs on a GPU")
+
+
+def check_gqa(dtypes) -> None:
+    """Grouped-query attention (K/V with fewer heads than q): v3 forward and the backward, whose dK
+    and dV sum over each group of query heads, against float64 autograd of the repeated reference."""
+    N, D = (33, 16) if common.INTERPRETER else (193, 64)
+    for dtype in dtypes:
+        for hkv in (2, 1):  # groups of 2, and multi-query attention (one K/V head for all four)
+            q = common.randn(2, 4, N, D, dtype=dtype)
+            k, v = common.randn(2, hkv, N, D, dtype=dtype), common.randn(2, hkv, N, D, dtype=dtype)
+            do = common.randn(2, 4, N, D, dtype=dtype)
+            for causal in (False, True):
+                name = f"GQA H=4 HKV={hkv} N={N} D={D} {common.dtype_name(dtype)} causal={causal}"
+                out = common.poisoned_empty(2, 4, N, D, dtype=dtype)
+                attention_v3(q, k, v, causal, out=out, autotune=False)
+                ref_out, ref_grads = common.grads_float64(lambda *t: attention_reference(*t, causal), (q, k, v), do)
+                common.assert_close(out, ref_out, name=f"v3 forward {name}")
+                _, grads = common.grads_of(lambda *t: flash_attention(*t, causal, autotune=False), (q, k, v), do)
+                for got, ref, what in zip(grads, ref_grads, ("dq", "dk", "dv")):
+                    common.assert_close(got, ref, name=f"{what} {name}", **grad_tolerance(dtype))
+    print("grouped-query attention (4 query heads over 2 and 1 K/V heads): v3 forward and the backward "
+          "(dK, dV summed per group) match: OK")
 
 
 def check_decode(shapes, dtypes) -> None:
@@ -1139,9 +1183,25 @@ def _forward(causal: bool) -> common.Benchmark:
              "is rated on them. v3 is autotuned on its first call at each N.")
 
 
+def gqa_inputs(B, HQ, HKV, N, D, causal) -> tuple:
+    """(q, k, v, causal) with HKV K/V heads for HQ query heads."""
+    q = torch.randn(B, HQ, N, D, device=common.DEVICE, dtype=BENCH_DTYPE)
+    k, v = (torch.randn(B, HKV, N, D, device=common.DEVICE, dtype=BENCH_DTYPE) for _ in range(2))
+    return q, k, v, causal
+
+
 BENCHMARKS = [
     _forward(causal=False),
     _forward(causal=True),
+    common.Benchmark(
+        "forward, grouped-query attention (Llama 3 8B's heads: 32 query, 8 K/V), B4 D128, causal", op="attention",
+        cases=[(4, 32, 8, n, 128, True) for n in (2048, 4096, 8192)], quick_cases=[(2, 32, 8, 2048, 128, True)],
+        cpu_cases=[(1, 4, 2, 32, 16, True)], setup=gqa_inputs, kernels=VERSIONS.providers(only=("v3",)),
+        reference=attention_reference, flops=lambda q, k, v, causal: attention_flops(*q.shape, causal),
+        ceiling="matmul", dtype=BENCH_DTYPE,
+        label=lambda case: f"B{case[0]} HQ{case[1]} HKV{case[2]} N{case[3]} D{case[4]}",
+        note="v3 reads K/V head h // 4 for query head h; SDPA runs with enable_gqa=True. No bar yet: the "
+             "first measurement sets it."),
     common.Benchmark(
         "backward alone (dq, dk, dv from dO; the forward's graph is kept)", op="attention",
         cases=[(*BAR_CASE, False), (*BAR_CASE, True)], quick_cases=[(2, 16, 2048, 128, True)],
@@ -1249,7 +1309,7 @@ def compiled_forward() -> None:
         q = torch.empty(1, 1, 4096, d, dtype=torch.float16, device=common.DEVICE)  # nothing is launched
         lse = torch.empty(1, 1, 4096, device=common.DEVICE)
         strides = (4096 * d, 4096 * d, d) * 3
-        calls.append((attention_fwd_v3_kernel, (q, q, q, q, lse, d ** -0.5, *strides, 1, 4096),
+        calls.append((attention_fwd_v3_kernel, (q, q, q, q, lse, d ** -0.5, *strides, 1, 4096, 1),
                       dict(config.kwargs, HEAD_DIM=d, CAUSAL=False, DOT_PRECISION="tf32",
                            num_warps=config.num_warps, num_stages=config.num_stages)))
     reports = common.inspect_kernels(calls, skip_with_reason=True)
