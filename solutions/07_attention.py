@@ -177,6 +177,17 @@ DECODE_BLOCK_N = 16 if common.INTERPRETER else 64
 
 
 @triton.jit
+def _decode_block_step(q, k, v, in_n, m_i, l_i, acc):
+    """One block of keys for one query (fp32 q, k, v; in_n masks the block's valid rows): the
+    online-softmax update of the running max m_i, sum l_i and output acc (log2 units). 7.2 and 7.4."""
+    s = tl.where(in_n, tl.sum(k * q[None, :], 1), float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 0))
+    p = tl.exp2(s - m_new)
+    alpha = tl.exp2(m_i - m_new)
+    return m_new, l_i * alpha + tl.sum(p, 0), acc * alpha + tl.sum(p[:, None] * v, 0)
+
+
+@triton.jit
 def decode_gqa_kernel(
     q_ptr,  # (B, HQ, D) contiguous
     k_ptr, v_ptr,  # (B, HKV, MAX_CTX, D) contiguous caches
@@ -205,13 +216,7 @@ def decode_gqa_kernel(
         offsets = kv_base + cols[:, None] * HEAD_DIM + offs_d[None, :]
         k = tl.load(k_ptr + offsets, mask=in_n[:, None], other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offsets, mask=in_n[:, None], other=0.0).to(tl.float32)
-        s = tl.where(in_n, tl.sum(k * q[None, :], 1), float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 0))
-        p = tl.exp2(s - m_new)
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 0)
-        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
-        m_i = m_new
+        m_i, l_i, acc = _decode_block_step(q, k, v, in_n, m_i, l_i, acc)
     tl.store(out_ptr + pid.to(tl.int64) * HEAD_DIM + offs_d, (acc / l_i).to(out_ptr.dtype.element_ty))
 
 
@@ -362,13 +367,7 @@ def paged_decode_kernel(
         offsets = rows[:, None] * HEAD_DIM + offs_d[None, :]
         k = tl.load(k_ptr + offsets, mask=in_n[:, None], other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offsets, mask=in_n[:, None], other=0.0).to(tl.float32)
-        s = tl.where(in_n, tl.sum(k * q[None, :], 1), float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 0))
-        p = tl.exp2(s - m_new)
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 0)
-        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
-        m_i = m_new
+        m_i, l_i, acc = _decode_block_step(q, k, v, in_n, m_i, l_i, acc)
     tl.store(out_ptr + pid.to(tl.int64) * HEAD_DIM + offs_d, (acc / l_i).to(out_ptr.dtype.element_ty))
 
 
