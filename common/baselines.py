@@ -111,6 +111,13 @@ def _scaled_mm(a, b, scale_a, scale_b):
     return torch._scaled_mm(a, b.t(), scale_a, scale_b, out_dtype=torch.bfloat16, use_fast_accum=True)
 
 
+def _scaled_mm_rowwise(a, b, scale_a, scale_b, block_scale_a=None, block_scale_b=None):
+    # The nearest scaling torch._scaled_mm supports to block scales: one fp32 scale per row of a (M, 1)
+    # and per row of b (1, N), precise accumulation (block-scaled kernels accumulate precisely too).
+    # The block scales are the lesson kernel's inputs, unused here.
+    return torch._scaled_mm(a, b.t(), scale_a, scale_b, out_dtype=torch.bfloat16, use_fast_accum=False)
+
+
 def _liger_ce(logits, target):
     from liger_kernel.transformers import LigerCrossEntropyLoss
     return LigerCrossEntropyLoss()(logits, target)
@@ -188,6 +195,17 @@ _OPS = [
     Op("fp8_matmul", "a, b, scale_a, scale_b",
        (Baseline("torch._scaled_mm (fast accum)", _scaled_mm, gpu_only=True),), eager=False, compile=False,
        what="fp8 e4m3 (M, K) x (N, K)^T with per-tensor scales, bf16 out"),
+    Op("fp8_block_matmul", "a, b, row_scale_a, row_scale_b, block_scale_a, block_scale_b",
+       (Baseline("torch._scaled_mm row-wise", _scaled_mm_rowwise, gpu_only=True),), eager=False, compile=False,
+       what="fp8 e4m3 (M, K) x (N, K)^T, bf16 out; the lesson's kernel takes block scales (1 x 128 for a, "
+       "128 x 128 for b: (M, K // 128) and (N // 128, K // 128) fp32), the baseline the row-wise scales ((M, 1) and "
+       "(1, N) fp32) of its own quantization of the same inputs"),
+    Op("moe_backward", "the lesson's tensors", (Baseline("torch._grouped_mm"),),
+       what="the backward of a routed MoE layer (dX and every expert's dW); eager is autograd through the "
+       "PyTorch loop over experts"),
+    Op("attention_varlen", "the lesson's tensors", (Baseline("SDPA over the padded batch"),), compile=False,
+       what="attention over a packed batch of sequences of different lengths (cu_seqlens, no padding); "
+       "the baseline pads every sequence to the longest and masks (SDPA with an attention mask)"),
     Op("dpo_loss", "the lesson's tensors", what="DPO loss of a policy and a reference model's logits"),
     Op("grpo_loss", "the lesson's tensors", what="GRPO policy-gradient loss of a policy's logits"),
     Op("decode_step", "the lesson's tensors", compile=False,
