@@ -40,6 +40,58 @@ from .traffic import fmt_bytes, peak_extra_memory
 
 BASELINE_VS = ("baseline", "baseline memory", "ceiling")
 SPREAD_FOR_MORE_ROUNDS = 0.03  # a kernel / baseline ratio that moves by more than 3% across rounds
+# Every raced output must agree with the reference's at the size that is timed: relative error
+# ||out - ref|| / ||ref|| over each output tensor, by the dtype of the reference's output. Loose
+# enough for tf32 dots and bf16 rounding, far below what a wrong index or a missed tile gives
+# (a tile of 128 x 128 wrong in a 4096 x 4096 output is a relative error near 1e-2 at best).
+AGREEMENT = {torch.float64: 1e-6, torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+AGREEMENT_LOW_PRECISION = 0.15  # fp8 and other dtypes not above
+AGREEMENT_INTEGERS = 1e-3  # integer outputs: the fraction of elements that may differ
+
+
+def _tensors(out) -> list[torch.Tensor]:
+    """The tensors of a provider's output, in order (a tensor, or tuples / lists of them)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for item in out for t in _tensors(item)]
+    return []
+
+
+def disagreement(out, ref) -> tuple[float, float] | None:
+    """(the largest relative error over the tensors that the two outputs share, its tolerance),
+    or None when nothing could be compared (no tensors, or the first ones differ in shape).
+    Tensors pair up in order while their shapes match: a kernel that returns (y, mean, rstd)
+    is compared on y with a reference that returns y. Integer outputs: the fraction of elements
+    that differ. NaN or inf where the reference is finite is an error of inf."""
+    pairs = []
+    for a, b in zip(_tensors(out), _tensors(ref)):
+        if a.shape != b.shape:
+            break
+        pairs.append((a, b))
+    if not pairs:
+        return None
+    worst, tol = 0.0, 0.0
+    for a, b in pairs:
+        if not a.is_floating_point() and not b.is_floating_point():
+            # integers (indices, quantized values): the fraction of elements that differ, which
+            # ties and rounding halfway may touch in a few places, a wrong kernel in many
+            worst, tol = max(worst, float((a != b).double().mean())), max(tol, AGREEMENT_INTEGERS)
+            continue
+        diff2, ref2 = 0.0, 0.0
+        # In chunks of 16M elements, float64: a gradient of 8192 x 128256 logits is 1G elements,
+        # and whole float64 copies of two of them would not fit beside the benchmark's inputs.
+        for a_part, b_part in zip(a.detach().reshape(-1).split(1 << 24), b.detach().reshape(-1).split(1 << 24)):
+            a_part, b_part = a_part.to(torch.float64), b_part.to(torch.float64)
+            finite = torch.isfinite(b_part)
+            if bool((~torch.isfinite(a_part) & finite).any()):
+                return float("inf"), AGREEMENT.get(b.dtype, AGREEMENT_LOW_PRECISION)
+            a_part, b_part = torch.where(finite, a_part, 0.0), torch.where(finite, b_part, 0.0)
+            diff2 += float(torch.sum((a_part - b_part) ** 2))
+            ref2 += float(torch.sum(b_part ** 2))
+        err = diff2 ** 0.5 / max(ref2 ** 0.5, 1e-30)
+        worst, tol = max(worst, err), max(tol, AGREEMENT.get(b.dtype, AGREEMENT_LOW_PRECISION))
+    return worst, tol
 
 
 @dataclass(frozen=True)
@@ -146,6 +198,7 @@ class CaseResult:
     baselines: list[str] = field(default_factory=list)  # the providers above that are baselines
     rounds: int = 0
     round_ms: dict[str, list[float]] = field(default_factory=dict)  # every round's time, per provider
+    disagree: dict[str, str] = field(default_factory=dict)  # provider -> how its output differed from the reference's
 
 
 class _GpuClock:
@@ -215,6 +268,11 @@ class Benchmark:
     rounds: int = 3
     max_rounds: int = 7
     unavailable: str = ""  # why this GPU cannot run it (shared memory, say): printed instead of a table
+    # Relative error that every provider's output may have against the reference's (the lesson's
+    # reference, else the first baseline that ran) at each case: "auto" takes AGREEMENT by dtype;
+    # None compares nothing, for providers that do not compute the same values (say why in a comment:
+    # an in-place kernel that eats its input, a baseline that quantizes differently).
+    agreement: float | str | None = "auto"
 
     def __post_init__(self):
         self.validate()
@@ -245,6 +303,8 @@ class Benchmark:
             raise ValueError(f"{where}: grad must be None, 'fwd+bwd' or 'bwd', got {self.grad!r}")
         if self.timer not in ("events", "graph", "wall"):
             raise ValueError(f"{where}: timer must be 'events', 'graph' or 'wall', got {self.timer!r}")
+        if not (self.agreement is None or self.agreement == "auto" or isinstance(self.agreement, (int, float))):
+            raise ValueError(f"{where}: agreement must be 'auto', a relative error or None, got {self.agreement!r}")
         if self.timer == "graph" and self.grad:
             raise ValueError(f"{where}: timer='graph' times forward calls only")
         op = self.registry_op
@@ -317,8 +377,11 @@ class Benchmark:
             return lambda: fn(*inputs)
         leaves = self._grad_args(inputs)
 
-        def grad_out(out):
-            return torch.ones_like(out) if out.dim() == 0 else torch.randn_like(out)
+        def grad_out(out):  # the same upstream gradient for every provider, so their gradients compare
+            if out.dim() == 0:
+                return torch.ones_like(out)
+            gen = torch.Generator(device=out.device).manual_seed(0)
+            return torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype)
         if self.grad == "fwd+bwd":
             seed = {}
 
@@ -364,17 +427,25 @@ class Benchmark:
         ran = set()
         for case in self.cpu_cases:
             inputs = self.setup(*case) if isinstance(case, tuple) else self.setup(case)
-            for p in self._providers(inputs, quick=True, clock=None):
+            result = CaseResult(case, self.label(case))
+            checker = _Agreement(self, result)
+            for p in checker.order(self._providers(inputs, quick=True, clock=None)):
                 if p.fn is None:
                     continue
                 try:
-                    self._wrap(p.fn, inputs)()
+                    out = self._wrap(p.fn, inputs)()
                 except Exception as err:
                     if p.role == "kernel":
                         raise
                     print(f"  {p.name}: skipped here ({type(err).__name__}: {str(err).splitlines()[0][:120]})")
                     continue
+                checker.check(p.name, out)
                 ran.add(p.name)
+            checker.done()
+            wrong = [name for name in result.disagree if name in self.kernel_names]
+            if wrong:  # the interpreter runs the course's own kernels: a wrong output is a bug, not a timing
+                raise AssertionError(f"benchmark '{self.title}' at {result.label}: " + "; ".join(
+                    f"{name}: {result.disagree[name]}" for name in wrong))
             for counted in (self.nbytes, self.flops):
                 if counted is not None:
                     counted(*inputs)
@@ -391,19 +462,24 @@ class Benchmark:
         result = CaseResult(case, self.label(case))
         providers = self._providers(inputs, quick, clock)
         steps, roles = {}, {}
-        for p in providers:
+        checker = _Agreement(self, result)
+        for p in checker.order(providers):
             if p.fn is None:
                 skipped[p.name] = p.skipped
                 continue
             step = self._wrap(p.fn, inputs)
             try:
-                step()  # warm-up: compiles and autotunes before timing; a baseline that cannot run is skipped
+                out = step()  # warm-up: compiles and autotunes before timing; a baseline that cannot run is skipped
             except Exception as err:
                 if p.role == "kernel":
                     raise
                 skipped[p.name] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
                 continue
+            checker.check(p.name, out)
+            del out
             steps[p.name], roles[p.name] = step, p.role
+        checker.done()
+        steps = {p.name: steps[p.name] for p in providers if p.name in steps}  # timing order: as declared
         copies = {}
         if self.timer == "graph":  # more copies of the inputs, bound in turn inside the graph
             extra = [self.setup(*case) if isinstance(case, tuple) else self.setup(case) for _ in range(self.copies - 1)]
@@ -530,7 +606,7 @@ class Benchmark:
                 reason = self._measured_reason(res, bar.kernel, against, ceiling)
             perf_bar(name, value, bar.at_least, unit, higher_is_better=not lower_is_better, record=dict(
                 kernel=bar.kernel, baseline=against, shape=res.label, dtype=_dtype(self.dtype), vs=bar.vs,
-                op=self.op, benchmark=self.title), why=reason)
+                op=self.op, benchmark=self.title), why=reason, wrong=res.disagree.get(bar.kernel, ""))
 
     def _measured_reason(self, res: CaseResult, kernel: str, against: str, ceiling) -> str:
         unit = self._unit()
@@ -557,6 +633,50 @@ class Benchmark:
             ax.set_xticks(xs, [r.label for r in results], fontsize=7)
         ax.legend(fontsize=7)
         save_plot(fig, self.plot)
+
+
+class _Agreement:
+    """Compares every provider's warm-up output with the reference's, case by case: the lesson's
+    reference (torch eager) when it races, else the first baseline that runs. Only the
+    reference's output is kept; a disagreement is printed and recorded in result.disagree (a bar
+    on that kernel and case is then a MISS). A sweep (op=None) compares nothing: its kernels may
+    be different ops side by side, and each is raced against its baselines elsewhere."""
+
+    def __init__(self, bench: Benchmark, result: CaseResult):
+        self.bench, self.result = bench, result
+        self.active = bench.agreement is not None and bench.op is not None
+        self.reference_name, self.reference_out, self.uncompared = None, None, []
+
+    @staticmethod
+    def order(providers: list[Provider]) -> list[Provider]:
+        """The warm-up order: torch eager, the other baselines, then the kernels as declared (a
+        kernel that overwrites its inputs, declared last, cannot change what the others see)."""
+        return ([p for p in providers if p.name == registry.EAGER]
+                + [p for p in providers if p.role == "baseline" and p.name != registry.EAGER]
+                + [p for p in providers if p.role == "kernel"])
+
+    def check(self, name: str, out) -> None:
+        if not self.active:
+            return
+        if self.reference_name is None:
+            self.reference_name, self.reference_out = name, out
+            return
+        found = disagreement(out, self.reference_out)
+        if found is None:
+            self.uncompared.append(name)
+            return
+        err, tol = found
+        tol = tol if self.bench.agreement == "auto" else float(self.bench.agreement)
+        if not err <= tol:  # NaN fails too
+            self.result.disagree[name] = f"relative error {err:.3g} against {self.reference_name} (tolerance {tol:g})"
+
+    def done(self) -> None:
+        self.reference_out = None  # free it before the timings and the memory measurements
+        for name, how in self.result.disagree.items():
+            print(f"OUTPUT DIFFERS at {self.result.label}: {name}: {how}")
+        if self.uncompared:
+            print(f"output not compared at {self.result.label} (no tensors, or shapes unlike {self.reference_name}'s): "
+                  f"{', '.join(self.uncompared)}")
 
 
 def _dtype(dtype) -> str | None:

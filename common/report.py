@@ -125,11 +125,13 @@ def fmt_value(value: float, bar: float | None = None) -> str:
 
 
 def perf_bar(name: str, value: float, bar: float, unit: str, higher_is_better: bool = True,
-             record: dict | None = None, why: str = "") -> bool:
+             record: dict | None = None, why: str = "", wrong: str = "") -> bool:
     """Print one perf-bar line (PASS/MISS, with the measured reason of a miss) and keep it for
     `make bench`'s results. `record` adds the fields of results.json (kernel, baseline, shape,
-    dtype, ...); common.Benchmark fills them."""
-    ok = value >= bar if higher_is_better else value <= bar
+    dtype, ...); common.Benchmark fills them. `wrong`: the kernel's output at this size disagreed
+    with the reference's (how): the bar is a MISS whatever its time, and that is its reason."""
+    ok = (value >= bar if higher_is_better else value <= bar) and not wrong
+    why = f"its output is wrong at this size: {wrong}" if wrong else why
     sign = ">=" if higher_is_better else "<="
     print(f"perf bar: {name}: {fmt_value(value, bar)} {unit} (bar {sign} {bar:g} {unit}) -> {'PASS' if ok else 'MISS'}"
           + (f"\n  why: {why}" if why and not ok else ""))

@@ -324,3 +324,81 @@ def test_unavailable_benchmark_says_why_and_times_nothing(fake_op, capsys):
     assert _benchmark(unavailable="tiles of 96 KiB, 64 KiB here").run(quick=False, _clock=clock) == []
     assert clock.order == []
     assert "not run on this GPU: tiles of 96 KiB, 64 KiB here" in capsys.readouterr().out
+
+
+# -- every raced output is checked against the reference's at the timed size ---------------------
+
+def _scaled(name, factor):
+    def fn(x):
+        CALLS.append(name)
+        return x * factor
+    return fn
+
+
+def _randn_setup(n):
+    return (torch.randn(n, generator=torch.Generator().manual_seed(n)),)
+
+
+def test_a_fast_kernel_with_a_wrong_output_misses_its_bar(fake_op, capsys):
+    # "mine" is 2x faster than every baseline, but its output is 1% off: the bar must be a MISS.
+    clock = StubClock({"mine": [1.0], registry.EAGER: [2.0], registry.COMPILE: [2.0], "lib": [2.0]})
+    b = _benchmark(setup=_randn_setup, kernels={"mine": _scaled("mine", 1.01)},
+                   bars=[common.Bar("mine", 8, "baseline", 1.0)])
+    [res] = b.run(quick=False, _clock=clock)
+    [bar] = report._RUN["bars"]
+    assert not bar["passed"] and bar["value"] == pytest.approx(2.0)
+    assert "output is wrong" in bar["why"] and "torch eager" in bar["why"]
+    assert "mine" in res.disagree and "lib" not in res.disagree
+    assert "OUTPUT DIFFERS at 8: mine" in capsys.readouterr().out
+
+
+def test_agreement_within_tolerance_passes_and_none_compares_nothing(fake_op):
+    clock = StubClock({"mine": [1.0], registry.EAGER: [2.0], registry.COMPILE: [2.0], "lib": [2.0]})
+    close = _benchmark(setup=_randn_setup, kernels={"mine": _scaled("mine", 1 + 1e-4)},
+                       bars=[common.Bar("mine", 8, "baseline", 1.0)])
+    close.run(quick=False, _clock=clock)
+    assert report._RUN["bars"][-1]["passed"], "fp32 within 1e-4 of the reference must agree"
+    off = _benchmark(setup=_randn_setup, kernels={"mine": _scaled("mine", 2.0)}, agreement=None,
+                     bars=[common.Bar("mine", 8, "baseline", 1.0)])
+    [res] = off.run(quick=False, _clock=clock)
+    assert res.disagree == {} and report._RUN["bars"][-1]["passed"]
+
+
+def test_the_interpreter_run_rejects_a_wrong_kernel_and_reports_a_wrong_baseline(fake_op, monkeypatch, capsys):
+    monkeypatch.setitem(registry.OPS, "fake", registry.Op("fake", "x", (registry.Baseline("lib", _scaled("lib", 3.0)),)))
+    right = _benchmark(setup=_randn_setup, cpu_cases=[8], kernels={"mine": _provider("mine")})
+    assert right.run(quick=True, _clock=None) == []
+    assert "OUTPUT DIFFERS at 8: lib" in capsys.readouterr().out  # a baseline: reported, not raised
+    wrong = _benchmark(setup=_randn_setup, cpu_cases=[8], kernels={"mine": _scaled("mine", -1.0)})
+    with pytest.raises(AssertionError, match="mine: relative error 2 against torch eager"):
+        wrong.run(quick=True, _clock=None)
+
+
+def test_fwd_bwd_providers_get_the_same_upstream_gradient(fake_op):
+    # Two correct providers of x * 3 must give equal gradients: a fresh random dy per provider
+    # would make their gradients disagree.
+    def setup(n):
+        return (torch.randn(n).requires_grad_(),)
+    b = _benchmark(setup=setup, cpu_cases=[16], grad="fwd+bwd", kernels={"mine": lambda x: x * 3.0},
+                   reference=lambda x: 3.0 * x)
+    b.run(quick=True, _clock=None)  # raises if the kernel's gradient differs from the reference's
+
+
+def test_disagreement_measure():
+    x = torch.randn(64, dtype=torch.float64)
+    assert benchmark.disagreement(x, x) == (0.0, 1e-6)
+    nan = x.clone()
+    nan[3] = float("nan")
+    assert benchmark.disagreement(nan, x)[0] == float("inf"), "NaN where the reference is finite"
+    # tensors pair in order while shapes match: (y, mean, rstd) against y compares y
+    y = torch.randn(4, 8, dtype=torch.float16)
+    assert benchmark.disagreement((y, torch.zeros(4)), y)[0] == 0.0
+    assert benchmark.disagreement(torch.zeros(3), torch.zeros(4)) is None
+    assert benchmark.disagreement("no tensors", x) is None
+    ids = torch.tensor([1, 2, 3])
+    assert benchmark.disagreement(ids, ids)[0] == 0.0
+    assert benchmark.disagreement(ids, torch.tensor([1, 2, 4]))[0] == pytest.approx(1 / 3)
+    assert benchmark.disagreement(ids, torch.tensor([1, 2, 4]))[1] == benchmark.AGREEMENT_INTEGERS
+    bf = torch.randn(256).to(torch.bfloat16)
+    err, tol = benchmark.disagreement(bf, (bf.double() * 1.001).to(torch.bfloat16))
+    assert err < tol == benchmark.AGREEMENT[torch.bfloat16]
