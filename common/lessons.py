@@ -56,6 +56,12 @@ class Lesson:
         make test run them too."""
         return sorted(self.script.parent.glob(f"{self.stem}_*.py"))
 
+    @property
+    def markdowns(self) -> list[Path]:
+        """The lesson's markdown, then its parts' (a part's exercises live in the lesson's
+        exercises/ file, their hints in the part's markdown, where the learner reads about them)."""
+        return [md for md in [self.markdown] + [part.with_suffix(".md") for part in self.parts] if md.exists()]
+
 
 LEVELS = ("beginner", "intermediate", "advanced", "expert")
 

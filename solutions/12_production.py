@@ -476,3 +476,77 @@ def grpo_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, o
         raise ValueError(f"every sequence needs at least one completion token (a mask row with a True); "
                          f"rows {empty} have none")
     return GRPOLossFunction.apply(logits, targets, mask, old_logps, ref_logps, rewards, group_size, eps, beta)
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise 12.5 (from the capstone, lessons/expert/12_production_capstone.md): residual add and
+# LayerNorm in one kernel
+# A pre-norm transformer block starts with  h = x + residual;  y = LayerNorm(h) * w + b.  As two
+# kernels, h goes to memory and comes straight back: the add writes it, the norm reads it. One
+# program per row can add, keep h in registers, normalize it and write both h (the next block's
+# residual stream) and y: per row, 2 reads and 2 writes of N elements instead of 3 and 3.
+# h is rounded to x's dtype before it is normalized, as PyTorch's F.layer_norm(x + residual)
+# does, so the fused kernel gives the same numbers as the two kernels it replaces.
+
+ADD_NORM_MAX_COLS = 16384  # a row lives in registers, as in lesson 08's LayerNorm
+
+
+@triton.jit
+def add_layernorm_kernel(
+    x_ptr,  # M x N, row i at x_ptr + i * stride_x, columns contiguous
+    r_ptr,  # M x N residual, row i at r_ptr + i * stride_r
+    w_ptr,  # weight, N
+    b_ptr,  # bias, N
+    h_ptr,  # output M x N contiguous, x's dtype: x + residual
+    y_ptr,  # output M x N contiguous, x's dtype: LayerNorm(h) * w + b
+    stride_x,  # elements between x[i, 0] and x[i + 1, 0]
+    stride_r,  # elements between residual[i, 0] and residual[i + 1, 0]
+    n_cols,  # N
+    eps,  # added to the variance
+    BLOCK_SIZE: tl.constexpr,  # a power of 2 >= N: the whole row is one block
+):
+    row = tl.program_id(axis=0).to(tl.int64)  # int64: row * stride can pass 2^31
+    cols = tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
+    h = (x.to(tl.float32) + r.to(tl.float32)).to(h_ptr.dtype.element_ty)  # rounded as the two kernels would
+    tl.store(h_ptr + row * n_cols + cols, h, mask=mask)
+    hf = h.to(tl.float32)
+    mean = tl.sum(hf, axis=0) / n_cols
+    hc = tl.where(mask, hf - mean, 0.0)  # the lanes past N add nothing to the variance
+    rstd = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=0) / n_cols + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * n_cols + cols, (hc * rstd * w + b).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def add_layernorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                  eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, y): h = x + residual, and y = LayerNorm(h) * weight + bias over the last dimension.
+
+    x and residual (..., N) of one float dtype, rows contiguous in the last dimension (the leading
+    dimensions may be strided); weight and bias (N,); h and y are new tensors of x's shape and dtype.
+    """
+    common.check_tensors(x=x, residual=residual, contiguous=False, dtypes=FLOAT_DTYPES)
+    common.check_tensors(weight=weight, bias=bias, ndim=1, same_dtype=False, dtypes=FLOAT_DTYPES)
+    if x.dim() == 0 or x.numel() == 0:
+        raise ValueError(f"x must have at least one row of at least one element, got shape {tuple(x.shape)}")
+    n_cols = x.shape[-1]
+    if n_cols > ADD_NORM_MAX_COLS:
+        raise ValueError(f"rows of {n_cols} elements: this kernel holds a row in one block, at most {ADD_NORM_MAX_COLS}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p.shape[0] != n_cols:
+            raise ValueError(f"{name} must have shape ({n_cols},) to match x's last dimension, got {tuple(p.shape)}")
+    x_rows, r_rows = x.reshape(-1, n_cols), residual.reshape(-1, n_cols)
+    if x_rows.stride(-1) != 1 and n_cols > 1:
+        x_rows = x_rows.contiguous()
+    if r_rows.stride(-1) != 1 and n_cols > 1:
+        r_rows = r_rows.contiguous()
+    h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    block = max(16, triton.next_power_of_2(n_cols))
+    add_layernorm_kernel[(x_rows.shape[0],)](x_rows, r_rows, weight, bias, h, y, x_rows.stride(0), r_rows.stride(0),
+                                             n_cols, eps, BLOCK_SIZE=block,
+                                             num_warps=16 if block >= 8192 else 8 if block >= 2048 else 4)
+    return h, y

@@ -244,7 +244,7 @@ def check(number: str, impl: str) -> int:
     print(f"\n{counts['passed']} of {len(results)} passed, {counts['failed']} failed, "
           f"{counts['todo']} TODO{skipped}.")
     if counts["todo"] and impl != "solutions":
-        print(f"Hints for each exercise are in {lesson.markdown.relative_to(REPO)}.")
+        print(f"Hints for each exercise are in {' and '.join(str(md.relative_to(REPO)) for md in lesson.markdowns)}.")
     return 0 if counts["passed"] + counts["skipped"] == len(results) and counts["passed"] else 1
 
 
@@ -276,14 +276,25 @@ def try_one(ex: str, impl: str) -> int:
 HINTS_SEEN = REPO / ".hints_seen.json"  # how many hints of each exercise were shown; ignored by git
 
 
-def exercise_hints(lesson: Lesson, number: str) -> tuple[str, list[str]]:
-    """The heading and the <details> hint blocks of exercise `number` in the lesson's markdown."""
+def exercise_markdown(lesson: Lesson, number: str) -> Path | None:
+    """The markdown (the lesson's, or one of its parts') with the heading `### number`."""
     import re
 
-    text = lesson.markdown.read_text()
-    match = re.search(rf"^### {re.escape(number)}\b([^\n]*)$(.*?)(?=^##|\Z)", text, re.M | re.S)
-    if not match:
+    for md in lesson.markdowns:
+        if re.search(rf"^### {re.escape(number)}\b", md.read_text(), re.M):
+            return md
+    return None
+
+
+def exercise_hints(lesson: Lesson, number: str) -> tuple[str, list[str]]:
+    """The heading and the <details> hint blocks of exercise `number` in the lesson's markdown
+    (or in the markdown of the lesson part that teaches it)."""
+    import re
+
+    md = exercise_markdown(lesson, number)
+    if md is None:
         return "", []
+    match = re.search(rf"^### {re.escape(number)}\b([^\n]*)$(.*?)(?=^##|\Z)", md.read_text(), re.M | re.S)
     blocks = re.findall(r"<details><summary>(.*?)</summary>(.*?)</details>", match.group(2), re.S)
     return f"{number}{match.group(1)}", [f"{title.strip()}:\n{body.strip()}" for title, body in blocks]
 
@@ -293,7 +304,7 @@ def hint(ex: str, level: str | None) -> int:
     lesson, number = _exercise_lesson(ex)
     heading, hints = exercise_hints(lesson, number)
     if not hints:
-        print(f"No hints for {number} in {lesson.markdown.relative_to(REPO)}", file=sys.stderr)
+        print(f"No hints for {number} in {' or '.join(str(md.relative_to(REPO)) for md in lesson.markdowns)}", file=sys.stderr)
         return 2
     try:
         seen = json.loads(HINTS_SEEN.read_text())
@@ -306,7 +317,7 @@ def hint(ex: str, level: str | None) -> int:
         upto = min(int(level), len(hints))
     else:
         upto = min(seen.get(number, 0) + 1, len(hints))
-    print(f"Exercise {heading.strip()}  ({lesson.markdown.relative_to(REPO)})\n")
+    print(f"Exercise {heading.strip()}  ({exercise_markdown(lesson, number).relative_to(REPO)})\n")
     print("\n\n".join(hints[:upto]))
     more = len(hints) - upto
     print(f"\n({upto} of {len(hints)} hints; " + (f"`make hint EX={number}` again for the next)" if more
@@ -319,10 +330,11 @@ def hint(ex: str, level: str | None) -> int:
 
 def list_exercises() -> int:
     for lesson in LESSONS:
-        if not lesson.markdown.exists():
+        if not lesson.markdowns:
             continue
         import re
-        found = re.findall(rf"^### ({int(lesson.number)}\.\d+)\s+(.*)$", lesson.markdown.read_text(), re.M)
+        found = [f for md in lesson.markdowns
+                 for f in re.findall(rf"^### ({int(lesson.number)}\.\d+)\s+(.*)$", md.read_text(), re.M)]
         print(f"{lesson.number} {lesson.title}")
         for number, title in found:
             print(f"    {number:<6} {title}")

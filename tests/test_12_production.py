@@ -624,11 +624,70 @@ def check_grpo_loss(grpo_loss):
                      mistakes={hint: g * scale for hint, g in grad_mistakes.items()})
 
 
+# --------------------------------------------------------------------------- 12.5 residual add + LayerNorm
+
+ADD_NORM_EPS = 1e-5
+
+
+def _add_layernorm_cases():
+    """(shape, dtype, strided): rows of awkward widths, one 3-D input, one whose rows are strided."""
+    widths = awkward_sizes(2, lo=300, hi=3000, include=(1, 17))
+    for dtype in DTYPES:
+        for i, n_cols in enumerate(widths):
+            rows = int(torch.randint(2, 12 if common.INTERPRETER else 300, ()).item())
+            yield ((rows, n_cols) if i % 2 == 0 else (2, rows, n_cols)), dtype, i == 1
+
+
+def _layernorm64(h, w, b, *, unbiased=False, padded_to=None):
+    """LayerNorm of h in float64; unbiased / padded_to give two mistakes' outputs."""
+    n = h.shape[-1]
+    mean = h.mean(-1, keepdim=True)
+    sq = ((h - mean) ** 2).sum(-1, keepdim=True)
+    if padded_to is not None:
+        sq = sq + (padded_to - n) * mean ** 2  # the lanes past N counted as (0 - mean)^2
+    var = sq / (n - 1 if unbiased and n > 1 else n)
+    return (h - mean) / torch.sqrt(var + ADD_NORM_EPS) * w + b
+
+
+def check_add_layernorm(add_layernorm):
+    for shape, dtype, strided in _add_layernorm_cases():
+        n_cols = shape[-1]
+        x = randn(*shape, dtype=dtype, scale=2.0) + 0.5
+        residual = randn(*shape, dtype=dtype)
+        if strided:  # rows 7 elements apart beyond their length: the kernel must use the row strides
+            x = torch.cat([x, randn(*shape[:-1], 7, dtype=dtype)], dim=-1)[..., :n_cols]
+            residual = torch.cat([residual, randn(*shape[:-1], 3, dtype=dtype)], dim=-1)[..., :n_cols]
+        w, b = randn(n_cols, dtype=dtype) + 1.0, randn(n_cols, dtype=dtype)
+        x_before, r_before = x.clone(), residual.clone()
+        with PoisonedAllocations() as allocations:
+            out = add_layernorm(x, residual, w, b, ADD_NORM_EPS)
+            if not isinstance(out, tuple) or len(out) != 2:
+                raise CheckError(f"add_layernorm must return the pair (h, y), got {type(out).__name__}")
+            h, y = out
+        allocations.check_guards()
+        if not (torch.equal(x, x_before) and torch.equal(residual, r_before)):
+            raise CheckError("add_layernorm changed x or residual: write h and y to their own outputs")
+        name = f"{tuple(shape)} {common.dtype_name(dtype)}" + (" (strided rows)" if strided else "")
+        h_ref = (x + residual).double()  # PyTorch's add in x's dtype: the sum rounded once, as the kernel stores it
+        w64, b64 = w.double(), b.double()
+        assert_close(h, h_ref, name=f"h = x + residual {name}", mistakes={
+            "h is NaN, the poison of its buffer: store h = x + residual (the next block's residual "
+            "stream) as well as y": torch.full_like(h_ref, math.nan)})
+        assert_close(y, _layernorm64(h_ref, w64, b64), name=f"y = LayerNorm(h) {name}", mistakes={
+            "y is LayerNorm(x): normalize h = x + residual, the sum, not x alone": _layernorm64(x.double(), w64, b64),
+            "the variance counts the lanes past N as (0 - mean)^2: mask them with tl.where before "
+            "squaring": _layernorm64(h_ref, w64, b64, padded_to=max(16, triton.next_power_of_2(n_cols))),
+            "the variance was divided by N - 1: LayerNorm uses the biased variance, the sum over N":
+                _layernorm64(h_ref, w64, b64, unbiased=True),
+            "weight and bias are swapped: y = xhat * w + b": _layernorm64(h_ref, b64, w64)})
+
+
 EXERCISES = [
     Exercise("12.1", "register_softcap", check_register_softcap),
     Exercise("12.2", "dpo_loss", check_dpo_loss, kernels=("dpo_logp_kernel", "dpo_grad_kernel")),
     Exercise("12.3", "graph_decode_step", check_graph_decode_step),
     Exercise("12.4", "grpo_loss", check_grpo_loss, kernels=("grpo_loss_kernel",)),
+    Exercise("12.5", "add_layernorm", check_add_layernorm, kernels=("add_layernorm_kernel",)),
 ]
 BY_NAME = {e.name: e for e in EXERCISES}
 
@@ -875,6 +934,39 @@ def _grpo_wrong(mistake):
     return solution_with(STEM, grpo_loss_kernel=with_flags(_grpo_wrong_kernel, MISTAKE=mistake)).grpo_loss
 
 
+# 12.5: a known-wrong residual add + LayerNorm kernel, one flag per mistake.
+@triton.jit
+def _add_layernorm_wrong_kernel(x_ptr, r_ptr, w_ptr, b_ptr, h_ptr, y_ptr, stride_x, stride_r, n_cols, eps,
+                                BLOCK_SIZE: tl.constexpr, MISTAKE: tl.constexpr = ""):
+    row = tl.program_id(axis=0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_SIZE)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
+    h = (x.to(tl.float32) + r.to(tl.float32)).to(h_ptr.dtype.element_ty)
+    if MISTAKE != "h not stored":  # wrong when skipped: the next block's residual stream is garbage
+        tl.store(h_ptr + row * n_cols + cols, h, mask=mask)
+    hf = h.to(tl.float32)
+    if MISTAKE == "normalizes x":
+        hf = x.to(tl.float32)  # wrong: the norm is of the sum
+    mean = tl.sum(hf, axis=0) / n_cols
+    hc = tl.where(mask, hf - mean, 0.0)
+    if MISTAKE == "padded lanes":
+        hc = hf - mean  # wrong: the lanes past N add (0 - mean)^2 to the variance
+    denominator = n_cols - 1 if MISTAKE == "unbiased" else n_cols  # wrong if N - 1: LayerNorm's variance is biased
+    rstd = 1.0 / tl.sqrt(tl.sum(hc * hc, axis=0) / denominator + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if MISTAKE == "w b swapped":
+        w, b = b, w  # wrong: y = xhat * w + b
+    tl.store(y_ptr + row * n_cols + cols, (hc * rstd * w + b).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _add_layernorm_wrong(mistake):
+    return solution_with(STEM, add_layernorm_kernel=with_flags(_add_layernorm_wrong_kernel,
+                                                               MISTAKE=mistake)).add_layernorm
+
+
 # 12.3: graph helpers with one mistake each (GPU only: their tests skip without one).
 def _graph_with(mistake):
     def graph_decode_step(step, example_inputs, warmup=3):
@@ -958,6 +1050,13 @@ KNOWN_WRONG = [
     ("grpo_loss", "no max subtraction", lambda: _grpo_wrong("no max"), "running max"),
     ("grpo_loss", "gradient sign flipped", lambda: _grpo_wrong("grad sign"), "gradient has the wrong sign"),
     ("grpo_loss", "prompt gradient rows unwritten", lambda: _grpo_wrong("prompt rows unwritten"), "never written"),
+    ("add_layernorm", "x normalized, not x + residual", lambda: _add_layernorm_wrong("normalizes x"),
+     "normalize h = x + residual"),
+    ("add_layernorm", "h never stored", lambda: _add_layernorm_wrong("h not stored"), "store h"),
+    ("add_layernorm", "variance over the padded lanes", lambda: _add_layernorm_wrong("padded lanes"),
+     "lanes past N"),
+    ("add_layernorm", "unbiased variance", lambda: _add_layernorm_wrong("unbiased"), "N - 1"),
+    ("add_layernorm", "weight and bias swapped", lambda: _add_layernorm_wrong("w b swapped"), "swapped"),
     ("graph_decode_step", "no graph", lambda: _graph_with("eager"), "never ran step"),
     ("graph_decode_step", "captures on every call", lambda: _graph_with("recapture"), "capture the graph once"),
     ("graph_decode_step", "new inputs not copied", lambda: _graph_with("no copy"), "copy each new input"),
@@ -1030,3 +1129,12 @@ def test_given_wrappers_reject_bad_input():
     empty[1] = False
     with pytest.raises(ValueError, match=r"rows \[1\] have none"):
         sol.grpo_loss(logits, targets, empty, old_logps, ref_logps, rewards, 2)
+    x, w = randn(3, 40), randn(40)
+    with pytest.raises(ValueError, match="residual"):
+        sol.add_layernorm(x, randn(3, 41), w, w)
+    with pytest.raises(TypeError, match="residual has dtype"):
+        sol.add_layernorm(x, x.half(), w, w)
+    with pytest.raises(ValueError, match=r"weight must have shape \(40,\)"):
+        sol.add_layernorm(x, x, randn(41), randn(41))
+    with pytest.raises(ValueError, match="at most 16384"):
+        sol.add_layernorm(randn(1, 16385), randn(1, 16385), randn(16385), randn(16385))
