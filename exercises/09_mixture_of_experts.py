@@ -7,7 +7,7 @@ Fill in the TODOs, then grade your answers with:
     make check LESSON=09
 
 Each exercise is a variant of a stage of the MoE layer in
-lessons/advanced/09_mixture_of_experts.py: routing, permutation, grouped GEMM. Hints, from
+lessons/advanced/09_mixture_of_experts.py: routing, permutation, grouped GEMM, its dW. Hints, from
 gentle to explicit, are in lessons/advanced/09_mixture_of_experts.md under "Exercises".
 """
 
@@ -21,6 +21,8 @@ GATING_BLOCK_T = 64  # tokens per program in exercise 9.1
 DISPATCH_BLOCK_SIZE = 128  # assignments per step in exercise 9.2
 # Exercise 9.3's tiles: tensor-core sized on a GPU, tiny in the interpreter (so checks take seconds).
 BLOCK_M, BLOCK_N, BLOCK_K = (16, 32, 16) if common.INTERPRETER else (64, 64, 32)
+# Exercise 9.4's tiles: (rows, columns) of dW per program and rows per reduction step.
+DW_BLOCK_K, DW_BLOCK_N, DW_BLOCK_M = (16, 32, 16) if common.INTERPRETER else (64, 64, 32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,4 +199,59 @@ def grouped_matmul(x: torch.Tensor, w: torch.Tensor, expert_offsets: torch.Tenso
         grouped_matmul_kernel[grid](x, w, row_scale if row_scale is not None else x, out, as_tensor(tile_expert),
                                     as_tensor(tile_start), expert_offsets, N, K, HAS_SCALE=row_scale is not None,
                                     BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise 9.4: grouped GEMM dW, the weight gradient of exercise 9.3's layer
+# The backward of out[r] = x[r] @ w[e] gives each expert's weight gradient
+#     dw[e] = x_e^T @ dy_e     (K x n_e) @ (n_e x N) -> (K x N)
+# over expert e's rows offsets[e]:offsets[e+1]. Every expert's output has the same size, so the
+# grid needs no tile table; what varies is the reduction: each program loops over its expert's
+# rows. The wrapper is given; write the kernel.
+
+
+@triton.jit
+def grouped_matmul_dw_kernel(
+    x_ptr,  # (R, K) rows grouped by expert, contiguous
+    dy_ptr,  # (R, N) gradient of the forward's output, rows grouped like x, contiguous
+    dw_ptr,  # (E, K, N) output, contiguous: dw[e] starts at dw_ptr + e * K * N
+    offsets_ptr,  # (E+1,) int32 expert e's rows are offsets[e]:offsets[e+1]
+    K,  # columns of x, rows of each dw[e]
+    N,  # columns of dy and of each dw[e]
+    BLOCK_K: tl.constexpr,  # rows of dw[e] per program
+    BLOCK_N: tl.constexpr,  # columns of dw[e] per program
+    BLOCK_M: tl.constexpr,  # rows of x and dy per step of the reduction
+):
+    """Program (e, pid_k, pid_n) = (program_id(0), program_id(1), program_id(2)) computes rows
+    pid_k * BLOCK_K + arange(BLOCK_K) and columns pid_n * BLOCK_N + arange(BLOCK_N) of
+    dw[e] = x_e^T @ dy_e, the sum over expert e's rows r in offsets[e]:offsets[e+1] of
+    x[r, :, None] * dy[r, None, :], with an fp32 accumulator and one rounding at the store. An
+    expert with no rows gets dw[e] = 0.
+    """
+    # TODO: this program's expert and tile; the rows and columns of dw[e] it owns, with their masks;
+    #       the expert's first row and its end (about 8 lines)
+    # TODO: the reduction: loop over the expert's rows BLOCK_M at a time; mask the rows at the
+    #       expert's end; load x's tile already transposed, (BLOCK_K, BLOCK_M), and dy's
+    #       (BLOCK_M, BLOCK_N) tile; tl.dot into an fp32 accumulator (about 8 lines)
+    # TODO: store the accumulator into dw[e] with both masks, even when the loop ran 0 times
+    #       (about 2 lines)
+    pass
+
+
+def grouped_matmul_dw(x: torch.Tensor, dy: torch.Tensor, expert_offsets: torch.Tensor,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """dw[e] = x_e^T @ dy_e over the rows of expert e: (R, K) and (R, N) -> (E, K, N)."""
+    common.check_tensors(x=x, dy=dy, same_shape=False, dtypes=(torch.float16, torch.bfloat16), ndim=2)
+    common.check_tensors(expert_offsets=expert_offsets, dtypes=(torch.int32,), ndim=1)
+    (R, K), N = x.shape, dy.shape[1]
+    n_experts = expert_offsets.numel() - 1
+    if dy.shape[0] != R or n_experts < 1:
+        raise ValueError(f"expected x (R, K), dy (R, N) with the same R and expert_offsets (E+1,), got "
+                         f"{tuple(x.shape)}, {tuple(dy.shape)}, {tuple(expert_offsets.shape)}")
+    out = torch.empty((n_experts, K, N), dtype=x.dtype, device=x.device) if out is None else out
+    # No tile table and no sync: the grid follows from the shapes; the row counts stay on the device.
+    grid = (n_experts, triton.cdiv(K, DW_BLOCK_K), triton.cdiv(N, DW_BLOCK_N))
+    grouped_matmul_dw_kernel[grid](x, dy, out, expert_offsets, K, N, BLOCK_K=DW_BLOCK_K, BLOCK_N=DW_BLOCK_N,
+                                   BLOCK_M=DW_BLOCK_M)
     return out

@@ -12,7 +12,8 @@ import triton.language as tl
 
 import common
 from common import CheckError, assert_close, poisoned_empty, randn
-from common.grading import Exercise, expect_rejected, lesson_tests, load_impl
+from common.checks import PoisonedAllocations
+from common.grading import Exercise, expect_rejected, lesson_tests, load_impl, solution_with, with_flags
 from common.lessons import lesson_module
 
 STEM = "09_mixture_of_experts"
@@ -163,10 +164,65 @@ def check_grouped_matmul(grouped):
                                              f"scale={with_scale}", mistakes=mistakes)
 
 
+def _dw_reference(x, dy, offsets, rows_of=None):
+    """(E, K, N) float64: dw[e] = x[rows]^T @ dy[rows], rows = rows_of(e) (default: e's own)."""
+    out = []
+    for e in range(len(offsets) - 1):
+        lo, hi = rows_of(e) if rows_of is not None else (offsets[e], offsets[e + 1])
+        out.append(x[lo:hi].double().T @ dy[lo:hi].double())
+    return torch.stack(out)
+
+
+def _dw_case(counts, K, N, dtype, shift=0.0):
+    offsets = [0]
+    for c in counts:
+        offsets.append(offsets[-1] + c)
+    x = randn(offsets[-1], K, dtype=dtype) + shift
+    dy = randn(offsets[-1], N, dtype=dtype) + shift
+    return offsets, x, dy
+
+
+def check_grouped_matmul_dw(grouped_dw):
+    for dtype in GEMM_DTYPES:
+        small = [int(c) for c in torch.randint(1, 48, (5,))]
+        small[1], small[-1] = 0, 37  # an idle expert; the last ends in a partial block whatever BLOCK_M is
+        busy = [int(torch.randint(1500, 2000, ())), 5, 0]  # a long reduction: sums near 2000 (shift 1)
+        # The square case first: a transposed dw[e] has dw's shape only when K == N.
+        for counts, K, N, shift in ((small, 40, 40, 0.0), (small, 40, 48, 0.0), (busy, 40, 48, 1.0)):
+            offsets, x, dy = _dw_case(counts, K, N, dtype, shift)
+            offsets_t = torch.tensor(offsets, dtype=torch.int32, device=common.DEVICE)
+            out = poisoned_empty(len(counts), K, N, dtype=dtype)
+            result = grouped_dw(x, dy, offsets_t, out=out)
+            if result is not out and (not isinstance(result, torch.Tensor) or result.data_ptr() != out.data_ptr()):
+                raise CheckError("grouped_matmul_dw was given out= but returned a different tensor")
+            expected = _dw_reference(x, dy, offsets)
+            n_rows = offsets[-1]
+            mistakes = {
+                "the reduction ran over all rows, not the expert's own: loop from offsets[e] to offsets[e + 1]":
+                    _dw_reference(x, dy, offsets, rows_of=lambda e: (0, n_rows)),
+                "an expert with no rows was never written: store the accumulator (zeros) even when the row loop "
+                "runs 0 times": torch.where(torch.tensor([c == 0 for c in counts]).view(-1, 1, 1), float("nan"),
+                                            expected),
+            }
+            if K == N:
+                mistakes["dw[e] is transposed (dy_e^T @ x_e): tl.dot's first operand is x_e^T, a (BLOCK_K, "
+                         "BLOCK_M) tile of x, its second a (BLOCK_M, BLOCK_N) tile of dy"] = expected.transpose(1, 2)
+            for block in (16, 32, 64, 128):
+                def past_end(e, block=block):
+                    lo = offsets[e]
+                    return lo, min(lo + triton.cdiv(counts[e], block) * block, n_rows)
+                mistakes[f"the last block of an expert's rows was not masked at the expert's end (BLOCK_M {block}): "
+                         f"rows past offsets[e + 1] are the next expert's; mask rows < end"] = \
+                    _dw_reference(x, dy, offsets, rows_of=past_end)
+            assert_close(out, expected, name=f"grouped_matmul_dw {str(dtype).removeprefix('torch.')} counts={counts} "
+                                             f"K={K} N={N}", mistakes=mistakes)
+
+
 EXERCISES = [
     Exercise("9.1", "topk_sigmoid_gating", check_topk_sigmoid_gating, kernels=("topk_sigmoid_gating_kernel",)),
     Exercise("9.2", "capacity_dispatch", check_capacity_dispatch, kernels=("capacity_dispatch_kernel",)),
     Exercise("9.3", "grouped_matmul", check_grouped_matmul, kernels=("grouped_matmul_kernel", "tile_schedule")),
+    Exercise("9.4", "grouped_matmul_dw", check_grouped_matmul_dw, kernels=("grouped_matmul_dw_kernel",)),
 ]
 BY_NAME = {e.name: e for e in EXERCISES}
 
@@ -344,6 +400,50 @@ def _grouped_with(mistake):
     return grouped
 
 
+# 9.4: known-wrong dW kernels, each with one mistake.
+@triton.jit
+def _dw_wrong_kernel(x_ptr, dy_ptr, dw_ptr, offsets_ptr, K, N, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_M: tl.constexpr, MISTAKE: tl.constexpr):
+    e = tl.program_id(0)
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_mask = ks < K
+    col_mask = cols < N
+    start = tl.load(offsets_ptr + e)
+    end = tl.load(offsets_ptr + e + 1)
+    if MISTAKE == "all rows":
+        start = 0  # wrong: sums every expert's rows
+        end = tl.load(offsets_ptr + tl.num_programs(0))
+    if MISTAKE == "idle unwritten":
+        if start == end:
+            return  # wrong: an idle expert's dw keeps whatever the buffer held
+    mask_end = end
+    if MISTAKE == "mask at R":
+        mask_end = tl.load(offsets_ptr + tl.num_programs(0))  # wrong: the last block runs into the next expert
+    acc_dtype = tl.float16 if MISTAKE == "fp16 accumulator" else tl.float32
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=acc_dtype)
+    for m0 in range(start, end, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < mask_end
+        if MISTAKE == "transposed":  # wrong: dy_e^T @ x_e (the same shape only when K == N)
+            a_t = tl.load(dy_ptr + rows[None, :] * N + ks[:, None], mask=k_mask[:, None] & row_mask[None, :], other=0.0)
+            b = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        else:
+            a_t = tl.load(x_ptr + rows[None, :] * K + ks[:, None], mask=k_mask[:, None] & row_mask[None, :], other=0.0)
+            b = tl.load(dy_ptr + rows[:, None] * N + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
+                        other=0.0)
+        if MISTAKE == "fp16 accumulator":
+            acc += tl.dot(a_t, b).to(tl.float16)  # wrong: the running sum is rounded to fp16 every step
+        else:
+            acc = tl.dot(a_t, b, acc)
+    tl.store(dw_ptr + e * K * N + ks[:, None] * N + cols[None, :], acc.to(dw_ptr.dtype.element_ty),
+             mask=k_mask[:, None] & col_mask[None, :])
+
+
+def _dw_with(mistake):
+    return solution_with(STEM, grouped_matmul_dw_kernel=with_flags(_dw_wrong_kernel, MISTAKE=mistake)).grouped_matmul_dw
+
+
 KNOWN_WRONG = [
     ("topk_sigmoid_gating", "bias not used to select", lambda: _gating_with("no bias"), "not added for the selection"),
     ("topk_sigmoid_gating", "bias in the weights", lambda: _gating_with("biased weights"), "only picks the experts"),
@@ -360,6 +460,11 @@ KNOWN_WRONG = [
     ("grouped_matmul", "row scale ignored", lambda: _grouped_with("no scale"), "row_scale was not applied"),
     ("grouped_matmul", "schedule rows // block_m", lambda: _grouped_with("floor schedule"), "cdiv(rows, block_m)"),
     ("grouped_matmul", "rows past the expert not masked", lambda: _grouped_with("rows not masked"), "past the end"),
+    ("grouped_matmul_dw", "reduction over all rows", lambda: _dw_with("all rows"), "over all rows"),
+    ("grouped_matmul_dw", "last block masked at R", lambda: _dw_with("mask at R"), "not masked at the expert's end"),
+    ("grouped_matmul_dw", "operands swapped: dW^T", lambda: _dw_with("transposed"), "is transposed"),
+    ("grouped_matmul_dw", "fp16 accumulator", lambda: _dw_with("fp16 accumulator"), "accumulated in"),
+    ("grouped_matmul_dw", "idle expert never written", lambda: _dw_with("idle unwritten"), "never written"),
 ]
 
 
@@ -514,6 +619,107 @@ def test_lesson_matches_torch_grouped_mm(lesson):
         pytest.skip(f"torch._grouped_mm failed here: {type(err).__name__}: {err}")
     ours = lesson.moe(x, logits, w_gate, w_up, w_down, 2)
     assert_close(ours, theirs.float(), name="moe vs torch._grouped_mm", atol=0.1, rtol=0.05)
+
+
+# --------------------------------------------------------------------------- the lesson's backward
+
+@pytest.mark.parametrize("dtype", [torch.float32] + GEMM_DTYPES, ids=str)
+def test_lesson_backward_matches_float64_autograd(lesson, dtype):
+    n_tokens, hidden, ffn, n_experts, top_k = (23, 24, 40, 4, 2) if common.INTERPRETER else (257, 176, 272, 8, 2)
+    inputs = lesson.random_moe(n_tokens, hidden, ffn, n_experts, dtype, idle_expert=True)
+    dout = randn(n_tokens, hidden, dtype=dtype)
+    out_ref, expected = common.grads_float64(lambda *t: lesson.moe_loop_reference(*t, top_k), inputs, dout)
+    with PoisonedAllocations() as allocations:  # every torch.empty of the layer starts as NaN
+        out, grads = common.grads_of(lambda *t: lesson.moe_train(*t, top_k), inputs, dout)
+    allocations.check_guards()
+    assert_close(out, out_ref, name="moe_train forward")
+    for name, got, ref in zip(lesson.GRAD_NAMES, grads, expected):
+        assert_close(got, ref, name=name, **lesson.backward_tolerance(dtype))
+    assert grads[3][-1].abs().max() == 0, "the idle expert's dW_up must be exactly 0"
+
+
+def test_lesson_backward_only_what_is_needed(lesson):
+    """x alone needs a gradient: the weights' dW GEMMs are skipped, and dx is still right."""
+    x, logits, w_gate, w_up, w_down = lesson.random_moe(19, 24, 40, 4, torch.float32)
+    x.requires_grad_()
+    out = lesson.moe_train(x, logits, w_gate, w_up, w_down, 2)
+    (dx,) = torch.autograd.grad(out, x, torch.ones_like(out))
+    _, (dx_ref,) = common.grads_float64(lambda x: lesson.moe_loop_reference(x, logits.double(), w_gate.double(),
+                                                                           w_up.double(), w_down.double(), 2),
+                                        (x,), torch.ones_like(out))
+    assert_close(dx, dx_ref, name="dx", **lesson.backward_tolerance(torch.float32))
+    assert w_gate.grad is None and not w_gate.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + GEMM_DTYPES, ids=str)
+@pytest.mark.parametrize("gather", [False, True])
+def test_lesson_grouped_gemm_dw(lesson, dtype, gather):
+    n_tokens, n_experts, K, N = 41, 6, 40, 33
+    ids = _routed_ids(n_tokens, n_experts, 2, skew=3.0)
+    ids[ids == 2] = 1  # expert 2 gets no rows: its dW must be written as zeros
+    perm = lesson.permute(ids, n_experts)
+    token = perm.sorted_token.long()
+    x = randn(n_tokens, K, dtype=dtype)
+    a = x if gather else x[token].contiguous()
+    b = randn(n_tokens * 2, N, dtype=dtype)
+    out = poisoned_empty(n_experts, K, N, dtype=dtype)
+    result = lesson.grouped_gemm_dw(a, b, perm, gather=gather, out=out)
+    assert result.data_ptr() == out.data_ptr()
+    offsets = perm.offsets.tolist()
+    xs = x[token].double()
+    expected = torch.stack([xs[lo:hi].T @ b[lo:hi].double() for lo, hi in zip(offsets, offsets[1:])])
+    assert_close(out, expected, name=f"grouped_gemm_dw gather={gather}", **common.checks.sum_tolerance(dtype, 2 * n_tokens))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + GEMM_DTYPES, ids=str)
+def test_lesson_grouped_gemm_transposed_weights(lesson, dtype):
+    """The backward's dX: grouped_gemm through w.transpose(1, 2), a strided view, no copy."""
+    n_tokens, n_experts, K, N = 29, 4, 48, 40
+    ids = _routed_ids(n_tokens, n_experts, 2)
+    perm = lesson.permute(ids, n_experts)
+    w = randn(n_experts, N, K, dtype=dtype, scale=K ** -0.5)  # stored (E, N, K): used as (E, K, N) transposed
+    a = randn(n_tokens * 2, K, dtype=dtype)
+    expert = torch.repeat_interleave(torch.arange(n_experts, device=a.device), perm.counts.long())
+    expected = torch.einsum("rk,rnk->rn", a.double(), w.double()[expert])
+    out = poisoned_empty(n_tokens * 2, N, dtype=dtype)
+    lesson.grouped_gemm(a, w.transpose(1, 2), perm, out=out)
+    assert_close(out, expected, name="grouped_gemm with transposed weights")
+
+
+def test_lesson_swiglu_backward(lesson):
+    gate, up, dh = (randn(37, 45) for _ in range(3))
+    dgate, dup = lesson.swiglu_backward(gate, up, dh)
+    g, u = gate.double().requires_grad_(), up.double().requires_grad_()
+    ref_dgate, ref_dup = torch.autograd.grad(torch.nn.functional.silu(g) * u, (g, u), dh.double())
+    assert_close(dgate, ref_dgate, name="dgate")
+    assert_close(dup, ref_dup, name="dup")
+
+
+def test_lesson_backward_bad_input(lesson):
+    perm = lesson.permute(_routed_ids(10, 4, 2), 4)
+    with pytest.raises(ValueError, match="rows"):
+        lesson.grouped_gemm_dw(randn(19, 8), randn(20, 8), perm)
+    with pytest.raises(ValueError, match="out has shape"):
+        lesson.grouped_gemm_dw(randn(20, 8), randn(20, 8), perm, out=torch.empty(4, 8, 9, device=common.DEVICE))
+    w = randn(4, 8, 16)
+    with pytest.raises(ValueError, match="strides"):
+        lesson.grouped_gemm(randn(10, 8), w, perm, w_up=randn(4, 16, 8).transpose(1, 2), gather=True)
+
+
+def test_dw_config_fits_the_card(lesson, monkeypatch):
+    """The dW GEMM's fixed tiles fit every card from a T4 to an H100 as they are; tiles too large
+    for a card are halved (BLOCK_M, the reduction step, kept) until they fit its shared memory."""
+    from common import capability
+    gpu_config = dict(BLOCK_K=128, BLOCK_N=128, BLOCK_M=64, num_warps=8, num_stages=3)  # the lesson's, on a GPU
+    monkeypatch.setattr(lesson, "DW_CONFIG", gpu_config)
+    for arch in (75, 80, 86, 90):
+        assert lesson.dw_gemm_config(torch.bfloat16, arch=arch) == gpu_config, arch
+    too_big = dict(BLOCK_K=256, BLOCK_N=256, BLOCK_M=64, num_warps=8, num_stages=4)
+    monkeypatch.setattr(lesson, "DW_CONFIG", too_big)
+    fitted = lesson.dw_gemm_config(torch.bfloat16, arch=86)
+    need = capability.loop_shared_memory((fitted["BLOCK_K"] + fitted["BLOCK_N"]) * 64, 4, 2, arch=86)
+    assert need <= capability.shared_memory_limit(86), fitted
+    assert fitted["BLOCK_M"] == 64 and fitted["BLOCK_K"] * fitted["BLOCK_N"] < 256 * 256, fitted
 
 
 def test_gemm_configs_fit_the_card(lesson, monkeypatch):
