@@ -8,10 +8,12 @@ Fill in the TODOs, then grade your answers with:
 
 Each exercise changes which keys a query may see, like the kernels in
 lessons/advanced/07_attention.py: a causal mask, a per-sequence cache length, a sliding
-window, a cache in pages. Hints, from gentle to explicit, are in lessons/advanced/07_attention.md under "Exercises".
+window, a cache in pages, a packed batch of sequences. Hints, from gentle to explicit, are in
+lessons/advanced/07_attention.md under "Exercises".
 
 All tensors here are contiguous: q, k, v, out of shape (B, H, N, D) hold element [b, h, n, d]
 at ((b * H + h) * N + n) * D + d, so (batch, head) number bh = b * H + h starts at bh * N * D.
+Exercise 7.5 packs sequences of different lengths instead: (TOTAL, H, D), token t, head h at row t * H + h.
 """
 
 import common  # first: picks the GPU, or Triton's CPU interpreter without one
@@ -283,4 +285,58 @@ def paged_decode(q, k_pages, v_pages, block_table, seq_lens, sm_scale: float | N
     sm_scale = D ** -0.5 if sm_scale is None else sm_scale
     paged_decode_kernel[(B * HQ,)](q, k_pages, v_pages, block_table, seq_lens, out, sm_scale, HQ, HKV,
                                    block_table.shape[1], page_size, HEAD_DIM=D, BLOCK_N=DECODE_BLOCK_N)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise 7.5: varlen attention: find your sequence
+# A packed batch: B sequences of different lengths stored back to back, no padding (flash-attn's
+# varlen layout). cu_seqlens holds the cumulative lengths: sequence b is tokens
+# [cu_seqlens[b], cu_seqlens[b + 1]) (a length may be 0). Each sequence attends only to its own
+# tokens (non-causal); query head h reads K/V head h // (HQ // HKV), as in 7.2.
+#     q: (TOTAL, HQ, D)   k, v: (TOTAL, HKV, D)   cu_seqlens: (B + 1,) int32   out: (TOTAL, HQ, D)
+#     out[t, h] = softmax(q[t, h] . k[s:e, g]^T * sm_scale) @ v[s:e, g] for t in [s, e), sequence b's
+#     tokens, with g = h // (HQ // HKV); token t, head h of q is row t * HQ + h (of k, v: t * HKV + g)
+# The grid is (cdiv(MAX_SEQLEN, BLOCK_M), B * HQ): sized for the longest sequence. The wrapper is
+# written for you; write the kernel.
+
+
+@triton.jit
+def varlen_attention_kernel(
+    q_ptr, k_ptr, v_ptr,  # (TOTAL, HQ, D) and (TOTAL, HKV, D) contiguous inputs
+    cu_seqlens_ptr,  # (B + 1,) int32: sequence b is tokens [cu_seqlens[b], cu_seqlens[b + 1])
+    out_ptr,  # (TOTAL, HQ, D) contiguous output
+    sm_scale,  # softmax scale
+    HQ, HKV,  # query heads, K/V heads
+    MAX_SEQLEN,  # the longest sequence: what the grid is sized for
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """BLOCK_M queries of one (sequence b, query head h): program (query block, b * HQ + h)."""
+    # TODO: b, h and the K/V head g; this sequence's first token and its length from cu_seqlens (about 6 lines)
+    # TODO: return at once when this program's query block starts past the sequence's end (about 2 lines)
+    # TODO: attention_kernel's body, with the rows above counted from the sequence's first token,
+    #       and the keys masked by the sequence's own length (about 25 lines)
+    pass
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, sm_scale: float | None = None, out=None) -> torch.Tensor:
+    """Non-causal attention of each sequence of a packed batch: q (TOTAL, HQ, D), k, v (TOTAL, HKV, D),
+    cu_seqlens (B + 1,) int32, max_seqlen at least the longest length."""
+    common.check_tensors(q=q, k=k, v=v, ndim=3, dtypes=DTYPES, same_shape=False)
+    common.check_tensors(cu_seqlens=cu_seqlens, dtypes=(torch.int32,), ndim=1)
+    total, HQ, D = q.shape
+    HKV = k.shape[1]
+    if k.shape != v.shape or k.shape[0] != total or k.shape[2] != D or D not in HEAD_DIMS or HQ % HKV:
+        raise ValueError(f"k and v must both have shape ({total}, HKV, {D}) with HKV dividing {HQ} and D one of "
+                         f"{HEAD_DIMS}, for q of shape {tuple(q.shape)}; got {tuple(k.shape)} and {tuple(v.shape)}")
+    if out is None:
+        out = torch.empty_like(q)
+    else:
+        common.check_tensors(q=q, out=out)
+    sm_scale = D ** -0.5 if sm_scale is None else sm_scale
+    B = cu_seqlens.numel() - 1
+    varlen_attention_kernel[(triton.cdiv(max_seqlen, BLOCK_M), B * HQ)](
+        q, k, v, cu_seqlens, out, sm_scale, HQ, HKV, max_seqlen, HEAD_DIM=D, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        DOT_PRECISION=_dot_precision(q.dtype))
     return out

@@ -4,6 +4,8 @@ IMPL=exercises (default) grades exercises/07_attention.py; IMPL=solutions grades
 Attention is slow in the interpreter: every shape here is tiny there (N <= 67, D <= 32).
 """
 
+import itertools
+
 import pytest
 import torch
 import triton
@@ -283,12 +285,66 @@ def check_sliding_window_attention(sliding_window_attention):
                  name="sliding_window_attention window=2 (out=None)")
 
 
+# --------------------------------------------------------------------------- 7.5 varlen attention
+
+def _varlen_cases():
+    """(lengths, HQ, HKV, D): a token alone, an empty sequence, GQA, MHA, MQA. The longest sequence
+    comes last, so that a kernel reading max_seqlen keys from any sequence's start stays inside k and v
+    (the mistake is then a wrong answer the check names, not a read out of bounds)."""
+    if common.INTERPRETER:
+        return [([17, 1, 0, 33, 70], 4, 2, 16), ([9, 40], 3, 3, 32), ([1, 5, 64], 4, 1, 16)]
+    return [([17, 1, 0, 129, 300], 8, 2, 64), ([77, 256], 4, 4, 64), ([1, 64, 200], 6, 1, 128)]
+
+
+def _varlen_expected(q, k, v, lengths, kv_head, keys_to=None):
+    """float64: each sequence of the packed batch on its own, query head h reading K/V head
+    kv_head[h]; keys_to: attend to keys [start, start + keys_to) (clipped) instead of the sequence's own."""
+    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
+    k, v = k.double()[:, kv_head], v.double()[:, kv_head]  # (TOTAL, HQ, D)
+    start = 0
+    for n in lengths:
+        stop = start + n if keys_to is None else min(start + keys_to, q.shape[0])
+        if n:
+            visible = torch.ones(n, stop - start, dtype=torch.bool, device=q.device)
+            out[start:start + n] = _masked_attention(*(t.transpose(0, 1) for t in (q[start:start + n],
+                                                     k[start:stop], v[start:stop])), visible).transpose(0, 1)
+        start += n
+    return out
+
+
+def check_varlen_attention(varlen_attention):
+    for dtype in DTYPES:
+        for lengths, HQ, HKV, D in _varlen_cases():
+            total = sum(lengths)
+            q = randn(total, HQ, D, dtype=dtype)
+            k, v = randn(total, HKV, D, dtype=dtype), randn(total, HKV, D, dtype=dtype)
+            cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=common.DEVICE)
+            out = poisoned_empty(total, HQ, D, dtype=dtype)
+            _same_output(varlen_attention(q, k, v, cu_seqlens, max(lengths), out=out), out, "varlen_attention")
+            heads = torch.arange(HQ, device=q.device)
+            _close(out, _varlen_expected(q, k, v, lengths, heads // (HQ // HKV)),
+                   f"varlen_attention lengths={lengths} HQ={HQ} HKV={HKV} D={D} {dtype}", mistakes={
+                       "keys past the sequence's end were attended (the next sequence's tokens): the length is "
+                       "cu_seqlens[b + 1] - cu_seqlens[b]; mask and stop the key loop there, not at MAX_SEQLEN":
+                           _varlen_expected(q, k, v, lengths, heads // (HQ // HKV), keys_to=max(lengths)),
+                       "wrong K/V head: query head h reads K/V head h // (HQ // HKV), not h % HKV":
+                           _varlen_expected(q, k, v, lengths, heads % HKV),
+                   }, nan_rows_hint="those rows saw no key (l = 0): does the key loop run over the sequence's "
+                                    "length, range(0, seq_len, BLOCK_N)?")
+    q, k = randn(6, 2, 16), randn(6, 1, 16)
+    cu_seqlens = torch.tensor([0, 2, 6], dtype=torch.int32, device=common.DEVICE)
+    one_head = torch.zeros(2, dtype=torch.long, device=q.device)  # both query heads read K/V head 0
+    assert_close(varlen_attention(q, k, k, cu_seqlens, 4), _varlen_expected(q, k, k, [2, 4], one_head),
+                 name="varlen_attention lengths [2, 4] (out=None)")
+
+
 EXERCISES = [
     Exercise("7.1", "causal_attention", check_causal_attention, kernels=("causal_attention_kernel",)),
     Exercise("7.2", "decode_gqa", check_decode_gqa, kernels=("decode_gqa_kernel",)),
     Exercise("7.3", "sliding_window_attention", check_sliding_window_attention,
              kernels=("sliding_window_attention_kernel",)),
     Exercise("7.4", "paged_decode", check_paged_decode, kernels=("paged_decode_kernel",)),
+    Exercise("7.5", "varlen_attention", check_varlen_attention, kernels=("varlen_attention_kernel",)),
 ]
 BY_NAME = {e.name: e for e in EXERCISES}
 
@@ -449,6 +505,58 @@ def _paged_variants_kernel(q_ptr, k_ptr, v_ptr, block_table_ptr, seq_lens_ptr, o
     tl.store(out_ptr + pid.to(tl.int64) * HEAD_DIM + offs_d, (acc / l_i).to(out_ptr.dtype.element_ty))
 
 
+@triton.jit
+def _varlen_variants_kernel(q_ptr, k_ptr, v_ptr, cu_seqlens_ptr, out_ptr, sm_scale, HQ, HKV, MAX_SEQLEN,
+                            HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            DOT_PRECISION: tl.constexpr, VARIANT: tl.constexpr):
+    # 0 masks the keys by MAX_SEQLEN (attends into the next sequences); 1 K/V head h % HKV;
+    # 2 forgets the sequence's first token (every sequence read and written from token 0)
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // HQ
+    h = bh % HQ
+    if VARIANT == 1:
+        g = h % HKV
+    else:
+        g = h // (HQ // HKV)
+    seq_start = tl.load(cu_seqlens_ptr + b)
+    seq_len = tl.load(cu_seqlens_ptr + b + 1) - seq_start
+    n_keys = seq_len
+    if VARIANT == 0:
+        n_keys = MAX_SEQLEN
+    if VARIANT == 2:
+        seq_start = seq_start * 0
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_rows = (seq_start + offs_m).to(tl.int64) * HQ + h
+    q = tl.load(q_ptr + q_rows[:, None] * HEAD_DIM + offs_d[None, :], mask=offs_m[:, None] < seq_len, other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for start_n in range(0, n_keys, BLOCK_N):
+        cols = start_n + offs_n
+        kv = ((seq_start + cols).to(tl.int64) * HKV + g)[:, None] * HEAD_DIM + offs_d[None, :]
+        k = tl.load(k_ptr + kv, mask=cols[:, None] < n_keys, other=0.0)
+        v = tl.load(v_ptr + kv, mask=cols[:, None] < n_keys, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * (sm_scale * LOG2E)
+        s = tl.where(cols[None, :] < n_keys, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    tl.store(out_ptr + q_rows[:, None] * HEAD_DIM + offs_d[None, :], (acc / l_i[:, None]).to(out_ptr.dtype.element_ty),
+             mask=offs_m[:, None] < seq_len)
+
+
+def _varlen_wrong(variant: int) -> object:
+    """varlen_attention of a copy of the solutions whose kernel has one mistake (VARIANT)."""
+    return solution_with(STEM, varlen_attention_kernel=with_flags(_varlen_variants_kernel,
+                                                                  VARIANT=variant)).varlen_attention
+
+
 def _paged_wrong(variant: int) -> object:
     """paged_decode of a copy of the solutions whose kernel has one mistake (VARIANT)."""
     return solution_with(STEM, paged_decode_kernel=with_flags(_paged_variants_kernel, VARIANT=variant)).paged_decode
@@ -494,6 +602,9 @@ KNOWN_WRONG = [
     ("sliding_window_attention", "window ignored", lambda: _attention_wrong(4), "window is ignored"),
     ("sliding_window_attention", "window off by one", lambda: _attention_wrong(5), "off by one"),
     ("sliding_window_attention", "no -inf guard", lambda: _attention_wrong(6), "exp2(-inf - (-inf))"),
+    ("varlen_attention", "keys masked by max_seqlen", lambda: _varlen_wrong(0), "not at MAX_SEQLEN"),
+    ("varlen_attention", "K/V head h % HKV", lambda: _varlen_wrong(1), "wrong K/V head"),
+    ("varlen_attention", "sequence start ignored", lambda: _varlen_wrong(2), "never written"),
 ]
 
 
@@ -637,9 +748,13 @@ def test_attention_tuners_prune_by_shared_memory(lesson, monkeypatch):
     too_big = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=4)
     fits = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)
     for tuned, kernel in ((lesson.attention_fwd_v3_tuned, "fwd"), (lesson.attention_bwd_dkdv_tuned, "dkdv"),
-                          (lesson.attention_bwd_dq_tuned, "dq")):
+                          (lesson.attention_bwd_dq_tuned, "dq"), (lesson.attention_fwd_varlen_tuned, "fwd")):
         assert tuned.early_config_prune([too_big], {"q_ptr": q}, HEAD_DIM=128) == [lesson._SMALL_CONFIGS[kernel]]
         assert tuned.early_config_prune([too_big, fits], {"q_ptr": q}, HEAD_DIM=64) == [fits], kernel
+    # the varlen launch's extra keyword arguments reach the estimate too, which ignores them
+    cu = torch.zeros(3, dtype=torch.int32)
+    assert lesson.attention_fwd_varlen_tuned.early_config_prune([too_big, fits], {"q_ptr": q}, HEAD_DIM=64,
+                                                                cu_seqlens_ptr=cu, VARLEN=True) == [fits]
 
 
 def test_fixed_tiles_fit_the_card(lesson, monkeypatch):
@@ -668,3 +783,110 @@ def test_lesson_grouped_query_attention(lesson):
         lesson.flash_attention(q, kv, kv)
     with pytest.raises(ValueError, match=r"\(1, 6, 16, 16\)"):
         lesson.attention_v2(q, randn(1, 3, 16, 16), randn(1, 3, 16, 16))  # v2 is multi-head only
+
+
+# --------------------------------------------------------------------------- the varlen forward
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lesson_varlen(lesson, dtype):
+    """A packed batch (lengths 17, 1, 100, 0, 33 in the interpreter), multi-head, GQA and MQA, causal
+    and not, against each sequence in float64 and against padding + masking."""
+    lesson.check_varlen([dtype])
+
+
+def _varlen_keys_past_the_end(lesson):
+    """A varlen forward that masks keys by max_seqlen, not by the sequence's length: the lesson's
+    kernel run on each sequence stretched to max_seqlen tokens (into the next ones), its own rows kept."""
+    def run(q, k, v, cu_seqlens, max_seqlen, causal=False, out=None):
+        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+        bounds = cu_seqlens.tolist()
+        for start, end in zip(bounds, bounds[1:]):
+            stop = min(start + max_seqlen, q.shape[0])
+            if end > start:
+                stretched = torch.tensor([0, stop - start], dtype=torch.int32, device=q.device)
+                got, got_lse = lesson.attention_varlen(q[start:stop], k[start:stop], v[start:stop], stretched,
+                                                       causal=causal, autotune=False)
+                out[start:end], lse[start:end] = got[:end - start], got_lse[:end - start]
+        return out, lse
+    return run
+
+
+def _varlen_kv_head_modulo(lesson):
+    """A varlen forward whose query head h reads K/V head h % HKV (the lesson's kernel on K/V
+    heads gathered that way)."""
+    def run(q, k, v, cu_seqlens, max_seqlen, causal=False, out=None):
+        heads = torch.arange(q.shape[1], device=q.device) % k.shape[1]
+        return lesson.attention_varlen(q, k[:, heads], v[:, heads], cu_seqlens, max_seqlen, causal, out=out,
+                                       autotune=False)
+    return run
+
+
+@pytest.mark.parametrize("make_wrong,hint", [(_varlen_keys_past_the_end, "not by max_seqlen"),
+                                             (_varlen_kv_head_modulo, "wrong K/V head")],
+                         ids=["keys masked by max_seqlen", "kv head h % HKV"])
+def test_lesson_varlen_check_rejects_known_wrong(lesson, make_wrong, hint):
+    with pytest.raises(CheckError, match=hint):
+        lesson.check_varlen([torch.float32], varlen=make_wrong(lesson))
+
+
+def test_lesson_varlen_bad_input(lesson):
+    q, kv = randn(10, 4, 16), randn(10, 2, 16)
+    cu = torch.tensor([0, 3, 10], dtype=torch.int32, device=common.DEVICE)
+    with pytest.raises(ValueError, match="int32"):
+        lesson.attention_varlen(q, kv, kv, cu.long())
+    with pytest.raises(ValueError, match=r"\(B \+ 1,\)"):
+        lesson.attention_varlen(q, kv, kv, cu[:1])
+    with pytest.raises(ValueError, match="never decrease"):
+        lesson.attention_varlen(q, kv, kv, torch.tensor([0, 7, 3, 10], dtype=torch.int32, device=common.DEVICE))
+    with pytest.raises(ValueError, match="end at the number of tokens 10"):
+        lesson.attention_varlen(q, kv, kv, torch.tensor([0, 3, 9], dtype=torch.int32, device=common.DEVICE))
+    with pytest.raises(ValueError, match="start at 0"):
+        lesson.attention_varlen(q, kv, kv, torch.tensor([1, 3, 10], dtype=torch.int32, device=common.DEVICE))
+    with pytest.raises(ValueError, match="max_seqlen = 5 is shorter"):
+        lesson.attention_varlen(q, kv, kv, cu, max_seqlen=5)
+    with pytest.raises(ValueError, match="HKV dividing HQ = 4"):
+        lesson.attention_varlen(q, randn(10, 3, 16), randn(10, 3, 16), cu)
+    with pytest.raises(ValueError, match="head dimension"):
+        lesson.attention_varlen(randn(10, 4, 24), randn(10, 2, 24), randn(10, 2, 24), cu)
+    with pytest.raises(ValueError, match=r"\(10, HKV, 16\)"):
+        lesson.attention_varlen(q, randn(9, 2, 16), randn(9, 2, 16), cu)
+    with pytest.raises(ValueError, match="3 dimension"):
+        lesson.attention_varlen(q[None], kv[None], kv[None], cu)
+
+
+def test_lesson_varlen_strided_views(lesson):
+    """q, k, v as slices of one fused (total, HQ + 2 HKV, D) projection, as a model produces them."""
+    lengths = [5, 40, 1, 23]
+    cu = torch.tensor([0, 5, 45, 46, 69], dtype=torch.int32, device=common.DEVICE)
+    qkv = randn(sum(lengths), 8, 16)
+    q, k, v = qkv[:, :4], qkv[:, 4:6], qkv[:, 6:]
+    out, _ = lesson.attention_varlen(q, k, v, cu, causal=True, autotune=False)
+    assert_close(out, lesson.varlen_reference(q.double(), k.double(), v.double(), cu, causal=True),
+                 name="varlen on strided views")
+
+
+def test_padding_waste_of_the_benchmark(lesson):
+    """The md's padding numbers: the benchmark's lengths as the lesson draws them, and the arithmetic."""
+    assert lesson.padding_waste([4, 4], causal=False) == (0.0, 0.0)
+    tokens, flops = lesson.padding_waste([1, 3], causal=False)  # 4 of 6 padded slots are real; 10 of 18 scores
+    assert tokens == pytest.approx(1 / 3) and flops == pytest.approx(8 / 18)
+    lengths = lesson.varlen_lengths(16, 256, 4096)
+    assert len(lengths) == 16 and all(256 <= n <= 4096 for n in lengths)
+    assert lengths == lesson.varlen_lengths(16, 256, 4096)  # a fixed seed: the same batch every run
+    # the numbers lessons/advanced/07_attention.md quotes for this batch
+    assert (sum(lengths), max(lengths)) == (38264, 3696)
+    assert [round(100 * x) for x in lesson.padding_waste(lengths, causal=False)] == [35, 52]
+    assert round(100 * lesson.padding_waste(lengths, causal=True)[1]) == 76
+
+
+@pytest.mark.skipif(not common.supports_bf16(), reason="needs a CUDA GPU: autotuning times configs on the GPU "
+                    "(and the interpreter has no bfloat16)")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_lesson_varlen_autotuned_bf16(lesson, causal):
+    """The autotuned varlen forward (the benchmark's path) at Llama 3 8B's heads (32 query, 8 K/V, D=128)."""
+    lengths = [700, 1, 0, 257, 1000]
+    q, k, v, cu = lesson.varlen_problem(lengths, 32, 8, 128, torch.bfloat16)
+    out = poisoned_empty(*q.shape, dtype=torch.bfloat16)
+    lesson.attention_varlen(q, k, v, cu, causal=causal, out=out)
+    assert_close(out, lesson.varlen_reference(q.double(), k.double(), v.double(), cu, causal=causal),
+                 name=f"autotuned varlen causal={causal}")

@@ -9,6 +9,7 @@ You will learn:
 - why naive attention needs O(N^2) memory (measured), and how online softmax makes it O(N)
 - the FlashAttention forward: one program per (query block, batch x head), a loop over key blocks
 - causal masking that skips the blocks above the diagonal and masks only the diagonal ones
+- a packed batch of sequences of different lengths (cu_seqlens): the same kernel, no padding
 - the backward pass from the saved logsumexp: delta = rowsum(dO * O), a dK/dV kernel, a dQ kernel
 - flash-decoding: one query token against a long KV cache, split over the context, then reduced
 - how to report attention in TFLOP/s next to PyTorch's SDPA, and decoding in GB/s of KV bytes
@@ -17,6 +18,7 @@ Run:  python lessons/advanced/07_attention.py [--quick]
 """
 
 import functools
+import itertools
 import sys
 from pathlib import Path
 
@@ -27,6 +29,7 @@ if "common" not in sys.modules:  # a clone run before `make setup` (which instal
 import common  # first: picks the GPU, or Triton's CPU interpreter without one
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -86,6 +89,53 @@ def attention_flops(B: int, H: int, N: int, D: int, causal: bool) -> float:
     return 4 * B * H * N * N * D / (2 if causal else 1)
 
 
+def varlen_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int | None = None, causal: bool = False,
+                     sm_scale: float | None = None) -> torch.Tensor:
+    """A packed batch, each sequence on its own through attention_reference: q (total, HQ, D), k, v
+    (total, HKV, D), sequence b = tokens [cu_seqlens[b], cu_seqlens[b + 1]). max_seqlen is not
+    needed here; it is in the signature because every provider of the benchmark gets the same inputs."""
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds, bounds[1:]):
+        if end > start:  # a sequence of length 0 has no rows
+            seq = [t[start:end].transpose(0, 1)[None] for t in (q, k, v)]  # (1, heads, n, D) views
+            out[start:end] = attention_reference(*seq, causal, sm_scale)[0].transpose(0, 1)
+    return out
+
+
+def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int, causal: bool = False, sm_scale: float | None = None) -> torch.Tensor:
+    """The padded way to run a packed batch: every sequence padded with zeros to max_seqlen, one
+    (B, HQ, max_seqlen, D) SDPA call with a boolean mask of the real keys (and of the past, causal),
+    and the real rows taken back out. The padded batch holds B * max_seqlen^2 scores per head, real or not."""
+    B = cu_seqlens.numel() - 1
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    real = torch.arange(max_seqlen, device=q.device)[None, :] < lengths[:, None]  # (B, max_seqlen)
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        # K/V repeated per query head, not enable_gqa=True: SDPA with an attention mask and
+        # enable_gqa runs the math backend (N x N scores in memory, pytorch/pytorch#139586 and
+        # huggingface/transformers#39412), with the heads repeated the memory-efficient one
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+
+    def pad(t):  # (total, H, D) -> (B, H, max_seqlen, D): real's True entries, in order, are the tokens
+        padded = t.new_zeros(B, max_seqlen, *t.shape[1:])
+        padded[real] = t
+        return padded.transpose(1, 2)
+    mask = real[:, None, None, :]  # (B, 1, 1, keys): keys past a sequence's end get no weight
+    if causal:
+        mask = mask & torch.ones(max_seqlen, max_seqlen, dtype=torch.bool, device=q.device).tril()
+    # rows of a sequence of length 0 see no key (NaN): they are padding, dropped below
+    out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, scale=sm_scale)
+    return out.transpose(1, 2)[real]  # (total, HQ, D)
+
+
+def varlen_flops(lengths: list[int], HQ: int, D: int, causal: bool) -> float:
+    """The real work of a packed batch: attention_flops of each sequence on its own (no padding)."""
+    return sum(attention_flops(1, HQ, n, D, causal) for n in lengths)
+
+
 def decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      sm_scale: float | None = None) -> torch.Tensor:
     """One query token per (batch, head): q (B, HQ, D) against caches (B, HKV, ctx, D), each KV head
@@ -111,7 +161,10 @@ def decode_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 #   the tail past the last full block) pay for the mask;
 # - causal attention never touches the blocks above the diagonal: half the work;
 # - the logsumexp of each row is saved for the backward pass;
-# - on a GPU the block sizes, warps and pipeline stages are autotuned.
+# - on a GPU the block sizes, warps and pipeline stages are autotuned;
+# - with VARLEN=True the same kernel runs a packed batch of sequences of different lengths
+#   (cu_seqlens): each program reads its sequence's start and length, masks keys by that
+#   length, and returns at once when its query block starts past the sequence's end.
 #
 # The grid is (cdiv(N, BLOCK_M), B * H): axis 1 picks the (batch, head), axis 0 the query block.
 
@@ -207,17 +260,29 @@ def attention_fwd_v3_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,  # mask keys after the query (BLOCK_M must be a multiple of BLOCK_N)
     DOT_PRECISION: tl.constexpr,
+    cu_seqlens_ptr=None,  # VARLEN: (B + 1,) int32, sequence b is tokens [cu_seqlens[b], cu_seqlens[b + 1])
+    VARLEN: tl.constexpr = False,  # a packed batch: q, k, v (total tokens, heads, D), out (total, H, D),
+    #                                lse (total, H), stride_?b = 0, stride_?n over tokens, N_CTX the longest
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
+    if VARLEN:  # this program's sequence: where it starts in the packed tokens, and its own length
+        seq_start = tl.load(cu_seqlens_ptr + b)
+        seq_len = tl.load(cu_seqlens_ptr + b + 1) - seq_start
+        if start_m >= seq_len:  # the grid covers the longest sequence: this block is past this one's end
+            return
+        first = seq_start.to(tl.int64)  # int64: first * stride_qn passes 2^31 on large batches
+    else:
+        seq_len = N_CTX
+        first = 0
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
-                mask=offs_m[:, None] < N_CTX, other=0.0)
-    k_base = k_ptr + b * stride_kb + (h // GROUP) * stride_kh  # GQA: GROUP query heads read one K/V head
-    v_base = v_ptr + b * stride_vb + (h // GROUP) * stride_vh
+    q_base = q_ptr + b * stride_qb + h * stride_qh + first * stride_qn
+    q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=offs_m[:, None] < seq_len, other=0.0)
+    k_base = k_ptr + b * stride_kb + (h // GROUP) * stride_kh + first * stride_kn  # GQA: GROUP query heads
+    v_base = v_ptr + b * stride_vb + (h // GROUP) * stride_vh + first * stride_vn  # read one K/V head
     qk_scale = sm_scale * LOG2E  # log2(e) folded in: exp(s * scale) = exp2(s * qk_scale)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -225,23 +290,26 @@ def attention_fwd_v3_kernel(
     if CAUSAL:
         # keys [0, start_m): left of the diagonal, visible to every query of this block
         acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                                    qk_scale, N_CTX, 0, start_m, BLOCK_N, False, CAUSAL, DOT_PRECISION)
+                                    qk_scale, seq_len, 0, start_m, BLOCK_N, False, CAUSAL, DOT_PRECISION)
         # keys [start_m, start_m + BLOCK_M): the diagonal blocks, masked; later keys are skipped
         acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                                    qk_scale, N_CTX, start_m, start_m + BLOCK_M, BLOCK_N, True, CAUSAL,
+                                    qk_scale, seq_len, start_m, start_m + BLOCK_M, BLOCK_N, True, CAUSAL,
                                     DOT_PRECISION)
     else:
-        n_full = (N_CTX // BLOCK_N) * BLOCK_N  # keys in whole blocks: no mask needed
+        n_full = (seq_len // BLOCK_N) * BLOCK_N  # keys in whole blocks: no mask needed
         acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                                    qk_scale, N_CTX, 0, n_full, BLOCK_N, False, CAUSAL, DOT_PRECISION)
+                                    qk_scale, seq_len, 0, n_full, BLOCK_N, False, CAUSAL, DOT_PRECISION)
         acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_d,
-                                    qk_scale, N_CTX, n_full, N_CTX, BLOCK_N, True, CAUSAL, DOT_PRECISION)
+                                    qk_scale, seq_len, n_full, seq_len, BLOCK_N, True, CAUSAL, DOT_PRECISION)
     out = acc / l_i[:, None]
-    row = bh.to(tl.int64) * N_CTX + offs_m
+    if VARLEN:
+        row = (first + offs_m) * H + h  # token first + m, head h of the (total, H) rows
+    else:
+        row = bh.to(tl.int64) * N_CTX + offs_m
     tl.store(out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=offs_m[:, None] < N_CTX)
+             mask=offs_m[:, None] < seq_len)
     # natural-log logsumexp of the scaled scores: P = exp(S * scale - lse), all the backward needs
-    tl.store(lse_ptr + row, (m_i + tl.log2(l_i)) * LN2, mask=offs_m < N_CTX)
+    tl.store(lse_ptr + row, (m_i + tl.log2(l_i)) * LN2, mask=offs_m < seq_len)
 
 
 # %% [markdown]
@@ -606,6 +674,10 @@ def _prune_for(kernel: str, arch: int | None = None):
 _KEY = ["N_CTX", "HEAD_DIM", "CAUSAL"]
 attention_fwd_v3_tuned = triton.autotune(configs=fwd_configs(), key=_KEY,
                                          prune_configs_by=_prune_for("fwd"))(attention_fwd_v3_kernel)
+# The varlen forward is the same kernel with VARLEN=True; a tuner of its own keeps its configs
+# apart from the padded forward's (its N_CTX is the longest sequence, not every sequence's length).
+attention_fwd_varlen_tuned = triton.autotune(configs=fwd_configs(), key=_KEY,
+                                             prune_configs_by=_prune_for("fwd"))(attention_fwd_v3_kernel)
 attention_bwd_dkdv_tuned = triton.autotune(configs=dkdv_configs(), key=_KEY,
                                            prune_configs_by=_prune_for("dkdv"))(attention_bwd_dkdv_kernel)
 attention_bwd_dq_tuned = triton.autotune(configs=dq_configs(), key=_KEY,
@@ -699,6 +771,77 @@ def attention_v3(q, k, v, causal: bool = False, sm_scale: float | None = None, o
     else:
         blocks, options = _fixed(fwd_configs(), q.dtype, "fwd", D)
         grid = (triton.cdiv(N, blocks["BLOCK_M"]), B * H)
+        attention_fwd_v3_kernel[grid](*args, **meta, **blocks, **options)
+    return out, lse
+
+
+def _check_cu_seqlens(cu_seqlens, total: int, max_seqlen: int | None, q) -> tuple[list[int], int]:
+    """The sequence lengths, and max_seqlen (their maximum when None), after checking that
+    cu_seqlens is int32 (B + 1,) on q's device, starts at 0, never decreases and ends at total."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 or cu_seqlens.dim() != 1 or (
+            cu_seqlens.numel() < 2):
+        got = (f"{str(cu_seqlens.dtype).removeprefix('torch.')} of shape {tuple(cu_seqlens.shape)}"
+               if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__)
+        raise ValueError(f"cu_seqlens must be an int32 tensor of shape (B + 1,), B >= 1 (the kernel reads it as "
+                         f"int32 offsets), got {got}")
+    common.check_tensors(q=q, cu_seqlens=cu_seqlens, same_shape=False, same_dtype=False, contiguous=False)
+    # One copy to the host (a sync) for the checks: a wrong cu_seqlens would read another sequence's keys
+    # or memory past the tensors without an error. flash-attn trusts the caller instead.
+    bounds = cu_seqlens.tolist()
+    lengths = [end - start for start, end in zip(bounds, bounds[1:])]
+    if bounds[0] != 0 or min(lengths) < 0 or bounds[-1] != total:
+        raise ValueError(f"cu_seqlens must start at 0, never decrease and end at the number of tokens {total} "
+                         f"(q.shape[0]): sequence b is tokens [cu_seqlens[b], cu_seqlens[b + 1]); got {bounds}")
+    longest = max(lengths)
+    if max_seqlen is None:
+        max_seqlen = longest
+    elif max_seqlen < longest:  # the grid would not reach the end of the longest sequence
+        raise ValueError(f"max_seqlen = {max_seqlen} is shorter than the longest sequence in cu_seqlens ({longest})")
+    return lengths, max_seqlen
+
+
+def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int | None = None, causal: bool = False,
+                     sm_scale: float | None = None, out=None, autotune: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashAttention forward over a packed batch of sequences of different lengths (no padding),
+    flash-attn's varlen layout: q (total, HQ, D), k and v (total, HKV, D), HKV dividing HQ, and
+    cu_seqlens (B + 1,) int32, sequence b being tokens [cu_seqlens[b], cu_seqlens[b + 1]) (a length
+    may be 0). Each sequence attends only to itself (causal: to its own past). Returns (out, lse):
+    out (total, HQ, D) contiguous, lse (total, HQ) fp32. max_seqlen: at least the longest length
+    (default: that length); it sizes the grid."""
+    common.check_tensors(q=q, k=k, v=v, ndim=3, contiguous=False, dtypes=DTYPES, same_shape=False)
+    total, HQ, D = q.shape
+    if k.shape != v.shape or k.shape[0] != total or k.shape[2] != D or k.shape[1] < 1 or HQ % k.shape[1]:
+        raise ValueError(f"k and v must both have shape ({total}, HKV, {D}) with HKV dividing HQ = {HQ}, for q of "
+                         f"shape {tuple(q.shape)}; got {tuple(k.shape)} and {tuple(v.shape)}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last (head) dimension, got strides {t.stride()}; "
+                             f"pass {name}.contiguous()")
+    if D not in HEAD_DIMS:
+        raise ValueError(f"the head dimension D = q.shape[-1] must be one of {HEAD_DIMS} (tl.arange and "
+                         f"tl.dot need a power of 2 of at least 16), got {D}")
+    if total == 0:
+        raise ValueError(f"q, k, v must hold at least one token, got shape {tuple(q.shape)}")
+    lengths, max_seqlen = _check_cu_seqlens(cu_seqlens, total, max_seqlen, q)
+    if out is None:
+        out = torch.empty((total, HQ, D), dtype=q.dtype, device=q.device)
+    else:
+        common.check_tensors(q=q, out=out)
+    sm_scale = D ** -0.5 if sm_scale is None else sm_scale
+    lse = torch.empty((total, HQ), dtype=torch.float32, device=q.device)
+    # no batch stride: each program finds its sequence's first token in cu_seqlens
+    strides = (0, q.stride(1), q.stride(0), 0, k.stride(1), k.stride(0), 0, v.stride(1), v.stride(0))
+    args = (q, k, v, out, lse, sm_scale, *strides, HQ, max_seqlen, HQ // k.shape[1])
+    meta = dict(HEAD_DIM=D, CAUSAL=bool(causal), DOT_PRECISION=_dot_precision(q.dtype), cu_seqlens_ptr=cu_seqlens,
+                VARLEN=True)
+    B = len(lengths)
+    if autotune and common.HAS_GPU and q.dtype != torch.float32:
+        grid = lambda m: (triton.cdiv(max_seqlen, m["BLOCK_M"]), B * HQ)  # noqa: E731 (the tuner picks BLOCK_M)
+        attention_fwd_varlen_tuned[grid](*args, **meta)
+    else:
+        blocks, options = _fixed(fwd_configs(), q.dtype, "fwd", D)
+        grid = (triton.cdiv(max_seqlen, blocks["BLOCK_M"]), B * HQ)
         attention_fwd_v3_kernel[grid](*args, **meta, **blocks, **options)
     return out, lse
 
@@ -969,6 +1112,7 @@ def check(quick: bool) -> None:
     print(f"v2 (non-causal), v3 (causal and not) forward and logsumexp, and the backward (dq, dk, dv) "
           f"match for (B, H, N, D) in {shapes}, dtypes {', '.join(common.dtype_name(d) for d in dtypes)}: OK")
     check_gqa(dtypes)
+    check_varlen(dtypes)
     check_decode(shapes, dtypes)
     if not common.supports_bf16():
         print("bfloat16: skipped, the interpreter has no bfloat16 (numpy lacks it); runs on a GPU")
@@ -994,6 +1138,76 @@ def check_gqa(dtypes) -> None:
                     common.assert_close(got, ref, name=f"{what} {name}", **grad_tolerance(dtype))
     print("grouped-query attention (4 query heads over 2 and 1 K/V heads): v3 forward and the backward "
           "(dK, dV summed per group) match: OK")
+
+
+VARLEN_LENGTHS = [17, 1, 100, 0, 33] if common.INTERPRETER else [17, 1, 300, 0, 129, 64]  # one token, an
+# empty sequence, none a multiple of a block
+
+
+def varlen_problem(lengths: list[int], HQ: int, HKV: int, D: int, dtype: torch.dtype) -> tuple:
+    """q (total, HQ, D), k, v (total, HKV, D) of a packed batch of sequences of these lengths, and cu_seqlens."""
+    total = sum(lengths)
+    q = common.randn(total, HQ, D, dtype=dtype)
+    k, v = common.randn(total, HKV, D, dtype=dtype), common.randn(total, HKV, D, dtype=dtype)
+    cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=q.device)
+    return q, k, v, cu_seqlens
+
+
+def keys_to_max_seqlen(q, k, v, cu_seqlens, max_seqlen: int, causal: bool) -> torch.Tensor:
+    """What a varlen forward that masks keys by max_seqlen instead of its sequence's length computes:
+    each sequence attends to the first tokens of the next ones too (causal hides it: they come after)."""
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds, bounds[1:]):
+        stop = min(start + max_seqlen, q.shape[0])
+        one = torch.tensor([0, stop - start], dtype=torch.int32)
+        out[start:end] = varlen_reference(q[start:stop], k[start:stop], v[start:stop], one, causal=causal)[:end - start]
+    return out
+
+
+def varlen_logsumexp(q, k, cu_seqlens, causal: bool) -> torch.Tensor:
+    """(total, HQ): the logsumexp of each query's scaled scores over its own sequence's keys."""
+    lse = torch.empty(q.shape[:2], dtype=q.dtype, device=q.device)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds, bounds[1:]):
+        s = torch.einsum("mhd,nhd->hmn", q[start:end], k[start:end]) * q.shape[-1] ** -0.5
+        if causal:
+            s = s.masked_fill(torch.ones(end - start, end - start, dtype=torch.bool, device=q.device).triu(1),
+                              float("-inf"))
+        lse[start:end] = torch.logsumexp(s, -1).transpose(0, 1)
+    return lse
+
+
+def check_varlen(dtypes, varlen=None) -> None:
+    """attention_varlen (or `varlen`, a function with its signature) on a packed batch of the
+    VARLEN_LENGTHS, multi-head, GQA groups of 4 and multi-query, causal and not, outputs poisoned:
+    against each sequence run on its own in float64, and against padding + masking."""
+    varlen = varlen or functools.partial(attention_varlen, autotune=False)
+    lengths, D = VARLEN_LENGTHS, 16 if common.INTERPRETER else 64
+    for dtype in dtypes:
+        for hq, hkv in ((4, 4), (8, 2), (4, 1)):
+            q, k, v, cu_seqlens = varlen_problem(lengths, hq, hkv, D, dtype)
+            q64, k64, v64 = q.double(), k.double(), v.double()
+            wrong_head = torch.arange(hq, device=q.device) % hkv
+            for causal in (False, True):
+                name = f"varlen lengths {lengths} HQ={hq} HKV={hkv} D={D} {common.dtype_name(dtype)} causal={causal}"
+                out = common.poisoned_empty(*q.shape, dtype=dtype)
+                _, lse = varlen(q, k, v, cu_seqlens, max(lengths), causal, out=out)
+                expected = varlen_reference(q64, k64, v64, cu_seqlens, causal=causal)
+                common.assert_close(out, expected, name=name, mistakes={
+                    "keys past the sequence's end were attended (the next sequence's tokens): mask the keys by "
+                    "the sequence's own length, cu_seqlens[b + 1] - cu_seqlens[b], not by max_seqlen":
+                        keys_to_max_seqlen(q64, k64, v64, cu_seqlens, max(lengths), causal),
+                    "wrong K/V head: query head h reads K/V head h // (HQ // HKV), not h % HKV":
+                        varlen_reference(q64, k64[:, wrong_head], v64[:, wrong_head], cu_seqlens, causal=causal),
+                })
+                common.assert_close(out, padded_attention(q64, k64, v64, cu_seqlens, max(lengths), causal),
+                                    name=f"{name}, against padding + masking")
+                common.assert_close(lse, varlen_logsumexp(q64, k64, cu_seqlens, causal), name=f"logsumexp {name}",
+                                    atol=1e-4, rtol=1e-5)
+    print(f"varlen forward over a packed batch of lengths {lengths} (multi-head, GQA groups of 4, multi-query; "
+          f"causal and not) matches each sequence on its own and padding + masking: OK")
 
 
 def check_decode(shapes, dtypes) -> None:
@@ -1190,6 +1404,62 @@ def gqa_inputs(B, HQ, HKV, N, D, causal) -> tuple:
     return q, k, v, causal
 
 
+# A packed batch as a serving engine or a training step with packed documents holds it: sequences
+# of random lengths (a fixed seed), Llama 3 8B's heads. Case: (B, shortest, longest, HQ, HKV, D, causal).
+VARLEN_CASES = [(16, 256, 4096, 32, 8, 128, causal) for causal in (True, False)]
+VARLEN_QUICK = (8, 128, 1024, 32, 8, 128, True)
+VARLEN_PADDED = "SDPA over the padded batch"
+
+
+def varlen_lengths(B: int, lo: int, hi: int, seed: int = 0) -> list[int]:
+    """B lengths drawn uniformly from [lo, hi] with a fixed seed: the same batch on every machine."""
+    return torch.randint(lo, hi + 1, (B,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def varlen_inputs(B, lo, hi, HQ, HKV, D, causal) -> tuple:
+    """(q, k, v, cu_seqlens, max_seqlen, causal) of a packed batch of varlen_lengths(B, lo, hi)."""
+    lengths = varlen_lengths(B, lo, hi)
+    total = sum(lengths)
+    q = torch.randn(total, HQ, D, device=common.DEVICE, dtype=BENCH_DTYPE)
+    k, v = (torch.randn(total, HKV, D, device=common.DEVICE, dtype=BENCH_DTYPE) for _ in range(2))
+    cu_seqlens = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32, device=common.DEVICE)
+    return q, k, v, cu_seqlens, max(lengths), causal
+
+
+def _varlen_flops(q, k, v, cu_seqlens, max_seqlen, causal) -> float:  # the real work: no padded token counted
+    return varlen_flops((cu_seqlens[1:] - cu_seqlens[:-1]).tolist(), q.shape[1], q.shape[2], causal)
+
+
+def _varlen_label(case) -> str:
+    B, lo, hi, HQ, HKV, D, causal = case
+    lengths = varlen_lengths(B, lo, hi)
+    return (f"{B} seqs of {lo}..{hi} ({sum(lengths):,} tokens, longest {max(lengths)}) HQ{HQ} HKV{HKV} D{D}"
+            + (" causal" if causal else ""))
+
+
+def padding_waste(lengths: list[int], causal: bool) -> tuple[float, float]:
+    """(fraction of the padded batch's tokens that are padding, fraction of its attention flops that
+    are wasted): a padded batch holds B * longest tokens, and SDPA with a mask computes every one of
+    the B * longest^2 scores per head, where each sequence needs its own n^2 (causal: half of it)."""
+    longest = max(lengths)
+    tokens = 1 - sum(lengths) / (len(lengths) * longest)
+    flops = 1 - sum(n * n for n in lengths) / (2 if causal else 1) / (len(lengths) * longest ** 2)
+    return tokens, flops
+
+
+def print_padding_waste() -> None:
+    """The waste of padding the benchmark's batches (arithmetic on the lengths: no GPU needed)."""
+    section("Padding a packed batch: the work it wastes (the varlen benchmark's lengths)")
+    table = Table("padding every sequence to the longest", ["batch", "padded tokens", "wasted attention flops"])
+    for case in VARLEN_CASES + [VARLEN_QUICK]:
+        tokens, flops = padding_waste(varlen_lengths(*case[:3]), case[-1])
+        table.add(_varlen_label(case), f"{100 * tokens:.0f}%", f"{100 * flops:.0f}%")
+    table.print()
+    print("Wasted flops: of the B * longest^2 scores per head of the padded batch, which a kernel given a mask "
+          "tensor computes before masking (it cannot know which blocks are empty without reading the mask); "
+          "the varlen kernel computes each sequence's own n^2 (causal: the blocks on and below the diagonal).")
+
+
 BENCHMARKS = [
     _forward(causal=False),
     _forward(causal=True),
@@ -1202,6 +1472,18 @@ BENCHMARKS = [
         label=lambda case: f"B{case[0]} HQ{case[1]} HKV{case[2]} N{case[3]} D{case[4]}",
         note="v3 reads K/V head h // 4 for query head h; SDPA runs with enable_gqa=True. No bar yet: the "
              "first measurement sets it."),
+    common.Benchmark(
+        "forward, packed batch of sequences of different lengths (cu_seqlens), Llama 3 8B's heads",
+        op="attention_varlen",
+        cases=VARLEN_CASES, quick_cases=[VARLEN_QUICK], cpu_cases=[(3, 1, 40, 4, 2, 16, True)],
+        setup=varlen_inputs, kernels={"v3 varlen": lambda *inputs: attention_varlen(*inputs)[0]},
+        baselines={VARLEN_PADDED: padded_attention}, reference=varlen_reference, flops=_varlen_flops,
+        ceiling="matmul", dtype=BENCH_DTYPE, label=_varlen_label,
+        note="TFLOP/s counts the real work only (each sequence's own 4 * HQ * n^2 * D, half for causal), for every "
+             "provider. torch eager runs each sequence on its own through the naive reference; the padded "
+             "baseline's time includes padding, the mask and taking the real rows back (K/V repeated per query "
+             "head: SDPA with a mask and enable_gqa falls back to its math backend). No bar yet: the first "
+             "measurement sets it."),
     common.Benchmark(
         "backward alone (dq, dk, dv from dO; the forward's graph is kept)", op="attention",
         cases=[(*BAR_CASE, False), (*BAR_CASE, True)], quick_cases=[(2, 16, 2048, 128, True)],
@@ -1288,6 +1570,8 @@ def check_at_benchmark_size(quick: bool) -> None:
 #   key block and dQ per query block, no N x N tensor and no atomics.
 # - Decoding one token is memory bound: split the context over many programs, then combine the
 #   partial (max, sum, output) with the same rescaling.
+# - A packed batch (cu_seqlens) needs no padding: each program reads its sequence's start and
+#   length, masks keys by that length, and exits when its block is past the end.
 
 
 # %%
@@ -1340,5 +1624,6 @@ if __name__ == "__main__":
     else:
         traffic(1, 2, 256, 64, torch.float32)
     memory_model(1, 8, 128, 2, [1024, 2048, 4096, 8192, 16384])
+    print_padding_waste()
     results = common.run_benchmarks(BENCHMARKS, args.quick)
     plot_memory(results[MEMORY_TITLE])
