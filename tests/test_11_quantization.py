@@ -718,3 +718,159 @@ def test_lesson_wrong_device(lesson):
     w_q, scale = lesson.random_weight(10, 64)
     with pytest.raises(ValueError, match="CUDA device"):
         lesson.w8a16_gemv(torch.randn(64).half(), w_q, scale)
+
+
+# --------------------------------------------------------------------------- block-scaled FP8 (DeepSeek-V3 style)
+
+FP8_BLOCK_SHAPES = [(77, 300, 384), (130, 129, 256), (5, 1, 128)]  # M, N not multiples of 128 (or of the tiles)
+
+
+@pytest.mark.parametrize("m,n,k", FP8_BLOCK_SHAPES)
+def test_lesson_fp8_block_quantize(lesson, m, n, k):
+    x, w = lesson.block_scaled_problem(m, n, k)
+    lesson.check_fp8_block_quantize(x, w, f"{m}x{n}x{k}")
+    # the zero group of x and the zero (last, partial) block of w: scale 1.0, not 0 / 0
+    _, a_scale = lesson.fp8_quantize_groups(x, out=torch.empty(x.shape, device=x.device))
+    _, b_scale = lesson.fp8_quantize_blocks(w, out=torch.empty(w.shape, device=w.device))
+    assert a_scale.shape == (m, k // 128) and b_scale.shape == ((n + 127) // 128, k // 128)
+    assert float(a_scale[m // 2, 0]) == 1.0 and float(b_scale[-1, -1]) == 1.0
+
+
+def test_lesson_fp8_block_reference_matches_the_formula(lesson):
+    # the reference itself, against a loop over the blocks: scale = amax / 448 of each block
+    w = randn(200, 256).double().cpu()
+    q, scale = lesson.fp8_block_quantize_reference(w, 128)
+    for i in range(2):
+        for j in range(2):
+            block = w[128 * i:128 * (i + 1), 128 * j:128 * (j + 1)]
+            assert float(scale[i, j]) == pytest.approx(float(block.abs().max()) / 448, rel=1e-12)
+            assert_close(q[128 * i:128 * (i + 1), 128 * j:128 * (j + 1)], (block / scale[i, j]).clamp(-448, 448),
+                         name=f"reference block ({i}, {j})")
+
+
+@pytest.mark.parametrize("m,n,k", FP8_BLOCK_SHAPES)
+def test_lesson_fp8_block_matmul(lesson, m, n, k):
+    x, w = lesson.block_scaled_problem(m, n, k)
+    lesson.check_fp8_block_matmul(lesson.fp8_block_matmul, *lesson.fp8_block_operands(x, w),
+                                  name=f"fp8_block_matmul {m}x{n}x{k}")
+
+
+@triton.jit
+def _fp8_block_wrong_kernel(a_ptr, b_ptr, a_scale_ptr, b_scale_ptr, c_ptr, M, N, K, stride_am, stride_bn, stride_cm,
+                            stride_asm, stride_bsn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, FIRST_SCALE_ONLY: tl.constexpr = False,
+                            A_SCALE_TRANSPOSED: tl.constexpr = False):
+    """The lesson's fp8_block_matmul_kernel (without the program grouping) with one mistake switched on."""
+    pid_m = tl.program_id(axis=0) // tl.cdiv(N, BLOCK_N)
+    pid_n = tl.program_id(axis=0) % tl.cdiv(N, BLOCK_N)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_k[:, None]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for j in range(0, K // BLOCK_K):
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
+        if A_SCALE_TRANSPOSED:  # wrong: reads a_scale as (K / 128, M)
+            a_scale = tl.load(a_scale_ptr + j * M + offs_m)
+        else:
+            a_scale = tl.load(a_scale_ptr + offs_m * stride_asm + j)
+        b_scale = tl.load(b_scale_ptr + (offs_n // BLOCK_K) * stride_bsn + j)
+        if FIRST_SCALE_ONLY:  # wrong: raw sums over K, scaled once below
+            acc += tl.dot(a, b)
+        else:
+            acc += tl.dot(a, b) * (a_scale[:, None] * b_scale[None, :])
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    if FIRST_SCALE_ONLY:
+        acc = acc * (tl.load(a_scale_ptr + offs_m * stride_asm)[:, None]
+                     * tl.load(b_scale_ptr + (offs_n // BLOCK_K) * stride_bsn)[None, :])
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+def _fp8_block_wrong(**flags):
+    def matmul(a, b, a_scale, b_scale, out):
+        (m, k), n = a.shape, b.shape[0]
+        grid = (triton.cdiv(m, 32) * triton.cdiv(n, 64),)
+        _fp8_block_wrong_kernel[grid](a, b, a_scale, b_scale, out, m, n, k, a.stride(0), b.stride(0), out.stride(0),
+                                      a_scale.stride(0), b_scale.stride(0), BLOCK_M=32, BLOCK_N=64, BLOCK_K=128,
+                                      **flags)
+        return out
+    return matmul
+
+
+@pytest.mark.parametrize("flag,hint", [("FIRST_SCALE_ONLY", "after the K loop"),
+                                       ("A_SCALE_TRANSPOSED", "K-block-major")])
+def test_lesson_fp8_block_matmul_check_rejects_known_wrong(lesson, flag, hint):
+    x, w = lesson.block_scaled_problem(77, 300, 384)
+    operands = lesson.fp8_block_operands(x, w)
+    lesson.check_fp8_block_matmul(_fp8_block_wrong(), *operands, name="the wrong kernel with no mistake on")
+    with pytest.raises(CheckError, match=hint):
+        lesson.check_fp8_block_matmul(_fp8_block_wrong(**{flag: True}), *operands, name=f"wrong: {flag}")
+
+
+def test_lesson_fp8_block_bad_input(lesson):
+    x = randn(64, 200)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        lesson.fp8_quantize_groups(x, out=torch.empty(x.shape, device=x.device))
+    with pytest.raises(ValueError, match="multiple of 128"):
+        lesson.fp8_quantize_blocks(x, out=torch.empty(x.shape, device=x.device))
+    with pytest.raises(ValueError, match="multiple of 128"):
+        lesson.fp8_block_quantize_reference(x, 1)
+    with pytest.raises(TypeError, match="dtype"):
+        lesson.fp8_quantize_groups(randn(4, 128).to(torch.int32))
+    with pytest.raises(ValueError, match="contiguous rows"):
+        lesson.fp8_quantize_blocks(randn(256, 4).t(), out=torch.empty(4, 256, device=common.DEVICE))
+    if not common.supports_fp8():
+        with pytest.raises(RuntimeError, match="out=torch.empty"):
+            lesson.fp8_quantize_groups(randn(4, 128))
+    if common.HAS_GPU and not common.supports_fp8():
+        return  # fp8_block_matmul refuses this GPU before it looks at the inputs
+    a = randn(8, 200).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        lesson.fp8_block_matmul(a, a, torch.ones(8, 1, device=common.DEVICE), torch.ones(1, 1, device=common.DEVICE))
+    a, b = randn(8, 256).to(torch.float8_e4m3fn), randn(130, 256).to(torch.float8_e4m3fn)
+    ones = functools.partial(torch.ones, device=common.DEVICE)
+    with pytest.raises(ValueError, match=r"b_scale must have shape \(2, 2\)"):
+        lesson.fp8_block_matmul(a, b, ones(8, 2), ones(1, 2))
+    with pytest.raises(ValueError, match=r"a_scale must have shape \(8, 2\)"):
+        lesson.fp8_block_matmul(a, b, ones(8, 1), ones(2, 2))
+    with pytest.raises(TypeError, match="dtype"):
+        lesson.fp8_block_matmul(a.to(torch.float8_e5m2), b, ones(8, 2), ones(2, 2))
+    with pytest.raises(ValueError, match="same K"):
+        lesson.fp8_block_matmul(a, b[:, :128].contiguous(), ones(8, 2), ones(2, 1))
+
+
+def test_lesson_fp8_block_error_table(lesson):
+    """The error table's claim: with massive outlier channels, block scales beat row-wise, which beats one
+    scale per tensor; every fp8 scaling is far from bf16 on plain N(0, 1)."""
+    problems = lesson._fp8_matmul_problems(64, 128, 512)
+    errors = {}
+    for dist, (x64, w64) in problems.items():
+        exact = x64 @ w64.t()
+        for name, y in lesson._fp8_matmuls(x64, w64).items():
+            errors[dist, name.split(" (")[0]] = float(((y - exact).norm(dim=1) / exact.norm(dim=1)).median())
+    massive = list(problems)[-1]
+    block, row, tensor = (errors[massive, f"fp8 {how}"] for how in ("1 x 128 / 128 x 128 blocks", "row-wise",
+                                                                     "per tensor"))
+    assert block < row < tensor, errors
+    assert errors["N(0,1)", "bf16 inputs, torch.matmul"] < 0.2 * errors["N(0,1)", "fp8 per tensor"], errors
+
+
+def test_lesson_fp8_block_benchmark_inputs_agree(lesson):
+    """The benchmark's inputs: the row scales (the baseline's) and the block scales (the kernel's) describe
+    the same dequantised operands, so the layer can compare the two providers' outputs."""
+    a, b, row_a, row_b, block_a, block_b = lesson._fp8_block_inputs(256)
+    assert row_a.shape == (256, 1) and row_b.shape == (1, 256)
+    assert block_a.shape == (256, 2) and block_b.shape == (2, 2)
+    by_rows = (a.double() * row_a.double()) @ (b.double() * row_b.double().t()).t()
+    assert_close(lesson.fp8_block_matmul_reference(a, b, block_a, block_b), by_rows, name="block vs row scales",
+                 atol=1e-12, rtol=1e-12)
+    if common.is_hopper():
+        baseline = common.baselines.op("fp8_block_matmul").baselines[0]
+        assert_close(lesson.fp8_block_matmul(a, b, block_a, block_b), baseline.fn(a, b, row_a, row_b).double(),
+                     name="fp8_block_matmul vs torch._scaled_mm row-wise")

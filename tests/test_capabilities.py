@@ -359,7 +359,9 @@ def _moe_and_quantization_cases(quick: bool) -> list[Case]:
             w = _meta_tensor(E, K, N, dtype=dtype)
             c = _meta_tensor(R, N, dtype=dtype)
             i32 = lambda n: _meta_tensor(n, dtype=torch.int32)  # noqa: E731
-            args = (a, i32(R), w, w, c, i32(max_tiles), i32(max_tiles), i32(E + 1), i32(1), N, K, max_tiles, K)
+            # ..., stride_am, then the weights' strides (e, k, n) of a contiguous (E, K, N) tensor
+            args = (a, i32(R), w, w, c, i32(max_tiles), i32(max_tiles), i32(E + 1), i32(1), N, K, max_tiles, K,
+                    K * N, N, 1)
             fixed = _fitted({arch: L09.fixed_gemm_config(dtype, swiglu, arch) for arch in ARCHS})
             if dtype == torch.float32:
                 lists = [("fixed_gemm_config() fp32", fixed)]

@@ -16,6 +16,8 @@ You will learn:
 - dequantising inside a `tl.dot` kernel for a small batch (M = 16)
 - FP8: e4m3 for values, e5m2 for range; amax scaling into the format's range; an FP8 matmul with
   per-tensor scales in the epilogue against `torch._scaled_mm`
+- block-scaled FP8 (DeepSeek-V3): a scale per 1 x 128 of the activations and per 128 x 128 of the
+  weights, applied to each K step's partial product in fp32, against `torch._scaled_mm` row-wise
 - mixed precision: fp16 vs fp32 accumulation (error against K), fp16 overflow and the
   log-sum-exp trick
 
@@ -108,7 +110,9 @@ def quantize_int8_reference(x: torch.Tensor, granularity: str = "row", group_siz
     scale = amax / 127 (1.0 where amax is 0); q = round-half-even(x / scale), clamped to [-127, 127].
     """
     xs = _scale_shape_view(x, granularity, group_size)
-    amax = xs.abs().amax(dim=1, keepdim=True)  # reads MN, writes one per scale
+    # The scale in fp32 at least, as the kernels keep it: an fp16 scale (and an fp16 x / scale) moves
+    # values next to a rounding tie to the other integer.
+    amax = xs.abs().amax(dim=1, keepdim=True).to(torch.promote_types(x.dtype, torch.float32))  # reads MN
     scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
     q = torch.round(xs / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)  # div, round, clamp, cast: 4 MN passes
     shape = {"tensor": (), "row": (xs.shape[0],), "group": (*x.shape[:-1], x.shape[-1] // group_size)}[granularity]
@@ -176,6 +180,52 @@ def w4a16_reference(x: torch.Tensor, w_packed: torch.Tensor, scales: torch.Tenso
 def fp8_matmul_reference(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor):
     """(a * scale_a) @ (b * scale_b).T in float64: a (M, K) and b (N, K) fp8, scales fp32 scalars."""
     return (a.double() * scale_a.double()) @ (b.double() * scale_b.double()).t()
+
+
+# DeepSeek-V3's block scaling: one scale per 1 x 128 group of an activation row, one per 128 x 128
+# block of a weight. K must be a multiple of 128 (a K step of the matmul is one scale group).
+FP8_BLOCK = 128
+E4M3_MAX = FP8_FORMATS["e4m3"][1]
+
+
+def expand_block_scales(scale: torch.Tensor, rows: int, rows_per_scale: int) -> torch.Tensor:
+    """(rows, K) scales, one per element, from one per rows_per_scale x 128 block (the last block of rows
+    may be partial)."""
+    return scale.repeat_interleave(rows_per_scale, dim=0)[:rows].repeat_interleave(FP8_BLOCK, dim=1)
+
+
+def fp8_block_quantize_reference(x: torch.Tensor, rows_per_scale: int):
+    """(q e4m3, scale): one amax scale per rows_per_scale x 128 block of x (M, K), K a multiple of 128.
+
+    rows_per_scale = 1: activations, scale (M, K / 128); 128: weights, scale (ceil(M / 128), K / 128).
+    scale = amax / 448 (1.0 for an all-zero block); q = clamp(x / scale), cast to e4m3 (nearest even).
+    The scale keeps x's precision (at least fp32): pass x.double() for a float64 reference.
+    """
+    m, k = x.shape
+    if k % FP8_BLOCK:
+        raise ValueError(f"K = {k} must be a multiple of {FP8_BLOCK}: one scale per {FP8_BLOCK} values along K")
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    padded = torch.nn.functional.pad(xf, (0, 0, 0, -m % rows_per_scale))  # zero rows never win the amax
+    amax = padded.reshape(-1, rows_per_scale, k // FP8_BLOCK, FP8_BLOCK).abs().amax(dim=(1, 3))  # reads MK
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    scaled = (xf / expand_block_scales(scale, m, rows_per_scale)).clamp(-E4M3_MAX, E4M3_MAX)  # 2 MK passes
+    return scaled.to(torch.float8_e4m3fn), scale
+
+
+def fp8_rowwise_quantize_reference(x: torch.Tensor):
+    """(q e4m3, scale (rows, 1) fp32): one amax scale per row, what torch._scaled_mm's row-wise mode takes
+    (a's scales as (M, 1); b's, of b (N, K), transposed to (1, N))."""
+    amax = x.abs().amax(dim=1, keepdim=True).float()  # reads MK
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn), scale
+
+
+def fp8_block_matmul_reference(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor):
+    """dequant(a) @ dequant(b).T in float64: a (M, K) e4m3 with 1 x 128 scales (M, K / 128), b (N, K) e4m3
+    with 128 x 128 scales (ceil(N / 128), K / 128)."""
+    a64 = a.double() * expand_block_scales(a_scale.double(), a.shape[0], 1)  # reads MK, writes 8 MK bytes
+    b64 = b.double() * expand_block_scales(b_scale.double(), b.shape[0], FP8_BLOCK)
+    return a64 @ b64.t()
 
 
 # %% [markdown]
@@ -589,6 +639,140 @@ def fp8_matmul_kernel(
 
 
 # %% [markdown]
+# ### Block-scaled FP8 (DeepSeek-V3): a scale per 1 x 128 of a, per 128 x 128 of b
+# One scale per tensor lets one large value set the step of every other; e4m3 is a float, so it
+# keeps 3 mantissa bits for values down to amax / 2^15 (its normal range), but below that they
+# become subnormal and lose bits, and below about amax / 2^18 they round to zero. DeepSeek-V3 scales
+# activations per 1 x 128 group of a row (a token's 128 channels) and weights per 128 x 128
+# block: an outlier spoils at most 128 values of a and one block of b.
+#
+# Quantizing: a program takes ROWS rows of one 128-wide group (activations: one amax per row of
+# the tile) or one 128 x 128 block (weights: one amax for the tile). Reads MK x b, writes MK x 1 +
+# 4 per scale. The scales are fp32, row-major: (M, K / 128) for a, (ceil(N / 128), K / 128) for b.
+
+
+# %%
+@triton.jit
+def fp8_quantize_groups_kernel(
+    x_ptr,  # activations M x K (fp32, fp16, bf16), row stride stride_xm, K contiguous
+    q_ptr,  # output M x K contiguous: e4m3, or fp32 (the scaled, saturated values)
+    scale_ptr,  # output fp32 (M, K / GROUP) contiguous: amax / FP8_MAX of each 1 x GROUP group
+    M, K,  # K is a multiple of GROUP
+    stride_xm,  # elements between x[m, 0] and x[m + 1, 0]
+    ROWS: tl.constexpr,  # rows per program, each with its own scale
+    GROUP: tl.constexpr,  # 128: K values per scale
+    FP8_MAX: tl.constexpr,  # 448 for e4m3
+):
+    rows = tl.program_id(axis=0) * ROWS + tl.arange(0, ROWS)
+    group = tl.program_id(axis=1)
+    cols = group * GROUP + tl.arange(0, GROUP)
+    mask = (rows[:, None] < M) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + cols[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    amax = tl.max(tl.abs(x), axis=1)  # one per row: masked rows hold 0
+    scale = tl.where(amax > 0, amax / FP8_MAX, 1.0)
+    y = tl.minimum(tl.maximum(x / scale[:, None], -FP8_MAX), FP8_MAX)  # e4m3fn has no inf: saturate
+    tl.store(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], y.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr + rows * (K // GROUP) + group, scale, mask=rows < M)
+
+
+@triton.jit
+def fp8_quantize_blocks_kernel(
+    x_ptr,  # weights N x K (fp32, fp16, bf16), row stride stride_xn, K contiguous
+    q_ptr,  # output N x K contiguous: e4m3, or fp32
+    scale_ptr,  # output fp32 (ceil(N / BLOCK), K / BLOCK) contiguous: one per BLOCK x BLOCK block
+    N, K,  # K is a multiple of BLOCK; N need not be (the last block has fewer rows)
+    stride_xn,  # elements between x[n, 0] and x[n + 1, 0]
+    BLOCK: tl.constexpr,  # 128
+    FP8_MAX: tl.constexpr,
+):
+    block_n = tl.program_id(axis=0)
+    block_k = tl.program_id(axis=1)
+    rows = block_n * BLOCK + tl.arange(0, BLOCK)
+    cols = block_k * BLOCK + tl.arange(0, BLOCK)
+    mask = (rows[:, None] < N) & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xn + cols[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)  # one for the whole block
+    scale = tl.where(amax > 0, amax / FP8_MAX, 1.0)
+    y = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
+    tl.store(q_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], y.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(scale_ptr + block_n * (K // BLOCK) + block_k, scale)
+
+
+# %% [markdown]
+# ### The block-scaled matmul: promote every K step, in fp32
+# The scales now change along K, so they cannot wait for the epilogue: sum_k a[m, k] b[n, k] is
+# sum over K blocks j of a_scale[m, j] * b_scale[n // 128, j] * (sum of the 128 raw fp8 products
+# of block j). With BLOCK_K = 128, one K step is one scale group: the tensor cores compute the
+# step's raw (BLOCK_M, BLOCK_N) partial product, and it is scaled and added into the fp32
+# accumulator. That is also the precise accumulation of DeepSeek-V3 (promotion into fp32 every
+# 128 values): inside a step the fp8 tensor cores' own accumulator adds 128 products, then the
+# sum leaves for full fp32. The cost: BLOCK_M x BLOCK_N multiply-adds per K step (for 128 x 128
+# tiles, 1 per 128 of the tensor cores' multiply-adds) and the wait for each step's partial product
+# before it is scaled, where the per-tensor kernel chains its steps into one accumulator.
+
+
+# %%
+def fp8_block_configs() -> list:
+    if common.INTERPRETER:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": FP8_BLOCK, "GROUP_M": 4}, num_warps=4,
+                              num_stages=1)]
+    # Not timed yet (the first GPU run tunes). The K step is fixed at the scale group. Each step's
+    # partial product is a second fp32 tile beside the accumulator, so the tiles hold at most 64
+    # fp32 values a thread each (BLOCK_M x BLOCK_N / (32 x num_warps)): two of the per-tensor
+    # kernel's 256 x 128 tiles with 8 warps would take all 255 registers a thread has. The first
+    # config is what the checks launch untuned (first_config_only): (64 + 128) x 128 bytes of fp8 a
+    # stage, 3 stages, 72 KiB at most, which an sm_89 card's 99 KiB holds too.
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": FP8_BLOCK, "GROUP_M": 8}, num_warps=w,
+                          num_stages=s)
+            for bm, bn, w, s in ((64, 128, 4, 3), (64, 128, 4, 4), (128, 128, 8, 3), (128, 128, 8, 4),
+                                 (64, 256, 8, 3), (128, 64, 4, 4))]
+
+
+@triton.autotune(configs=fp8_block_configs(), key=["M", "N", "K"],
+                 prune_configs_by={"early_config_prune": capability.prune_configs_by_shared_memory})
+@triton.jit
+def fp8_block_matmul_kernel(
+    a_ptr,  # M x K e4m3, row-major (stride_am, 1)
+    b_ptr,  # N x K e4m3, row-major
+    a_scale_ptr,  # fp32 (M, K / 128), row stride stride_asm: a's 1 x 128 group scales
+    b_scale_ptr,  # fp32 (ceil(N / 128), K / 128), row stride stride_bsn: b's 128 x 128 block scales
+    c_ptr,  # M x N output (bf16; fp32 in the interpreter), row-major
+    M, N, K,  # K is a multiple of 128
+    stride_am, stride_bn, stride_cm,  # row strides; the inner dimensions are contiguous
+    stride_asm, stride_bsn,  # row strides of the scales
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # = SCALE_BLOCK in every config: one scale group per K step
+    GROUP_M: tl.constexpr,  # grouped program order (lesson 04)
+    SCALE_BLOCK: tl.constexpr,  # 128: K values per scale, and rows of b per scale
+):
+    tl.static_assert(BLOCK_K == SCALE_BLOCK, "a K step must be one scale group")
+    pid_m, pid_n = grouped_tile_position(tl.program_id(axis=0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M  # wrap around, as in fp8_matmul_kernel
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None]  # (BLOCK_K, BLOCK_N), K-major
+    a_scale_ptrs = a_scale_ptr + offs_m * stride_asm  # each row's own scale of K block 0
+    b_scale_ptrs = b_scale_ptr + (offs_n // SCALE_BLOCK) * stride_bsn  # each column's 128-row block
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for j in range(0, K // BLOCK_K):  # K % 128 == 0: no mask along K
+        a = tl.load(a_ptrs)
+        b = tl.load(b_ptrs)
+        a_scale = tl.load(a_scale_ptrs + j)
+        b_scale = tl.load(b_scale_ptrs + j)
+        # The step's raw partial product, scaled in fp32 before it joins the sum: the scales differ per step.
+        acc += tl.dot(a, b) * (a_scale[:, None] * b_scale[None, :])
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+# %% [markdown]
 # ### Mixed precision: what the accumulator's dtype costs
 # A K-long dot product in BLOCK_SIZE lanes: each lane adds K / BLOCK_SIZE products into its
 # accumulator, fp16 or fp32, then the lanes are summed in fp32. With an fp16 accumulator, once
@@ -912,6 +1096,85 @@ def fp8_matmul(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b:
     return c
 
 
+def _fp8_block_quantize(kernel, x: torch.Tensor, rows_per_scale: int, name: str, out: torch.Tensor | None):
+    common.check_tensors(**{name: x}, contiguous=False, ndim=2, dtypes=FLOAT_DTYPES)
+    m, k = x.shape
+    if x.stride(1) != 1:
+        raise ValueError(f"{name} must have contiguous rows ({name}.stride(1) == 1), got strides {x.stride()}")
+    if m == 0 or k == 0 or k % FP8_BLOCK:
+        raise ValueError(f"{name} is {tuple(x.shape)}: K = {k} must be a positive multiple of {FP8_BLOCK} (one scale "
+                         f"per {FP8_BLOCK} values along K, and a K step of fp8_block_matmul is one scale group)")
+    if out is None:
+        if not common.supports_fp8():
+            raise RuntimeError("fp8 outputs need a GPU with fp8 (sm_89+); pass out=torch.empty(..., "
+                               "dtype=torch.float32) for the scaled values without the fp8 rounding")
+        out = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    else:
+        common.check_tensors(out=out, dtypes=(torch.float8_e4m3fn, torch.float32))
+        if out.shape != x.shape:
+            raise ValueError(f"out must have shape {tuple(x.shape)}, got {tuple(out.shape)}")
+    scale = torch.empty(triton.cdiv(m, rows_per_scale), k // FP8_BLOCK, dtype=torch.float32, device=x.device)
+    if rows_per_scale == 1:
+        rows = GROUP_TILE_ELEMENTS // FP8_BLOCK  # 32 rows x 128: 4096 elements a program, as for int8
+        kernel[(triton.cdiv(m, rows), k // FP8_BLOCK)](x, out, scale, m, k, x.stride(0), ROWS=rows, GROUP=FP8_BLOCK,
+                                                        FP8_MAX=E4M3_MAX, num_warps=4)
+    else:
+        kernel[(triton.cdiv(m, FP8_BLOCK), k // FP8_BLOCK)](x, out, scale, m, k, x.stride(0), BLOCK=FP8_BLOCK,
+                                                             FP8_MAX=E4M3_MAX, num_warps=8)
+    return out, scale
+
+
+def fp8_quantize_groups(a: torch.Tensor, out: torch.Tensor | None = None):
+    """Activations a (M, K), K a multiple of 128 -> (q e4m3 (M, K), scale fp32 (M, K / 128)): one amax
+    scale per 1 x 128 group, a ~ q * scale. Pass out= an fp32 tensor for the scaled values before the
+    fp8 rounding (runs anywhere); e4m3 outputs need a GPU with fp8 (sm_89+)."""
+    return _fp8_block_quantize(fp8_quantize_groups_kernel, a, 1, "a", out)
+
+
+def fp8_quantize_blocks(b: torch.Tensor, out: torch.Tensor | None = None):
+    """Weights b (N, K), K a multiple of 128, any N -> (q e4m3 (N, K), scale fp32 (ceil(N / 128), K / 128)):
+    one amax scale per 128 x 128 block. out= as for fp8_quantize_groups."""
+    return _fp8_block_quantize(fp8_quantize_blocks_kernel, b, FP8_BLOCK, "b", out)
+
+
+def fp8_block_matmul(a: torch.Tensor, b: torch.Tensor, a_scale: torch.Tensor, b_scale: torch.Tensor,
+                     out_dtype: torch.dtype = torch.bfloat16, out: torch.Tensor | None = None) -> torch.Tensor:
+    """dequant(a) @ dequant(b).T for a (M, K) and b (N, K) float8_e4m3fn with block scales, K a multiple
+    of 128: a_scale (M, K / 128) per 1 x 128 group, b_scale (ceil(N / 128), K / 128) per 128 x 128 block
+    (as fp8_quantize_groups and fp8_quantize_blocks make them). Returns (M, N) in out_dtype.
+
+    Needs a GPU with fp8 (sm_89+), or the interpreter: its fp8 loads convert to fp32 exactly (only its
+    casts to fp8 differ from the GPU's), so it runs there with out_dtype=torch.float32.
+    """
+    if common.HAS_GPU and not common.supports_fp8():
+        raise RuntimeError("fp8_block_matmul needs a GPU with fp8 tensor cores (sm_89+)")
+    common.check_tensors(a=a, b=b, same_shape=False, ndim=2, dtypes=(torch.float8_e4m3fn,))
+    (m, k), n = a.shape, b.shape[0]
+    if b.shape[1] != k:
+        raise ValueError(f"a is {tuple(a.shape)} and b is {tuple(b.shape)}: both must be (rows, K) with the same K")
+    if k == 0 or k % FP8_BLOCK:
+        raise ValueError(f"K = {k} must be a positive multiple of {FP8_BLOCK}: each K step of the kernel is one "
+                         f"scale group")
+    common.check_tensors(a_scale=a_scale, b_scale=b_scale, same_shape=False, ndim=2, dtypes=(torch.float32,))
+    for scale, name, shape in ((a_scale, "a_scale", (m, k // FP8_BLOCK)),
+                               (b_scale, "b_scale", (triton.cdiv(n, FP8_BLOCK), k // FP8_BLOCK))):
+        if tuple(scale.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape} (one fp32 scale per "
+                             f"{'1' if name == 'a_scale' else FP8_BLOCK} x {FP8_BLOCK} block), got {tuple(scale.shape)}")
+    if out is None:
+        if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            raise TypeError(f"out_dtype must be bfloat16, float16 or float32, got {out_dtype}")
+        out = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    else:
+        common.check_tensors(out=out, dtypes=(torch.bfloat16, torch.float16, torch.float32))
+        if tuple(out.shape) != (m, n):
+            raise ValueError(f"out must have shape ({m}, {n}), got {tuple(out.shape)}")
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _launch(fp8_block_matmul_kernel, grid, a, b, a_scale, b_scale, out, m, n, k, a.stride(0), b.stride(0),
+            out.stride(0), a_scale.stride(0), b_scale.stride(0), SCALE_BLOCK=FP8_BLOCK)
+    return out
+
+
 def dot_accumulate(x: torch.Tensor, y: torch.Tensor, acc_fp16: bool, block_size: int = 16) -> torch.Tensor:
     """Row-wise dot products of fp16 x and y (M, K), accumulated in fp16 or fp32: (M,) fp32."""
     common.check_tensors(x=x, y=y, ndim=2, dtypes=(torch.float16,))
@@ -1084,6 +1347,93 @@ def _check_fp8_matmul() -> None:
     print("fp8_matmul (e4m3 in, bf16 out, both accumulation modes) matches float64 of the fp8 inputs: OK")
 
 
+def fp8_block_operands(x: torch.Tensor, w: torch.Tensor):
+    """(a, b, a_scale, b_scale) from the lesson's block quantizers: e4m3 on a GPU with fp8; elsewhere the
+    kernels' fp32 scaled values, cast to e4m3 by PyTorch (the interpreter's own casts to fp8 differ from
+    the GPU's by one e4m3 step here and there)."""
+    if common.supports_fp8():
+        (a, a_scale), (b, b_scale) = fp8_quantize_groups(x), fp8_quantize_blocks(w)
+        return a, b, a_scale, b_scale
+    a, a_scale = fp8_quantize_groups(x, out=torch.empty(x.shape, device=x.device))
+    b, b_scale = fp8_quantize_blocks(w, out=torch.empty(w.shape, device=w.device))
+    return a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn), a_scale, b_scale
+
+
+def block_scaled_problem(m: int, n: int, k: int):
+    """x (M, K) and w (N, K) fp32 whose 1 x 128 groups and 128 x 128 blocks differ in size by up to 2^8
+    (so a scale taken from the wrong block is wrong by a lot), with an all-zero group of x and an
+    all-zero block of w (scale 1.0, not 0 / 0)."""
+    x = common.randn(m, k) * torch.exp2(8 * torch.rand(m, k // FP8_BLOCK) - 4).repeat_interleave(
+        FP8_BLOCK, dim=1).to(common.DEVICE)
+    block = torch.exp2(8 * torch.rand(triton.cdiv(n, FP8_BLOCK), k // FP8_BLOCK) - 4)
+    w = common.randn(n, k, scale=k ** -0.5) * expand_block_scales(block, n, FP8_BLOCK).to(common.DEVICE)
+    x[m // 2, :FP8_BLOCK] = 0.0
+    w[(n - 1) // FP8_BLOCK * FP8_BLOCK:, -FP8_BLOCK:] = 0.0  # the last block: partial where 128 does not divide N
+    return x, w
+
+
+def check_fp8_block_quantize(x: torch.Tensor, w: torch.Tensor, name: str) -> None:
+    """Both block quantizers against float64: the scales to fp32 tolerance and the fp32 scaled values
+    everywhere; the e4m3 values (within half an e4m3 step of the exact ones) on a GPU with fp8."""
+    for quantize, t, rows_per_scale, what in ((fp8_quantize_groups, x, 1, "1 x 128 groups"),
+                                              (fp8_quantize_blocks, w, FP8_BLOCK, "128 x 128 blocks")):
+        _, scale_ref = fp8_block_quantize_reference(t.double(), rows_per_scale)
+        exact = (t.double() / expand_block_scales(scale_ref, t.shape[0], rows_per_scale)).clamp(-E4M3_MAX, E4M3_MAX)
+        scaled = common.poisoned_empty(*t.shape)
+        _, scale = quantize(t, out=scaled)
+        common.assert_close(scale, scale_ref, name=f"{name}: {what}: scale")
+        common.assert_close(scaled, exact, name=f"{name}: {what}: scaled values")
+        if common.supports_fp8():
+            q = common.poisoned_empty(*t.shape, dtype=torch.float8_e4m3fn)
+            quantize(t, out=q)
+            common.assert_close(q, exact, name=f"{name}: {what}: e4m3 values")
+
+
+def check_fp8_block_matmul(matmul, a, b, a_scale, b_scale, name: str) -> None:
+    """matmul(a, b, a_scale, b_scale, out=...) against float64 of the dequantised operands, to the
+    tolerance of fp32 accumulation (bf16 output on a GPU, fp32 in the interpreter)."""
+    m, n, k = a.shape[0], b.shape[0], a.shape[1]
+    dtype = torch.bfloat16 if common.supports_bf16() else torch.float32
+    out = common.poisoned_empty(m, n, dtype=dtype)
+    matmul(a, b, a_scale, b_scale, out=out)
+    ref = fp8_block_matmul_reference(a, b, a_scale, b_scale)
+    raw = a.double() @ b.double().t()
+    b_scale64 = expand_block_scales(b_scale.double(), n, FP8_BLOCK)
+    mistakes = {
+        "the scales were applied once, after the K loop, with K block 0's: they change along K, so scale each "
+        "K step's partial product before adding it": raw * a_scale.double()[:, :1] * b_scale64[:, 0][None, :],
+        "a_scale was read as (K / 128, M), K-block-major (DeepGEMM's layout): here it is (M, K / 128), row m "
+        "at a_scale_ptr + m * stride_asm": fp8_block_matmul_reference(
+            a, b, a_scale.flatten().reshape(k // FP8_BLOCK, m).t(), b_scale),
+    }
+    # An absolute tolerance from the largest sum of |terms| (the scales spread the magnitudes, so a
+    # relative one alone is too tight where terms cancel). The interpreter sums in fp32 in another
+    # order than float64: a few fp32 steps. The tensor cores add a K step's 128 fp8 products with
+    # fewer bits than fp32 before the promotion (about 14 on H800, DeepSeek-V3 reports): 2^-10 of it.
+    # A wrong scale is wrong by 2^-4 to 2^4 here, far beyond either.
+    terms = ((a.double() * expand_block_scales(a_scale.double(), m, 1)).abs()
+             @ (b.double() * b_scale64).abs().t())
+    tol = common.checks.tolerance(dtype)
+    step = 16 * torch.finfo(torch.float32).eps if common.INTERPRETER else 2.0 ** -10
+    atol = max(tol["atol"], step * float(terms.max()))
+    common.assert_close(out, ref, name=name, atol=atol, rtol=tol["rtol"], mistakes=mistakes)
+
+
+def _check_fp8_block() -> None:
+    if common.HAS_GPU and not common.supports_fp8():
+        print("fp8 block-scaled quantize and matmul: skipped, this GPU has no fp8 (sm_89+)")
+        return
+    for m, n, k in ((77, 300, 384), (130, 129, 256)):  # M, N not multiples of 128 (nor of the tiles)
+        x, w = block_scaled_problem(m, n, k)
+        name = f"fp8 block-scaled {m}x{n}x{k}"
+        check_fp8_block_quantize(x, w, name)
+        check_fp8_block_matmul(fp8_block_matmul, *fp8_block_operands(x, w), name=f"fp8_block_matmul {m}x{n}x{k}")
+    where = "e4m3 values from the kernels" if common.supports_fp8() else \
+        "the kernels' fp32 scaled values cast to e4m3 by PyTorch (the interpreter's fp8 casts differ), fp32 out"
+    print(f"fp8_quantize_groups (1 x 128), fp8_quantize_blocks (128 x 128) and fp8_block_matmul match float64 of "
+          f"the dequantised operands, with a zero group and block ({where}): OK")
+
+
 def check(quick: bool) -> None:
     section("Check: every kernel against float64, on awkward sizes, outputs poisoned")
     _check_quantize(quick)
@@ -1091,6 +1441,7 @@ def check(quick: bool) -> None:
     _check_w8a16(quick)
     _check_w4a16(quick)
     _check_fp8_matmul()
+    _check_fp8_block()
     if not common.supports_bf16():
         print("bfloat16: skipped, the interpreter has no bfloat16 (numpy lacks it); runs on a GPU")
 
@@ -1162,6 +1513,72 @@ def error_table() -> None:
         print("bf16 and fp8 casts here are PyTorch's on the CPU (the interpreter has no bf16, its fp8 casts "
               "differ from the GPU's); int8 rows come from the Triton kernels.")
     gemv_error_table()
+    fp8_matmul_error_table()
+
+
+def _fp8_matmul_problems(m: int, n: int, k: int) -> dict:
+    """name -> (x (M, K), w (N, K)) in float64: activations N(0, 1), weights N(0, 1/K), and outlier channels."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(m, k, dtype=torch.float64, generator=gen)
+    w = torch.randn(n, k, dtype=torch.float64, generator=gen) * k ** -0.5
+    channels = torch.randperm(k, generator=gen)[:4]
+    x100, x_massive, w_massive = x.clone(), x.clone(), w.clone()
+    x100[:, channels] *= 100  # outlier channels, as in LLM activations
+    x_massive[:, channels] *= 3e4  # "massive activations", with weights that keep their products
+    w_massive[:, channels] /= 3e4  # the size of the others' (the channels matter, but do not swamp)
+    return {"N(0,1)": (x, w), "4 channels x 100": (x100, w), "4 channels x 3e4, their weights / 3e4": (x_massive, w_massive)}
+
+
+def _fp8_matmuls(x64: torch.Tensor, w64: torch.Tensor) -> dict:
+    """provider -> x @ w.T (float64, on the CPU) through each format. On Hopper the per-tensor and row-wise
+    rows run fp8_matmul (precise) and torch._scaled_mm; elsewhere they are float64 products of the
+    dequantised operands (the quantization error alone, emulated)."""
+    x, w = x64.float().to(common.DEVICE), w64.float().to(common.DEVICE)
+    out = {"bf16 inputs, torch.matmul": (x.bfloat16() @ w.bfloat16().t()).double().cpu()}
+    a, sa = fp8_quantize_reference(x, "e4m3")
+    b, sb = fp8_quantize_reference(w, "e4m3")
+    if common.is_hopper():
+        out["fp8 per tensor (fp8_matmul)"] = fp8_matmul(a, b, sa.reshape(1), sb.reshape(1), precise_acc=True)
+    else:
+        out["fp8 per tensor (emulated)"] = fp8_matmul_reference(a, b, sa, sb)
+    a, sa = fp8_rowwise_quantize_reference(x)
+    b, sb = fp8_rowwise_quantize_reference(w)
+    if common.is_hopper():
+        rowwise = common.baselines.op("fp8_block_matmul").baselines[0]
+        out[f"fp8 row-wise ({rowwise.name})"] = rowwise.fn(a, b, sa, sb.t().contiguous())
+    else:
+        out["fp8 row-wise (emulated)"] = (a.double() * sa.double()) @ (b.double() * sb.double()).t()
+    out["fp8 1 x 128 / 128 x 128 blocks (fp8_block_matmul)"] = fp8_block_matmul(
+        *fp8_block_operands(x, w), out_dtype=torch.bfloat16 if common.supports_bf16() else torch.float32)
+    return {name: y.double().cpu() for name, y in out.items()}
+
+
+def fp8_matmul_error_table() -> None:
+    """Each fp8 scaling against the float64 product of the original (unquantized) inputs, row by row."""
+    m, n, k = (128, 256, 1024) if common.INTERPRETER else (1024, 1024, 4096)
+    section(f"FP8 matmul error by scaling: x ({m}, {k}) @ w ({n}, {k}).T against float64 of the original inputs")
+    problems = _fp8_matmul_problems(m, n, k)
+    median, worst = {}, {}
+    for x64, w64 in problems.values():
+        exact = x64 @ w64.t()
+        for name, y in _fp8_matmuls(x64, w64).items():
+            rel = (y - exact).norm(dim=1) / exact.norm(dim=1)  # per output row: ||error|| / ||float64 row||
+            median.setdefault(name, []).append(f"{float(rel.median()):.2e}")
+            worst.setdefault(name, []).append(f"{float(rel.max()):.2e}")
+    for title, values in (("median over output rows of ||row error|| / ||float64 row||", median),
+                          ("worst output row: max of ||row error|| / ||float64 row||", worst)):
+        table = Table(title, ["provider", *problems])
+        for name, row in values.items():
+            table.add(name, *row)
+        table.print()
+    print("fp8 is a float: inside one scale's range it keeps 3 mantissa bits (a few % of error per row, bf16 a few "
+          "tenths of a %), "
+          "so 100x outliers cost it little, unlike int8. Past e4m3's range of about 2^15 from a scale's amax, values "
+          "turn subnormal and flush to zero: one scale per tensor or per row then loses the ordinary channels next to "
+          "massive ones; a 1 x 128 group loses only the 127 values that share the outlier's group.")
+    if not common.is_hopper():
+        print("Off Hopper the per-tensor and row-wise rows are emulated (float64 of the fp8 operands, PyTorch's "
+              "casts), and in the interpreter fp8_block_matmul writes fp32 (no bf16 there), from PyTorch's fp8 casts.")
 
 
 def gemv_error_table() -> None:
@@ -1330,6 +1747,26 @@ def _fp8_inputs(n: int):
     return a, b, sa.reshape(1), sb.reshape(1)
 
 
+def _fp8_block_inputs(n: int):
+    """a, b (n, n) e4m3 with both kinds of scales, chosen so that both providers compute the same product:
+    row scales for a ((M, 1), and its 1 x 128 group scales are the same value along the row), and for b
+    one scale per 128 rows ((1, N) row-wise, and its 128 x 128 block scales the same along K). So the
+    layer can check the kernel's output against the baseline's; the kernel still loads and applies a
+    scale per K step, as for any block scales, so its time is theirs."""
+    groups = n // FP8_BLOCK
+    a, row_scale_a = fp8_rowwise_quantize_reference(
+        torch.randn(n, n, device=common.DEVICE, dtype=torch.bfloat16) * n ** -0.25)
+    w = torch.randn(n, n, device=common.DEVICE, dtype=torch.bfloat16) * n ** -0.25
+    amax = w.float().reshape(groups, FP8_BLOCK * n).abs().amax(dim=1)  # per 128-row slab, over all of K
+    slab = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    row_scale_b = slab.repeat_interleave(FP8_BLOCK)[None, :]  # (1, N)
+    b = (w.float() / row_scale_b.t()).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    block_scale_a = row_scale_a.expand(n, groups).contiguous()  # (M, K / 128)
+    block_scale_b = slab[:, None].expand(groups, groups).contiguous()  # (N / 128, K / 128)
+    return a, b, row_scale_a, row_scale_b, block_scale_a, block_scale_b
+
+
+FP8_BLOCK_BAR = 0.9  # the issue's: >= 0.9x torch._scaled_mm row-wise, both accumulating precisely
 GEMV_BAR = (14336, 4096)  # Llama-3-8B's MLP up projection
 GEMV_DOWN = (4096, 14336)  # its down projection: 4x fewer rows, each 3.5x longer
 W4A16_VS_FP16 = 1.6  # the W4A16 bar against cuBLAS's fp16 GEMV itself (stated after its benchmark)
@@ -1408,6 +1845,18 @@ BENCHMARKS = [
         bars=[common.Bar("triton fp8, fast accumulation", 4096, "baseline", 0.85)],
         note="precise_acc=True promotes into fp32 after every K step, like _scaled_mm's default (not raced "
              "here): its ratio is against the fast mode."),
+    # Hopper only, like the per-tensor one (__main__ leaves it out elsewhere); full runs only: the
+    # bars are not measured in --quick, and two 8192^3 tunings would slow every quick run.
+    common.Benchmark(
+        "FP8 e4m3 block-scaled matmul (1 x 128 scales for a, 128 x 128 for b), bf16 out", op="fp8_block_matmul",
+        cases=[4096, 8192], quick_cases=[], setup=_fp8_block_inputs,
+        kernels={"triton fp8 block-scaled": lambda a, b, ra, rb, block_a, block_b: fp8_block_matmul(a, b, block_a,
+                                                                                                   block_b)},
+        flops=lambda a, b, *scales: 2 * a.shape[0] * a.shape[1] * b.shape[0], label=lambda n: f"{n}^3",
+        bars=[common.Bar("triton fp8 block-scaled", case, "baseline", FP8_BLOCK_BAR) for case in (4096, 8192)],
+        note="The baseline is the nearest scaling torch._scaled_mm has: one scale per row of a and of b, with "
+             "precise accumulation (use_fast_accum=False), as the block-scaled kernel promotes into fp32 every "
+             "128 values of K. The inputs' scales are constant along K, so both compute the same product."),
 ]
 
 
@@ -1441,6 +1890,9 @@ def fp16_gemv_bar(benchmark, results) -> None:
 #   rows and 16-byte loads.
 # - FP8 needs a scale per tensor (or finer): e4m3 spans only 2^-9 to 448. Apply the scales in
 #   the epilogue; know which accumulation mode you compare against.
+# - Block scales (1 x 128 of a, 128 x 128 of b) change along K: scale each K step's partial
+#   product in fp32, one multiply-add per output per 128 of K, which is also the promotion that
+#   makes fp8 accumulation precise.
 # - Accumulate in fp32, subtract the max before exp: fp16 overflows at 65504 and stops adding
 #   small numbers to large ones long before that.
 
@@ -1458,8 +1910,12 @@ if __name__ == "__main__":
     print(f"\n(checks, error tables and traffic: {time.perf_counter() - started:.1f} s)")
     benchmarks = BENCHMARKS
     if not common.is_hopper():
-        print("\nBenchmark: FP8 matmul: skipped, fp8_matmul needs a Hopper GPU (sm_90)")
-        benchmarks = [b for b in BENCHMARKS if b.op != "fp8_matmul"]
+        print("\nBenchmark: FP8 matmul and FP8 block-scaled matmul: skipped, they are tuned for and measured on "
+              "a Hopper GPU (sm_90)")
+        benchmarks = [b for b in BENCHMARKS if b.op not in ("fp8_matmul", "fp8_block_matmul")]
+    elif args.quick:
+        print("\nBenchmark: FP8 block-scaled matmul: full runs only (its bars are measured there)")
+        benchmarks = [b for b in BENCHMARKS if b.op != "fp8_block_matmul"]
     results = common.run_benchmarks(benchmarks, args.quick)
     for benchmark in benchmarks:
         if benchmark.op == "gemv_w4a16" and not args.quick:
