@@ -256,6 +256,7 @@ def _inspect_kernels(calls: list, arch: int | None) -> list[KernelReport]:
     for i, (fn, args, meta) in enumerate(calls):
         jit, meta = _unwrap(fn, args, meta)
         pointers = tuple(_Pointer.of(a) if _is_tensor(a) else a for a in args)
+        meta = {k: _Pointer.of(v) if _is_tensor(v) else v for k, v in meta.items()}  # a tensor passed by keyword
         if not INTERPRETER:
             reports[i] = _report(compile_for(jit, target, pointers, meta), _name(fn), target, note)
             continue
@@ -360,15 +361,14 @@ def _spec(fn, args: tuple, meta: dict, why: Exception) -> dict:
                          f"({type(why).__name__}: {str(why).splitlines()[0][:200] if str(why) else ''}) and has no "
                          f"source file to compile it from in a child process (a kernel defined in a notebook "
                          f"cell?); run with COURSE_INTERPRETER=0, or on a GPU")
-    encoded = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            encoded.append({"dtype": str(a.dtype).removeprefix("torch."), "address_mod_16": a.data_ptr() % 16})
-        elif isinstance(a, (int, float, bool, str)) or a is None:
-            encoded.append(a)
-        else:
-            raise ValueError(f"inspect_kernel: cannot pass a {type(a).__name__} argument to the compiler")
-    return {"path": path, "name": python_fn.__name__, "args": encoded, "meta": meta}
+    def encode(a):
+        if isinstance(a, (torch.Tensor, _Pointer)):
+            return {"dtype": str(a.dtype).removeprefix("torch."), "address_mod_16": a.data_ptr() % 16}
+        if isinstance(a, (int, float, bool, str)) or a is None:
+            return a
+        raise ValueError(f"inspect_kernel: cannot pass a {type(a).__name__} argument to the compiler")
+    return {"path": path, "name": python_fn.__name__, "args": [encode(a) for a in args],
+            "meta": {k: encode(v) for k, v in meta.items()}}
 
 
 def _compile_in_child(specs: list[dict], arch: int) -> list[dict]:
@@ -395,9 +395,11 @@ def _child(arch: int) -> None:
         module = modules.get(spec["path"]) or load_module(Path(spec["path"]), name=f"inspected_{len(modules)}")
         modules[spec["path"]] = module
         fn = _find_jit(module, spec["name"])
-        args = tuple(_Pointer(getattr(torch, a["dtype"]), 1024 + a["address_mod_16"]) if isinstance(a, dict) else a
-                     for a in spec["args"])
-        reports.append(_report(compile_for(fn, arch, args, spec["meta"]), spec["name"], arch).to_json())
+        def decode(a):
+            return _Pointer(getattr(torch, a["dtype"]), 1024 + a["address_mod_16"]) if isinstance(a, dict) else a
+        args = tuple(decode(a) for a in spec["args"])
+        meta = {k: decode(v) for k, v in spec["meta"].items()}
+        reports.append(_report(compile_for(fn, arch, args, meta), spec["name"], arch).to_json())
     print(json.dumps(reports))
 
 

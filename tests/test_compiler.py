@@ -64,7 +64,24 @@ def test_a_kernel_calling_other_jit_functions_compiles():
     assert (r.widest_load_bits(), r.widest_store_bits()) == (128, 128)
 
 
-def test_occupancy_arithmetic():
+def test_a_tensor_passed_by_keyword_compiles(tmp_path, monkeypatch):
+    """A tensor among the meta-parameters (lesson 07's varlen forward takes cu_seqlens_ptr= by
+    keyword) reaches the compiler as a pointer, in process and in the interpreter's child
+    process (a kernel that calls a @triton.jit helper compiles there)."""
+    source = (
+        "import triton\nimport triton.language as tl\n\n"
+        "@triton.jit\ndef _twice(v):\n    return v * 2\n\n"
+        "@triton.jit\ndef keyword_kernel(x_ptr, n, offsets_ptr=None, BLOCK: tl.constexpr = 128):\n"
+        "    start = tl.load(offsets_ptr)\n    i = start + tl.arange(0, BLOCK)\n"
+        "    tl.store(x_ptr + i, _twice(tl.load(x_ptr + i, mask=i < n)), mask=i < n)\n")
+    path = tmp_path / "keyword_kernels.py"
+    path.write_text(source)
+    from common.lessons import load_module
+    module = load_module(path, name="keyword_kernels")
+    x, offsets = torch.empty(256), torch.zeros(1, dtype=torch.int32)
+    r = inspect_kernel(module.keyword_kernel, x, 256, arch=90, offsets_ptr=offsets, BLOCK=128)
+    assert r.name == "keyword_kernel" and r.registers and "ld.global" in r.excerpt("ptx", r"ld\.global")
+
     """Registers are allocated per warp in units of 256; shared memory per program plus 1 KiB."""
     def report(**kw):
         return KernelReport(**{**dict(name="k", arch=90, num_warps=4, num_stages=1, shared=0, registers=32,
