@@ -7,7 +7,8 @@ Fill in the TODOs, then grade your answers with:
     make check LESSON=10
 
 10.1 writes the pruning function of an autotuned matmul, 10.2 a roofline predictor for a tiled
-matmul, 10.3 the heuristics that pick a row kernel's block size and warps (and the kernel).
+matmul, 10.3 the heuristics that pick a row kernel's block size and warps (and the kernel), 10.4 a
+split-K matmul (kernel and wrapper) for problems with too few tiles to fill the GPU.
 Hints, from gentle to explicit, are in lessons/expert/10_autotuning.md under "Exercises".
 """
 
@@ -205,3 +206,54 @@ def row_absmax(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor
         out = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     row_absmax_heuristic_kernel[(n_rows,)](x, out, n_cols, x.stride(0))  # BLOCK_SIZE, num_warps: the heuristics
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise 10.4: a split-K matmul
+# A problem with few output tiles (M = 64 against N = K = 8192, or 1024^3 in 128 x 128 tiles)
+# leaves most SMs idle when each program computes one tile. Split-K cuts K into slices too: the
+# grid is (tile rows, tile columns, slices), each program sums its tile over its slice of K, and
+# adds that fp32 partial into the output with tl.atomic_add.
+
+SPLIT_K_TILE = ({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16} if common.INTERPRETER
+                else {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32})  # the tile matmul_split_k launches with
+
+
+@triton.jit
+def matmul_split_k_kernel(
+    a_ptr, b_ptr,  # A (M x K), B (K x N)
+    c_ptr,  # C (M x N) fp32, zeroed before the launch: every program adds its partial tile into it
+    M, N, K,  # the sizes
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,  # strides, in elements
+    K_PER_SPLIT,  # K elements per slice, a multiple of BLOCK_K
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Program (i, j, s) adds A[rows of tile i, slice s] @ B[slice s, columns of tile j] into C's
+    tile (i, j). Slice s covers k in [s * K_PER_SPLIT, (s + 1) * K_PER_SPLIT), and k < K."""
+    # TODO: the tile's row offsets (program_id 0) and column offsets (program_id 1), the slice's
+    #       first k (program_id 2), the K offsets of one step, a zeroed fp32 accumulator (about 5 lines)
+    # TODO: loop over the slice in steps of BLOCK_K: load A's and B's blocks masked to rows < M,
+    #       columns < N and k < K (other=0.0), and tl.dot them into the accumulator (about 6 lines)
+    # TODO: tl.atomic_add the accumulator into C's tile, masked to rows < M and columns < N (about 2 lines)
+    pass
+
+
+def matmul_split_k(a: torch.Tensor, b: torch.Tensor, split_k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b by split-K: split_k slices of K (fewer if rounding empties the last ones), the slices'
+    fp32 partials added with atomics, then cast to out's dtype (the inputs', by default)."""
+    common.check_tensors(a=a, b=b, same_shape=False, contiguous=False, ndim=2,
+                         dtypes=(torch.float32, torch.float16, torch.bfloat16))
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)}: a.shape[1] must equal b.shape[0]")
+    if not isinstance(split_k, int) or isinstance(split_k, bool) or split_k < 1:
+        raise ValueError(f"split_k must be an int >= 1, got {split_k!r}")
+    (M, K), N = a.shape, b.shape[1]
+    out = torch.empty((M, N), dtype=a.dtype, device=a.device) if out is None else out
+    bm, bn, bk = SPLIT_K_TILE["BLOCK_M"], SPLIT_K_TILE["BLOCK_N"], SPLIT_K_TILE["BLOCK_K"]
+    # TODO: K per slice: cdiv(K, split_k) rounded up to a multiple of bk; the slices that makes:
+    #       cdiv(K, k_per_split) (about 2 lines)
+    # TODO: the fp32 accumulator: out itself if out is fp32, else a new M x N fp32 tensor; zero it,
+    #       the atomics add into it (about 2 lines)
+    # TODO: launch matmul_split_k_kernel on a (cdiv(M, bm), cdiv(N, bn), slices) grid with
+    #       **SPLIT_K_TILE; if the accumulator is not out, copy it into out (the cast) (about 5 lines)
+    raise NotImplementedError("TODO: exercise 10.4")

@@ -211,3 +211,64 @@ def row_absmax(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor
         out = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     row_absmax_heuristic_kernel[(n_rows,)](x, out, n_cols, x.stride(0))  # BLOCK_SIZE, num_warps: the heuristics
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Exercise 10.4: a split-K matmul
+# A problem with few output tiles (M = 64 against N = K = 8192, or 1024^3 in 128 x 128 tiles)
+# leaves most SMs idle when each program computes one tile. Split-K cuts K into slices too: the
+# grid is (tile rows, tile columns, slices), each program sums its tile over its slice of K, and
+# adds that fp32 partial into the output with tl.atomic_add.
+
+SPLIT_K_TILE = ({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16} if common.INTERPRETER
+                else {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32})  # the tile matmul_split_k launches with
+
+
+@triton.jit
+def matmul_split_k_kernel(
+    a_ptr, b_ptr,  # A (M x K), B (K x N)
+    c_ptr,  # C (M x N) fp32, zeroed before the launch: every program adds its partial tile into it
+    M, N, K,  # the sizes
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,  # strides, in elements
+    K_PER_SPLIT,  # K elements per slice, a multiple of BLOCK_K
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Program (i, j, s) adds A[rows of tile i, slice s] @ B[slice s, columns of tile j] into C's
+    tile (i, j). Slice s covers k in [s * K_PER_SPLIT, (s + 1) * K_PER_SPLIT), and k < K."""
+    offs_m = tl.program_id(axis=0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(axis=1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_start = tl.program_id(axis=2) * K_PER_SPLIT
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(k_start, k_start + K_PER_SPLIT, BLOCK_K):  # steps past K load nothing (the mask)
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + (k + offs_k)[None, :] * stride_ak,
+                    mask=(offs_m[:, None] < M) & (k + offs_k[None, :] < K), other=0.0)
+        b = tl.load(b_ptr + (k + offs_k)[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                    mask=(k + offs_k[:, None] < K) & (offs_n[None, :] < N), other=0.0)
+        acc = tl.dot(a, b, acc)
+    tl.atomic_add(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, acc,
+                  mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+def matmul_split_k(a: torch.Tensor, b: torch.Tensor, split_k: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b by split-K: split_k slices of K (fewer if rounding empties the last ones), the slices'
+    fp32 partials added with atomics, then cast to out's dtype (the inputs', by default)."""
+    common.check_tensors(a=a, b=b, same_shape=False, contiguous=False, ndim=2,
+                         dtypes=(torch.float32, torch.float16, torch.bfloat16))
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)}: a.shape[1] must equal b.shape[0]")
+    if not isinstance(split_k, int) or isinstance(split_k, bool) or split_k < 1:
+        raise ValueError(f"split_k must be an int >= 1, got {split_k!r}")
+    (M, K), N = a.shape, b.shape[1]
+    out = torch.empty((M, N), dtype=a.dtype, device=a.device) if out is None else out
+    bm, bn, bk = SPLIT_K_TILE["BLOCK_M"], SPLIT_K_TILE["BLOCK_N"], SPLIT_K_TILE["BLOCK_K"]
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), bk) * bk  # whole BLOCK_K steps: no slice starts mid-step
+    slices = triton.cdiv(K, k_per_split)
+    acc = out if out.dtype == torch.float32 else torch.empty((M, N), dtype=torch.float32, device=a.device)
+    acc.zero_()  # the atomics add into it
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn), slices)
+    matmul_split_k_kernel[grid](a, b, acc, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                                acc.stride(0), acc.stride(1), k_per_split, **SPLIT_K_TILE)
+    if acc is not out:
+        out.copy_(acc)
+    return out

@@ -16,7 +16,7 @@ import triton.language as tl
 
 import common
 from common import CheckError, assert_close, awkward_sizes, poisoned_empty, randn
-from common.grading import Exercise, expect_rejected, lesson_tests, load_impl, solution_with
+from common.grading import Exercise, expect_rejected, lesson_tests, load_impl, solution_with, with_flags
 from common.lessons import lesson_module
 
 STEM = "10_autotuning"
@@ -346,11 +346,115 @@ def check_row_absmax(row_absmax):
             })
 
 
+# --------------------------------------------------------------------------- 10.4 split-K
+
+def _split_k_ranges(K, bk, split_k, *, start="slice", rounded=True, k_mask=True):
+    """The [lo, hi) of K that each slice adds, by the spec of 10.4; the switches give the ranges of
+    the usual mistakes (hi may pass K where a load is not masked: read from the padded storage)."""
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), bk) * bk if rounded else triton.cdiv(K, split_k)
+    ranges = []
+    for s in range(triton.cdiv(K, k_per_split)):
+        lo = s * (k_per_split if start == "slice" else bk)
+        # the kernel walks whole BLOCK_K steps from lo; only the k < K mask stops a step
+        hi = lo + triton.cdiv(min(k_per_split, K - lo), bk) * bk
+        ranges.append((lo, hi if not k_mask else min(hi, K)))
+    return ranges
+
+
+def _slice_sums(a64, b64, ranges):
+    return [a64[:, lo:hi] @ b64[lo:hi, :] for lo, hi in ranges if hi > lo]
+
+
+def _one_slice_each(out, partials):
+    """Per element, the slice partial nearest to out: equal to out when every element holds one slice's
+    partial (stored, not added: the last slice to finish wins, tile by tile on a GPU)."""
+    stack = torch.stack([p.cpu() for p in partials])
+    nearest = (stack - out.detach().cpu().double()).abs().nan_to_num(float("inf")).argmin(dim=0)
+    return stack.gather(0, nearest[None]).squeeze(0)
+
+
+def _split_k_inputs(M, N, K, dtype, layout):
+    """a (M x K) and b (K x N), and the padded storage they are views of ("padded": rows of a and b
+    continue past K with finite garbage, which an unmasked load reads instead of faulting)."""
+    if layout == "padded":
+        a_full = randn(M, 2 * K, dtype=dtype, scale=K ** -0.5)
+        b_full = randn(2 * K, N, dtype=dtype)
+        return a_full[:, :K], b_full[:K], a_full, b_full
+    a = randn(M, K, dtype=dtype, scale=K ** -0.5)
+    b = randn(N, K, dtype=dtype).t() if layout == "transposed" else randn(K, N, dtype=dtype)
+    return a, b, a, b
+
+
+def check_matmul_split_k(matmul_split_k):
+    tile = inspect.unwrap(matmul_split_k).__globals__.get("SPLIT_K_TILE")
+    if not tile:
+        raise CheckError("the module must define SPLIT_K_TILE, the tile matmul_split_k launches with (exercise 10.4)")
+    bk = tile["BLOCK_K"]
+    hi = 70 if common.INTERPRETER else 300
+
+    def side():
+        return awkward_sizes(1, lo=17, hi=hi, include=())[0]
+
+    def k_steps(lo, high):  # K of lo..high BLOCK_K steps, never a multiple of BLOCK_K
+        K = int(torch.randint(lo * bk + 1, high * bk, ()).item())
+        return K + 1 if K % bk == 0 else K
+
+    cases = [  # M, N, K, split_k, dtype, layout
+        (side(), side(), k_steps(5, 9), 3, torch.float32, "padded"),  # K not a multiple of split_k x BLOCK_K
+        (side(), side(), k_steps(6, 12), 4, torch.float16, "padded"),  # the cast from the fp32 accumulator
+        (side(), side(), k_steps(2, 3), 8, torch.float32, "contiguous"),  # more slices asked than K has steps
+        (1, side(), k_steps(8, 12), 5, torch.float32, "contiguous"),  # one row: the skinny case
+        (side(), side(), k_steps(3, 5), 1, torch.float16, "transposed"),  # one slice, a transposed b
+    ]
+    # An fp32 output that holds something already (7.0, not the NaN poison, which stays NaN whatever is
+    # added to it): the atomics must start from zero. Run first, judged last (after the diagnoses below).
+    M, N, K = side(), side(), k_steps(4, 8)
+    a, b, _, _ = _split_k_inputs(M, N, K, torch.float32, "padded")  # padded: an unmasked K reads garbage, not past b
+    held = torch.full((M, N), 7.0, device=common.DEVICE)
+    matmul_split_k(a, b, 3, out=held)
+    held_expected = a.double() @ b.double()
+    zero_hint = "zero the fp32 accumulator before the launch (acc.zero_()): the atomics add into whatever it held"
+    if torch.isclose(held.double().cpu(), (held_expected + 7.0).cpu(), rtol=1e-3, atol=1e-3).all():
+        raise CheckError(f"matmul_split_k {M}x{N}x{K} into an fp32 out holding 7.0: every element is 7.0 more than "
+                         f"a @ b\n  hint: {zero_hint}")
+    for M, N, K, split_k, dtype, layout in cases:
+        a, b, a_full, b_full = _split_k_inputs(M, N, K, dtype, layout)
+        a64, b64, a_full64, b_full64 = a.double(), b.double(), a_full.double(), b_full.double()
+        out = poisoned_empty(M, N, dtype=dtype)
+        result = matmul_split_k(a, b, split_k, out=out)
+        if result is not out and (not isinstance(result, torch.Tensor) or result.data_ptr() != out.data_ptr()):
+            raise CheckError("matmul_split_k was given out= but returned a different tensor")
+        slices = _slice_sums(a64, b64, _split_k_ranges(K, bk, split_k))
+        mistakes = {
+            "slice s starts at s * K_PER_SPLIT (program_id(2) * K_PER_SPLIT): started at s * BLOCK_K, the "
+            "slices overlap, part of K is added more than once and the end of K never":
+                sum(_slice_sums(a64, b64, _split_k_ranges(K, bk, split_k, start="block"))),
+            "K_PER_SPLIT must be whole BLOCK_K steps, triton.cdiv(triton.cdiv(K, split_k), bk) * bk: otherwise "
+            "a slice's last step runs into the next slice, and that part of K is added twice":
+                sum(_slice_sums(a64, b64, _split_k_ranges(K, bk, split_k, rounded=False))),
+            "the loads need the mask k < K as well: the last slice's last step reaches past K and adds "
+            "whatever lies there (the tail of K)":
+                sum(_slice_sums(a_full64, b_full64, _split_k_ranges(K, bk, split_k, k_mask=False))),
+            "each slice's partial was stored, so the last slice to finish overwrote the others: add it "
+            "into C with tl.atomic_add": _one_slice_each(out, slices),
+        }
+        name = f"matmul_split_k {M}x{N}x{K} split_k={split_k} {common.dtype_name(dtype)} ({layout} inputs)"
+        assert_close(out, a64 @ b64, name=name, mistakes=mistakes, **common.checks.dot_tolerance(dtype))
+    assert_close(held, held_expected, name="matmul_split_k into an fp32 out holding 7.0", mistakes={
+        zero_hint: held_expected + 7.0,
+        "nothing was added into out: does the kernel tl.atomic_add into c_ptr, and does the wrapper launch it "
+        "on the fp32 accumulator (out itself when out is fp32)?": torch.full_like(held_expected, 7.0)},
+        dtype=torch.float32, **common.checks.dot_tolerance(torch.float32))
+    result = matmul_split_k(a.half(), b.half(), 2)  # no out: an output of the inputs' dtype
+    assert_close(result, a.half().double() @ b.half().double(), name=f"matmul_split_k {M}x{N}x{K} fp16, out=None")
+
+
 EXERCISES = [
     Exercise("10.1", "prune_configs", check_prune_configs),
     Exercise("10.2", "matmul_roofline", check_matmul_roofline),
     Exercise("10.3", "row_absmax", check_row_absmax,
              kernels=("row_absmax_kernel", "choose_block_size", "choose_num_warps")),
+    Exercise("10.4", "matmul_split_k", check_matmul_split_k, kernels=("matmul_split_k_kernel",)),
 ]
 BY_NAME = {e.name: e for e in EXERCISES}
 
@@ -403,6 +507,70 @@ def _absmax_with(mistake=None, choose_block_size=None, choose_num_warps=None):
     return copy.row_absmax
 
 
+@triton.jit
+def _split_k_wrong_kernel(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
+                          stride_cn, K_PER_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, MISTAKE: tl.constexpr):
+    offs_m = tl.program_id(axis=0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(axis=1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if MISTAKE == "overlap":
+        k_start = tl.program_id(axis=2) * BLOCK_K  # wrong: slices BLOCK_K apart, each K_PER_SPLIT long
+    else:
+        k_start = tl.program_id(axis=2) * K_PER_SPLIT
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
+        if MISTAKE == "no k mask":  # wrong: the step that holds K's tail loads past it
+            a_mask = offs_m[:, None] < M
+            b_mask = offs_n[None, :] < N
+        else:
+            a_mask = (offs_m[:, None] < M) & (k + offs_k[None, :] < K)
+            b_mask = (k + offs_k[:, None] < K) & (offs_n[None, :] < N)
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + (k + offs_k)[None, :] * stride_ak, mask=a_mask, other=0.0)
+        b = tl.load(b_ptr + (k + offs_k)[:, None] * stride_bk + offs_n[None, :] * stride_bn, mask=b_mask, other=0.0)
+        acc = tl.dot(a, b, acc)
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if MISTAKE == "store":  # wrong: each slice overwrites the others' partials
+        tl.store(c_ptrs, acc, mask=c_mask)
+    else:
+        tl.atomic_add(c_ptrs, acc, mask=c_mask)
+
+
+def _split_k_wrong(mistake):
+    """matmul_split_k of a copy of the solutions whose kernel has one mistake (MISTAKE)."""
+    return solution_with(STEM, matmul_split_k_kernel=with_flags(_split_k_wrong_kernel, MISTAKE=mistake)).matmul_split_k
+
+
+# The exercise file's tile, for the wrong wrappers below: the check reads SPLIT_K_TILE from the module
+# of the function it grades (test_split_k_tile_matches_the_exercise keeps the two equal).
+SPLIT_K_TILE = ({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16} if common.INTERPRETER
+                else {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32})
+
+
+def _split_k_wrapper(*, rounded=True, zero=True):
+    """The solution's wrapper, with switches for the wrapper's usual mistakes."""
+    sol = load_impl(STEM, "solutions")
+
+    def matmul_split_k(a, b, split_k, out=None):
+        (M, K), N = a.shape, b.shape[1]
+        out = torch.empty((M, N), dtype=a.dtype, device=a.device) if out is None else out
+        bm, bn, bk = (SPLIT_K_TILE[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+        k_per_split = triton.cdiv(K, split_k)
+        if rounded:
+            k_per_split = triton.cdiv(k_per_split, bk) * bk
+        acc = out if out.dtype == torch.float32 else torch.zeros((M, N), dtype=torch.float32, device=a.device)
+        if zero:
+            acc.zero_()
+        grid = (triton.cdiv(M, bm), triton.cdiv(N, bn), triton.cdiv(K, k_per_split))
+        sol.matmul_split_k_kernel[grid](a, b, acc, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+                                        acc.stride(0), acc.stride(1), k_per_split, **SPLIT_K_TILE)
+        if acc is not out:
+            out.copy_(acc)
+        return out
+    return matmul_split_k
+
+
 KNOWN_WRONG = [
     ("prune_configs", "shared memory without num_stages", lambda: _wrong_prune(stages=False), "num_stages"),
     ("prune_configs", "registers over num_warps, not threads", lambda: _wrong_prune(threads=1), "32 * num_warps"),
@@ -435,7 +603,19 @@ KNOWN_WRONG = [
     ("row_absmax", "max of x, not |x|", lambda: _absmax_with("no abs"), "tl.abs"),
     ("row_absmax", "stride ignored", lambda: _absmax_with("stride"), "stride_xm"),
     ("row_absmax", "writes nothing", lambda: _absmax_with("no store"), "never written"),
+    ("matmul_split_k", "slices start s * BLOCK_K apart (overlap)", lambda: _split_k_wrong("overlap"),
+     "s * K_PER_SPLIT"),
+    ("matmul_split_k", "the tail of K unmasked", lambda: _split_k_wrong("no k mask"), "mask k < K"),
+    ("matmul_split_k", "partials stored, not added", lambda: _split_k_wrong("store"), "tl.atomic_add"),
+    ("matmul_split_k", "K_PER_SPLIT not whole BLOCK_K steps", lambda: _split_k_wrapper(rounded=False),
+     "whole BLOCK_K steps"),
+    ("matmul_split_k", "accumulator not zeroed", lambda: _split_k_wrapper(zero=False), "zero the fp32 accumulator"),
 ]
+
+
+def test_split_k_tile_matches_the_exercise():
+    for impl in ("exercises", "solutions"):
+        assert load_impl(STEM, impl).SPLIT_K_TILE == SPLIT_K_TILE, f"{impl}/{STEM}.py's SPLIT_K_TILE changed"
 
 
 @pytest.mark.parametrize("name,mistake,make_wrong,hint", KNOWN_WRONG, ids=[f"{k[0]}: {k[1]}" for k in KNOWN_WRONG])
@@ -554,6 +734,91 @@ def test_lesson_persistent(lesson, dtype):
         lesson.matmul_persistent(a, b, config, out=out, num_programs=programs)
         assert_close(out, a.double() @ b.double(), name=f"matmul_persistent {M}x{N}x{K}, {programs} programs",
                      **common.checks.dot_tolerance(dtype))
+
+
+@pytest.mark.parametrize("reduction", ["atomic", "workspace"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_lesson_split_k(lesson, dtype, reduction):
+    config = _fp32_safe_config(lesson)
+    bk = config["BLOCK_K"]
+    M, N = _shape()[:2]
+    K = awkward_sizes(1, lo=5 * bk, hi=12 * bk, include=())[0]  # several steps, a partial last one
+    for split_k, transpose_b in ((1, False), (2, True), (3, False), (lesson.MAX_SPLIT_K, False)):
+        a, b = lesson.random_problem(M, N, K, dtype, transpose_b)
+        out = poisoned_empty(M, N, dtype=dtype)
+        assert lesson.matmul_split_k(a, b, config, split_k, out=out, reduction=reduction) is out
+        assert_close(out, a.double() @ b.double(), name=f"matmul_split_k {M}x{N}x{K} split_k={split_k} {reduction}",
+                     **common.checks.dot_tolerance(dtype))
+    auto = lesson.matmul_split_k_auto(a, b, reduction=reduction)
+    assert auto.dtype == dtype
+    assert_close(auto, a.double() @ b.double(), name=f"matmul_split_k_auto {M}x{N}x{K}",
+                 **common.checks.dot_tolerance(dtype))
+
+
+def test_lesson_split_k_slices(lesson):
+    assert lesson.split_k_slices(100, 64, 4) == (64, 2)  # 25 per slice rounds up to one step: 2 slices
+    assert lesson.split_k_slices(1024, 64, 2) == (512, 2)
+    assert lesson.split_k_slices(16384, 64, 8) == (2048, 8)
+    assert lesson.split_k_slices(5, 32, 1) == (32, 1)
+    for _ in range(50):  # the slices cover [0, K) once, each a whole number of BLOCK_K steps
+        K, bk, split_k = random.randint(1, 5000), random.choice([16, 32, 64, 128]), random.randint(1, 20)
+        k_per_split, slices = lesson.split_k_slices(K, bk, split_k)
+        assert k_per_split % bk == 0 and 1 <= slices <= split_k
+        assert (slices - 1) * k_per_split < K <= slices * k_per_split, (K, bk, split_k)
+
+
+def test_lesson_split_k_waves_and_rule(lesson):
+    big = lesson.config_dict(lesson.GPU_HAND_PICKED[0])  # 128 x 128 x 64
+    thin = lesson.config_dict(lesson.GPU_EXTRA_CONFIGS[3])  # 16 x 128 x 128
+    w = lesson.split_k_waves(1024, 1024, 1024, big, 1, 132)
+    assert (w.tiles, w.programs, w.k_per_split) == (64, 64, 1024)
+    assert w.waves == pytest.approx(64 / 132) and w.last_wave_full == pytest.approx(64 / 132)
+    w = lesson.split_k_waves(1024, 1024, 1024, big, 3, 132)
+    assert (w.slices, w.k_per_split, w.programs, w.busiest_sm_k) == (3, 384, 192, 768)
+    assert w.last_wave_full == pytest.approx(60 / 132)
+    assert lesson.split_k_waves(100, 100, 100, big, 1, 1).last_wave_full == 1.0
+    # 64 tiles on 132 SMs: 2 slices fill a wave; 16 tiles: 8 slices; already 4 waves: no split
+    assert lesson.choose_split_k(1024, 1024, 1024, big, 132) == 2
+    assert lesson.choose_split_k(512, 512, 16384, big, 132) == 8
+    assert lesson.choose_split_k(16, 8192, 8192, thin, 132) == 2
+    assert lesson.choose_split_k(128, 8192, 8192, thin, 132) == 1
+    assert lesson.choose_split_k(4096, 4096, 4096, big, 132) == 1
+    # each slice keeps at least MIN_K_STEPS steps: K = 256 is 4 steps of 64, too short to split
+    assert lesson.choose_split_k(128, 128, 256, big, 132) == 1
+    assert lesson.choose_split_k(128, 128, 512, big, 132) == 2
+
+
+def test_lesson_split_k_bad_input(lesson):
+    a, b = randn(8, 16), randn(16, 4)
+    config = _fp32_safe_config(lesson)
+    for bad in (0, -1, 1.5, "2", True):
+        with pytest.raises(ValueError, match="split_k must be an int >= 1"):
+            lesson.matmul_split_k(a, b, config, bad)
+    with pytest.raises(ValueError, match="reduction must be one of atomic, workspace"):
+        lesson.matmul_split_k(a, b, config, 2, reduction="tree")
+    with pytest.raises(TypeError, match="dtype"):
+        lesson.matmul_split_k(a, b.half(), config, 2)
+    with pytest.raises(ValueError, match="a.shape\\[1\\] must equal b.shape\\[0\\]"):
+        lesson.matmul_split_k(a, randn(15, 4), config, 2)
+    with pytest.raises(ValueError, match="out has shape"):
+        lesson.matmul_split_k(a, b, config, 2, out=randn(4, 8))
+
+
+@pytest.mark.skipif(not common.HAS_GPU, reason="needs a CUDA GPU: the interpreter runs programs one at a time, "
+                                               "so atomics add in one order there anyway")
+def test_lesson_split_k_workspace_is_deterministic(lesson):
+    a, b = lesson.random_problem(300, 500, 4000, torch.float16)
+    config = _fp32_safe_config(lesson)
+    first = lesson.matmul_split_k(a, b, config, 8, reduction="workspace")
+    for _ in range(3):
+        assert torch.equal(lesson.matmul_split_k(a, b, config, 8, reduction="workspace"), first)
+
+
+def test_lesson_split_k_benchmark_declared(lesson):
+    bench = next(b for b in lesson.BENCHMARKS if "split-K" in b.title)
+    assert list(bench.cases) == lesson.SPLIT_K_SHAPES and bench.op == "matmul"
+    assert {(bar.kernel, bar.case, bar.vs, bar.at_least) for bar in bench.bars} == {
+        (lesson.SPLIT_K_RULE, shape, "baseline", 0.9) for shape in lesson.SPLIT_K_SHAPES}
 
 
 def test_lesson_hooks(lesson):

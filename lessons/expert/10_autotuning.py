@@ -16,6 +16,8 @@ You will learn:
 - a roofline model: predicted time = launch + max(bytes / bandwidth, FLOPs / peak), next to the
   measured time of kernels from lessons 01, 06, 08 and this one
 - a persistent kernel: one program per SM looping over tiles, against one program per tile
+- split-K: more programs for problems with too few tiles to fill the GPU (programs and waves
+  counted per config, atomics or a workspace to add the partials)
 
 Run:  python lessons/expert/10_autotuning.py [--quick]
 """
@@ -253,6 +255,151 @@ def matmul_persistent_kernel(
         pid_m, pid_n = grouped_tile_position(tile_id, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         _matmul_tile(a_ptr, b_ptr, c_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, stride_cm,
                      stride_cn, pid_m, pid_n, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K)
+
+
+# %% [markdown]
+# ### Split-K: more programs for a problem with few tiles
+# 1024^3 in 128 x 128 tiles is 64 programs: on 132 SMs, more than half the GPU has nothing to do,
+# and no tile order or persistent loop changes that. Split-K cuts the K loop too: the grid is
+# (tiles, slices), program (t, s) sums its tile over slice s of K, and the slices' fp32 partials
+# are added up after. Two ways to add them:
+#   ATOMIC=True   every program adds its partial into one zeroed fp32 M x N buffer (tl.atomic_add):
+#                 one launch, no workspace, but the order of the adds is whichever finishes first,
+#                 so the low bits of the result can change from run to run
+#   ATOMIC=False  program (t, s) stores its partial in slice s of a (slices, M, N) fp32 workspace,
+#                 and split_k_reduce_kernel adds the slices in order 0, 1, ... and casts: the same
+#                 bits every run, for 2 x slices x M x N x 4 bytes more traffic and a second launch
+# Every slice holds a whole number of BLOCK_K steps (the wrapper rounds K_PER_SPLIT up), so the
+# only partial step is K's own tail, in the last slice: the K mask is the same `k < K` as before.
+
+
+# %%
+@triton.jit
+def matmul_split_k_kernel(
+    a_ptr, b_ptr,  # A (M x K) and B (K x N), as in matmul_kernel
+    c_ptr,  # fp32: the zeroed M x N sum (ATOMIC) or the (slices, M, N) workspace
+    M, N, K,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    stride_cs,  # elements between slice s's partial and slice s + 1's in the workspace (0 with ATOMIC)
+    K_PER_SPLIT,  # K per slice, a multiple of BLOCK_K: slice s sums k in [s K_PER_SPLIT, (s + 1) K_PER_SPLIT) and k < K
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no K masks (then every step of every slice is whole)
+    ATOMIC: tl.constexpr,  # True: add the partial into c with atomics; False: store it in slice s of c
+):
+    # Axis 0 is the tile, in grouped order as in matmul_kernel; axis 1 is the slice of K.
+    pid_m, pid_n = grouped_tile_position(tl.program_id(axis=0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(axis=1)
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)  # the last slice may be shorter
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = offs_m % M  # wrapped, as in _matmul_tile: the loads need no M or N mask
+    cols = offs_n % N
+    a_ptrs = a_ptr + rows[:, None] * stride_am + (k_start + offs_k)[None, :] * stride_ak
+    b_ptrs = b_ptr + (k_start + offs_k)[:, None] * stride_bk + cols[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(k_start, k_end, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:  # slices end on BLOCK_K boundaries: only the step holding K's tail is partial
+            k_left = K - k
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if ATOMIC:  # relaxed: the adds need no order among themselves, only to be whole (atomic)
+        tl.atomic_add(c_ptrs, acc, mask=mask, sem="relaxed")
+    else:
+        tl.store(c_ptrs + pid_k.to(tl.int64) * stride_cs, acc, mask=mask)
+
+
+@triton.jit
+def split_k_reduce_kernel(
+    ws_ptr,  # (SPLIT_K, M, N) fp32 partials, contiguous
+    c_ptr,  # M x N output, the inputs' dtype
+    M, N, stride_cm, stride_cn,
+    SPLIT_K: tl.constexpr,  # slices to add (a constexpr: the loop is unrolled)
+    BLOCK_SIZE: tl.constexpr,  # elements of C per program
+):
+    offs = tl.program_id(axis=0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    mask = offs < M * N
+    acc = tl.zeros((BLOCK_SIZE,), dtype=tl.float32)
+    ptrs = ws_ptr + offs
+    for _ in range(SPLIT_K):  # slice 0, then 1, ...: the same order, so the same bits, on every run
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+        ptrs += M * N
+    m, n = offs // N, offs % N
+    tl.store(c_ptr + m * stride_cm + n * stride_cn, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+# %% [markdown]
+# ### Programs and waves: how many slices
+# A wave is one program per SM. `split_k_waves` counts, for a problem, a config and a slice count,
+# the programs, the waves, how full the last wave is, and the K loop each program runs. Its
+# `busiest_sm_k` is the K the busiest SM walks through: whole waves times K per slice. If one
+# program runs on an SM at a time and a K step costs the same everywhere, the time follows it, so
+# `choose_split_k` takes the fewest slices that bring it within SPLIT_K_SLACK of its least (every
+# slice adds M x N fp32 partials), keeping at least MIN_K_STEPS steps per slice, so that the
+# pipelined loop has loads to overlap. No GPU is needed: only the SM count.
+
+
+# %%
+MIN_K_STEPS = 4  # BLOCK_K steps per slice at the least: fewer leave a pipelined K loop mostly prologue
+MAX_SPLIT_K = 16
+# A split must save more than this share of the busiest SM's K to be taken: each slice adds M x N fp32
+# partials to write and add, which a gain of a few percent (a problem of many waves already) does not repay.
+SPLIT_K_SLACK = 0.1
+
+
+@dataclass(frozen=True)
+class SplitKWaves:
+    tiles: int  # output tiles: cdiv(M, BLOCK_M) * cdiv(N, BLOCK_N)
+    slices: int  # K slices actually launched (split_k_slices may drop empty ones)
+    k_per_split: int  # K per slice, a multiple of BLOCK_K
+    programs: int  # tiles * slices
+    sms: int
+
+    @property
+    def waves(self) -> float:
+        return self.programs / self.sms
+
+    @property
+    def last_wave_full(self) -> float:
+        """The fraction of the SMs that have a program in the last wave (1.0: no SM idles)."""
+        return (self.programs - (triton.cdiv(self.programs, self.sms) - 1) * self.sms) / self.sms
+
+    @property
+    def busiest_sm_k(self) -> int:
+        """K steps x BLOCK_K the busiest SM runs: whole waves x K per slice."""
+        return triton.cdiv(self.programs, self.sms) * self.k_per_split
+
+
+def split_k_slices(K: int, block_k: int, split_k: int) -> tuple[int, int]:
+    """(K per slice, slices): cdiv(K, split_k) rounded up to whole BLOCK_K steps, and the slices that
+    takes. Rounding can leave the last asked-for slices empty; they are not launched (K = 100,
+    BLOCK_K = 64, split_k = 4: 64 per slice, 2 slices)."""
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
+    return k_per_split, triton.cdiv(K, k_per_split)
+
+
+def split_k_waves(M: int, N: int, K: int, config: dict, split_k: int, sms: int) -> SplitKWaves:
+    tiles = triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"])
+    k_per_split, slices = split_k_slices(K, config["BLOCK_K"], split_k)
+    return SplitKWaves(tiles, slices, k_per_split, tiles * slices, sms)
+
+
+def choose_split_k(M: int, N: int, K: int, config: dict, sms: int, max_split: int = MAX_SPLIT_K) -> int:
+    """The fewest slices (1..max_split, each of at least MIN_K_STEPS steps of BLOCK_K) whose busiest
+    SM runs at most SPLIT_K_SLACK more K than the best slice count's."""
+    splits = [s for s in range(1, max_split + 1) if s == 1 or K >= s * MIN_K_STEPS * config["BLOCK_K"]]
+    busiest = {s: split_k_waves(M, N, K, config, s, sms).busiest_sm_k for s in splits}
+    best = min(busiest.values())
+    return min(s for s in splits if busiest[s] <= (1 + SPLIT_K_SLACK) * best)
 
 
 # %% [markdown]
@@ -514,6 +661,64 @@ def matmul_persistent(a: torch.Tensor, b: torch.Tensor, config: dict, out: torch
     return out
 
 
+REDUCTIONS = ("atomic", "workspace")
+REDUCE_BLOCK = 1024  # elements of C per program of split_k_reduce_kernel
+
+
+def matmul_split_k(a: torch.Tensor, b: torch.Tensor, config: dict, split_k: int, out: torch.Tensor | None = None,
+                   reduction: str = "atomic") -> torch.Tensor:
+    """a @ b by (tiles, slices) programs, each summing its tile over one slice of K (split_k_slices);
+    the fp32 partials are added with atomics (reduction="atomic") or through a workspace that a
+    second kernel sums in a fixed order ("workspace": the same bits on every run)."""
+    M, N, K, out = _prepare(a, b, out)
+    _check_config(config)
+    if not isinstance(split_k, int) or isinstance(split_k, bool) or split_k < 1:
+        raise ValueError(f"split_k must be an int >= 1 (the number of K slices), got {split_k!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    k_per_split, slices = split_k_slices(K, config["BLOCK_K"], split_k)
+    grid = (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]), slices)
+    ab = (a, b)
+    ab_strides = (a.stride(0), a.stride(1), b.stride(0), b.stride(1))
+    flags = dict(EVEN_K=K % config["BLOCK_K"] == 0, **config)
+    if reduction == "atomic":
+        # The atomics add into fp32 that starts at zero: an fp32 out directly, else a buffer cast at the end.
+        acc = out.zero_() if out.dtype == torch.float32 else torch.zeros((M, N), dtype=torch.float32, device=a.device)
+        matmul_split_k_kernel[grid](*ab, acc, M, N, K, *ab_strides, acc.stride(0), acc.stride(1), 0, k_per_split,
+                                    ATOMIC=True, **flags)
+        if acc is not out:
+            out.copy_(acc)  # reads M*N*4 bytes, writes M*N*2
+        return out
+    workspace = torch.empty((slices, M, N), dtype=torch.float32, device=a.device)  # every element is stored
+    matmul_split_k_kernel[grid](*ab, workspace, M, N, K, *ab_strides, workspace.stride(1), workspace.stride(2),
+                                workspace.stride(0), k_per_split, ATOMIC=False, **flags)
+    split_k_reduce_kernel[(triton.cdiv(M * N, REDUCE_BLOCK),)](workspace, out, M, N, out.stride(0), out.stride(1),
+                                                               SPLIT_K=slices, BLOCK_SIZE=REDUCE_BLOCK)
+    return out
+
+
+def split_k_config(M: int, element_size: int) -> dict:
+    """The tile of the split-K benchmark: as tall as M needs (16, 64 or 128 rows), 128 columns, and
+    within this GPU's shared memory; the interpreter's small check config there."""
+    if common.INTERPRETER:
+        return config_dict(CHECK_CONFIG)
+    by_height = [GPU_EXTRA_CONFIGS[3], GPU_HAND_PICKED[3], GPU_HAND_PICKED[0]]  # 16x128x128, 64x128x64, 128x128x64
+    fits = [c for c in by_height if config_smem_bytes(c, element_size) <= shared_memory_limit()]
+    tall_enough = [c for c in fits if c.kwargs["BLOCK_M"] >= min(M, 128)]
+    return config_dict(tall_enough[0] if tall_enough else fits[-1] if fits else CHECK_CONFIG)
+
+
+def matmul_split_k_auto(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None,
+                        reduction: str = "atomic") -> torch.Tensor:
+    """a @ b with split_k_config's tile and choose_split_k's slices: the plain kernel when that is 1."""
+    M, N, K, out = _prepare(a, b, out)
+    config = split_k_config(M, a.element_size())
+    split_k = choose_split_k(M, N, K, config, sm_count())
+    if split_k == 1:
+        return matmul(a, b, config, out=out)
+    return matmul_split_k(a, b, config, split_k, out=out, reduction=reduction)
+
+
 def tensor_sum(x: torch.Tensor, kernel=None) -> torch.Tensor:
     """sum(x) as a 1-element fp32 tensor, by an autotuned atomic kernel (default: the one that resets)."""
     common.check_tensors(x=x, dtypes=(torch.float32, torch.float16))
@@ -539,8 +744,9 @@ def scale_inplace(x: torch.Tensor, scale: float, kernel=None) -> torch.Tensor:
 # ## Check
 # Before anything is timed: every matmul path on awkward shapes (not multiples of any tile; K
 # not a multiple of BLOCK_K, so EVEN_K is False), a transposed B, outputs poisoned with NaN,
-# against float64; the persistent kernel with too few programs for the tiles (each loops); the
-# hooked atomic and in-place kernels.
+# against float64; the persistent kernel with too few programs for the tiles (each loops); split-K
+# with both reductions and a slice count larger than K has steps; the hooked atomic and in-place
+# kernels.
 
 
 # %%
@@ -565,11 +771,16 @@ def check(quick: bool) -> None:
         shapes = [tuple(common.awkward_sizes(3, lo=17, hi=100, include=())), (1, 37, 5)]
         dtypes = [torch.float32, torch.float16]
         small = (30, 37, 29)  # the tuned kernel: pruning (BLOCK_M <= 32) leaves 3 configs, each is run once
+        # split-K: K of 5 to 12 steps of BLOCK_K (32), so that every slice count leaves a partial last slice
+        split_shapes = [(*common.awkward_sizes(2, lo=17, hi=70, include=()), *common.awkward_sizes(1, lo=150, hi=400,
+                                                                                                  include=())),
+                        (1, 37, 200)]
     else:
         # On a GPU every new shape class and dtype is a compile (and a round of tuning): a few.
         shapes = [tuple(common.awkward_sizes(3, lo=100, hi=1000, include=()))]
         dtypes = [torch.float16] + ([torch.bfloat16] if common.supports_bf16() and not quick else [])
         small = (50, 60, 40)  # tiles up to 64: pruning leaves one config, so nothing is timed
+        split_shapes = shapes + [(1, 300, 3000)]  # one row against a long K: the skinny case
     hand = config_dict(CHECK_CONFIG)
     for dtype in dtypes:
         for i, (M, N, K) in enumerate(shapes):
@@ -578,9 +789,18 @@ def check(quick: bool) -> None:
             _check_matmul(lambda a, b, o: matmul_persistent(a, b, hand, out=o, num_programs=3), M, N, K, dtype,
                           "matmul_persistent, 3 programs")
         _check_matmul(lambda a, b, o: matmul_tuned(a, b, out=o), *small, dtype, "matmul_tuned")
+        for i, (M, N, K) in enumerate(split_shapes):
+            for split_k, reduction in ((3, "atomic"), (4, "workspace"), (MAX_SPLIT_K, "atomic")):
+                _check_matmul(lambda a, b, o: matmul_split_k(a, b, hand, split_k, out=o, reduction=reduction),
+                              M, N, K, dtype, f"matmul_split_k split_k={split_k} {reduction}", transpose_b=i == 0)
+        _check_matmul(lambda a, b, o: matmul_split_k_auto(a, b, out=o), *split_shapes[0], dtype,
+                      "matmul_split_k_auto")
     names = ", ".join(common.dtype_name(d) for d in dtypes)
     print(f"matmul (one config), matmul_persistent (3 programs) for (M, N, K) in {shapes} (the first with a "
           f"transposed b), and matmul_tuned at {small}, dtypes {names}: OK")
+    print(f"matmul_split_k for (M, N, K) in {split_shapes} (K not a multiple of the slices' BLOCK_K steps), 3 "
+          f"slices (atomics), 4 (workspace) and {MAX_SPLIT_K} (more than K has steps: the empty slices are "
+          f"dropped), and matmul_split_k_auto: OK")
     for n in common.awkward_sizes(2, lo=1000, hi=100_000):
         x = common.randn(n)
         common.assert_close(tensor_sum(x), sum_reference(x.double()), name=f"tensor_sum n={n}",
@@ -954,7 +1174,9 @@ def _roofline_plot(points, peak: float, bandwidth: float) -> None:
 #   - the autotuned kernel (full search, and the perf model's top_k) against every hand-picked
 #     config it was given and cuBLAS: the perf bars;
 #   - a persistent kernel against one program per tile, both with the config the tuner picked;
-#   - the tuned config with K masks on every load (EVEN_K=False) and without (EVEN_K=True).
+#   - the tuned config with K masks on every load (EVEN_K=False) and without (EVEN_K=True);
+#   - at small and skinny shapes, one program per tile against split-K (fixed slice counts and
+#     choose_split_k's), atomics and workspace: a bar of 0.9x cuBLAS per shape.
 # The on-disk tuning cache is not a race: it is a small experiment after them.
 
 # %%
@@ -964,6 +1186,11 @@ QUICK_SHAPE = (2048, 2048, 2048)  # --quick: the shape autotune_mechanics tuned
 # BLOCK_K (32 in the interpreter, 128 on a GPU), so EVEN_K=True is valid whichever one is picked.
 CPU_SHAPE = (20, 24, math.lcm(*(config.kwargs["BLOCK_K"] for config in MATMUL_CONFIGS)))
 PERSISTENT_SHAPES = [BAR_SHAPE, (8192, 8192, 1024), (2048, 2048, 8192)]
+# Issue 15's small and skinny problems: too few tiles of 128 x 128 (or of 16 x 128 at M = 16) to fill
+# the SMs of an H100 / H200, so a per-tile grid leaves most of them idle
+SPLIT_K_SHAPES = [(1024, 1024, 1024), (512, 512, 16384), (16, 8192, 8192), (64, 8192, 8192), (128, 8192, 8192)]
+SPLIT_K_TABLE_CONFIGS = [GPU_HAND_PICKED[0], GPU_HAND_PICKED[3], GPU_EXTRA_CONFIGS[2], GPU_EXTRA_CONFIGS[3]]
+SPLIT_K_FIXED = (2, 4, 8)  # the benchmark's fixed slice counts, beside the rule's
 
 
 def _inputs(M: int, N: int, K: int) -> tuple:
@@ -994,6 +1221,11 @@ def matmul_picked(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def matmul_persistent_picked(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The persistent kernel (one program per SM) with the same config as matmul_picked."""
     return matmul_persistent(a, b, picked_config(*_mnk(a, b), a.dtype))
+
+
+def matmul_split_k_fixed(a: torch.Tensor, b: torch.Tensor, split_k: int) -> torch.Tensor:
+    """split_k_config's tile with a given slice count (atomics)."""
+    return matmul_split_k(a, b, split_k_config(a.shape[0], a.element_size()), split_k)
 
 
 def matmul_even_k(a: torch.Tensor, b: torch.Tensor, even_k: bool) -> torch.Tensor:
@@ -1050,6 +1282,7 @@ def perf_report_demo(quick: bool) -> None:
 
 
 TUNED = "autotuned (full search)"
+SPLIT_K_RULE = "split-K, the rule's slices (atomics)"
 HAND = {f"hand-picked {config_label(c)}": functools.partial(matmul, config=config_dict(c)) for c in HAND_PICKED}
 MATMUL = dict(setup=_inputs, cpu_cases=[CPU_SHAPE], flops=_flops, ceiling="matmul", dtype=torch.float16)
 
@@ -1077,6 +1310,20 @@ BENCHMARKS = [
         cases=[BAR_SHAPE], quick_cases=[QUICK_SHAPE], **MATMUL,
         kernels={"EVEN_K=False (masked K loads)": functools.partial(matmul_even_k, even_k=False),
                  "EVEN_K=True (no masks)": functools.partial(matmul_even_k, even_k=True)}),
+    common.Benchmark(
+        "matmul fp16 at small and skinny shapes: one program per tile against split-K, cuBLAS", op="matmul",
+        cases=SPLIT_K_SHAPES, quick_cases=[SPLIT_K_SHAPES[0]], reference=matmul_reference, **MATMUL,
+        kernels={"one program per tile (the tuner's config)": matmul_picked,
+                 **{f"split-K x{s} (atomics)": functools.partial(matmul_split_k_fixed, split_k=s)
+                    for s in SPLIT_K_FIXED},
+                 SPLIT_K_RULE: matmul_split_k_auto,
+                 "split-K, the rule's slices (workspace)": functools.partial(matmul_split_k_auto,
+                                                                             reduction="workspace")},
+        bars=[common.Bar(SPLIT_K_RULE, shape, "baseline", 0.9, name=f"split-K matmul {'x'.join(map(str, shape))} "
+                                                                        "fp16: the fastest baseline's time / its time")
+              for shape in SPLIT_K_SHAPES],
+        note="The split-K rows use split_k_config's tile (16, 64 or 128 rows by M, 128 columns); the rule's slice "
+             "counts are in the split-K table above. A split of 1 runs the plain kernel with that tile."),
 ]
 
 
@@ -1094,6 +1341,32 @@ def waves_table(shapes: list) -> None:
     print("Waves count one program per SM. In the last wave of a fractional count some SMs have no tile left; "
           "the persistent kernel has the same tail: program p computes tiles p, p + SMs, ..., so some programs "
           "loop once more than the others.")
+
+
+def split_k_table() -> None:
+    """Programs and waves of the split-K shapes, one program per tile against choose_split_k's slices."""
+    section("Split-K: programs and waves at small and skinny shapes")
+    sms = sm_count()
+    where = f"{sms} SMs, this GPU's" if common.HAS_GPU else f"{sms} SMs, assumed (H100 / H200): no GPU to ask"
+    table = Table(f"fp16 configs of the GPU; {where}",
+                  ["M x N x K", "config", "tiles", "waves", "last wave full", "split_k (rule)", "K per slice",
+                   "programs", "waves (split)", "last wave full (split)", "fp32 partials"])
+    for M, N, K in SPLIT_K_SHAPES:
+        for c in SPLIT_K_TABLE_CONFIGS:
+            config = config_dict(c)
+            if config["BLOCK_M"] > max(16, triton.next_power_of_2(M)):
+                continue  # the pruning rule: a taller tile than M computes rows nobody stores
+            plain = split_k_waves(M, N, K, config, 1, sms)
+            split_k = choose_split_k(M, N, K, config, sms)
+            split = split_k_waves(M, N, K, config, split_k, sms)
+            partials = fmt_bytes(split.slices * M * N * 4) if split.slices > 1 else "-"
+            table.add(f"{M}x{N}x{K}", config_label(config), plain.tiles, plain.waves, f"{plain.last_wave_full:.0%}",
+                      split_k, split.k_per_split, split.programs, split.waves, f"{split.last_wave_full:.0%}", partials)
+    table.print()
+    print("A wave is one program per SM: below 1 wave, SMs idle for the whole kernel. The rule takes the fewest "
+          f"slices whose busiest SM runs within {SPLIT_K_SLACK:.0%} of the least K (whole waves x K per slice), "
+          f"each slice at least {MIN_K_STEPS} BLOCK_K steps. fp32 partials: what the slices add up, M x N x 4 "
+          "bytes each; the workspace writes and reads them again, atomics add them in L2.")
 
 
 def disk_cache(n: int = 4096) -> None:
@@ -1138,6 +1411,9 @@ def disk_cache(n: int = 4096) -> None:
 #   GPU, says how much is left to win; small problems are bound by launches, not by either roof.
 # - A persistent kernel launches one program per SM and loops over tiles: fewer programs to
 #   schedule, the same tail. Whether that is faster here is what its benchmark measures.
+# - Count the waves before tuning tiles: fewer tiles than SMs leave SMs idle whatever the config.
+#   Split-K turns K into programs, for fp32 partials to add: atomics (cheaper, the order of the
+#   adds varies) or a workspace (the same bits every run, more bytes and a second launch).
 
 
 # %%
@@ -1153,6 +1429,7 @@ if __name__ == "__main__":
     roofline(args.quick)
     waves_table([QUICK_SHAPE] if args.quick and common.HAS_GPU else PERSISTENT_SHAPES if common.HAS_GPU
                 else [CPU_SHAPE])
+    split_k_table()
     perf_report_demo(args.quick)
     common.run_benchmarks(BENCHMARKS, args.quick)
     if common.HAS_GPU and not args.quick:
