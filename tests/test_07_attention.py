@@ -5,6 +5,7 @@ Attention is slow in the interpreter: every shape here is tiny there (N <= 67, D
 """
 
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from common import CheckError, assert_close, poisoned_empty, randn
 from common.checks import current_seed, tolerance
 from common.grading import Exercise, expect_rejected, lesson_tests, load_impl, solution_with, with_flags
 from common.kernels import LOG2E
-from common.lessons import lesson_module
+from common.lessons import lesson_module, load_module
 
 # Kernels that divide 0 by 0 on purpose (rows that see no key, in known-wrong answers and in the
 # padding rows past N) make numpy warn in the interpreter; the checks look at the values instead.
@@ -724,13 +725,15 @@ def test_lesson_wrong_device(lesson):
 
 @pytest.mark.skipif(not common.supports_bf16(), reason="needs a CUDA GPU: autotuning times configs on the GPU "
                     "(and the interpreter has no bfloat16)")
+@pytest.mark.parametrize("dq_mode", ["separate", "atomic"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_lesson_autotuned_bf16(lesson, causal):
-    """The autotuned forward and backward (the benchmark's path) on a shape every config divides unevenly."""
+def test_lesson_autotuned_bf16(lesson, causal, dq_mode):
+    """The autotuned forward and backward (the benchmark's path) on a shape every config divides unevenly;
+    with dq_mode="atomic" the tuner must zero dQ before each config it times (reset_to_zero)."""
     B, H, N, D = 2, 4, 700, 128
     q, k, v = lesson.random_qkv(B, H, N, D, torch.bfloat16, requires_grad=True)
     do = randn(B, H, N, D, dtype=torch.bfloat16)
-    out = lesson.flash_attention(q, k, v, causal, autotune=True)
+    out = lesson.flash_attention(q, k, v, causal, autotune=True, dq_mode=dq_mode)
     out.backward(do)
     ref_out, dq, dk, dv = lesson.reference_grads(q, k, v, do, causal)
     assert_close(out, ref_out, name="autotuned forward")
@@ -748,7 +751,8 @@ def test_attention_tuners_prune_by_shared_memory(lesson, monkeypatch):
     too_big = triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=4)
     fits = triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)
     for tuned, kernel in ((lesson.attention_fwd_v3_tuned, "fwd"), (lesson.attention_bwd_dkdv_tuned, "dkdv"),
-                          (lesson.attention_bwd_dq_tuned, "dq"), (lesson.attention_fwd_varlen_tuned, "fwd")):
+                          (lesson.attention_bwd_dq_tuned, "dq"), (lesson.attention_fwd_varlen_tuned, "fwd"),
+                          (lesson.attention_bwd_dkdvdq_tuned, "dkdv")):
         assert tuned.early_config_prune([too_big], {"q_ptr": q}, HEAD_DIM=128) == [lesson._SMALL_CONFIGS[kernel]]
         assert tuned.early_config_prune([too_big, fits], {"q_ptr": q}, HEAD_DIM=64) == [fits], kernel
     # the varlen launch's extra keyword arguments reach the estimate too, which ignores them
@@ -783,6 +787,87 @@ def test_lesson_grouped_query_attention(lesson):
         lesson.flash_attention(q, kv, kv)
     with pytest.raises(ValueError, match=r"\(1, 6, 16, 16\)"):
         lesson.attention_v2(q, randn(1, 3, 16, 16), randn(1, 3, 16, 16))  # v2 is multi-head only
+
+
+# --------------------------------------------------------------------------- the backward's atomic dQ
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lesson_atomic_dq(lesson, dtype):
+    """dq_mode="atomic" against float64 at awkward N, D 64 and 32, causal and not, a GQA group of 2,
+    the wrapper's torch.empty buffers poisoned, two runs agreeing to tolerance."""
+    lesson.check_atomic_dq([dtype])
+
+
+def test_lesson_dq_modes_agree(lesson):
+    """The two dQ strategies give the same gradients (to fp32 rounding: the atomic sum has no fixed order)."""
+    q, k, v = lesson.random_qkv(1, 2, 45, 32, torch.float32, layout="bnhd")
+    do = randn(1, 2, 45, 32)
+    for causal in (False, True):
+        _, separate = common.grads_of(lambda *t: lesson.flash_attention(*t, causal, autotune=False), (q, k, v), do)
+        _, atomic = common.grads_of(lambda *t: lesson.flash_attention(*t, causal, autotune=False, dq_mode="atomic"),
+                                    (q, k, v), do)
+        for a, b, what in zip(atomic, separate, ("dq", "dk", "dv")):
+            assert_close(a, b, name=f"{what} atomic vs separate causal={causal}", atol=1e-5, rtol=1e-5)
+
+
+_COPIES = itertools.count()
+
+
+def _lesson_with(lesson, **replace):
+    """A private copy of the lesson's script with some of its globals replaced (the lesson itself is untouched)."""
+    module = load_module(Path(lesson.__file__), name=f"known_wrong_07_lesson_{next(_COPIES)}")
+    for name, value in replace.items():
+        setattr(module, name, value)
+    return module
+
+
+@triton.jit
+def _store_dq(dq_ptrs, dq, mask):  # known wrong: each key block's program overwrites dQ instead of adding to it
+    tl.store(dq_ptrs, dq, mask=mask)
+
+
+class _TorchWithoutZeros:
+    """torch, except that torch.zeros is torch.empty: a wrapper that forgets to zero the dQ buffer."""
+    zeros = staticmethod(torch.empty)
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+@pytest.mark.parametrize("replace,hint", [(dict(_add_dq=_store_dq), "tl.atomic_add"),
+                                          (dict(torch=_TorchWithoutZeros()), "must start at zero")],
+                         ids=["plain store of dQ", "dQ buffer not zeroed"])
+def test_lesson_atomic_dq_check_rejects_known_wrong(lesson, replace, hint):
+    wrong = _lesson_with(lesson, **replace)
+    flash = lambda *args: wrong.flash_attention(*args, autotune=False, dq_mode="atomic")  # noqa: E731
+    with pytest.raises(CheckError, match=hint):
+        lesson.check_atomic_dq([torch.float32], flash=flash)
+
+
+def test_lesson_dq_mode_bad_input(lesson):
+    q = randn(1, 1, 8, 16)
+    with pytest.raises(ValueError, match="dq_mode must be one of"):
+        lesson.flash_attention(q, q, q, dq_mode="atomics")
+    with pytest.raises(ValueError, match="dq_mode must be one of"):
+        lesson.attention_backward(q, q, q, q, q, randn(1, 1, 8), dq_mode=None)
+
+
+def test_backward_matmul_count(lesson):
+    """The md's count: 5 matmuls (2.5x the forward's 2) for the atomic backward, 7 (3.5x) for the separate dQ
+    pass; the benchmark rates every provider on the minimum, 2.5x."""
+    B, H, N, D = lesson.BAR_CASE
+    for causal in (False, True):
+        forward = lesson.attention_flops(B, H, N, D, causal)
+        assert lesson.backward_flops(B, H, N, D, causal) == 2.5 * forward
+        assert lesson.backward_flops(B, H, N, D, causal, "atomic") == 2.5 * forward
+        assert lesson.backward_flops(B, H, N, D, causal, "separate") == 3.5 * forward
+    assert lesson.backward_flops(1, 1, 16, 16, False, "separate") == 7 * 2 * 16 * 16 * 16
+    backward = next(b for b in lesson.BENCHMARKS if b.title.startswith("backward alone"))
+    assert set(backward.kernels) == {lesson.BACKWARD, lesson.BACKWARD_ATOMIC}
+    assert {(bar.kernel, bar.case) for bar in backward.bars} == {
+        (kernel, (*lesson.BAR_CASE, causal)) for kernel in (lesson.BACKWARD, lesson.BACKWARD_ATOMIC)
+        for causal in (False, True)}
+    assert all(bar.at_least == 0.9 and bar.vs == "baseline" for bar in backward.bars)
 
 
 # --------------------------------------------------------------------------- the varlen forward

@@ -201,7 +201,7 @@ def check_grouped_matmul_dw(grouped_dw):
                 "the reduction ran over all rows, not the expert's own: loop from offsets[e] to offsets[e + 1]":
                     _dw_reference(x, dy, offsets, rows_of=lambda e: (0, n_rows)),
                 "an expert with no rows was never written: store the accumulator (zeros) even when the row loop "
-                "runs 0 times": torch.where(torch.tensor([c == 0 for c in counts]).view(-1, 1, 1), float("nan"),
+                "runs 0 times": torch.where(torch.tensor([c == 0 for c in counts], device=expected.device).view(-1, 1, 1), float("nan"),
                                             expected),
             }
             if K == N:

@@ -366,12 +366,13 @@ def test_agreement_within_tolerance_passes_and_none_compares_nothing(fake_op):
 
 def test_the_interpreter_run_rejects_a_wrong_kernel_and_reports_a_wrong_baseline(fake_op, monkeypatch, capsys):
     monkeypatch.setitem(registry.OPS, "fake", registry.Op("fake", "x", (registry.Baseline("lib", _scaled("lib", 3.0)),)))
+    # _smoke is what run() does without a GPU (called directly, so a GPU machine tests it too)
     right = _benchmark(setup=_randn_setup, cpu_cases=[8], kernels={"mine": _provider("mine")})
-    assert right.run(quick=True, _clock=None) == []
+    assert right._smoke() == []
     assert "OUTPUT DIFFERS at 8: lib" in capsys.readouterr().out  # a baseline: reported, not raised
     wrong = _benchmark(setup=_randn_setup, cpu_cases=[8], kernels={"mine": _scaled("mine", -1.0)})
     with pytest.raises(AssertionError, match="mine: relative error 2 against torch eager"):
-        wrong.run(quick=True, _clock=None)
+        wrong._smoke()
 
 
 def test_fwd_bwd_providers_get_the_same_upstream_gradient(fake_op):
@@ -381,7 +382,7 @@ def test_fwd_bwd_providers_get_the_same_upstream_gradient(fake_op):
         return (torch.randn(n).requires_grad_(),)
     b = _benchmark(setup=setup, cpu_cases=[16], grad="fwd+bwd", kernels={"mine": lambda x: x * 3.0},
                    reference=lambda x: 3.0 * x)
-    b.run(quick=True, _clock=None)  # raises if the kernel's gradient differs from the reference's
+    b._smoke()  # raises if the kernel's gradient differs from the reference's
 
 
 def test_disagreement_measure():

@@ -11,6 +11,8 @@ You will learn:
 - causal masking that skips the blocks above the diagonal and masks only the diagonal ones
 - a packed batch of sequences of different lengths (cu_seqlens): the same kernel, no padding
 - the backward pass from the saved logsumexp: delta = rowsum(dO * O), a dK/dV kernel, a dQ kernel
+- how many matmuls the backward runs, and dQ two ways: a separate pass (7 matmuls per block pair)
+  or fp32 atomics from the dK/dV kernel (5, FlashAttention-2's choice)
 - flash-decoding: one query token against a long KV cache, split over the context, then reduced
 - how to report attention in TFLOP/s next to PyTorch's SDPA, and decoding in GB/s of KV bytes
 
@@ -317,10 +319,12 @@ def attention_fwd_v3_kernel(
 #   dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta) with delta_i = sum_j dO_ij O_ij,
 #   dQ = scale * dS K,  dK = scale * dS^T Q.
 # P is never stored: both kernels recompute it from Q, K and the saved logsumexp,
-# P = exp2(S * scale * log2(e) - lse * log2(e)). Three kernels, no atomics:
+# P = exp2(S * scale * log2(e) - lse * log2(e)). Three kernels, no atomics (dq_mode="separate"):
 #   1. preprocess: delta = rowsum(dO * O), one fp32 per query;
 #   2. dK, dV: one program per block of keys, looping over the query blocks that see them;
 #   3. dQ: one program per block of queries, looping over the key blocks they see.
+# That is 7 matmuls per (query block, key block) pair: S, dV, dP, dK in the dK/dV kernel, and S,
+# dP (recomputed) and dQ in the dQ kernel; the gradients need only 5 (dq_mode="atomic", below).
 # Rows past the end load q = 0, dO = 0 and lse = +inf, so their P is exp2(-inf) = 0 with no mask.
 
 
@@ -466,6 +470,90 @@ def attention_bwd_dq_kernel(
         dq = _dq_blocks(dq, q, do, lse2, delta, k_base, v_base, offs_m, offs_d, qk_scale, N_CTX, n_full,
                         N_CTX, HEAD_DIM, BLOCK_N, True, CAUSAL, DOT_PRECISION)
     tl.store(dq_ptr + ptrs, (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=in_m[:, None])
+
+
+# %% [markdown]
+# The same backward with dQ summed by atomics (FlashAttention-2's choice). dQ of a query block
+# is a sum over the key blocks it sees, and the dK/dV kernel already computes dS for every
+# (query block, key block) pair: one more matmul there, dQ_part = dS K, gives that key block's
+# share of dQ, which its program adds into an fp32 dQ buffer with tl.atomic_add. No second pass
+# recomputes S and dP: 5 matmuls per pair instead of 7. The price: every dQ element receives
+# cdiv(N, BLOCK_N) fp32 atomic adds (fewer for causal), the buffer must start at zero (the
+# wrapper allocates it with torch.zeros), and the order of the adds depends on which program
+# gets there first, so dQ can differ in its last bits from run to run (not bitwise deterministic).
+
+
+# %%
+@triton.jit
+def _add_dq(dq_ptrs, dq, mask):
+    """Add one key block's share of dQ to what the other key blocks' programs add. Relaxed: nothing
+    reads dQ before the kernel ends, so the adds need no ordering, only atomicity."""
+    tl.atomic_add(dq_ptrs, dq, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _dkdv_dq_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, offs_n, offs_d, sm_scale,
+                    qk_scale, N_CTX, lo, hi, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
+    """_dkdv_blocks, plus each query block's dQ from these keys, dS K, added into dq_base (fp32)."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        in_m = offs_m < N_CTX
+        q = tl.load(q_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=in_m[:, None], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=in_m[:, None], other=0.0)
+        lse2 = tl.load(lse_base + offs_m, mask=in_m, other=float("inf")) * LOG2E
+        delta = tl.load(delta_base + offs_m, mask=in_m, other=0.0)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # 1: S^T / scale
+        p_t = tl.exp2(qk_t * qk_scale - lse2[None, :])
+        if MASKED:
+            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)  # 2: dV += P^T dO
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # 3: dP^T = V dO^T
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk = tl.dot(ds_t, q, dk, input_precision=DOT_PRECISION)  # 4: dK += dS^T Q
+        # 5: this key block's share of dQ. Keys past the end loaded k = 0, so they add nothing.
+        dq = tl.dot(tl.trans(ds_t), k, input_precision=DOT_PRECISION)
+        _add_dq(dq_base + offs_m[:, None] * HEAD_DIM + offs_d[None, :], dq * sm_scale, in_m[:, None])
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["N_CTX"])
+def attention_bwd_dkdvdq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr,  # (B*H, N, D) contiguous
+    lse_ptr, delta_ptr,  # (B*H, N) fp32
+    dk_ptr, dv_ptr,  # (B*H, N, D) contiguous outputs
+    dq_ptr,  # (B*H, N, D) fp32, zeroed by the wrapper: every key block's program adds into it
+    sm_scale, N_CTX,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # queries per loop step
+    BLOCK_N: tl.constexpr,  # keys per program (a multiple of BLOCK_M)
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1).to(tl.int64)
+    base = bh * N_CTX * HEAD_DIM
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    ptrs = base + offs_n[:, None] * HEAD_DIM + offs_d[None, :]
+    in_n = offs_n[:, None] < N_CTX
+    k = tl.load(k_ptr + ptrs, mask=in_n, other=0.0)
+    v = tl.load(v_ptr + ptrs, mask=in_n, other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    qk_scale = sm_scale * LOG2E
+    q_base, do_base, dq_base = q_ptr + base, do_ptr + base, dq_ptr + base
+    lse_base, delta_base = lse_ptr + bh * N_CTX, delta_ptr + bh * N_CTX
+    if CAUSAL:  # the same causal skipping as attention_bwd_dkdv_kernel: no dQ share from keys a query cannot see
+        dk, dv = _dkdv_dq_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, offs_n, offs_d,
+                                 sm_scale, qk_scale, N_CTX, start_n, start_n + BLOCK_N, HEAD_DIM, BLOCK_M, True,
+                                 DOT_PRECISION)
+        lo = start_n + BLOCK_N
+    else:
+        lo = 0
+    dk, dv = _dkdv_dq_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, offs_n, offs_d,
+                             sm_scale, qk_scale, N_CTX, lo, N_CTX, HEAD_DIM, BLOCK_M, False, DOT_PRECISION)
+    tl.store(dk_ptr + ptrs, (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=in_n)
+    tl.store(dv_ptr + ptrs, dv.to(dv_ptr.dtype.element_ty), mask=in_n)
 
 
 # %% [markdown]
@@ -682,6 +770,11 @@ attention_bwd_dkdv_tuned = triton.autotune(configs=dkdv_configs(), key=_KEY,
                                            prune_configs_by=_prune_for("dkdv"))(attention_bwd_dkdv_kernel)
 attention_bwd_dq_tuned = triton.autotune(configs=dq_configs(), key=_KEY,
                                          prune_configs_by=_prune_for("dq"))(attention_bwd_dq_kernel)
+# The atomic-dQ kernel holds the dK/dV kernel's tiles (K, V kept, Q and dO streamed; its dQ share
+# lives in registers): the same configs and shared-memory estimate. reset_to_zero: the tuner runs
+# each config several times, and every run adds into dQ, so it zeroes dQ before each one.
+attention_bwd_dkdvdq_tuned = triton.autotune(configs=dkdv_configs(), key=_KEY, prune_configs_by=_prune_for("dkdv"),
+                                             reset_to_zero=["dq_ptr"])(attention_bwd_dkdvdq_kernel)
 
 V2_CONFIG = (dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1) if common.INTERPRETER
              else dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2))
@@ -846,9 +939,21 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen: int | None = None, causal:
     return out, lse
 
 
+DQ_MODES = ("separate", "atomic")  # the backward's two ways to dQ: a second pass, or atomics in the dK/dV pass
+
+
+def _check_dq_mode(dq_mode) -> None:
+    if dq_mode not in DQ_MODES:
+        raise ValueError(f"dq_mode must be one of {DQ_MODES}, got {dq_mode!r}")
+
+
 def attention_backward(do, q, k, v, out, lse, causal: bool = False, sm_scale: float | None = None,
-                       autotune: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dq, dk, dv of attention_v3 given dO, the forward's inputs, output and logsumexp."""
+                       autotune: bool = True,
+                       dq_mode: str = "separate") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of attention_v3 given dO, the forward's inputs, output and logsumexp. dq_mode
+    "separate": a dK/dV kernel and a dQ kernel (7 matmuls per block pair, deterministic); "atomic":
+    one kernel that adds dQ with fp32 atomics (5 matmuls, dQ's summation order varies run to run)."""
+    _check_dq_mode(dq_mode)
     # The three kernels index every (B*H, N, D) tensor with one layout: make them contiguous
     # (a no-op when they are). dO often is not: the gradient of out.sum() is a stride-0 view.
     q, k, v, out, do = (t.contiguous() for t in (q, k, v, out, do))
@@ -862,6 +967,16 @@ def attention_backward(do, q, k, v, out, lse, causal: bool = False, sm_scale: fl
     meta = dict(HEAD_DIM=D, CAUSAL=bool(causal), DOT_PRECISION=_dot_precision(q.dtype))
     dkdv_args = (q, k, v, do, lse, delta, dk, dv, sm_scale, N)
     dq_args = (q, k, v, do, lse, delta, dq, sm_scale, N)
+    if dq_mode == "atomic":
+        dq32 = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # the atomics add into it: zero first
+        atomic_args = (q, k, v, do, lse, delta, dk, dv, dq32, sm_scale, N)
+        if autotune and common.HAS_GPU and q.dtype != torch.float32:
+            attention_bwd_dkdvdq_tuned[lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * H)](*atomic_args, **meta)
+        else:
+            blocks, options = _fixed(dkdv_configs(), q.dtype, "dkdv", D)
+            attention_bwd_dkdvdq_kernel[(triton.cdiv(N, blocks["BLOCK_N"]), B * H)](*atomic_args, **meta,
+                                                                                   **blocks, **options)
+        return (dq32 if q.dtype == torch.float32 else dq32.to(q.dtype)), dk, dv  # the cast: one small pass over dQ
     if autotune and common.HAS_GPU and q.dtype != torch.float32:
         attention_bwd_dkdv_tuned[lambda m: (triton.cdiv(N, m["BLOCK_N"]), B * H)](*dkdv_args, **meta)
         attention_bwd_dq_tuned[lambda m: (triton.cdiv(N, m["BLOCK_M"]), B * H)](*dq_args, **meta)
@@ -878,10 +993,10 @@ class FlashAttentionFunction(torch.autograd.Function):
     """attention_v3 forward; backward from the saved q, k, v, out and logsumexp (no N x N tensor)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, sm_scale, autotune):
+    def forward(ctx, q, k, v, causal, sm_scale, autotune, dq_mode="separate"):
         out, lse = attention_v3(q, k, v, causal, sm_scale, autotune=autotune)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal, ctx.sm_scale, ctx.autotune = causal, sm_scale, autotune
+        ctx.causal, ctx.sm_scale, ctx.autotune, ctx.dq_mode = causal, sm_scale, autotune, dq_mode
         return out
 
     @staticmethod
@@ -891,20 +1006,22 @@ class FlashAttentionFunction(torch.autograd.Function):
         if group > 1:  # GQA: the backward kernels are per head; expand K, V and sum their gradients per group
             # (simple, not fast: the expanded copies cost GROUP x the K/V memory for the backward)
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        dq, dk, dv = attention_backward(do, q, k, v, out, lse, ctx.causal, ctx.sm_scale, ctx.autotune)
+        dq, dk, dv = attention_backward(do, q, k, v, out, lse, ctx.causal, ctx.sm_scale, ctx.autotune, ctx.dq_mode)
         if group > 1:
             B, H, N, D = dk.shape
             dk, dv = (t.view(B, H // group, group, N, D).sum(dim=2) for t in (dk, dv))
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None  # autograd drops the trailing None when dq_mode was not passed
 
 
 def flash_attention(q, k, v, causal: bool = False, sm_scale: float | None = None,
-                    autotune: bool = True) -> torch.Tensor:
+                    autotune: bool = True, dq_mode: str = "separate") -> torch.Tensor:
     """softmax(q k^T * sm_scale [causal mask]) v for q (B, H, N, D) and k, v (B, HKV, N, D), HKV
-    dividing H (HKV < H: grouped-query attention), differentiable."""
+    dividing H (HKV < H: grouped-query attention), differentiable; dq_mode picks the backward's
+    dQ strategy (attention_backward)."""
     _check_qkv(q, k, v, grouped=True)
+    _check_dq_mode(dq_mode)  # here, not in the backward: a bad value fails at the call that passed it
     sm_scale = q.shape[-1] ** -0.5 if sm_scale is None else float(sm_scale)
-    return FlashAttentionFunction.apply(q, k, v, bool(causal), sm_scale, autotune)
+    return FlashAttentionFunction.apply(q, k, v, bool(causal), sm_scale, autotune, dq_mode)
 
 
 # The forward's versions, each called as fn(q, k, v, causal). v1 is the reference itself: the
@@ -1112,6 +1229,7 @@ def check(quick: bool) -> None:
     print(f"v2 (non-causal), v3 (causal and not) forward and logsumexp, and the backward (dq, dk, dv) "
           f"match for (B, H, N, D) in {shapes}, dtypes {', '.join(common.dtype_name(d) for d in dtypes)}: OK")
     check_gqa(dtypes)
+    check_atomic_dq(dtypes)
     check_varlen(dtypes)
     check_decode(shapes, dtypes)
     if not common.supports_bf16():
@@ -1138,6 +1256,47 @@ def check_gqa(dtypes) -> None:
                     common.assert_close(got, ref, name=f"{what} {name}", **grad_tolerance(dtype))
     print("grouped-query attention (4 query heads over 2 and 1 K/V heads): v3 forward and the backward "
           "(dK, dV summed per group) match: OK")
+
+
+def atomic_dq_shapes() -> list[tuple]:
+    """(B, H, HKV, N, D) of the atomic-dQ check: N a multiple of no block, D = 64 and 32, a GQA group of 2."""
+    if common.INTERPRETER:
+        return [(1, 2, 2, 45, 64), (2, 1, 1, 67, 32), (1, 4, 2, 33, 32)]
+    return [(2, 3, 3, 193, 64), (1, 2, 2, 300, 128), (2, 4, 2, 193, 64)]
+
+
+DQ_NAN_HINT = ("dQ holds NaN: the fp32 buffer the atomics add into must start at zero (torch.zeros, "
+               "not torch.empty)")
+DQ_WRONG_HINT = ("each key block's program must tl.atomic_add its share of dQ (dS K); a tl.store "
+                 "keeps only the share of whichever program stored last")
+
+
+def check_atomic_dq(dtypes, flash=None) -> None:
+    """The backward with dq_mode="atomic" (or `flash`, a function with flash_attention's signature):
+    dq, dk, dv against float64 autograd, causal and not, every buffer the wrapper takes from
+    torch.empty filled with NaN (PoisonedAllocations); and a second run's dq agrees with the first
+    to the dtype's tolerance (the atomics add in no fixed order: equal, but not bitwise)."""
+    flash = flash or functools.partial(flash_attention, autotune=False, dq_mode="atomic")
+    for dtype in dtypes:
+        for B, H, HKV, N, D in atomic_dq_shapes():
+            q, do = common.randn(B, H, N, D, dtype=dtype), common.randn(B, H, N, D, dtype=dtype)
+            k, v = common.randn(B, HKV, N, D, dtype=dtype), common.randn(B, HKV, N, D, dtype=dtype)
+            for causal in (False, True):
+                name = f"atomic dQ (B,H,HKV,N,D)=({B},{H},{HKV},{N},{D}) {common.dtype_name(dtype)} causal={causal}"
+                with common.checks.PoisonedAllocations() as allocations:
+                    _, grads = common.grads_of(lambda *t: flash(*t, causal), (q, k, v), do)
+                allocations.check_guards()
+                _, expected = common.grads_float64(lambda *t: attention_reference(*t, causal), (q, k, v), do)
+                for got, ref, what in zip(grads, expected, ("dq", "dk", "dv")):
+                    try:
+                        common.assert_close(got, ref, name=f"{what} {name}", **grad_tolerance(dtype))
+                    except common.CheckError as error:
+                        hint = DQ_NAN_HINT if got.isnan().any() else DQ_WRONG_HINT
+                        raise common.CheckError(f"{error}\n  hint: {hint}" if what == "dq" else str(error)) from None
+            _, again = common.grads_of(lambda *t: flash(*t, causal), (q, k, v), do)
+            common.assert_close(again[0], grads[0], name=f"dq of a second run, {name}", **grad_tolerance(dtype))
+    print(f"the backward with dQ by atomics (dq_mode='atomic'; (B, H, HKV, N, D) in {atomic_dq_shapes()}, "
+          f"causal and not) matches, and two runs agree to tolerance: OK")
 
 
 VARLEN_LENGTHS = [17, 1, 100, 0, 33] if common.INTERPRETER else [17, 1, 300, 0, 129, 64]  # one token, an
@@ -1291,6 +1450,35 @@ def traffic(B: int, H: int, N: int, D: int, dtype: torch.dtype) -> None:
               f"the forward is compute bound (TFLOP/s), decoding is memory bound (GB/s)")
 
 
+BACKWARD_MATMULS = {"separate": 7, "atomic": 5}  # per (query block, key block) pair, by dq_mode
+
+
+def backward_flops(B: int, H: int, N: int, D: int, causal: bool, dq_mode: str | None = None) -> float:
+    """The flops the backward's matmuls do: BACKWARD_MATMULS[dq_mode] products of the forward's size,
+    each 2 * N * N * D per (batch, head), half for causal (the diagonal blocks, computed whole, are not
+    counted). dq_mode None: the minimum, 5 (S, dP, dV, dK, dQ), which is 2.5x the forward's 2."""
+    return (BACKWARD_MATMULS[dq_mode] if dq_mode else 5) * attention_flops(B, H, N, D, causal) / 2
+
+
+def print_backward_matmuls(B: int, H: int, N: int, D: int) -> None:
+    """The matmul count of each pass and its flops at one shape (arithmetic on the shape: no GPU needed)."""
+    section(f"Matmuls per (query block, key block) pair, and their flops at B={B} H={H} N={N} D={D}")
+    table = Table("each matmul is 2 * N^2 * D flops per (batch, head) over all pairs (causal: half)",
+                  ["pass", "matmuls per pair", "which", "GFLOP", "GFLOP causal", "x the forward"])
+    rows = [("forward", 2, "S = Q K^T, O = P V", attention_flops(B, H, N, D, False)),
+            ("backward, dq_mode='atomic'", BACKWARD_MATMULS["atomic"], "S, dV, dP, dK, dQ (atomic adds)",
+             backward_flops(B, H, N, D, False, "atomic")),
+            ("backward, dq_mode='separate'", BACKWARD_MATMULS["separate"], "dK/dV: S, dV, dP, dK; dQ: S, dP, dQ",
+             backward_flops(B, H, N, D, False, "separate"))]
+    for name, count, which, flops in rows:
+        table.add(name, count, which, f"{flops / 1e9:,.0f}", f"{flops / 2e9:,.0f}",
+                  f"{flops / attention_flops(B, H, N, D, False):.1f}x")
+    table.print()
+    print("The backward benchmark's TFLOP/s counts the minimum, 2.5x the forward's flops, for every provider "
+          "(the useful work): the separate dQ pass does 3.5x, recomputing S and dP for dQ; the atomic kernel does "
+          "2.5x, and pays instead with cdiv(N, BLOCK_N) fp32 atomic adds into every element of dQ (fewer causal).")
+
+
 def memory_model(B: int, H: int, D: int, element_size: int, lengths: list[int]) -> None:
     section(f"Memory footprint over sequence length (modelled; B={B} H={H} D={D}, {element_size}-byte elements)")
     table = Table("extra memory of one forward, modelled",
@@ -1323,6 +1511,7 @@ DECODE_PAGE = 64 if common.HAS_GPU else 16  # positions per page of the paged be
 SWEEP_CTX = 8192
 V3 = VERSIONS["v3"].label
 BACKWARD = "v3 backward: preprocess, dK/dV and dQ kernels"
+BACKWARD_ATOMIC = "v3 backward, atomic dQ: preprocess, one dK/dV/dQ kernel"
 DECODE = "split-K + reduce, grouped"
 DECODE_PAGED = f"paged ({DECODE_PAGE} per page), split-K + reduce, grouped"
 MEMORY_TITLE = "forward: peak extra memory over N, B1 H8 D128"
@@ -1330,6 +1519,7 @@ MEMORY_TITLE = "forward: peak extra memory over N, B1 H8 D128"
 FORWARD_WHY = ("SDPA's fastest Hopper kernel (cuDNN) loads tiles with TMA and runs warp-specialized, persistent "
                "programs; v3 is one program per query block, software-pipelined, with none of the three")
 BACKWARD_WHY = FORWARD_WHY + "; the backward is three kernels, two of which recompute P"
+BACKWARD_ATOMIC_WHY = FORWARD_WHY + "; its dQ is cdiv(N, BLOCK_N) fp32 atomic adds per element"
 
 
 def attention_inputs(B, H, N, D, causal, requires_grad=False) -> tuple:
@@ -1488,12 +1678,15 @@ BENCHMARKS = [
         "backward alone (dq, dk, dv from dO; the forward's graph is kept)", op="attention",
         cases=[(*BAR_CASE, False), (*BAR_CASE, True)], quick_cases=[(2, 16, 2048, 128, True)],
         cpu_cases=[(1, 1, 32, 16, True)], setup=lambda *case: attention_inputs(*case, requires_grad=True),
-        kernels={BACKWARD: flash_attention}, reference=attention_reference, grad="bwd",
-        flops=lambda q, k, v, causal: 2.5 * _attention_flops(q, k, v, causal), ceiling="matmul",
+        kernels={BACKWARD: flash_attention, BACKWARD_ATOMIC: functools.partial(flash_attention, dq_mode="atomic")},
+        reference=attention_reference, grad="bwd",
+        flops=lambda q, k, v, causal: backward_flops(*q.shape, causal), ceiling="matmul",
         dtype=BENCH_DTYPE, label=_shape,
-        bars=[common.Bar(BACKWARD, (*BAR_CASE, causal), "baseline", 0.9, why=BACKWARD_WHY) for causal in (False, True)],
+        bars=[common.Bar(kernel, (*BAR_CASE, causal), "baseline", 0.9, why=why) for causal in (False, True)
+              for kernel, why in ((BACKWARD, BACKWARD_WHY), (BACKWARD_ATOMIC, BACKWARD_ATOMIC_WHY))],
         note="Backward time only: each provider's forward ran once before timing, and autograd.grad runs on "
-             "its graph with retain_graph. TFLOP/s counts 2.5x the forward's flops."),
+             "its graph with retain_graph. TFLOP/s counts 2.5x the forward's flops (5 matmuls) for every "
+             "provider; the separate dQ pass does 7, the atomic kernel 5. Atomic dQ is not bitwise deterministic."),
     common.Benchmark(
         MEMORY_TITLE, op="attention", cases=[(1, 8, n, 128, False) for n in (2048, 4096, 8192, 16384)],
         quick_cases=[(1, 8, 2048, 128, False)], cpu_cases=[(1, 1, 32, 16, False)], setup=attention_inputs,
@@ -1544,18 +1737,19 @@ def check_at_benchmark_size(quick: bool) -> None:
     section(f"Check: autotuned kernels at B={B} H={H} N={N} D={D} {common.dtype_name(BENCH_DTYPE)} (first two heads)")
     q, k, v, _ = attention_inputs(B, H, N, D, False, requires_grad=True)
     do = torch.randn_like(q)
-    for causal in (False, True):
-        out = flash_attention(q, k, v, causal)
+    for causal, dq_mode in itertools.product((False, True), DQ_MODES):
+        out = flash_attention(q, k, v, causal, dq_mode=dq_mode)
         grads = torch.autograd.grad(out, (q, k, v), do)
         ref_out, *ref_grads = reference_grads(*(t[:1, :2].detach() for t in (q, k, v)), do[:1, :2], causal)
         common.assert_close(out[:1, :2], ref_out, name=f"forward causal={causal}")
         for got, ref, what in zip(grads, ref_grads, ("dq", "dk", "dv")):
-            common.assert_close(got[:1, :2], ref, name=f"{what} causal={causal}", **grad_tolerance(BENCH_DTYPE))
+            common.assert_close(got[:1, :2], ref, name=f"{what} causal={causal} dq_mode={dq_mode}",
+                                **grad_tolerance(BENCH_DTYPE))
     q, k_cache, v_cache = decode_inputs(8, 32, 8, 128, SWEEP_CTX)
     expected = decode_reference(q[:1, :8].double(), k_cache[:1, :2].double(), v_cache[:1, :2].double())
     common.assert_close(decode_attention(q, k_cache, v_cache)[:1, :8], expected, name=f"decode ctx={SWEEP_CTX}")
     common.assert_close(paged_copy(q, k_cache, v_cache)[:1, :8], expected, name=f"paged decode ctx={SWEEP_CTX}")
-    print("forward, backward (causal and not) and decode at the benchmark sizes: OK")
+    print("forward, backward (causal and not, both dq modes) and decode at the benchmark sizes: OK")
 
 
 # %% [markdown]
@@ -1567,7 +1761,9 @@ def check_at_benchmark_size(quick: bool) -> None:
 #   blocks that need no mask run a loop without one. exp2 with log2(e) folded into the scale
 #   saves a multiply per score.
 # - The backward recomputes P from the saved logsumexp: delta = rowsum(dO * O), then dK/dV per
-#   key block and dQ per query block, no N x N tensor and no atomics.
+#   key block and dQ per query block, no N x N tensor and no atomics: 7 matmuls per block pair.
+#   dq_mode="atomic" adds dQ from the dK/dV kernel with fp32 atomics instead: 5 matmuls, one
+#   kernel, and a dQ whose summation order (and last bits) varies from run to run.
 # - Decoding one token is memory bound: split the context over many programs, then combine the
 #   partial (max, sum, output) with the same rescaling.
 # - A packed batch (cu_seqlens) needs no padding: each program reads its sequence's start and
@@ -1624,6 +1820,7 @@ if __name__ == "__main__":
     else:
         traffic(1, 2, 256, 64, torch.float32)
     memory_model(1, 8, 128, 2, [1024, 2048, 4096, 8192, 16384])
+    print_backward_matmuls(*BAR_CASE)
     print_padding_waste()
     results = common.run_benchmarks(BENCHMARKS, args.quick)
     plot_memory(results[MEMORY_TITLE])
