@@ -16,10 +16,13 @@ ptxas and checks these estimates against the compiler's own `metadata.shared`.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
+import triton
+import triton.language as tl
 
 from .device import HAS_GPU
 
@@ -61,6 +64,27 @@ def current_arch() -> int | None:
         return None
     major, minor = torch.cuda.get_device_capability()
     return 10 * major + minor
+
+
+# What kernels built on device-side tensor descriptors (TMA) need from this Triton. Read from its
+# API, not its version number: both arrived around Triton 3.4 (3.6 and 3.8 have them).
+HAS_DESCRIPTORS = hasattr(tl, "make_tensor_descriptor")
+RANGE_OPTIONS = frozenset(inspect.signature(tl.range.__init__).parameters)
+
+
+def tma_unavailable(range_options: Iterable[str] = ()) -> str:
+    """Why kernels that use tl.make_tensor_descriptor (and the tl.range arguments named, e.g.
+    "warp_specialize") cannot run here, "" where they can: this Triton lacks one of them, or the
+    GPU is older than sm_90. The interpreter runs such kernels (as masked loads)."""
+    missing = [f"tl.range's {name} argument" for name in range_options if name not in RANGE_OPTIONS]
+    if not HAS_DESCRIPTORS:
+        missing.insert(0, "tl.make_tensor_descriptor")
+    if missing:
+        return f"Triton {triton.__version__} has no {' and no '.join(missing)} (Triton 3.4 and later have them)"
+    arch = current_arch()
+    if arch is not None and arch < 90:
+        return f"this GPU is sm_{arch}: TMA needs sm_90 (Hopper) or later"
+    return ""
 
 
 def shared_memory_limit(arch: int | None = None) -> int | None:

@@ -328,7 +328,7 @@ def diagnose(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol:
     if n_wrong == 0:
         return None
     total = a.numel()
-    first = _unravel(int(wrong.flatten().nonzero()[0]), a.shape)
+    first = unravel(int(wrong.flatten().nonzero()[0]), a.shape)
     lines = [f"{name}: {n_wrong} of {total} elements wrong ({100 * n_wrong / total:.1f}%), "
              f"shape {tuple(a.shape)}, tolerance atol={atol:g} rtol={rtol:g}",
              f"  first wrong element at index {first}: got {a[first].item():.6g}, "
@@ -336,7 +336,7 @@ def diagnose(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol:
     finite_wrong = wrong & torch.isfinite(a) & torch.isfinite(e)
     if finite_wrong.any():
         err = (a - e).abs().masked_fill(~finite_wrong, 0)
-        worst = _unravel(int(err.flatten().argmax()), a.shape)
+        worst = unravel(int(err.flatten().argmax()), a.shape)
         lines.append(f"  largest error {err[worst].item():.3g} at index {worst} "
                      f"(got {a[worst].item():.6g}, expected {e[worst].item():.6g})")
     n_unwritten = int(unwritten.sum())
@@ -360,7 +360,8 @@ def diagnose(actual: torch.Tensor, expected: torch.Tensor, *, atol: float, rtol:
     return "\n".join(lines)
 
 
-def _unravel(flat: int, shape) -> tuple:
+def unravel(flat: int, shape) -> tuple:
+    """The index tuple of element `flat` of a row-major tensor of this shape."""
     index = []
     for size in reversed(shape):
         index.append(flat % size)

@@ -14,7 +14,7 @@ import triton.language as tl
 
 import common
 from common import CheckError, assert_close, poisoned_empty, randn
-from common.checks import current_seed, tolerance
+from common.checks import current_seed, tolerance, unravel
 from common.grading import Exercise, expect_rejected, lesson_tests, load_impl, solution_with, with_flags
 from common.kernels import LOG2E
 from common.lessons import lesson_module, load_module
@@ -59,14 +59,6 @@ def _positions(n):
     return idx[:, None], idx[None, :]  # query m (rows), key n (columns)
 
 
-def _unravel(flat: int, shape) -> tuple:
-    index = []
-    for size in reversed(shape):
-        index.append(flat % size)
-        flat //= size
-    return tuple(reversed(index))
-
-
 def _close(out, expected, name, mistakes, nan_rows_hint):
     """assert_close, after a diagnosis for outputs where whole query rows are NaN (0 / 0)."""
     tol = tolerance(out.dtype)
@@ -76,7 +68,7 @@ def _close(out, expected, name, mistakes, nan_rows_hint):
     rows, expected_rows = a.flatten(0, -2), expected.detach().double().cpu().flatten(0, -2)
     nan_rows = torch.isnan(rows).all(dim=1) & torch.isfinite(expected_rows).all(dim=1)
     if 0 < int(nan_rows.sum()) < len(rows) and not matches_mistake:
-        first = _unravel(int(nan_rows.nonzero()[0]), a.shape[:-1])
+        first = unravel(int(nan_rows.nonzero()[0]), a.shape[:-1])
         _fail(f"{name}: {int(nan_rows.sum())} of {len(rows)} query rows are entirely NaN, the first at "
               f"(b, h, m) = {first}; they were computed as NaN (or never written).\n  hint: {nan_rows_hint}")
     assert_close(out, expected, name=name, mistakes=mistakes)

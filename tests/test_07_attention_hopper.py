@@ -120,7 +120,7 @@ def test_bad_version_names_the_choices(part):
 def test_unavailable_names_the_missing_piece(part, monkeypatch):
     monkeypatch.setattr(part.capability, "current_arch", lambda: 80)
     assert "sm_80" in part.hopper_unavailable() and "sm_90" in part.hopper_unavailable()
-    monkeypatch.setattr(part, "HAS_DESCRIPTORS", False)
+    monkeypatch.setattr(part.capability, "HAS_DESCRIPTORS", False)
     assert "make_tensor_descriptor" in part.hopper_unavailable()
 
 

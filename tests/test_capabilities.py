@@ -791,3 +791,14 @@ if __name__ == "__main__":
         sys.path.insert(0, str(REPO))
         k, n = map(int, cli.shard.split("/"))
         _gpu_check(cli.only, sys.stdout, (k, n))
+
+
+def test_tma_unavailable_names_the_missing_piece(monkeypatch):
+    from common import capability
+    monkeypatch.setattr(capability, "current_arch", lambda: 90)
+    assert capability.tma_unavailable(("warp_specialize",)) == ""  # Triton 3.6 and 3.8 have both
+    assert "no_such_option" in capability.tma_unavailable(("no_such_option",))
+    monkeypatch.setattr(capability, "current_arch", lambda: 80)
+    assert "sm_80" in capability.tma_unavailable() and "sm_90" in capability.tma_unavailable()
+    monkeypatch.setattr(capability, "HAS_DESCRIPTORS", False)
+    assert "make_tensor_descriptor" in capability.tma_unavailable()

@@ -18,7 +18,6 @@ You will learn:
 Run:  python lessons/advanced/07_attention_hopper.py [--quick]
 """
 
-import inspect
 import sys
 from pathlib import Path
 
@@ -81,20 +80,10 @@ attention_flops = L07.attention_flops
 
 
 # %%
-HAS_DESCRIPTORS = hasattr(tl, "make_tensor_descriptor")
-HAS_WARP_SPECIALIZE = "warp_specialize" in inspect.signature(tl.range.__init__).parameters
-
-
 def hopper_unavailable() -> str:
-    """Why the Hopper versions cannot run here ("" where they can): no device descriptors in this
-    Triton, or a GPU without TMA (before sm_90). The interpreter runs them (as masked loads)."""
-    if not HAS_DESCRIPTORS or not HAS_WARP_SPECIALIZE:  # the kernels use both (Triton 3.6 and 3.8 have them)
-        return (f"Triton {triton.__version__} has no tl.make_tensor_descriptor or no warp_specialize argument of "
-                f"tl.range (Triton 3.6 and later have both)")
-    arch = capability.current_arch()
-    if arch is not None and arch < 90:
-        return f"this GPU is sm_{arch}: TMA needs sm_90 (Hopper) or later"
-    return ""
+    """Why the Hopper versions cannot run here ("" where they can): no device descriptors or no
+    warp_specialize argument of tl.range in this Triton, or a GPU without TMA (before sm_90)."""
+    return capability.tma_unavailable(range_options=("warp_specialize",))
 
 
 @triton.jit

@@ -21,7 +21,6 @@ Run:  python lessons/expert/10_autotuning_persistent.py [--quick]
 """
 
 import functools
-import inspect
 import sys
 import time
 from pathlib import Path
@@ -83,22 +82,10 @@ matmul_reference = L10.matmul_reference  # reads M*K + K*N, writes M*N; 2*M*N*K 
 #   warps is read from the compiled TTGIR (a ttg.warp_specialize region), not assumed.
 
 # %%
-HAS_DESCRIPTORS = hasattr(tl, "make_tensor_descriptor")
-_RANGE_OPTIONS = inspect.signature(tl.range.__init__).parameters
-HAS_RANGE_OPTIONS = "flatten" in _RANGE_OPTIONS and "warp_specialize" in _RANGE_OPTIONS
-
-
 def tma_unavailable() -> str:
     """Why the TMA versions cannot run here ("" where they can): this Triton lacks device-side
-    descriptors or tl.range's flatten / warp_specialize, or the GPU is older than sm_90. The
-    interpreter runs them (as masked loads)."""
-    if not HAS_DESCRIPTORS or not HAS_RANGE_OPTIONS:
-        return (f"Triton {triton.__version__} has no tl.make_tensor_descriptor or no flatten / warp_specialize "
-                f"arguments of tl.range (both from Triton 3.4)")
-    arch = capability.current_arch()
-    if arch is not None and arch < 90:
-        return f"this GPU is sm_{arch}: TMA needs sm_90 (Hopper) or later"
-    return ""
+    descriptors or tl.range's flatten / warp_specialize, or the GPU is older than sm_90."""
+    return capability.tma_unavailable(range_options=("flatten", "warp_specialize"))
 
 
 @triton.jit
