@@ -15,7 +15,7 @@ from .benchmark import Bar, Benchmark, Version, Versions, run_benchmarks
 from .traffic import count_torch_traffic, fmt_bytes, min_bytes, peak_extra_memory
 from .validate import check_tensors
 from .cli import lesson_args
-from .compiler import InspectionUnavailable, KernelReport, inspect_kernel, inspect_kernels
+from .compiler import InspectionUnavailable, KernelReport, inspect_kernel, inspect_kernels, inspect_kernels_by_key
 from .cuda_extension import code_lines, cuda_unavailable, load_cuda, print_side_by_side
 from .ncu import ncu_counters, parse_ncu_csv
 
@@ -29,6 +29,6 @@ __all__ = [
     "pct_of_copy", "read_bandwidth", "wall_timing", "wall_us_per_call",
     "count_torch_traffic", "fmt_bytes", "min_bytes", "peak_extra_memory",
     "check_tensors", "lesson_args",
-    "InspectionUnavailable", "KernelReport", "inspect_kernel", "inspect_kernels",
+    "InspectionUnavailable", "KernelReport", "inspect_kernel", "inspect_kernels", "inspect_kernels_by_key",
     "code_lines", "cuda_unavailable", "load_cuda", "print_side_by_side", "ncu_counters", "parse_ncu_csv",
 ]

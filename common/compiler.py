@@ -249,6 +249,27 @@ def inspect_kernels(calls: list, arch: int | None = None, skip_with_reason: bool
         return None
 
 
+def inspect_kernels_by_key(calls: dict, arch: int | None = None) -> dict | None:
+    """inspect_kernels for {key: (fn, args, meta)}: {key: KernelReport}, or None (with the reason
+    printed) where nothing can be compiled here. All in one go; if that fails, one at a time, and a
+    call whose compile fails is left out with the compiler's last line printed: a compiler failure
+    is a finding to show (Triton 3.8's Hopper warp-specialization pass stops with "PassManager::run
+    failed" on some kernels), not a crash."""
+    keys = list(calls)
+    try:
+        got = inspect_kernels(list(calls.values()), arch=arch, skip_with_reason=True)
+        return None if got is None else dict(zip(keys, got))
+    except Exception:  # noqa: BLE001  (find which one fails, below)
+        reports = {}
+    for key, call in calls.items():
+        try:
+            reports[key] = _inspect_kernels([call], arch)[0]
+        except Exception as err:  # noqa: BLE001  (see the docstring)
+            print(f"{' '.join(map(str, key)) if isinstance(key, tuple) else key}: the compile for sm_{arch} failed "
+                  f"({type(err).__name__}: {str(err).strip().splitlines()[-1][:200]})")
+    return reports
+
+
 def _inspect_kernels(calls: list, arch: int | None) -> list[KernelReport]:
     target, note = _target(arch)
     reports: list = [None] * len(calls)

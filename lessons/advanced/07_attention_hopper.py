@@ -414,26 +414,11 @@ def warp_specialized(report) -> bool:
 
 def compile_reports() -> dict | None:
     """{(version, D): KernelReport} for sm_90, or None where nothing can be compiled here. All in one
-    go (one child process under the interpreter); if that fails, one at a time, and a version whose
-    compile fails is left out with the error printed (Triton 3.8's Hopper warp-specialization pass
-    stops with "PassManager::run failed" on this kernel at 4 warps, for instance)."""
+    go (one child process under the interpreter); a version whose compile fails is left out with the
+    error printed (Triton 3.8's Hopper warp-specialization pass stops with "PassManager::run failed"
+    on this kernel at 4 warps, for instance): common.inspect_kernels_by_key."""
     keys = [(version, d) for d in (64, 128) for version in COMPILED_VERSIONS]
-    calls = compile_calls(64) + compile_calls(128)
-    try:
-        got = common.inspect_kernels(calls, arch=90, skip_with_reason=True)
-        return None if got is None else dict(zip(keys, got))
-    except Exception:  # noqa: BLE001  (find which one fails, below)
-        pass
-    reports = {}
-    for key, call in zip(keys, calls):
-        try:
-            got = common.inspect_kernels([call], arch=90)
-        except Exception as err:  # noqa: BLE001  (a compiler failure is a finding to print, not a crash)
-            print(f"{key[0]} at D = {key[1]}: the compile for sm_90 failed ({type(err).__name__}: "
-                  f"{str(err).strip().splitlines()[-1][:200]})")
-            continue
-        reports[key] = got[0]
-    return reports
+    return common.inspect_kernels_by_key(dict(zip(keys, compile_calls(64) + compile_calls(128))), arch=90)
 
 
 def compiled_versions() -> dict | None:

@@ -458,21 +458,8 @@ def warp_specialized(report) -> bool:
 def compile_reports(configs=COMPILE_CONFIGS) -> dict | None:
     """{(version, config label): KernelReport} for sm_90, or None where nothing compiles here; one
     at a time after a failure, so a version whose compile fails is printed and left out."""
-    keys = [(v, L10.config_label(c)) for c in configs for v in VERSIONS_WHAT]
-    calls = [compile_call(v, c) for c in configs for v in VERSIONS_WHAT]
-    try:
-        got = common.inspect_kernels(calls, arch=90, skip_with_reason=True)
-        return None if got is None else dict(zip(keys, got))
-    except Exception:  # noqa: BLE001  (find which one fails, below)
-        pass
-    reports = {}
-    for key, call in zip(keys, calls):
-        try:
-            reports[key] = common.inspect_kernels([call], arch=90)[0]
-        except Exception as err:  # noqa: BLE001  (a compiler failure is a finding to print, not a crash)
-            print(f"{key[0]} {key[1]}: the compile for sm_90 failed ({type(err).__name__}: "
-                  f"{str(err).strip().splitlines()[-1][:200]})")
-    return reports
+    return common.inspect_kernels_by_key({(v, L10.config_label(c)): compile_call(v, c) for c in configs
+                                          for v in VERSIONS_WHAT}, arch=90)
 
 
 def compiled_versions() -> dict | None:
